@@ -1,0 +1,114 @@
+// The controller's view of the host probes: a narrow interface so the daemon
+// and exporter can be tested against a fake (no root, no kernel), while
+// HostProbes (host_probes.h) implements it with the libbpf skeleton.
+//
+// Identifiers: the daemon assigns every attached VM (or vhost-user frontend
+// process) a small `vm_id`, and every virtio device of that VM a `device_id`
+// unique within the VM. The probes count by those ids; the daemon maps them
+// back to label values ({vm, device, queue}) at scrape time, so label values
+// can only ever come from discovery.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace vkick {
+
+// Where a guest → host notification for one virtqueue lands.
+struct NotifyTarget {
+  enum class Space : uint8_t { kMmio = 0, kPio = 1 };
+  Space space = Space::kMmio;
+  uint64_t addr = 0;      // guest-physical address (MMIO) or I/O port (PIO)
+  uint16_t device_id = 0;
+  // For modern virtio-pci each queue has its own notify address and `queue`
+  // names it. Legacy virtio-pci has one port per device and the written value
+  // is the queue index: set value_is_queue and `queue` is ignored.
+  uint16_t queue = 0;
+  bool value_is_queue = false;
+};
+
+struct ExitCount {
+  uint32_t vm_id;
+  uint32_t vcpu;
+  uint32_t isa;      // KVM_ISA_VMX = 1, KVM_ISA_SVM = 2 (the tracepoint's field)
+  uint32_t reason;   // raw exit reason
+  uint64_t count;
+};
+
+struct NotificationCount {
+  uint32_t vm_id;
+  uint16_t device_id;
+  uint16_t queue;
+  uint64_t count;
+};
+
+struct VmCount {
+  uint32_t vm_id;
+  uint64_t count;
+};
+
+struct InterruptCount {
+  uint32_t vm_id;
+  uint64_t msi_address;
+  uint32_t msi_data;
+  uint64_t count;
+};
+
+// A kick eventfd learned from a vhost-user frontend's SET_VRING_KICK message.
+struct KickFdBinding {
+  uint32_t tgid;
+  int32_t kick_fd;
+  int32_t socket_fd;   // the vhost-user socket the message went over
+  uint16_t device_id;  // from SetVhostUserSocket, or kUnknownDevice
+  uint16_t queue;
+};
+
+inline constexpr uint16_t kUnknownDevice = 0xffff;
+
+// Probe-side failures; exported as vkick_probe_errors_total{reason}.
+struct ProbeErrors {
+  uint64_t map_full = 0;          // an update into a bounded map failed
+  uint64_t read_user_failed = 0;  // bpf_probe_read_user of a vhost-user msg failed
+  uint64_t bad_vhost_msg = 0;     // a SET_VRING_KICK that did not parse
+};
+
+struct CounterSnapshot {
+  std::vector<ExitCount> exits;
+  std::vector<NotificationCount> notifications;  // matched, per queue
+  std::vector<VmCount> unmatched_notifications;  // writes/pio that matched no queue
+  std::vector<InterruptCount> interrupts;
+  std::vector<KickFdBinding> kick_fds;
+  ProbeErrors errors;
+};
+
+class ProbeBackend {
+ public:
+  virtual ~ProbeBackend() = default;
+
+  // Start counting events of process `tgid` (a QEMU, or any vhost-user
+  // frontend) under `vm_id`. Idempotent.
+  virtual absl::Status TrackProcess(uint32_t tgid, uint32_t vm_id) = 0;
+  // Stop counting and drop every counter and binding of that VM.
+  virtual absl::Status UntrackProcess(uint32_t tgid, uint32_t vm_id) = 0;
+
+  // Replace the VM's notify address map with `targets` (an atomic swap from
+  // the reader's point of view is not required: a notify racing a refresh may
+  // count as unmatched, and that is visible).
+  virtual absl::Status SetNotifyTargets(uint32_t vm_id,
+                                        absl::Span<const NotifyTarget> targets) = 0;
+
+  // Declare that socket fd `socket_fd` of process `tgid` is the vhost-user
+  // connection of `device_id`; SET_VRING_KICK messages sent over it bind
+  // kick fds to that device's queues.
+  virtual absl::Status SetVhostUserSocket(uint32_t tgid, int32_t socket_fd,
+                                          uint16_t device_id) = 0;
+
+  // Sum the per-CPU counters. Cheap enough to call at every scrape.
+  virtual absl::StatusOr<CounterSnapshot> ReadCounters() = 0;
+};
+
+}  // namespace vkick
