@@ -46,8 +46,11 @@ struct NotificationCount {
   uint64_t count;
 };
 
-struct VmCount {
+// A guest I/O write (MMIO or PIO) by a tracked VM that hit no known notify
+// address: not dropped, counted per VM and address space.
+struct UnmatchedCount {
   uint32_t vm_id;
+  NotifyTarget::Space space;
   uint64_t count;
 };
 
@@ -79,7 +82,7 @@ struct ProbeErrors {
 struct CounterSnapshot {
   std::vector<ExitCount> exits;
   std::vector<NotificationCount> notifications;  // matched, per queue
-  std::vector<VmCount> unmatched_notifications;  // writes/pio that matched no queue
+  std::vector<UnmatchedCount> unmatched_writes;
   std::vector<InterruptCount> interrupts;
   std::vector<KickFdBinding> kick_fds;
   ProbeErrors errors;
