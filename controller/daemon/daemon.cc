@@ -1,0 +1,380 @@
+#include "controller/daemon/daemon.h"
+
+#include <algorithm>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+
+namespace vkick {
+
+const char* QmpErrorReasonName(QmpErrorReason reason) {
+  switch (reason) {
+    case QmpErrorReason::kConnect:
+      return "connect";
+    case QmpErrorReason::kTimeout:
+      return "timeout";
+    case QmpErrorReason::kProtocol:
+      return "protocol";
+    case QmpErrorReason::kGone:
+      return "gone";
+  }
+  return "protocol";
+}
+
+QmpErrorReason ClassifyQmpError(const absl::Status& status, bool connected) {
+  switch (status.code()) {
+    case absl::StatusCode::kDeadlineExceeded:
+      return QmpErrorReason::kTimeout;
+    case absl::StatusCode::kUnavailable:
+      // Connecting: nobody listens. Connected: the peer closed (VM quit).
+      return connected ? QmpErrorReason::kGone : QmpErrorReason::kConnect;
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kPermissionDenied:
+      return connected ? QmpErrorReason::kProtocol : QmpErrorReason::kConnect;
+    default:
+      // kDataLoss, kInvalidArgument, kInternal...: the peer spoke garbage.
+      return QmpErrorReason::kProtocol;
+  }
+}
+
+const std::vector<double>& DiscoveryDurationBuckets() {
+  static const auto* const kBuckets = new std::vector<double>{
+      0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+  return *kBuckets;
+}
+
+namespace {
+
+bool SameTargets(const std::vector<NotifyTarget>& a, const std::vector<NotifyTarget>& b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(),
+                    [](const NotifyTarget& x, const NotifyTarget& y) {
+                      return x.space == y.space && x.addr == y.addr &&
+                             x.device_id == y.device_id && x.queue == y.queue &&
+                             x.value_is_queue == y.value_is_queue;
+                    });
+}
+
+size_t CountQueues(const VmInfo& info) {
+  size_t n = 0;
+  for (const auto& d : info.devices) n += d.num_queues;
+  return n;
+}
+
+}  // namespace
+
+// One --qmp path: connect, refresh, keep the probe maps in step, reconnect.
+// All members are touched by the attachment's own thread only; shared state
+// goes through the Daemon's locked methods.
+class Daemon::Attachment {
+ public:
+  Attachment(Daemon& daemon, size_t index, std::string path)
+      : d_(daemon), index_(index), path_(std::move(path)) {}
+
+  void Start() { thread_ = std::thread([this] { Run(); }); }
+  void Join() {
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  // What the probes currently know about the attached VM.
+  struct Current {
+    uint32_t vm_id = 0;
+    uint32_t pid = 0;
+    std::string name;
+    bool tracked = false;
+    bool targets_set = false;
+    std::vector<NotifyTarget> targets;
+    std::set<std::pair<int32_t, uint16_t>> vhost_sockets;  // (socket_fd, device_id)
+  };
+
+  enum class State { kInit, kAttached, kFailing };
+
+  void Run() {
+    absl::Duration backoff = d_.options_.min_backoff;
+    while (!d_.Stopping()) {
+      auto disc = d_.factory_(path_);
+      if (!disc.ok()) {
+        Fail(disc.status(), /*connected=*/false);
+      } else {
+        Serve(**disc, backoff);
+      }
+      if (d_.WaitForStop(backoff)) break;
+      backoff = std::min(backoff * 2, d_.options_.max_backoff);
+    }
+    Detach("vkickd stopping");
+  }
+
+  // Refresh loop on one connection; returns when it failed or on Stop().
+  void Serve(VmDiscovery& disc, absl::Duration& backoff) {
+    while (!d_.Stopping()) {
+      absl::Time t0 = absl::Now();
+      absl::StatusOr<VmInfo> info = disc.Refresh();
+      d_.ObserveDiscovery(absl::Now() - t0);
+      if (!info.ok()) {
+        Fail(info.status(), /*connected=*/true);
+        return;
+      }
+      Apply(*std::move(info));
+      backoff = d_.options_.min_backoff;
+
+      // Until the next periodic refresh, or earlier on a QMP event.
+      absl::Time next = absl::Now() + d_.options_.refresh_interval;
+      while (!d_.Stopping()) {
+        absl::Duration left = next - absl::Now();
+        if (left <= absl::ZeroDuration()) break;
+        absl::StatusOr<bool> ev = disc.WaitForEvent(std::min(left, d_.options_.event_slice));
+        if (!ev.ok()) {
+          Fail(ev.status(), /*connected=*/true);
+          return;
+        }
+        if (*ev) break;
+      }
+    }
+  }
+
+  void Fail(const absl::Status& status, bool connected) {
+    QmpErrorReason reason = ClassifyQmpError(status, connected);
+    d_.CountQmpError(index_, reason);
+    d_.SetConnected(index_, false);
+    if (state_ != State::kFailing || reason_ != reason) {
+      state_ = State::kFailing;
+      reason_ = reason;
+      d_.Log(absl::StrCat("qmp ", path_, ": ", QmpErrorReasonName(reason), " error: ",
+                          status.ToString(), " (retrying with backoff up to ",
+                          absl::FormatDuration(d_.options_.max_backoff), ")"));
+    }
+    // A socket that is gone or no longer accepts means the VM is gone. A
+    // hung or garbled QMP keeps the VM attached (its process still runs and
+    // the probes still count it) while we reconnect.
+    if (reason == QmpErrorReason::kGone || reason == QmpErrorReason::kConnect) {
+      Detach(absl::StrCat("qmp ", QmpErrorReasonName(reason)));
+    }
+  }
+
+  void Apply(VmInfo info) {
+    info.qmp_path = path_;
+    if (cur_ && cur_->pid != info.pid) {
+      Detach(absl::StrFormat("pid changed %d -> %d (VM restarted)", cur_->pid, info.pid));
+    }
+    bool fresh = !cur_.has_value();
+    if (fresh) {
+      cur_.emplace();
+      cur_->vm_id = d_.NextVmId();
+      cur_->pid = info.pid;
+    }
+    cur_->name = info.name;
+
+    if (!cur_->tracked) {
+      uint32_t pid = cur_->pid, vm_id = cur_->vm_id;
+      absl::Status s = d_.ProbeCall([&](ProbeBackend& p) { return p.TrackProcess(pid, vm_id); });
+      cur_->tracked = s.ok();
+      ProbeFailure("TrackProcess", s);
+    }
+
+    std::vector<NotifyTarget> targets;
+    for (const auto& dev : info.devices) {
+      targets.insert(targets.end(), dev.notify_targets.begin(), dev.notify_targets.end());
+    }
+    // Only on change: a refresh every second must not rewrite the map.
+    if (cur_->tracked && (!cur_->targets_set || !SameTargets(targets, cur_->targets))) {
+      uint32_t vm_id = cur_->vm_id;
+      absl::Status s = d_.ProbeCall(
+          [&](ProbeBackend& p) { return p.SetNotifyTargets(vm_id, targets); });
+      ProbeFailure("SetNotifyTargets", s);
+      if (s.ok()) {
+        if (!fresh) {
+          d_.Log(absl::StrFormat("qmp %s: VM '%s' notify targets changed (%d targets)", path_,
+                                 info.name, targets.size()));
+        }
+        cur_->targets = std::move(targets);
+        cur_->targets_set = true;
+      }
+    }
+
+    if (cur_->tracked) {
+      for (const auto& dev : info.devices) {
+        if (!dev.vhost_user || dev.socket_fd < 0) continue;
+        auto key = std::make_pair(dev.socket_fd, dev.device_id);
+        if (cur_->vhost_sockets.count(key)) continue;
+        uint32_t pid = cur_->pid;
+        absl::Status s = d_.ProbeCall([&](ProbeBackend& p) {
+          return p.SetVhostUserSocket(pid, dev.socket_fd, dev.device_id);
+        });
+        ProbeFailure("SetVhostUserSocket", s);
+        if (s.ok()) cur_->vhost_sockets.insert(key);
+      }
+    }
+
+    if (fresh || state_ != State::kAttached) {
+      d_.Log(absl::StrFormat(
+          "qmp %s: attached VM '%s' pid %d as vm_id %d (%d virtio devices, %d queues, %d "
+          "notify targets)",
+          path_, info.name, info.pid, cur_->vm_id, info.devices.size(), CountQueues(info),
+          cur_->targets.size()));
+    }
+    state_ = State::kAttached;
+    d_.PublishVm(index_, AttachedVm{cur_->vm_id, std::move(info)});
+    d_.SetConnected(index_, true);
+  }
+
+  void ProbeFailure(absl::string_view what, const absl::Status& s) {
+    std::string msg = s.ok() ? "" : absl::StrCat(what, ": ", s.ToString());
+    if (msg != last_probe_error_) {
+      if (!s.ok()) d_.Log(absl::StrCat("qmp ", path_, ": probe ", msg));
+      last_probe_error_ = std::move(msg);
+    }
+  }
+
+  // Drops the VM: series first (the exporter stops showing it), then the
+  // probe counters.
+  void Detach(absl::string_view why) {
+    if (!cur_) return;
+    d_.RemoveVm(index_);
+    d_.SetConnected(index_, false);
+    if (cur_->tracked) {
+      uint32_t pid = cur_->pid, vm_id = cur_->vm_id;
+      absl::Status s =
+          d_.ProbeCall([&](ProbeBackend& p) { return p.UntrackProcess(pid, vm_id); });
+      ProbeFailure("UntrackProcess", s);
+    }
+    d_.Log(absl::StrFormat("qmp %s: detached VM '%s' pid %d vm_id %d: %s", path_, cur_->name,
+                           cur_->pid, cur_->vm_id, why));
+    cur_.reset();
+  }
+
+  Daemon& d_;
+  const size_t index_;
+  const std::string path_;
+  std::thread thread_;
+  std::optional<Current> cur_;
+  State state_ = State::kInit;
+  QmpErrorReason reason_ = QmpErrorReason::kConnect;
+  std::string last_probe_error_;
+};
+
+Daemon::Daemon(DaemonOptions options, ProbeBackend* probes, DiscoveryFactory factory)
+    : options_(std::move(options)),
+      probes_(probes),
+      factory_(std::move(factory)),
+      discovery_duration_(DiscoveryDurationBuckets()) {
+  vms_.resize(options_.qmp_paths.size());
+  for (const auto& p : options_.qmp_paths) {
+    QmpAttachmentStatus st;
+    st.qmp_path = p;
+    qmp_status_.push_back(std::move(st));
+  }
+}
+
+Daemon::~Daemon() { Stop(); }
+
+void Daemon::Start() {
+  {
+    absl::MutexLock l(&stop_mu_);
+    if (started_) return;
+    started_ = true;
+  }
+  for (size_t i = 0; i < options_.qmp_paths.size(); ++i) {
+    attachments_.push_back(std::make_unique<Attachment>(*this, i, options_.qmp_paths[i]));
+  }
+  for (auto& a : attachments_) a->Start();
+}
+
+void Daemon::Stop() {
+  {
+    absl::MutexLock l(&stop_mu_);
+    stopping_ = true;
+  }
+  for (auto& a : attachments_) a->Join();
+  attachments_.clear();
+}
+
+bool Daemon::Stopping() {
+  absl::MutexLock l(&stop_mu_);
+  return stopping_;
+}
+
+bool Daemon::WaitForStop(absl::Duration d) {
+  absl::MutexLock l(&stop_mu_);
+  return stop_mu_.AwaitWithTimeout(absl::Condition(&stopping_), d);
+}
+
+absl::Status Daemon::ProbeCall(const std::function<absl::Status(ProbeBackend&)>& call) {
+  if (probes_ == nullptr) return absl::OkStatus();  // --no-probes
+  absl::Status s;
+  {
+    absl::MutexLock l(&backend_mu_);
+    s = call(*probes_);
+  }
+  if (!s.ok()) {
+    absl::MutexLock l(&registry_mu_);
+    ++probe_errors_.control;
+  }
+  return s;
+}
+
+void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
+  absl::MutexLock l(&registry_mu_);
+  vms_[attachment] = vm;
+}
+
+void Daemon::RemoveVm(size_t attachment) {
+  absl::MutexLock l(&registry_mu_);
+  vms_[attachment].reset();
+}
+
+void Daemon::SetConnected(size_t attachment, bool connected) {
+  absl::MutexLock l(&registry_mu_);
+  qmp_status_[attachment].connected = connected;
+}
+
+void Daemon::CountQmpError(size_t attachment, QmpErrorReason reason) {
+  absl::MutexLock l(&registry_mu_);
+  ++qmp_status_[attachment].errors[static_cast<int>(reason)];
+}
+
+Daemon::Health Daemon::CheckHealth() {
+  {
+    absl::MutexLock l(&stop_mu_);
+    if (!started_) return {false, "daemon not started"};
+    if (stopping_) return {false, "daemon stopping"};
+  }
+  if (probes_ == nullptr) return {true, "ok"};  // disabled by --no-probes
+  absl::Status s;
+  {
+    absl::MutexLock l(&backend_mu_);
+    s = probes_->ReadCounters().status();
+  }
+  if (!s.ok()) return {false, absl::StrCat("probes unreadable: ", s.ToString())};
+  return {true, "ok"};
+}
+
+DaemonSnapshot Daemon::Scrape() {
+  DaemonSnapshot snap;
+  snap.probes_enabled = probes_ != nullptr;
+  absl::MutexLock b(&backend_mu_);
+  bool read_failed = false;
+  if (probes_ != nullptr) {
+    absl::StatusOr<CounterSnapshot> c = probes_->ReadCounters();
+    if (c.ok()) {
+      snap.counters = *std::move(c);
+    } else {
+      read_failed = true;
+    }
+  }
+  absl::MutexLock r(&registry_mu_);
+  if (read_failed) ++probe_errors_.read_counters;
+  for (const auto& vm : vms_) {
+    if (vm) snap.vms.push_back(*vm);
+  }
+  std::sort(snap.vms.begin(), snap.vms.end(),
+            [](const AttachedVm& a, const AttachedVm& b) { return a.vm_id < b.vm_id; });
+  snap.qmp = qmp_status_;
+  snap.probe_errors = probe_errors_;
+  snap.discovery_duration = discovery_duration_.Collect();
+  return snap;
+}
+
+}  // namespace vkick

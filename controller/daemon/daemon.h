@@ -1,0 +1,171 @@
+// The core of vkickd: one attachment per QMP socket, each keeping the probe
+// maps in step with what discovery finds, and a registry of attached VMs that
+// the exporter reads at scrape time.
+//
+// No flags, no globals: vkickd's main() builds the options, the probe backend
+// (or none, with --no-probes) and the discovery factory; tests inject fakes.
+//
+// Threads and locks:
+//   * one thread per attachment (blocking QMP I/O with its own deadlines; a
+//     hung VM therefore never delays another one);
+//   * `backend_mu_` serialises every call into the ProbeBackend (attachment
+//     threads program the maps, the scrape thread reads counters), since
+//     HostProbes makes no thread-safety promise;
+//   * `registry_mu_` guards the VM registry and the QMP state/error counters.
+//   Lock order: backend_mu_ before registry_mu_ (only Scrape() nests them, so
+//   a scrape sees counters and registry from the same moment).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "controller/daemon/log.h"
+#include "controller/discovery/vm_model.h"
+#include "controller/probes/probe_backend.h"
+#include "prometheus/client_metric.h"
+#include "prometheus/histogram.h"
+
+namespace vkick {
+
+// Why a QMP attachment failed; the `reason` label of vkick_qmp_errors_total.
+enum class QmpErrorReason {
+  kConnect = 0,   // socket missing / refused (the VM is not there)
+  kTimeout = 1,   // QMP did not answer in time (hung VM)
+  kProtocol = 2,  // garbage or an unexpected reply
+  kGone = 3,      // the connection closed under an attached VM
+};
+inline constexpr int kNumQmpErrorReasons = 4;
+const char* QmpErrorReasonName(QmpErrorReason reason);
+// Maps a discovery/connect error to a reason. `connected` tells whether the
+// error came from an established connection (kUnavailable then means "gone")
+// or from connecting (kUnavailable/kNotFound mean "connect").
+QmpErrorReason ClassifyQmpError(const absl::Status& status, bool connected);
+
+// Daemon-side probe errors added to the probe's own ProbeErrors; together the
+// `reason` label values of vkick_probe_errors_total.
+struct DaemonProbeErrors {
+  uint64_t control = 0;        // Track/Untrack/SetNotifyTargets/... failed
+  uint64_t read_counters = 0;  // ReadCounters failed at a scrape
+};
+
+struct DaemonOptions {
+  std::vector<std::string> qmp_paths;
+  absl::Duration refresh_interval = absl::Seconds(1);
+  // Reconnect backoff when a QMP socket is missing or misbehaves: doubles
+  // from min to max, reset once attached.
+  absl::Duration min_backoff = absl::Milliseconds(100);
+  absl::Duration max_backoff = absl::Seconds(5);
+  // WaitForEvent is called in slices of at most this, so Stop() is prompt.
+  absl::Duration event_slice = absl::Milliseconds(200);
+  LogSink log = LogToStderr;
+};
+
+// Creates (connects) the discovery for one QMP socket path.
+using DiscoveryFactory =
+    std::function<absl::StatusOr<std::unique_ptr<VmDiscovery>>(const std::string& qmp_path)>;
+
+struct AttachedVm {
+  uint32_t vm_id = 0;
+  VmInfo info;
+};
+
+struct QmpAttachmentStatus {
+  std::string qmp_path;
+  bool connected = false;  // a VM is attached through this path right now
+  uint64_t errors[kNumQmpErrorReasons] = {};
+};
+
+// Everything the exporter needs, taken at one moment.
+struct DaemonSnapshot {
+  std::vector<AttachedVm> vms;             // sorted by vm_id
+  std::vector<QmpAttachmentStatus> qmp;    // in --qmp order
+  prometheus::ClientMetric discovery_duration;  // histogram, seconds
+  bool probes_enabled = false;             // a ProbeBackend was given
+  // Counters read in the same scrape; empty when probes are disabled or the
+  // read failed (then probe_errors.read_counters was incremented).
+  std::optional<CounterSnapshot> counters;
+  DaemonProbeErrors probe_errors;
+};
+
+// Bucket bounds of vkick_discovery_duration_seconds: a QMP refresh is a few
+// round trips on a local socket (ms), a slow one approaches the timeout (s).
+const std::vector<double>& DiscoveryDurationBuckets();
+
+class Daemon {
+ public:
+  // `probes` may be null (--no-probes); it must outlive the daemon.
+  Daemon(DaemonOptions options, ProbeBackend* probes, DiscoveryFactory factory);
+  ~Daemon();  // Stop()s
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // Starts one attachment thread per QMP path. Call once.
+  void Start();
+  // Stops and joins every attachment, untracks every VM. Idempotent.
+  void Stop();
+
+  struct Health {
+    bool ok = false;
+    std::string reason;  // "ok", or what is wrong
+  };
+  // Healthy when running and the probes are attached (or disabled by flag)
+  // and readable.
+  Health CheckHealth();
+
+  // Reads the probe counters and copies the registry (see lock order above).
+  DaemonSnapshot Scrape();
+
+ private:
+  class Attachment;
+
+  void Log(absl::string_view line) const { options_.log(line); }
+  bool Stopping();
+  // Sleeps up to `d`; returns true (early) once Stop() was called.
+  bool WaitForStop(absl::Duration d);
+  // Probe-control helpers: run `call` under backend_mu_, count failures.
+  absl::Status ProbeCall(const std::function<absl::Status(ProbeBackend&)>& call);
+  uint32_t NextVmId() { return next_vm_id_.fetch_add(1); }
+
+  void PublishVm(size_t attachment, const AttachedVm& vm);
+  void RemoveVm(size_t attachment);
+  void SetConnected(size_t attachment, bool connected);
+  void CountQmpError(size_t attachment, QmpErrorReason reason);
+  void ObserveDiscovery(absl::Duration d) {
+    discovery_duration_.Observe(absl::ToDoubleSeconds(d));
+  }
+
+  const DaemonOptions options_;
+  ProbeBackend* const probes_;
+  const DiscoveryFactory factory_;
+  std::atomic<uint32_t> next_vm_id_{1};
+  // prometheus::Histogram is internally synchronised.
+  prometheus::Histogram discovery_duration_;
+
+  absl::Mutex backend_mu_ ABSL_ACQUIRED_BEFORE(registry_mu_);
+
+  mutable absl::Mutex registry_mu_;
+  // Indexed by attachment (position in options_.qmp_paths).
+  std::vector<std::optional<AttachedVm>> vms_ ABSL_GUARDED_BY(registry_mu_);
+  std::vector<QmpAttachmentStatus> qmp_status_ ABSL_GUARDED_BY(registry_mu_);
+  DaemonProbeErrors probe_errors_ ABSL_GUARDED_BY(registry_mu_);
+
+  absl::Mutex stop_mu_;
+  bool stopping_ ABSL_GUARDED_BY(stop_mu_) = false;
+  bool started_ ABSL_GUARDED_BY(stop_mu_) = false;
+
+  std::vector<std::unique_ptr<Attachment>> attachments_;
+};
+
+}  // namespace vkick

@@ -1,0 +1,46 @@
+// The exporter: turns one DaemonSnapshot (registry of attached VMs, QMP state,
+// probe counters read at scrape time) into Prometheus metric families.
+//
+// Label values only ever come from discovery (VmInfo / VirtioDeviceInfo) or
+// from fixed sets in this file. A counter whose ids discovery does not know
+// is summed into an "unknown" bucket of a VM it belongs to, or dropped when
+// its VM is not attached any more (UntrackProcess drops those counters
+// anyway), so nothing a guest writes can create a label value.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "controller/daemon/daemon.h"
+#include "prometheus/collectable.h"
+#include "prometheus/metric_family.h"
+
+namespace vkick {
+
+// Decodes (isa, raw exit reason) into a reason label value. Its range must be
+// a fixed, bounded set (vkickd uses the exit_reasons table).
+using ExitReasonNamer = std::function<std::string(uint32_t isa, uint32_t reason)>;
+
+// Pure: the whole exposition for one snapshot, in MetricTable() order.
+std::vector<prometheus::MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
+                                                          const ExitReasonNamer& namer,
+                                                          const std::string& version);
+
+// The Collectable registered with the HTTP server: scrapes the daemon on
+// every Collect(), so series appear and disappear with the VMs.
+class VkickCollector : public prometheus::Collectable {
+ public:
+  VkickCollector(Daemon& daemon, ExitReasonNamer namer, std::string version)
+      : daemon_(daemon), namer_(std::move(namer)), version_(std::move(version)) {}
+  std::vector<prometheus::MetricFamily> Collect() const override;
+
+ private:
+  Daemon& daemon_;
+  const ExitReasonNamer namer_;
+  const std::string version_;
+};
+
+}  // namespace vkick

@@ -1,0 +1,42 @@
+"""vkickd under test: started with --qmp paths and a free loopback port."""
+
+from .metrics import http_get, scrape
+from .util import free_port, log, vkickd_path, wait_until
+
+
+class Vkickd:
+    def __init__(self, tb, qmp_paths, refresh="1s", extra=()):
+        self.tb = tb
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        argv = [vkickd_path()] + ["--qmp=%s" % p for p in qmp_paths] + [
+            "--listen=127.0.0.1:%d" % self.port, "--refresh-interval=%s" % refresh] + list(extra)
+        self.proc = tb.spawn("vkickd", argv)
+        wait_until(self._healthy, 30, "vkickd /healthz on %s" % self.url, interval=0.2)
+
+    def _healthy(self):
+        if not self.proc.alive():
+            raise AssertionError("vkickd exited (rc %s):\n%s" % (self.proc.returncode(),
+                                                                self.proc.tail()))
+        status, body = http_get(self.url + "/healthz", timeout=2)
+        return status == 200 and body.strip() == "ok"
+
+    def metrics(self):
+        if not self.proc.alive():
+            raise AssertionError("vkickd died (rc %s):\n%s" % (self.proc.returncode(),
+                                                              self.proc.tail()))
+        return scrape(self.url + "/metrics")
+
+    def wait_metric(self, what, pred, timeout=30, interval=0.25):
+        """Scrape until pred(metrics) is truthy; returns its value."""
+        return wait_until(lambda: pred(self.metrics()), timeout, what, interval=interval)
+
+    def wait_vm(self, vm, pid, timeout=30):
+        return self.wait_metric(
+            "vkick_vm_info{vm=%r,pid=%r} == 1" % (vm, str(pid)),
+            lambda m: m.value("vkick_vm_info", vm=vm, pid=str(pid)) == 1, timeout)
+
+    def queue_counts(self, m, vm):
+        """{(device, queue): count} of every notification series of `vm`."""
+        return {(l.get("device"), int(l.get("queue"))): v
+                for l, v in m.select("vkick_virtqueue_notifications_total", vm=vm)}
