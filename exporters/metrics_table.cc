@@ -29,7 +29,7 @@ absl::Span<const MetricSpec> MetricTable() {
       {Metric::kDiscoveryDuration, "vkick_discovery_duration_seconds", MetricType::Histogram,
        {}, "Duration of one QMP discovery refresh of one VM, successful or not."},
       {Metric::kVmInfo, "vkick_vm_info", MetricType::Gauge, {"vm", "pid"},
-       "1 per attached VM; vm is its QEMU -name (else pid<N>), pid its QEMU process."},
+       "1 per attached VM; vm is its QEMU -name (else \"pid\" and the process id), pid its QEMU process id."},
       {Metric::kVirtqueueNotifications, "vkick_virtqueue_notifications_total",
        MetricType::Counter, {"vm", "device", "queue"},
        "Guest to host notifications (kicks) per virtqueue; every discovered queue is "
@@ -37,7 +37,7 @@ absl::Span<const MetricSpec> MetricTable() {
        "does not know."},
       {Metric::kVmUnmatchedIoWrites, "vkick_vm_unmatched_io_writes_total",
        MetricType::Counter, {"vm", "space"},
-       "Guest MMIO or PIO writes (space=mmio|pio) that exited to the host and matched no "
+       "Guest MMIO or PIO writes (space \"mmio\" or \"pio\") that exited to the host and matched no "
        "discovered notify address."},
       {Metric::kVmExits, "vkick_vm_exits_total", MetricType::Counter, {"vm", "vcpu", "reason"},
        "VM exits per vCPU index and decoded exit reason (kvm:kvm_exit; VMX and SVM hosts)."},

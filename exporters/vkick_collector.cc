@@ -49,6 +49,7 @@ void Add(MetricFamily& f, Metric id, const std::vector<std::string>& values, dou
 // Per attached VM: where its counters go.
 struct VmSlot {
   const AttachedVm* vm;
+  std::string name;  // the `vm` label value
   // device_id -> index into vm->info.devices
   std::unordered_map<uint16_t, size_t> device_index;
   // [device][queue] then the per-device "unknown queue" bucket.
@@ -73,10 +74,18 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
 
   std::vector<VmSlot> slots;
   std::unordered_map<uint32_t, size_t> by_vm_id;
+  std::set<std::string> names;
   slots.reserve(snap.vms.size());
   for (const AttachedVm& vm : snap.vms) {
     VmSlot s;
     s.vm = &vm;
+    // Two VMs with one -name would collide into the same series (an invalid
+    // exposition): the later one is told apart by its pid.
+    s.name = vm.info.name;
+    if (!names.insert(s.name).second) {
+      s.name = absl::StrCat(vm.info.name, "/pid", vm.info.pid);
+      names.insert(s.name);
+    }
     for (size_t i = 0; i < vm.info.devices.size(); ++i) {
       // First wins should discovery ever repeat an id.
       s.device_index.emplace(vm.info.devices[i].device_id, i);
@@ -161,7 +170,7 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
         break;
       case Metric::kVmInfo:
         for (const VmSlot& s : slots) {
-          Add(f, spec.id, {s.vm->info.name, absl::StrCat(s.vm->info.pid)}, 1);
+          Add(f, spec.id, {s.name, absl::StrCat(s.vm->info.pid)}, 1);
         }
         break;
       case Metric::kVirtqueueNotifications:
@@ -169,39 +178,39 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
           const auto& devs = s.vm->info.devices;
           for (size_t d = 0; d < devs.size(); ++d) {
             for (size_t q = 0; q < s.queue_counts[d].size(); ++q) {
-              Add(f, spec.id, {s.vm->info.name, devs[d].label, absl::StrCat(q)},
+              Add(f, spec.id, {s.name, devs[d].label, absl::StrCat(q)},
                   s.queue_counts[d][q]);
             }
             // Bounded: at most one extra series per discovered device.
             if (s.unknown_queue[d] != 0) {
-              Add(f, spec.id, {s.vm->info.name, devs[d].label, kUnknownLabel},
+              Add(f, spec.id, {s.name, devs[d].label, kUnknownLabel},
                   s.unknown_queue[d]);
             }
           }
           if (s.unknown_device != 0) {
-            Add(f, spec.id, {s.vm->info.name, kUnknownLabel, kUnknownLabel}, s.unknown_device);
+            Add(f, spec.id, {s.name, kUnknownLabel, kUnknownLabel}, s.unknown_device);
           }
         }
         break;
       case Metric::kVmUnmatchedIoWrites:
         for (const VmSlot& s : slots) {
-          Add(f, spec.id, {s.vm->info.name, "mmio"}, s.unmatched[0]);
-          Add(f, spec.id, {s.vm->info.name, "pio"}, s.unmatched[1]);
+          Add(f, spec.id, {s.name, "mmio"}, s.unmatched[0]);
+          Add(f, spec.id, {s.name, "pio"}, s.unmatched[1]);
         }
         break;
       case Metric::kVmExits:
         for (const VmSlot& s : slots) {
           for (const auto& [key, count] : s.exits) {
             std::string vcpu = key.first == kUnknownVcpu ? kUnknownLabel : absl::StrCat(key.first);
-            Add(f, spec.id, {s.vm->info.name, vcpu, key.second}, count);
+            Add(f, spec.id, {s.name, vcpu, key.second}, count);
           }
         }
         break;
       case Metric::kVmInterrupts:
-        for (const VmSlot& s : slots) Add(f, spec.id, {s.vm->info.name}, s.interrupts);
+        for (const VmSlot& s : slots) Add(f, spec.id, {s.name}, s.interrupts);
         break;
       case Metric::kVmInterruptVectors:
-        for (const VmSlot& s : slots) Add(f, spec.id, {s.vm->info.name}, s.vectors.size());
+        for (const VmSlot& s : slots) Add(f, spec.id, {s.name}, s.vectors.size());
         break;
     }
     out.push_back(std::move(f));

@@ -21,6 +21,8 @@ PACKAGES=(
   prometheus gnuplot-nox
   # misc tools used by tests and scripts
   python3 socat curl jq iproute2 procps
+  # deploy/ checks (tests/deploy): YAML lint, Kubernetes API models for the manifests
+  yamllint python3-yaml python3-kubernetes
 )
 
 log() { printf '[setup] %s\n' "$*"; }

@@ -77,6 +77,8 @@ struct ProbeErrors {
   uint64_t map_full = 0;          // an update into a bounded map failed
   uint64_t read_user_failed = 0;  // bpf_probe_read_user of a vhost-user msg failed
   uint64_t bad_vhost_msg = 0;     // a SET_VRING_KICK that did not parse
+  uint64_t bad_queue = 0;         // legacy PIO notify value >= VKICK_MAX_QUEUE
+                                  // (also counted as an unmatched write)
 };
 
 struct CounterSnapshot {

@@ -63,6 +63,8 @@ def main():
         all_series = vk.queue_counts(m, name)
         extra = {k: v for k, v in all_series.items()
                  if k not in expected and k[0] != CANARY[0]}
+        # Includes vkickd's {device|queue="unknown"} catch-alls: a kick it
+        # could not attribute to a discovered queue would show up there.
         assert not extra, "series for devices/queues that do not exist: %r" % extra
         # Writes that match no notify address are counted, not dropped: the
         # guest's serial output and PCI config accesses are PIO writes.

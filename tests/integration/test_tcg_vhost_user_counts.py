@@ -83,6 +83,9 @@ def main():
         assert got == expected, "guest-phase counts differ from the plan: want %r got %r" % (
             sorted(expected.items()), sorted(got.items()))
 
+        unknown = {k: v for k, v in vk.queue_counts(vk.metrics(), name).items() if k not in keys}
+        assert not unknown, "kicks attributed elsewhere (unknown fd/queue?): %r" % unknown
+
         rc = vm.finish()
         assert rc == 1, "QEMU exit code %s (1 = guest success via isa-debug-exit)" % rc
 

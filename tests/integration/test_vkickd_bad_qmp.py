@@ -72,6 +72,10 @@ def main():
             "QMP errors counted for the good VM: %r" % qmp_errors(m)
         status, body = http_get(vk.url + "/healthz")
         assert status == 200 and body.strip() == "ok", (status, body)
+        conn = {l.get("qmp"): v for l, v in m.select("vkick_qmp_connected")}
+        # docs/metrics.md: vkick_qmp_connected{qmp} is 1 while a VM is attached.
+        assert conn.get(vm.qmp_vkickd) == 1 and all(conn.get(p) == 0 for p in bad), \
+            "vkick_qmp_connected: %r" % conn
 
         # The VM goes away abruptly: its series must disappear.
         log("killing QEMU pid %d" % vm.pid)

@@ -27,14 +27,61 @@ _start:
 1:      hlt
         jmp 1b
 
-        /* Every interrupt vector lands here: acknowledge the PIC and return.
-         * The guest only takes interrupts to wake from hlt (COM1 RX). */
+/* wait_rx(): return once COM1 has a received byte, sleeping in hlt
+ * instead of spinning (a spinning guest costs a whole host core under TCG).
+ * IF is set only inside "sti; hlt": a byte that arrives between the LSR
+ * check and hlt still wakes us (its IRQ is taken right after sti).
+ *
+ * The RX interrupt handler does not return with iret: this host's
+ * paravirtual KVM fails to emulate a 32-bit iret (QEMU stops with
+ * "internal-error"). It acknowledges the PIC, drops the interrupt frame by
+ * reloading the stack pointer saved here and jumps back into the loop; the
+ * interrupt gate already cleared IF. */
+        .section .bss
+        .align 4
+wait_esp:
+        .skip 4
+
+        .section .text
+        .globl wait_rx
+wait_rx:
+        push %ebx
+        push %esi
+        push %edi
+        push %ebp
+        mov %esp, wait_esp
+wait_rx_loop:
+        mov $0x3fd, %dx
+        in %dx, %al
+        test $1, %al
+        jnz 2f
+        sti
+        hlt
+        cli                 /* woken without our IRQ (NMI/SMI): look again */
+        jmp wait_rx_loop
+2:      pop %ebp
+        pop %edi
+        pop %esi
+        pop %ebx
+        ret
+
+        /* IRQ4 (COM1, vector 0x0c with the BIOS's PIC base 0x08) and the
+         * PIC's spurious IRQ7 (vector 0x0f) only ever arrive inside wait_rx. */
         .globl irq_stub
 irq_stub:
-        push %eax
         mov $0x20, %al
-        out %al, $0x20
-        pop %eax
-        iret
+        out %al, $0x20      /* EOI to the master PIC */
+        mov wait_esp, %esp
+        jmp wait_rx_loop
+
+        /* Any other vector is a guest bug (a CPU exception): exit QEMU with
+         * status 5 through isa-debug-exit instead of hanging. */
+        .globl fault_stub
+fault_stub:
+        mov $0xf4, %dx
+        mov $2, %eax
+        out %eax, %dx
+3:      hlt
+        jmp 3b
 
         .section .note.GNU-stack,"",@progbits

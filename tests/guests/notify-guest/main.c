@@ -61,46 +61,39 @@ static void __attribute__((noreturn)) fail(const char *msg) {
   qemu_exit(1);
 }
 
-/* Waiting for the host without burning a host CPU (a spinning guest costs a
- * whole core under TCG): COM1's RX interrupt (IRQ4 through the PIC as the
- * BIOS left it, vector 0x0c) wakes the vCPU from hlt; every vector points at
- * irq_stub (boot.S), which only sends the EOI. */
-extern void irq_stub(void);
+/* Waiting for the host: wait_rx (boot.S) sleeps in hlt until COM1's RX
+ * interrupt. All vectors but IRQ4/IRQ7 go to fault_stub (exit status 5). */
+extern void irq_stub(void), fault_stub(void), wait_rx(void);
 static struct { u16 lo, sel; u8 zero, type; u16 hi; } __attribute__((packed)) idt[256];
 
 static void irq_init(void) {
   u16 cs;
   __asm__ volatile("mov %%cs,%0" : "=r"(cs));
-  u32 a = (u32)irq_stub;
   for (int i = 0; i < 256; i++) {
+    u32 a = (i == 0x0c || i == 0x0f) ? (u32)irq_stub : (u32)fault_stub;
     idt[i].lo = (u16)a; idt[i].sel = cs; idt[i].zero = 0;
-    idt[i].type = 0x8e; /* present, ring 0, 32-bit interrupt gate */
+    idt[i].type = 0x8e; /* present, ring 0, 32-bit interrupt gate (clears IF) */
     idt[i].hi = (u16)(a >> 16);
   }
   struct { u16 limit; u32 base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (u32)idt };
   __asm__ volatile("lidt %0" ::"m"(idtr));
-  outb(0x21, (u8)~(1u << 4)); /* master PIC: only IRQ4 (COM1) */
+  outb(0x21, (u8)~(1u << 4)); /* master PIC (vector base 0x08 from the BIOS): only IRQ4 */
   outb(0xa1, 0xff);           /* slave PIC: nothing */
   outb(COM1 + 1, 0x01);       /* IER: interrupt on received data */
   outb(COM1 + 4, 0x0b);       /* MCR: DTR, RTS, OUT2 (gates the IRQ line) */
 }
 
 /* Block until the host sends byte `want` on COM1. While waiting for 'g',
- * each 'c' writes one canary notify (see README.md). Interrupts are only
- * enabled inside "sti; hlt", so a byte that arrives between the LSR check
- * and hlt still wakes us (its IRQ is latched and taken right after sti). */
+ * each 'c' writes one canary notify (see README.md). */
 struct dev;
 static struct dev *canary; /* canary=SLOT, see parse_cmdline */
 static void notify(struct dev *d, u32 q);
 static void wait_serial_byte(char want) {
   for (;;) {
-    if (inb(COM1 + 5) & 0x01) {
-      char c = (char)inb(COM1);
-      if (c == want) return;
-      if (c == 'c' && canary) { notify(canary, 0); puts("CANARY\n"); }
-      continue;
-    }
-    __asm__ volatile("sti; hlt; cli");
+    wait_rx();
+    char c = (char)inb(COM1);
+    if (c == want) return;
+    if (c == 'c' && canary) { notify(canary, 0); puts("CANARY\n"); }
   }
 }
 

@@ -25,6 +25,7 @@ VMS = {}          # qmp path -> dict(name, pid, tids, targets{(space, addr[, val
 COUNTS = {}       # (vm, dev, q) -> n
 UNMATCHED = {}    # (vm, space) -> n
 QMP_ERRORS = {}   # (path, reason) -> n
+PATHS = []
 
 
 def qmp_session(path, timeout=2.0):
@@ -202,6 +203,8 @@ class H(http.server.BaseHTTPRequestHandler):
                                % (vm, d, q, n))
                 for (vm, s), n in UNMATCHED.items():
                     out.append('vkick_vm_unmatched_io_writes_total{vm="%s",space="%s"} %d' % (vm, s, n))
+                for p in PATHS:
+                    out.append('vkick_qmp_connected{qmp="%s"} %d' % (p, 1 if p in VMS else 0))
                 for (p, r), n in QMP_ERRORS.items():
                     out.append('vkick_qmp_errors_total{qmp="%s",reason="%s"} %d' % (p, r, n))
             body = "\n".join(out) + "\n"
@@ -223,6 +226,7 @@ def main():
     a = ap.parse_args()
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run atexit: remove the ftrace instance
+    PATHS.extend(a.qmp)
     host, port = a.listen.rsplit(":", 1)
     interval = float(a.refresh_interval.rstrip("s"))
     threading.Thread(target=trace_loop, daemon=True).start()

@@ -6,7 +6,7 @@ import re
 
 from .qmp import QmpClient
 from .serial import SerialConsole
-from .util import log, require_binary, wait_until, Timeout
+from .util import Fatal, guest_elf, require_binary, wait_until
 
 
 class QemuVm:
@@ -43,7 +43,6 @@ class QemuVm:
         for d in devices:
             argv += list(d)
         argv += list(extra)
-        from .util import guest_elf
         argv += ["-kernel", guest_elf(), "-append", append]
         self.proc = tb.spawn("qemu-" + name, argv)
         self.pid = self.proc.pid
@@ -58,7 +57,7 @@ class QemuVm:
 
     def _check_alive(self):
         if not self.proc.alive():
-            raise AssertionError("QEMU %s exited early (rc %s):\n%s" % (
+            raise Fatal("QEMU %s exited early (rc %s):\n%s" % (
                 self.name, self.proc.returncode(), self.proc.tail()))
         return False
 
@@ -90,14 +89,11 @@ class StorageDaemon:
                             "addr.path=%s,num-queues=%d,writable=on" % (name, name, self.sock,
                                                                      num_queues)]
         self.proc = tb.spawn("qsd-" + name, argv)
-        try:
-            wait_until(lambda: os.path.exists(self.sock) or self._check_alive(), 15,
-                       "qemu-storage-daemon socket %s" % self.sock)
-        except Timeout:
-            raise
+        wait_until(lambda: os.path.exists(self.sock) or self._check_alive(), 15,
+                   "qemu-storage-daemon socket %s" % self.sock)
 
     def _check_alive(self):
         if not self.proc.alive():
-            raise AssertionError("qemu-storage-daemon exited (rc %s):\n%s" % (
+            raise Fatal("qemu-storage-daemon exited (rc %s):\n%s" % (
                 self.proc.returncode(), self.proc.tail()))
         return False

@@ -105,6 +105,11 @@ class Timeout(AssertionError):
     pass
 
 
+class Fatal(AssertionError):
+    """Raised inside a wait_until predicate when waiting longer is pointless
+    (e.g. the process we wait for has exited): wait_until re-raises it at once."""
+
+
 def wait_until(pred, timeout, what, interval=0.1):
     """Poll pred() until it returns a truthy value (returned) or timeout
     seconds pass (Timeout with `what` and the last value/exception)."""
@@ -116,6 +121,8 @@ def wait_until(pred, timeout, what, interval=0.1):
             if v:
                 return v
             last = v
+        except Fatal:
+            raise
         except Exception as e:  # keep polling; report the last failure
             last = e
         if time.monotonic() >= deadline:
@@ -131,8 +138,10 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent():
     # If the test runner dies (CTest timeout kills it with SIGKILL), the
-    # kernel kills our children too: no stray QEMU keeps running.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # kernel sends our children SIGTERM: no stray QEMU keeps running, and
+    # QEMU/vkickd/qemu-storage-daemon still get to clean up (they all exit
+    # on SIGTERM).
+    _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 class Process:

@@ -1,0 +1,352 @@
+// SPDX-License-Identifier: GPL-2.0
+/* vkick host probes: what a VM's virtqueues cost the host, counted per VM,
+ * vCPU, device and queue. Tracepoints only (kprobes/fentry are unavailable on
+ * the target hosts and tracepoints are the stable interface anyway).
+ *
+ * Every counting path is a static __always_inline function taking the tgid
+ * explicitly, shared by a thin tracepoint handler (tgid from
+ * bpf_get_current_pid_tgid()) and a SEC("syscall") test program (tgid from a
+ * context struct passed through BPF_PROG_TEST_RUN). That is how the kvm_exit
+ * path, whose tracepoint never fires on a paravirtual KVM host, is still run
+ * in the kernel by the tests. See docs/probes.md.
+ *
+ * Hot-path rules: per-CPU counters, bounded preallocated maps, no locks, no
+ * loops; every failed insert or read is counted in `errors`.
+ */
+#include "vmlinux.h"
+
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+#include "bpf/host_probes.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* ---- maps written by userspace ------------------------------------------ */
+
+struct {
+  __uint(type, BPF_MAP_TYPE_HASH);
+  __uint(max_entries, VKICK_MAX_TRACKED);
+  __type(key, __u32);   /* tgid */
+  __type(value, __u32); /* vm_id */
+} tracked SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_HASH);
+  __uint(max_entries, VKICK_MAX_NOTIFY_TARGETS);
+  __type(key, struct vkick_notify_key);
+  __type(value, struct vkick_notify_target);
+} notify SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_HASH);
+  __uint(max_entries, VKICK_MAX_VHOST_SOCKS);
+  __type(key, struct vkick_sock_key);
+  __type(value, struct vkick_sock_value);
+} vhost_sock SEC(".maps");
+
+/* ---- maps written by the programs --------------------------------------- */
+
+struct {
+  __uint(type, BPF_MAP_TYPE_HASH);
+  __uint(max_entries, VKICK_MAX_KICK_FDS);
+  __type(key, struct vkick_sock_key); /* {tgid, kick fd} */
+  __type(value, struct vkick_kick_value);
+} kick_fds SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+  __uint(max_entries, VKICK_MAX_EXIT_KEYS);
+  __type(key, struct vkick_exit_key);
+  __type(value, __u64);
+} exit_counts SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+  __uint(max_entries, VKICK_MAX_NOTIFY_KEYS);
+  __type(key, struct vkick_queue_key);
+  __type(value, __u64);
+} notify_counts SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+  __uint(max_entries, VKICK_MAX_UNMATCHED_KEYS);
+  __type(key, struct vkick_unmatched_key);
+  __type(value, __u64);
+} unmatched_counts SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+  __uint(max_entries, VKICK_MAX_IRQ_KEYS);
+  __type(key, struct vkick_irq_key);
+  __type(value, __u64);
+} irq_counts SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+  __uint(max_entries, VKICK_ERR_COUNT);
+  __type(key, __u32);
+  __type(value, __u64);
+} errors SEC(".maps");
+
+/* ---- helpers -------------------------------------------------------------- */
+
+static __always_inline void count_error(__u32 idx) {
+  __u64* v = bpf_map_lookup_elem(&errors, &idx);
+  if (v) *v += 1; /* per-CPU slot: no atomic needed */
+}
+
+static __always_inline __u32 current_tgid(void) {
+  return (__u32)(bpf_get_current_pid_tgid() >> 32);
+}
+
+/* Returns the vm_id of `tgid`, or -1 when it is not tracked. The common case
+ * for every event of every other process on the host: one hash lookup. */
+static __always_inline long lookup_vm(__u32 tgid) {
+  __u32* vm = bpf_map_lookup_elem(&tracked, &tgid);
+  return vm ? (long)*vm : -1;
+}
+
+/* Increment a per-CPU counter, inserting it at 1 if absent. Another CPU may
+ * insert the same key between our lookup and update (-EEXIST): retry the
+ * lookup once; anything else (-E2BIG/-ENOMEM: map full) is an error. */
+static __always_inline void bump(void* map, const void* key) {
+  __u64* v = bpf_map_lookup_elem(map, key);
+  if (v) {
+    *v += 1;
+    return;
+  }
+  __u64 one = 1;
+  long err = bpf_map_update_elem(map, key, &one, BPF_NOEXIST);
+  if (err == 0) return;
+  if (err == -17 /* EEXIST */) {
+    v = bpf_map_lookup_elem(map, key);
+    if (v) {
+      *v += 1;
+      return;
+    }
+  }
+  count_error(VKICK_ERR_MAP_FULL);
+}
+
+/* ---- exits ---------------------------------------------------------------- */
+
+static __always_inline void count_exit(__u32 tgid, __u32 vcpu_id, __u32 isa, __u32 reason) {
+  long vm = lookup_vm(tgid);
+  if (vm < 0) return;
+  struct vkick_exit_key key = {
+      .vm_id = (__u32)vm, .vcpu_id = vcpu_id, .isa = isa, .reason = reason};
+  bump(&exit_counts, &key);
+}
+
+/* Use the tracepoint's format fields, not a raw_tracepoint: the first raw
+ * argument of kvm_exit is the vcpu pointer, not the reason (bcc's kvmexit
+ * broke on exactly that). */
+SEC("tracepoint/kvm/kvm_exit")
+int tp_kvm_exit(struct trace_event_raw_kvm_exit* ctx) {
+  count_exit(current_tgid(), ctx->vcpu_id, ctx->isa, ctx->exit_reason);
+  return 0;
+}
+
+SEC("syscall")
+int test_exit(struct vkick_test_exit_ctx* ctx) {
+  count_exit(ctx->tgid, ctx->vcpu_id, ctx->isa, ctx->reason);
+  return 0;
+}
+
+/* ---- notifications (guest writes) ---------------------------------------- */
+
+static __always_inline void count_guest_write(__u32 tgid, __u32 space, __u64 addr, __u64 val) {
+  long vm = lookup_vm(tgid);
+  if (vm < 0) return;
+  struct vkick_notify_key nk = {.vm_id = (__u32)vm, .space = (__u8)space, .addr = addr};
+  struct vkick_notify_target* t = bpf_map_lookup_elem(&notify, &nk);
+  if (t) {
+    __u16 queue = t->queue;
+    int ok = 1;
+    if (t->value_is_queue) {
+      /* Legacy virtio-pci: one port per device, the value is the queue. */
+      if (val < VKICK_MAX_QUEUE) {
+        queue = (__u16)val;
+      } else {
+        count_error(VKICK_ERR_BAD_QUEUE);
+        ok = 0;
+      }
+    }
+    if (ok) {
+      struct vkick_queue_key qk = {.vm_id = (__u32)vm, .device_id = t->device_id, .queue = queue};
+      bump(&notify_counts, &qk);
+      return;
+    }
+  }
+  struct vkick_unmatched_key uk = {.vm_id = (__u32)vm, .space = space};
+  bump(&unmatched_counts, &uk);
+}
+
+SEC("tracepoint/kvm/kvm_mmio")
+int tp_kvm_mmio(struct trace_event_raw_kvm_mmio* ctx) {
+  if (ctx->type != VKICK_KVM_TRACE_MMIO_WRITE) return 0;
+  count_guest_write(current_tgid(), VKICK_SPACE_MMIO, ctx->gpa, ctx->val);
+  return 0;
+}
+
+/* An ioeventfd write completed on the fast path (VMX EPT misconfig, recent
+ * SVM NPF): it emits only kvm_fast_mmio, never kvm_mmio, so no double count.
+ * The value is not traced; fast-MMIO ioeventfds have no datamatch anyway. */
+SEC("tracepoint/kvm/kvm_fast_mmio")
+int tp_kvm_fast_mmio(struct trace_event_raw_kvm_fast_mmio* ctx) {
+  count_guest_write(current_tgid(), VKICK_SPACE_MMIO, ctx->gpa, 0);
+  return 0;
+}
+
+SEC("tracepoint/kvm/kvm_pio")
+int tp_kvm_pio(struct trace_event_raw_kvm_pio* ctx) {
+  if (ctx->rw != VKICK_KVM_PIO_OUT) return 0;
+  count_guest_write(current_tgid(), VKICK_SPACE_PIO, ctx->port, ctx->val);
+  return 0;
+}
+
+SEC("syscall")
+int test_io(struct vkick_test_io_ctx* ctx) {
+  count_guest_write(ctx->tgid, ctx->space, ctx->addr, ctx->val);
+  return 0;
+}
+
+/* ---- interrupts (host -> guest MSIs) -------------------------------------- */
+
+/* Runs in the context of whoever signals the MSI: the VMM's own threads are
+ * attributed; an irqfd signalled by another process (a vhost-user backend)
+ * runs in that process and is not (docs/probes.md). */
+static __always_inline void count_msi(__u32 tgid, __u64 address, __u64 data) {
+  long vm = lookup_vm(tgid);
+  if (vm < 0) return;
+  struct vkick_irq_key key = {.vm_id = (__u32)vm, .data = (__u32)data, .address = address};
+  bump(&irq_counts, &key);
+}
+
+SEC("tracepoint/kvm/kvm_msi_set_irq")
+int tp_kvm_msi_set_irq(struct trace_event_raw_kvm_msi_set_irq* ctx) {
+  count_msi(current_tgid(), ctx->address, ctx->data);
+  return 0;
+}
+
+SEC("syscall")
+int test_msi(struct vkick_test_msi_ctx* ctx) {
+  count_msi(ctx->tgid, ctx->address, ctx->data);
+  return 0;
+}
+
+/* ---- vhost-user kicks ------------------------------------------------------ */
+
+/* syscalls:sys_enter_* records: 8 bytes of common fields, the syscall nr,
+ * then each argument widened to 8 bytes (see the tracefs format files). No
+ * BTF type describes them, so this is the tracefs layout. */
+struct sys_enter_ctx {
+  __u64 common;
+  __s32 syscall_nr;
+  __u32 pad;
+  __u64 args[6];
+};
+
+/* The frontend announces "queue q kicks via this eventfd" with a
+ * VHOST_USER_SET_VRING_KICK message: a 12-byte header {request, flags,
+ * size}, a u64 payload (bits 0-7 queue index, bit 8 NOFD) and the eventfd in
+ * an SCM_RIGHTS control message. QEMU (and DPDK/SPDK-style frontends) send
+ * header and payload in iov[0]. */
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int tp_sys_enter_sendmsg(struct sys_enter_ctx* ctx) {
+  __u32 tgid = current_tgid();
+  if (lookup_vm(tgid) < 0) return 0;
+
+  __s64 sock_fd = (__s64)ctx->args[0];
+  const struct user_msghdr* umsg = (const struct user_msghdr*)ctx->args[1];
+  struct user_msghdr msg;
+  if (bpf_probe_read_user(&msg, sizeof(msg), umsg) != 0) {
+    count_error(VKICK_ERR_READ_USER);
+    return 0;
+  }
+  if (msg.msg_iovlen < 1 || msg.msg_iov == NULL) return 0; /* not vhost-user */
+  struct iovec iov;
+  if (bpf_probe_read_user(&iov, sizeof(iov), msg.msg_iov) != 0) {
+    count_error(VKICK_ERR_READ_USER);
+    return 0;
+  }
+  if (iov.iov_len < VKICK_VHOST_USER_HDR_SIZE) return 0; /* not vhost-user */
+  struct {
+    __u32 request;
+    __u32 flags;
+    __u32 size;
+    __u64 payload; /* unaligned on the wire: read as bytes below */
+  } __attribute__((packed)) m;
+  if (bpf_probe_read_user(&m, VKICK_VHOST_USER_HDR_SIZE, iov.iov_base) != 0) {
+    count_error(VKICK_ERR_READ_USER);
+    return 0;
+  }
+  if (m.request != VKICK_VHOST_USER_SET_VRING_KICK) return 0; /* other messages */
+
+  /* From here on the message claims to be SET_VRING_KICK: validate all. */
+  if (m.size != 8 || iov.iov_len < VKICK_VHOST_USER_HDR_SIZE + 8 || sock_fd < 0 ||
+      sock_fd >= VKICK_MAX_FD) {
+    count_error(VKICK_ERR_BAD_VHOST_MSG);
+    return 0;
+  }
+  if (bpf_probe_read_user(&m.payload, sizeof(m.payload),
+                          (const char*)iov.iov_base + VKICK_VHOST_USER_HDR_SIZE) != 0) {
+    count_error(VKICK_ERR_READ_USER);
+    return 0;
+  }
+  if (m.payload & ~(VKICK_VHOST_USER_VRING_IDX_MASK | VKICK_VHOST_USER_VRING_NOFD_MASK)) {
+    count_error(VKICK_ERR_BAD_VHOST_MSG); /* reserved bits set */
+    return 0;
+  }
+  if (m.payload & VKICK_VHOST_USER_VRING_NOFD_MASK) return 0; /* polling: no kick fd */
+
+  /* The fd: first cmsg, SOL_SOCKET/SCM_RIGHTS, data at msg_control + 16. */
+  if (msg.msg_control == NULL || msg.msg_controllen < sizeof(struct cmsghdr) + sizeof(__s32)) {
+    count_error(VKICK_ERR_BAD_VHOST_MSG);
+    return 0;
+  }
+  struct {
+    struct cmsghdr h;
+    __s32 fd;
+  } cm;
+  if (bpf_probe_read_user(&cm, sizeof(cm), msg.msg_control) != 0) {
+    count_error(VKICK_ERR_READ_USER);
+    return 0;
+  }
+  if (cm.h.cmsg_level != 1 /* SOL_SOCKET */ || cm.h.cmsg_type != 1 /* SCM_RIGHTS */ ||
+      cm.h.cmsg_len < sizeof(struct cmsghdr) + sizeof(__s32) || cm.fd < 0 ||
+      cm.fd >= VKICK_MAX_FD) {
+    count_error(VKICK_ERR_BAD_VHOST_MSG);
+    return 0;
+  }
+
+  struct vkick_sock_key sk = {.tgid = tgid, .fd = (__s32)sock_fd};
+  struct vkick_sock_value* dev = bpf_map_lookup_elem(&vhost_sock, &sk);
+  struct vkick_kick_value kv = {
+      .socket_fd = (__s32)sock_fd,
+      .device_id = dev ? dev->device_id : VKICK_UNKNOWN_DEVICE,
+      .queue = (__u16)(m.payload & VKICK_VHOST_USER_VRING_IDX_MASK),
+  };
+  struct vkick_sock_key kk = {.tgid = tgid, .fd = cm.fd};
+  /* A later SET_VRING_KICK for the same fd number rebinds it (BPF_ANY). */
+  if (bpf_map_update_elem(&kick_fds, &kk, &kv, BPF_ANY) != 0) count_error(VKICK_ERR_MAP_FULL);
+  return 0;
+}
+
+/* A kick is an 8-byte write() to a bound kick eventfd by the frontend. */
+SEC("tracepoint/syscalls/sys_enter_write")
+int tp_sys_enter_write(struct sys_enter_ctx* ctx) {
+  __u32 tgid = current_tgid();
+  long vm = lookup_vm(tgid);
+  if (vm < 0) return 0;
+  __u64 fd = ctx->args[0];
+  if (fd >= VKICK_MAX_FD || ctx->args[2] != 8) return 0;
+  struct vkick_sock_key kk = {.tgid = tgid, .fd = (__s32)fd};
+  struct vkick_kick_value* kv = bpf_map_lookup_elem(&kick_fds, &kk);
+  if (!kv) return 0;
+  struct vkick_queue_key qk = {.vm_id = (__u32)vm, .device_id = kv->device_id, .queue = kv->queue};
+  bump(&notify_counts, &qk);
+  return 0;
+}

@@ -1,0 +1,135 @@
+/* Types shared by bpf/host_probes.bpf.c and the C++ side (controller/probes).
+ *
+ * The single definition of every map key/value, every bound and every
+ * SEC("syscall") test-program context: the BPF object and userspace include
+ * this same file, so there is no hand-mirrored struct to drift. Only
+ * fixed-width __uN types, explicit padding, no pointers.
+ *
+ * Included from BPF (after vmlinux.h, which defines __u8..__u64) and from C++
+ * (where <linux/types.h> defines them).
+ */
+#ifndef VKICK_BPF_HOST_PROBES_H_
+#define VKICK_BPF_HOST_PROBES_H_
+
+#ifndef __VMLINUX_H__
+#include <linux/types.h>
+#endif
+
+/* Map bounds. Every map is bounded; an insert into a full map is counted in
+ * the errors array (VKICK_ERR_MAP_FULL), never silently lost. */
+#define VKICK_MAX_TRACKED 1024        /* tgid -> vm_id */
+#define VKICK_MAX_NOTIFY_TARGETS 4096 /* {vm, space, addr} -> {device, queue} */
+#define VKICK_MAX_EXIT_KEYS 16384     /* {vm, vcpu, isa, reason} */
+#define VKICK_MAX_NOTIFY_KEYS 16384   /* {vm, device, queue} */
+#define VKICK_MAX_UNMATCHED_KEYS 2048 /* {vm, space} */
+#define VKICK_MAX_IRQ_KEYS 4096       /* {vm, msi address, msi data} */
+#define VKICK_MAX_VHOST_SOCKS 1024    /* {tgid, socket fd} -> device */
+#define VKICK_MAX_KICK_FDS 4096       /* {tgid, kick fd} -> {device, queue} */
+
+/* Validation limits for what is read from a traced process. */
+#define VKICK_MAX_FD (1 << 20)        /* fds at or above are rejected */
+#define VKICK_MAX_QUEUE 1024          /* legacy PIO value read as a queue index */
+#define VKICK_UNKNOWN_DEVICE 0xffff   /* kick fd whose socket has no device */
+
+/* Address spaces of guest writes (matches vkick::NotifyTarget::Space). */
+#define VKICK_SPACE_MMIO 0
+#define VKICK_SPACE_PIO 1
+
+/* Tracepoint constants we filter on (include/trace/events/kvm.h). */
+#define VKICK_KVM_TRACE_MMIO_WRITE 2
+#define VKICK_KVM_PIO_OUT 1
+
+/* vhost-user protocol (docs/interop/vhost-user.rst). */
+#define VKICK_VHOST_USER_HDR_SIZE 12
+#define VKICK_VHOST_USER_SET_VRING_KICK 12
+#define VKICK_VHOST_USER_VRING_IDX_MASK 0xffULL
+#define VKICK_VHOST_USER_VRING_NOFD_MASK (1ULL << 8)
+
+/* Indices of the per-CPU errors array. */
+enum vkick_error {
+  VKICK_ERR_MAP_FULL = 0,       /* an insert into a bounded map failed */
+  VKICK_ERR_READ_USER = 1,      /* bpf_probe_read_user of a vhost-user msg failed */
+  VKICK_ERR_BAD_VHOST_MSG = 2,  /* a SET_VRING_KICK that did not validate */
+  VKICK_ERR_BAD_QUEUE = 3,      /* legacy PIO value >= VKICK_MAX_QUEUE (counted unmatched too) */
+  VKICK_ERR_COUNT = 4,
+};
+
+struct vkick_notify_key {
+  __u32 vm_id;
+  __u8 space; /* VKICK_SPACE_* */
+  __u8 pad[3];
+  __u64 addr; /* guest-physical address or I/O port */
+};
+
+struct vkick_notify_target {
+  __u16 device_id;
+  __u16 queue;
+  __u8 value_is_queue; /* legacy: the written value is the queue index */
+  __u8 pad[3];
+};
+
+struct vkick_exit_key {
+  __u32 vm_id;
+  __u32 vcpu_id;
+  __u32 isa;    /* 1 = VMX, 2 = SVM (tracepoint field) */
+  __u32 reason; /* raw exit_reason */
+};
+
+struct vkick_queue_key {
+  __u32 vm_id;
+  __u16 device_id;
+  __u16 queue;
+};
+
+struct vkick_unmatched_key {
+  __u32 vm_id;
+  __u32 space;
+};
+
+struct vkick_irq_key {
+  __u32 vm_id;
+  __u32 data;    /* MSI data (the tracepoint's u64, upper bits always zero) */
+  __u64 address; /* MSI address */
+};
+
+struct vkick_sock_key {
+  __u32 tgid;
+  __s32 fd;
+};
+
+struct vkick_sock_value {
+  __u16 device_id;
+  __u16 pad;
+};
+
+struct vkick_kick_value {
+  __s32 socket_fd;
+  __u16 device_id; /* VKICK_UNKNOWN_DEVICE if the socket was not declared */
+  __u16 queue;
+};
+
+/* Contexts of the SEC("syscall") test programs, passed through
+ * BPF_PROG_TEST_RUN. They carry the tgid explicitly (instead of
+ * bpf_get_current_pid_tgid()) so tests can play any process. */
+struct vkick_test_exit_ctx {
+  __u32 tgid;
+  __u32 vcpu_id;
+  __u32 isa;
+  __u32 reason;
+};
+
+struct vkick_test_io_ctx {
+  __u32 tgid;
+  __u32 space; /* VKICK_SPACE_* */
+  __u64 addr;
+  __u64 val;
+};
+
+struct vkick_test_msi_ctx {
+  __u32 tgid;
+  __u32 pad;
+  __u64 address;
+  __u64 data;
+};
+
+#endif /* VKICK_BPF_HOST_PROBES_H_ */

@@ -1,0 +1,25 @@
+// The real parts vkickd runs with: the eBPF host probes, QMP discovery and
+// the exit-reason names. Kept out of main.cc so main stays flags + lifetime,
+// and out of the daemon core so its tests link fakes only.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "controller/daemon/daemon.h"
+#include "controller/probes/probe_backend.h"
+#include "exporters/vkick_collector.h"
+
+namespace vkick {
+
+// Loads and attaches the host probes (needs CAP_BPF + CAP_PERFMON, tracefs).
+absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes();
+
+// Connects to a QEMU QMP socket; every QMP exchange bounded by `timeout`.
+DiscoveryFactory QmpDiscoveryFactory(absl::Duration timeout);
+
+// Decodes kvm_exit (isa, reason) into the bounded set of reason names.
+ExitReasonNamer ExitReasonNames();
+
+}  // namespace vkick

@@ -1,0 +1,306 @@
+#include "controller/probes/host_probes.h"
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include <cerrno>
+#include <cstring>
+#include <set>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "host_probes.skel.h"
+
+namespace vkick {
+namespace {
+
+absl::Status ErrnoStatus(int err, absl::string_view what) {
+  err = err < 0 ? -err : err;
+  std::string msg = absl::StrCat(what, ": ", std::strerror(err), " (errno ", err, ")");
+  switch (err) {
+    case EPERM:
+    case EACCES:
+      return absl::PermissionDeniedError(
+          absl::StrCat(msg, "; the host probes need root (CAP_BPF + CAP_PERFMON)"));
+    case ENOENT:
+      return absl::NotFoundError(msg);
+    case E2BIG:
+    case ENOMEM:
+    case ENOSPC:
+      return absl::ResourceExhaustedError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+// Calls fn(key) for every key of a hash map. Keys are collected first so fn
+// may delete them.
+template <typename Key, typename Fn>
+absl::Status ForEachKey(int fd, absl::string_view map_name, Fn fn) {
+  std::vector<Key> keys;
+  Key key{};
+  Key next{};
+  const Key* prev = nullptr;
+  while (true) {
+    int err = bpf_map_get_next_key(fd, prev, &next);
+    if (err != 0) {
+      if (errno == ENOENT) break;
+      return ErrnoStatus(errno, absl::StrCat("iterating map ", map_name));
+    }
+    keys.push_back(next);
+    key = next;
+    prev = &key;
+  }
+  for (const Key& k : keys) fn(k);
+  return absl::OkStatus();
+}
+
+// Sum of a per-CPU u64 value, or nullopt-like false if the key vanished.
+bool SumPerCpu(int fd, const void* key, int num_cpus, uint64_t* sum) {
+  // Per-CPU values come back as one 8-byte slot per possible CPU.
+  std::vector<uint64_t> values(num_cpus);
+  if (bpf_map_lookup_elem(fd, key, values.data()) != 0) return false;
+  uint64_t s = 0;
+  for (uint64_t v : values) s += v;
+  *sum = s;
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Create(Options options) {
+  host_probes* skel = host_probes__open();
+  if (skel == nullptr) return ErrnoStatus(errno, "opening the host_probes BPF object");
+  std::unique_ptr<HostProbes> probes(new HostProbes(skel));
+  int err = host_probes__load(skel);
+  if (err != 0) {
+    return ErrnoStatus(err, "loading the host_probes BPF programs (see libbpf's log above)");
+  }
+  probes->num_cpus_ = libbpf_num_possible_cpus();
+  if (probes->num_cpus_ <= 0) return ErrnoStatus(probes->num_cpus_, "counting possible CPUs");
+  absl::Status s = probes->Attach(options);
+  if (!s.ok()) return s;
+  return probes;
+}
+
+absl::Status HostProbes::Attach(const Options& options) {
+  struct Group {
+    bool enabled;
+    std::vector<std::pair<bpf_program*, const char*>> progs;  // program, tracepoint
+  };
+  const Group groups[] = {
+      {options.attach_exits, {{skel_->progs.tp_kvm_exit, "kvm/kvm_exit"}}},
+      {options.attach_notifications,
+       {{skel_->progs.tp_kvm_mmio, "kvm/kvm_mmio"},
+        {skel_->progs.tp_kvm_fast_mmio, "kvm/kvm_fast_mmio"},
+        {skel_->progs.tp_kvm_pio, "kvm/kvm_pio"}}},
+      {options.attach_interrupts, {{skel_->progs.tp_kvm_msi_set_irq, "kvm/kvm_msi_set_irq"}}},
+      {options.attach_vhost_user,
+       {{skel_->progs.tp_sys_enter_sendmsg, "syscalls/sys_enter_sendmsg"},
+        {skel_->progs.tp_sys_enter_write, "syscalls/sys_enter_write"}}},
+  };
+  for (const Group& g : groups) {
+    if (!g.enabled) continue;
+    for (const auto& [prog, tp] : g.progs) {
+      bpf_link* link = bpf_program__attach(prog);
+      if (link == nullptr) {
+        return ErrnoStatus(errno, absl::StrCat("attaching ", bpf_program__name(prog),
+                                               " to tracepoint ", tp,
+                                               " (is tracefs mounted? scripts/host-prep.sh)"));
+      }
+      links_.push_back(link);
+      attached_.push_back(bpf_program__name(prog));
+    }
+  }
+  return absl::OkStatus();
+}
+
+HostProbes::~HostProbes() {
+  for (bpf_link* link : links_) bpf_link__destroy(link);
+  host_probes__destroy(skel_);
+}
+
+absl::Status HostProbes::TrackProcess(uint32_t tgid, uint32_t vm_id) {
+  if (bpf_map_update_elem(bpf_map__fd(skel_->maps.tracked), &tgid, &vm_id, BPF_ANY) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("tracking pid ", tgid, " (at most ",
+                                           VKICK_MAX_TRACKED, " processes)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
+  // Stop counting first, then drop what was counted.
+  int fd = bpf_map__fd(skel_->maps.tracked);
+  if (bpf_map_delete_elem(fd, &tgid) != 0 && errno != ENOENT) {
+    return ErrnoStatus(errno, absl::StrCat("untracking pid ", tgid));
+  }
+  absl::Status status;
+  auto drop_vm = [&](auto key_type, bpf_map* map, auto belongs) {
+    using Key = decltype(key_type);
+    int mfd = bpf_map__fd(map);
+    status.Update(ForEachKey<Key>(mfd, bpf_map__name(map), [&](const Key& k) {
+      if (belongs(k)) bpf_map_delete_elem(mfd, &k);
+    }));
+  };
+  auto by_vm = [vm_id](const auto& k) { return k.vm_id == vm_id; };
+  auto by_tgid = [tgid](const auto& k) { return k.tgid == tgid; };
+  drop_vm(vkick_exit_key{}, skel_->maps.exit_counts, by_vm);
+  drop_vm(vkick_queue_key{}, skel_->maps.notify_counts, by_vm);
+  drop_vm(vkick_unmatched_key{}, skel_->maps.unmatched_counts, by_vm);
+  drop_vm(vkick_irq_key{}, skel_->maps.irq_counts, by_vm);
+  drop_vm(vkick_notify_key{}, skel_->maps.notify, by_vm);
+  drop_vm(vkick_sock_key{}, skel_->maps.kick_fds, by_tgid);
+  drop_vm(vkick_sock_key{}, skel_->maps.vhost_sock, by_tgid);
+  return status;
+}
+
+absl::Status HostProbes::SetNotifyTargets(uint32_t vm_id, absl::Span<const NotifyTarget> targets) {
+  int fd = bpf_map__fd(skel_->maps.notify);
+  std::set<std::pair<uint8_t, uint64_t>> wanted;
+  for (const NotifyTarget& t : targets) {
+    if (t.space != NotifyTarget::Space::kMmio && t.space != NotifyTarget::Space::kPio) {
+      return absl::InvalidArgumentError("notify target with an unknown address space");
+    }
+    wanted.emplace(static_cast<uint8_t>(t.space), t.addr);
+  }
+  // Drop stale targets of this VM first so the new set fits the bound.
+  absl::Status s = ForEachKey<vkick_notify_key>(fd, "notify", [&](const vkick_notify_key& k) {
+    if (k.vm_id == vm_id && !wanted.count({k.space, k.addr})) bpf_map_delete_elem(fd, &k);
+  });
+  if (!s.ok()) return s;
+  for (const NotifyTarget& t : targets) {
+    vkick_notify_key key{};
+    key.vm_id = vm_id;
+    key.space = static_cast<uint8_t>(t.space);
+    key.addr = t.addr;
+    vkick_notify_target value{};
+    value.device_id = t.device_id;
+    value.queue = t.queue;
+    value.value_is_queue = t.value_is_queue ? 1 : 0;
+    if (bpf_map_update_elem(fd, &key, &value, BPF_ANY) != 0) {
+      return ErrnoStatus(errno, absl::StrCat("adding notify target 0x", absl::Hex(t.addr),
+                                             " of vm ", vm_id, " (at most ",
+                                             VKICK_MAX_NOTIFY_TARGETS, " targets)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostProbes::SetVhostUserSocket(uint32_t tgid, int32_t socket_fd,
+                                            uint16_t device_id) {
+  vkick_sock_key key{tgid, socket_fd};
+  vkick_sock_value value{};
+  value.device_id = device_id;
+  if (bpf_map_update_elem(bpf_map__fd(skel_->maps.vhost_sock), &key, &value, BPF_ANY) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("declaring vhost-user socket fd ", socket_fd,
+                                           " of pid ", tgid));
+  }
+  // Kick fds announced over this socket before it was declared: label them
+  // now, so the order of discovery and SET_VRING_KICK does not matter.
+  int kfd = bpf_map__fd(skel_->maps.kick_fds);
+  return ForEachKey<vkick_sock_key>(kfd, "kick_fds", [&](const vkick_sock_key& k) {
+    vkick_kick_value v{};
+    if (k.tgid != tgid || bpf_map_lookup_elem(kfd, &k, &v) != 0) return;
+    if (v.socket_fd == socket_fd && v.device_id != device_id) {
+      v.device_id = device_id;
+      bpf_map_update_elem(kfd, &k, &v, BPF_EXIST);
+    }
+  });
+}
+
+absl::StatusOr<CounterSnapshot> HostProbes::ReadCounters() {
+  CounterSnapshot snap;
+  absl::Status status;
+  {
+    int fd = bpf_map__fd(skel_->maps.exit_counts);
+    status.Update(ForEachKey<vkick_exit_key>(fd, "exit_counts", [&](const vkick_exit_key& k) {
+      uint64_t n;
+      if (SumPerCpu(fd, &k, num_cpus_, &n)) {
+        snap.exits.push_back({k.vm_id, k.vcpu_id, k.isa, k.reason, n});
+      }
+    }));
+  }
+  {
+    int fd = bpf_map__fd(skel_->maps.notify_counts);
+    status.Update(ForEachKey<vkick_queue_key>(fd, "notify_counts", [&](const vkick_queue_key& k) {
+      uint64_t n;
+      if (SumPerCpu(fd, &k, num_cpus_, &n)) {
+        snap.notifications.push_back({k.vm_id, k.device_id, k.queue, n});
+      }
+    }));
+  }
+  {
+    int fd = bpf_map__fd(skel_->maps.unmatched_counts);
+    status.Update(
+        ForEachKey<vkick_unmatched_key>(fd, "unmatched_counts", [&](const vkick_unmatched_key& k) {
+          uint64_t n;
+          if (SumPerCpu(fd, &k, num_cpus_, &n)) {
+            snap.unmatched_writes.push_back(
+                {k.vm_id, static_cast<NotifyTarget::Space>(k.space), n});
+          }
+        }));
+  }
+  {
+    int fd = bpf_map__fd(skel_->maps.irq_counts);
+    status.Update(ForEachKey<vkick_irq_key>(fd, "irq_counts", [&](const vkick_irq_key& k) {
+      uint64_t n;
+      if (SumPerCpu(fd, &k, num_cpus_, &n)) {
+        snap.interrupts.push_back({k.vm_id, k.address, k.data, n});
+      }
+    }));
+  }
+  {
+    int fd = bpf_map__fd(skel_->maps.kick_fds);
+    status.Update(ForEachKey<vkick_sock_key>(fd, "kick_fds", [&](const vkick_sock_key& k) {
+      vkick_kick_value v{};
+      if (bpf_map_lookup_elem(fd, &k, &v) == 0) {
+        snap.kick_fds.push_back({k.tgid, k.fd, v.socket_fd, v.device_id, v.queue});
+      }
+    }));
+  }
+  {
+    int fd = bpf_map__fd(skel_->maps.errors);
+    uint64_t sums[VKICK_ERR_COUNT] = {};
+    for (uint32_t i = 0; i < VKICK_ERR_COUNT; ++i) {
+      if (!SumPerCpu(fd, &i, num_cpus_, &sums[i])) {
+        status.Update(ErrnoStatus(errno, "reading the errors map"));
+      }
+    }
+    snap.errors.map_full = sums[VKICK_ERR_MAP_FULL];
+    snap.errors.read_user_failed = sums[VKICK_ERR_READ_USER];
+    snap.errors.bad_vhost_msg = sums[VKICK_ERR_BAD_VHOST_MSG];
+    snap.errors.bad_queue = sums[VKICK_ERR_BAD_QUEUE];
+  }
+  if (!status.ok()) return status;
+  return snap;
+}
+
+absl::Status HostProbes::TestRun(int prog_fd, const void* ctx, size_t size,
+                                 absl::string_view what) {
+  LIBBPF_OPTS(bpf_test_run_opts, opts, .ctx_in = ctx, .ctx_size_in = static_cast<__u32>(size));
+  if (bpf_prog_test_run_opts(prog_fd, &opts) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("BPF_PROG_TEST_RUN of ", what));
+  }
+  if (opts.retval != 0) {
+    return absl::InternalError(absl::StrCat(what, " returned ", opts.retval));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostProbes::TestRunExit(const vkick_test_exit_ctx& ctx) {
+  return TestRun(bpf_program__fd(skel_->progs.test_exit), &ctx, sizeof(ctx), "test_exit");
+}
+absl::Status HostProbes::TestRunIo(const vkick_test_io_ctx& ctx) {
+  return TestRun(bpf_program__fd(skel_->progs.test_io), &ctx, sizeof(ctx), "test_io");
+}
+absl::Status HostProbes::TestRunMsi(const vkick_test_msi_ctx& ctx) {
+  return TestRun(bpf_program__fd(skel_->progs.test_msi), &ctx, sizeof(ctx), "test_msi");
+}
+
+int HostProbes::MapFdForTest(absl::string_view name) const {
+  bpf_map* map = bpf_object__find_map_by_name(skel_->obj, std::string(name).c_str());
+  return map ? bpf_map__fd(map) : -1;
+}
+
+}  // namespace vkick

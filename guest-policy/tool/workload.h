@@ -1,0 +1,56 @@
+// vkick-blk's load generator: one poller thread per queue (submit, deferred
+// kicks, completions), closed loop at a queue depth or open loop (Poisson).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "guest-policy/core/control_block.h"
+#include "guest-policy/core/kick_scheduler.h"
+#include "guest-policy/transport/transport.h"
+
+namespace vkick {
+
+enum class RwMode { kRandRead, kRandWrite, kRead, kWrite, kVerify };
+absl::StatusOr<RwMode> ParseRwMode(absl::string_view s);
+
+struct WorkloadOptions {
+  RwMode rw = RwMode::kRandRead;
+  uint32_t bs = 4096;
+  uint32_t qd = 1;               // per queue
+  double rate = 0;               // per queue, requests/s; 0 = closed loop
+  double runtime_s = 5;
+  uint16_t queues = 1;
+  uint16_t queue_size = 256;
+  KickPolicy policy;
+  const ControlBlock* control = nullptr;
+  bool interrupts = false;
+  uint64_t seed = 1;
+  uint64_t verify_bytes = 64ull << 20;  // verify: region written then read back
+};
+
+struct WorkloadResult {
+  uint64_t requests = 0;
+  uint64_t completions = 0;
+  uint64_t kicks = 0;
+  std::array<uint64_t, 6> kicks_by_why{};
+  uint64_t errors = 0;           // failed requests, mismatches and lost ones
+  uint64_t verify_mismatches = 0;
+  uint64_t lost = 0;
+  double elapsed_s = 0;
+  double iops = 0;
+  double lat_p50_us = 0, lat_p99_us = 0, lat_p999_us = 0;
+  double kicks_per_request = 0;
+  double cpu_us_per_request = 0;
+  uint64_t adaptive_fallbacks = 0;
+  bool transport_failed = false;  // backend gone / device broken mid-run
+  std::string first_error;
+};
+
+// Runs on a transport whose features/config are negotiated; allocates its
+// DMA memory and starts the queues itself.
+absl::StatusOr<WorkloadResult> RunWorkload(BlkTransport& t, const WorkloadOptions& o);
+
+}  // namespace vkick

@@ -1,0 +1,307 @@
+// The adaptive law against a simulated plant (plant.h) and against crafted
+// inputs for the rules a plant rarely exercises (distrust, DIM revert,
+// parking).
+#include "controller/control/adaptive_law.h"
+
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "protocol/codec.h"
+#include "tests/unit/control/plant.h"
+
+namespace vkick {
+namespace {
+
+using sim::Plant;
+using sim::PlantConfig;
+
+struct Trace {
+  std::vector<uint32_t> b;  // B decided after each interval
+  std::vector<uint64_t> t;
+  std::vector<double> npr;  // notifications per request measured in the interval
+  std::vector<uint64_t> added_ns;
+  std::vector<uint64_t> t_in_effect;
+  std::vector<LawAction> action;
+};
+
+// Closes the loop for `n` intervals; `before(i)` may change the load.
+template <typename F>
+Trace RunLoop(Plant& plant, AdaptiveLaw& law, int n, F before, uint32_t b0 = 1, uint64_t t0 = 0) {
+  Trace tr;
+  uint32_t b = b0;
+  uint64_t t = t0;
+  for (int i = 0; i < n; ++i) {
+    before(i);
+    const sim::IntervalResult r = plant.Run(b, t);
+    EXPECT_EQ(proto::Validate(proto::Sample{.seq = 1, .queues = {r.sample}}), proto::Rejection::kNone);
+    tr.npr.push_back(r.sample.requests ? double(r.host_notifications) / r.sample.requests : 0);
+    tr.added_ns.push_back(r.max_added_ns);
+    tr.t_in_effect.push_back(t);
+    const LawOutput out = law.Step(LawInputFromSample(r.sample, r.host_notifications));
+    b = out.b;
+    t = out.t_ns;
+    tr.b.push_back(b);
+    tr.t.push_back(t);
+    tr.action.push_back(out.action);
+  }
+  return tr;
+}
+Trace RunLoop(Plant& plant, AdaptiveLaw& law, int n) {
+  return RunLoop(plant, law, n, [](int) {});
+}
+
+int Changes(const std::vector<uint32_t>& v, size_t from, size_t to) {
+  int n = 0;
+  for (size_t i = std::max<size_t>(from, 1); i < to && i < v.size(); ++i) n += v[i] != v[i - 1];
+  return n;
+}
+
+// Slack for the vCPU being busy with a submit or an exit when the timer fires.
+constexpr uint64_t kCpuSlack = 2'000 + 500;
+
+// No request waited longer than the T in effect (a request submitted before
+// a policy switch is bounded by the T it was submitted under).
+void ExpectWaitBoundedByT(const Trace& tr) {
+  for (size_t i = 0; i < tr.added_ns.size(); ++i) {
+    const uint64_t t = std::max(tr.t_in_effect[i], i ? tr.t_in_effect[i - 1] : 0);
+    EXPECT_LE(tr.added_ns[i], t + kCpuSlack) << "interval " << i;
+  }
+}
+
+TEST(AdaptiveLawPlant, QueueDepthOneAddsNoLatency) {
+  Plant plant({.closed_loop = true, .qd = 1});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 20);
+  for (size_t i = 0; i < tr.b.size(); ++i) {
+    EXPECT_EQ(tr.b[i], 1u) << i;
+    EXPECT_EQ(tr.t[i], 0u) << i;
+    EXPECT_EQ(tr.added_ns[i], 0u) << i;  // every request kicked at once
+    EXPECT_DOUBLE_EQ(tr.npr[i], 1.0);
+  }
+}
+
+TEST(AdaptiveLawPlant, QueueDepth32RemovesMostNotifications) {
+  Plant plant({.closed_loop = true, .qd = 32});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 40);
+  // Converged within 3 intervals: 1 to see the depth, 1 to confirm, 1 to run.
+  for (size_t i = 3; i < tr.npr.size(); ++i) EXPECT_LT(tr.npr[i], 0.1) << "interval " << i;
+  EXPECT_EQ(tr.b.back(), 16u);  // half the depth
+  EXPECT_EQ(Changes(tr.b, 3, tr.b.size()), 0);  // and stays there
+  ExpectWaitBoundedByT(tr);
+}
+
+TEST(AdaptiveLawPlant, LoadStepsConvergeBothWays) {
+  Plant plant({.closed_loop = true, .qd = 1});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 60, [&](int i) {
+    if (i == 10) plant.SetQd(32);
+    if (i == 30) plant.SetQd(1);
+  });
+  // QD 1: no batching.
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(tr.b[i], 1u);
+  // QD 32: below 0.1 notifications per request within 4 intervals of the step.
+  for (int i = 14; i < 30; ++i) EXPECT_LT(tr.npr[i], 0.1) << i;
+  EXPECT_LE(Changes(tr.b, 14, 30), 0);
+  // Back to QD 1: B = 1 decided in the very interval that saw the drop.
+  EXPECT_EQ(tr.b[30], 1u);
+  EXPECT_EQ(tr.t[30], 0u);
+  for (int i = 31; i < 60; ++i) EXPECT_EQ(tr.b[i], 1u) << i;
+  // Interval 31 still flushes what was held under B = 16; after that nothing waits.
+  for (int i = 32; i < 60; ++i) EXPECT_EQ(tr.added_ns[i], 0u) << i;
+  ExpectWaitBoundedByT(tr);
+}
+
+TEST(AdaptiveLawPlant, DeepQueueAndThroughputNotWorse) {
+  // QD 128 reaches b_max/2 levels; compare the completions per interval with
+  // immediate kicking on the same plant.
+  Plant adaptive_plant({.closed_loop = true, .qd = 128});
+  Plant immediate_plant({.closed_loop = true, .qd = 128});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(adaptive_plant, law, 20);
+  EXPECT_EQ(tr.b.back(), 64u);
+  EXPECT_LT(tr.npr.back(), 0.05);
+  uint64_t adaptive_done = adaptive_plant.Run(tr.b.back(), tr.t.back()).sample.completed;
+  uint64_t immediate_done = 0;
+  for (int i = 0; i < 21; ++i) immediate_done = immediate_plant.Run(1, 0).sample.completed;
+  // Each exit costs the vCPU 2 us: at 128 x 10k/s that saturates it.
+  EXPECT_GT(adaptive_done, immediate_done);
+}
+
+TEST(AdaptiveLawPlant, PoissonOpenLoopIsStableAndBounded) {
+  // 200k req/s x 100 us = depth ~20 at the device.
+  Plant plant({.closed_loop = false, .lambda_per_s = 200'000, .seed = 7});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 60);
+  const uint32_t settled = tr.b[10];
+  EXPECT_GE(settled, 4u);
+  EXPECT_LE(Changes(tr.b, 10, 60), 2);  // no oscillation in steady state
+  for (size_t i = 10; i < tr.npr.size(); ++i) EXPECT_LT(tr.npr[i], 0.5) << i;
+  ExpectWaitBoundedByT(tr);
+}
+
+TEST(AdaptiveLawPlant, SlowPoissonStaysImmediate) {
+  // 2k req/s: depth ~0.2, nothing to batch.
+  Plant plant({.closed_loop = false, .lambda_per_s = 2'000, .seed = 3});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 20);
+  for (uint32_t b : tr.b) EXPECT_EQ(b, 1u);
+}
+
+TEST(AdaptiveLawPlant, OversizedStaticStartShrinksAtOnce) {
+  // A live switch from static(64, 1 ms) at QD 2: batches never fill, every
+  // kick is the timer's, and the depth supports B = 1: straight there (not
+  // halving step by step); nothing waits longer than T meanwhile.
+  Plant plant({.closed_loop = true, .qd = 2});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 12, [](int) {}, 64, 1'000'000);
+  EXPECT_TRUE(tr.action[0] == LawAction::kShrink || tr.action[0] == LawAction::kTimerShrink);
+  EXPECT_EQ(tr.b[0], 1u);
+  ExpectWaitBoundedByT(tr);
+}
+
+// ---- crafted inputs -------------------------------------------------------------
+
+LawInput Steady(uint32_t b, double depth, uint64_t requests = 10'000) {
+  LawInput in;
+  in.interval_ns = 1'000'000'000;
+  in.requests = requests;
+  in.kicks = requests / b;
+  in.host_notifications = in.kicks;
+  in.mean_depth = depth;
+  in.max_depth = static_cast<uint32_t>(depth);
+  in.p50_ns = in.p99_ns = 128'000;
+  in.b = b;
+  in.t_ns = b > 1 ? 100'000 : 0;
+  return in;
+}
+
+TEST(AdaptiveLaw, TimerDominatedBatchesHalveB) {
+  AdaptiveLaw law;
+  LawInput in = Steady(16, 32);
+  in.timer_kicks = in.kicks * 3 / 4;
+  const LawOutput out = law.Step(in);
+  EXPECT_EQ(out.action, LawAction::kTimerShrink);
+  EXPECT_EQ(out.b, 8u);
+  // And B may not grow past 8 for a while even though the depth says 16.
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(law.Step(Steady(8, 32)).b, 8u);
+}
+
+TEST(AdaptiveLaw, DistrustsAGuestThatUnderReportsKicks) {
+  AdaptiveLaw law;
+  LawInput in = Steady(16, 32);
+  in.host_notifications = in.kicks * 4;  // host saw 4x the kicks the guest claims
+  LawOutput a = law.Step(in);
+  EXPECT_FALSE(a.sample_trusted);
+  EXPECT_EQ(a.action, LawAction::kDistrusted);
+  EXPECT_EQ(a.b, 16u);  // hold at first: may be one bad interval
+  EXPECT_EQ(law.Step(in).b, 16u);
+  LawOutput c = law.Step(in);
+  EXPECT_EQ(c.b, 1u);  // third in a row: fall back to per-request kicks
+  EXPECT_EQ(c.t_ns, 0u);
+  // A small boundary skew is not distrust.
+  AdaptiveLaw law2;
+  LawInput skew = Steady(16, 32);
+  *skew.host_notifications += 10;
+  EXPECT_TRUE(law2.Step(skew).sample_trusted);
+  // Without a host count the guest is believed.
+  LawInput nohost = Steady(16, 32);
+  nohost.host_notifications.reset();
+  nohost.kicks = 1;
+  EXPECT_TRUE(law2.Step(nohost).sample_trusted);
+}
+
+TEST(AdaptiveLaw, DistrustUsesTheHostCountNotTheGuests) {
+  AdaptiveLaw law;
+  LawInput in = Steady(1, 1, 1000);
+  in.kicks = 1000;
+  in.host_notifications = 1020;  // within tolerance
+  EXPECT_NEAR(law.Step(in).notifications_per_request, 1.02, 1e-9);
+}
+
+TEST(AdaptiveLaw, GrowThatDoesNotPayIsRevertedAndCapped) {
+  AdaptiveLaw law;
+  EXPECT_EQ(law.Step(Steady(1, 32)).action, LawAction::kPendingGrow);
+  LawOutput g = law.Step(Steady(1, 32));
+  ASSERT_EQ(g.action, LawAction::kGrow);
+  ASSERT_EQ(g.b, 16u);
+  // Under B = 16 the notifications per request did not fall (e.g. the host
+  // polls and already suppressed them).
+  LawInput after = Steady(16, 32);
+  after.kicks = after.requests;
+  after.host_notifications = after.requests;
+  LawOutput r = law.Step(after);
+  EXPECT_EQ(r.action, LawAction::kRevert);
+  EXPECT_EQ(r.b, 1u);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(law.Step(Steady(1, 32)).b, 1u);
+}
+
+TEST(AdaptiveLaw, GrowThatHurtsP99IsReverted) {
+  AdaptiveLaw law;
+  law.Step(Steady(1, 32));
+  ASSERT_EQ(law.Step(Steady(1, 32)).b, 16u);
+  LawInput after = Steady(16, 32);
+  after.p99_ns = 4'000'000;  // from 128 us: far beyond +10% + T
+  EXPECT_EQ(law.Step(after).action, LawAction::kRevert);
+}
+
+TEST(AdaptiveLaw, OscillatingLoadParksGrowth) {
+  AdaptiveLaw law;
+  uint32_t b = 1;
+  std::vector<uint32_t> bs;
+  // Depth alternates 64, 64, 2, ... : without parking B would swing 1 <-> 32
+  // every third interval.
+  for (int i = 0; i < 60; ++i) {
+    const double depth = (i % 3 == 2) ? 2 : 64;
+    b = law.Step(Steady(b, depth)).b;
+    bs.push_back(b);
+  }
+  EXPECT_LE(Changes(bs, 0, bs.size()), 12);
+  EXPECT_TRUE(law.parked() || Changes(bs, 40, 60) <= 2);
+}
+
+TEST(AdaptiveLaw, IdleQueueIsImmediate) {
+  AdaptiveLaw law;
+  LawInput in = Steady(16, 32, 5);
+  const LawOutput out = law.Step(in);
+  EXPECT_EQ(out.action, LawAction::kIdle);
+  EXPECT_EQ(out.b, 1u);
+  EXPECT_EQ(out.t_ns, 0u);
+}
+
+TEST(AdaptiveLaw, OutputsAlwaysPassTheProtocol) {
+  AdaptiveLaw law;
+  std::mt19937_64 rng(5);
+  uint32_t b = 1;
+  uint64_t t = 0;
+  for (int i = 0; i < 5000; ++i) {
+    LawInput in = Steady(b, static_cast<double>(rng() % 600), rng() % 100'000);
+    in.t_ns = t;
+    in.interval_ns = 1'000'000 + rng() % 2'000'000'000;
+    in.timer_kicks = in.kicks ? rng() % (in.kicks + 1) : 0;
+    const LawOutput out = law.Step(in);
+    proto::QueuePolicy p{.ref = {0, 0}, .mode = proto::KickMode::kAdaptive,
+                         .batch = static_cast<uint16_t>(out.b),
+                         .defer_ns = static_cast<uint32_t>(out.t_ns),
+                         .lease_ns = 1'000'000'000, .generation = 1};
+    ASSERT_EQ(proto::Validate(proto::Policy{.queues = {p}}), proto::Rejection::kNone)
+        << "b=" << out.b << " t=" << out.t_ns;
+    ASSERT_LE(out.b, 64u);
+    ASSERT_LE(out.t_ns, 1'000'000u);
+    b = out.b;
+    t = out.t_ns;
+  }
+}
+
+TEST(AdaptiveLaw, ConfigValidation) {
+  EXPECT_TRUE(ValidateLawConfig({}).ok());
+  EXPECT_FALSE(ValidateLawConfig({.b_max = 0}).ok());
+  EXPECT_FALSE(ValidateLawConfig({.b_max = 257}).ok());
+  EXPECT_FALSE(ValidateLawConfig({.t_max_ns = 2'000'000}).ok());
+  EXPECT_FALSE(ValidateLawConfig({.depth_fraction = 0}).ok());
+  EXPECT_FALSE(ValidateLawConfig({.grow_confirm = 0}).ok());
+}
+
+}  // namespace
+}  // namespace vkick

@@ -1,0 +1,278 @@
+// The daemon core against fakes: attachment, refresh, VM gone, QMP errors.
+#include "controller/daemon/daemon.h"
+
+#include <memory>
+#include <string>
+
+#include "exporters/vkick_collector.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "prometheus/text_serializer.h"
+#include "tests/unit/daemon/fakes.h"
+
+namespace vkick {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+using testing::Eventually;
+using testing::FakeProbeBackend;
+using testing::FakeWorld;
+using testing::LogCapture;
+using testing::QmpMode;
+using testing::TwoDiskVm;
+
+DaemonOptions FastOptions(std::vector<std::string> paths, LogCapture& log) {
+  DaemonOptions o;
+  o.qmp_paths = std::move(paths);
+  o.refresh_interval = absl::Milliseconds(10);
+  o.min_backoff = absl::Milliseconds(5);
+  o.max_backoff = absl::Milliseconds(20);
+  o.event_slice = absl::Milliseconds(5);
+  o.log = log.Sink();
+  return o;
+}
+
+std::string Exposition(Daemon& d) {
+  return prometheus::TextSerializer().Serialize(BuildMetricFamilies(
+      d.Scrape(), [](uint32_t, uint32_t r) { return absl::StrCat("r", r); }, "test"));
+}
+
+TEST(ClassifyQmpErrorTest, MapsStatusCodesToReasons) {
+  EXPECT_EQ(ClassifyQmpError(absl::UnavailableError(""), false), QmpErrorReason::kConnect);
+  EXPECT_EQ(ClassifyQmpError(absl::NotFoundError(""), false), QmpErrorReason::kConnect);
+  EXPECT_EQ(ClassifyQmpError(absl::UnavailableError(""), true), QmpErrorReason::kGone);
+  EXPECT_EQ(ClassifyQmpError(absl::DeadlineExceededError(""), true), QmpErrorReason::kTimeout);
+  EXPECT_EQ(ClassifyQmpError(absl::DeadlineExceededError(""), false), QmpErrorReason::kTimeout);
+  EXPECT_EQ(ClassifyQmpError(absl::DataLossError(""), true), QmpErrorReason::kProtocol);
+  EXPECT_EQ(ClassifyQmpError(absl::InvalidArgumentError(""), false), QmpErrorReason::kProtocol);
+}
+
+TEST(DaemonTest, AttachesTracksAndProgramsTargetsOnce) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  world.Set("/vm1.qmp", QmpMode::kLive, TwoDiskVm("vm1", 1000));
+  Daemon d(FastOptions({"/vm1.qmp"}, log), &probes, world.Factory());
+  d.Start();
+
+  ASSERT_TRUE(Eventually([&] { return probes.tracked().size() == 1; }));
+  auto [vm_id, pid] = *probes.tracked().begin();
+  EXPECT_EQ(pid, 1000u);
+  ASSERT_TRUE(Eventually([&] { return probes.targets().count(vm_id) == 1; }));
+  EXPECT_EQ(probes.targets()[vm_id].size(), 3u);
+
+  // Many refreshes later the unchanged map was not rewritten.
+  int r0 = world.refreshes("/vm1.qmp");
+  ASSERT_TRUE(Eventually([&] { return world.refreshes("/vm1.qmp") >= r0 + 5; }));
+  EXPECT_EQ(probes.set_targets_calls(), 1);
+  EXPECT_EQ(probes.track_calls(), 1);
+
+  DaemonSnapshot s = d.Scrape();
+  ASSERT_EQ(s.vms.size(), 1u);
+  EXPECT_EQ(s.vms[0].vm_id, vm_id);
+  EXPECT_EQ(s.vms[0].info.name, "vm1");
+  EXPECT_EQ(s.vms[0].info.qmp_path, "/vm1.qmp");
+  ASSERT_EQ(s.qmp.size(), 1u);
+  EXPECT_TRUE(s.qmp[0].connected);
+  EXPECT_GE(s.discovery_duration.histogram.sample_count, 5u);
+  EXPECT_EQ(log.Count("/vm1.qmp", "attached VM 'vm1' pid 1000"), 1);
+
+  // Every discovered queue has its series, at 0.
+  std::string text = Exposition(d);
+  EXPECT_THAT(text, HasSubstr(
+      "vkick_virtqueue_notifications_total{vm=\"vm1\",device=\"disk0\",queue=\"1\"} 0"));
+  EXPECT_THAT(text, HasSubstr(
+      "vkick_virtqueue_notifications_total{vm=\"vm1\",device=\"disk1\",queue=\"0\"} 0"));
+  d.Stop();
+  EXPECT_TRUE(probes.tracked().empty()) << "Stop() untracks";
+}
+
+TEST(DaemonTest, RefreshAppliesChangedTargetsAndEventsTriggerRefresh) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("vm", 42, 0xfe000000));
+  DaemonOptions o = FastOptions({"/vm.qmp"}, log);
+  o.refresh_interval = absl::Hours(1);  // only events refresh in this test
+  Daemon d(o, &probes, world.Factory());
+  d.Start();
+  ASSERT_TRUE(Eventually([&] { return probes.set_targets_calls() == 1; }));
+
+  // The firmware moves BAR4; the VM reports it on the next refresh, which
+  // a QMP event triggers long before the periodic one.
+  world.Update("/vm.qmp", TwoDiskVm("vm", 42, 0xfd000000));
+  world.PushEvent("/vm.qmp");
+  ASSERT_TRUE(Eventually([&] { return probes.set_targets_calls() == 2; }));
+  auto t = probes.targets().begin()->second;
+  ASSERT_FALSE(t.empty());
+  EXPECT_EQ(t[0].addr, 0xfd003000u);
+  EXPECT_EQ(log.Count("/vm.qmp", "notify targets changed"), 1);
+  EXPECT_EQ(probes.track_calls(), 1) << "same VM, tracked once";
+}
+
+TEST(DaemonTest, VmGoneUntracksAndDropsSeriesThenReattachesOnRestart) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("vmgone", 7));
+  Daemon d(FastOptions({"/vm.qmp"}, log), &probes, world.Factory());
+  d.Start();
+  ASSERT_TRUE(Eventually([&] { return probes.tracked().size() == 1; }));
+  uint32_t old_id = probes.tracked().begin()->first;
+  ASSERT_THAT(Exposition(d), HasSubstr("vm=\"vmgone\""));
+
+  world.Set("/vm.qmp", QmpMode::kMissing);  // QEMU quit: connection closed, socket gone
+  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.empty(); }));
+  ASSERT_TRUE(Eventually([&] { return probes.tracked().empty(); }));
+  ASSERT_EQ(probes.untracked().size(), 1u);
+  EXPECT_EQ(probes.untracked()[0], std::make_pair(7u, old_id));
+  std::string text = Exposition(d);
+  EXPECT_THAT(text, Not(HasSubstr("vmgone")));
+  EXPECT_THAT(text, HasSubstr("vkick_qmp_connected{qmp=\"/vm.qmp\"} 0"));
+  EXPECT_EQ(d.Scrape().qmp[0].errors[static_cast<int>(QmpErrorReason::kGone)], 1u);
+  EXPECT_EQ(log.Count("/vm.qmp", "detached VM 'vmgone'"), 1);
+
+  // The VM is started again on the same path: a new process, a new vm_id.
+  world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("vmgone", 8));
+  ASSERT_TRUE(Eventually([&] { return probes.tracked().size() == 1; }));
+  EXPECT_NE(probes.tracked().begin()->first, old_id);
+  EXPECT_EQ(probes.tracked().begin()->second, 8u);
+  EXPECT_THAT(Exposition(d), HasSubstr("vkick_vm_info{vm=\"vmgone\",pid=\"8\"} 1"));
+}
+
+TEST(DaemonTest, QmpErrorsCountedPerReasonWhileOtherVmsWork) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  world.Set("/missing.qmp", QmpMode::kMissing);
+  world.Set("/hung.qmp", QmpMode::kHung, TwoDiskVm("hung", 11));
+  world.Set("/garbage.qmp", QmpMode::kGarbage, TwoDiskVm("garbage", 12));
+  world.Set("/ok.qmp", QmpMode::kLive, TwoDiskVm("ok", 13));
+  Daemon d(FastOptions({"/missing.qmp", "/hung.qmp", "/garbage.qmp", "/ok.qmp"}, log), &probes,
+           world.Factory());
+  d.Start();
+
+  auto errors = [&](int i, QmpErrorReason r) {
+    return d.Scrape().qmp[i].errors[static_cast<int>(r)];
+  };
+  ASSERT_TRUE(Eventually([&] {
+    return errors(0, QmpErrorReason::kConnect) >= 3 && errors(1, QmpErrorReason::kTimeout) >= 3 &&
+           errors(2, QmpErrorReason::kProtocol) >= 3;
+  }));
+  // Each path failed only for its own reason.
+  EXPECT_EQ(errors(0, QmpErrorReason::kTimeout) + errors(0, QmpErrorReason::kProtocol), 0u);
+  EXPECT_EQ(errors(1, QmpErrorReason::kConnect) + errors(1, QmpErrorReason::kProtocol), 0u);
+  EXPECT_EQ(errors(2, QmpErrorReason::kConnect) + errors(2, QmpErrorReason::kTimeout), 0u);
+  EXPECT_EQ(errors(3, QmpErrorReason::kConnect) + errors(3, QmpErrorReason::kTimeout) +
+                errors(3, QmpErrorReason::kProtocol) + errors(3, QmpErrorReason::kGone),
+            0u);
+
+  // The healthy VM is attached; the broken ones are not.
+  DaemonSnapshot s = d.Scrape();
+  ASSERT_EQ(s.vms.size(), 1u);
+  EXPECT_EQ(s.vms[0].info.name, "ok");
+  EXPECT_TRUE(s.qmp[3].connected);
+  EXPECT_FALSE(s.qmp[0].connected);
+
+  // One log line per state change, not one per retry.
+  EXPECT_EQ(log.Count("qmp /missing.qmp: connect error"), 1);
+  EXPECT_EQ(log.Count("qmp /hung.qmp: timeout error"), 1);
+  EXPECT_EQ(log.Count("qmp /garbage.qmp: protocol error"), 1);
+
+  std::string text = Exposition(d);
+  EXPECT_THAT(text, HasSubstr("vkick_qmp_errors_total{qmp=\"/ok.qmp\",reason=\"gone\"} 0"));
+  EXPECT_THAT(text, HasSubstr("vkick_qmp_errors_total{qmp=\"/hung.qmp\",reason=\"timeout\"} "));
+
+  // The hung one recovers: attached, and a new state is logged once.
+  world.Set("/hung.qmp", QmpMode::kLive, TwoDiskVm("hung", 11));
+  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 2; }));
+  EXPECT_EQ(log.Count("qmp /hung.qmp: attached VM 'hung'"), 1);
+}
+
+TEST(DaemonTest, VhostUserSocketDeclaredOncePerDevice) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  VmInfo vm = TwoDiskVm("vu", 55);
+  VirtioDeviceInfo vu;
+  vu.label = "vhost0";
+  vu.type = "vhost-user-blk-pci";
+  vu.device_id = 3;
+  vu.num_queues = 4;
+  vu.vhost_user = true;
+  vu.socket_fd = -1;  // not resolved yet
+  vm.devices.push_back(vu);
+  world.Set("/vu.qmp", QmpMode::kLive, vm);
+  Daemon d(FastOptions({"/vu.qmp"}, log), &probes, world.Factory());
+  d.Start();
+  int r0 = 0;
+  ASSERT_TRUE(Eventually([&] { return (r0 = world.refreshes("/vu.qmp")) >= 3; }));
+  EXPECT_TRUE(probes.vhost_sockets().empty()) << "no fd resolved, nothing to declare";
+
+  vm.devices.back().socket_fd = 21;
+  world.Update("/vu.qmp", vm);
+  ASSERT_TRUE(Eventually([&] { return probes.vhost_sockets().size() == 1; }));
+  ASSERT_TRUE(Eventually([&] { return world.refreshes("/vu.qmp") >= r0 + 10; }));
+  ASSERT_EQ(probes.vhost_sockets().size(), 1u);
+  EXPECT_EQ(probes.vhost_sockets()[0].tgid, 55u);
+  EXPECT_EQ(probes.vhost_sockets()[0].fd, 21);
+  EXPECT_EQ(probes.vhost_sockets()[0].device_id, 3);
+}
+
+TEST(DaemonTest, ProbeControlFailuresAreCountedAndRetried) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  probes.set_fail_track(true);
+  world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("vm", 9));
+  Daemon d(FastOptions({"/vm.qmp"}, log), &probes, world.Factory());
+  d.Start();
+  ASSERT_TRUE(Eventually([&] { return d.Scrape().probe_errors.control >= 3; }));
+  EXPECT_EQ(log.Count("probe TrackProcess"), 1) << "logged once, counted every time";
+  EXPECT_TRUE(probes.targets().empty()) << "no targets for an untracked VM";
+  probes.set_fail_track(false);
+  ASSERT_TRUE(Eventually([&] { return probes.targets().size() == 1; }));
+}
+
+TEST(DaemonTest, RunsWithoutProbesAndWithoutQmp) {
+  LogCapture log;
+  FakeWorld world;
+  world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("np", 5));
+  Daemon none(FastOptions({}, log), nullptr, world.Factory());
+  EXPECT_FALSE(none.CheckHealth().ok) << "not started";
+  none.Start();
+  EXPECT_TRUE(none.CheckHealth().ok);
+  DaemonSnapshot s = none.Scrape();
+  EXPECT_FALSE(s.probes_enabled);
+  EXPECT_FALSE(s.counters.has_value());
+  EXPECT_THAT(Exposition(none), HasSubstr("vkick_probes_attached 0"));
+  none.Stop();
+  EXPECT_FALSE(none.CheckHealth().ok) << "stopped";
+
+  Daemon noprobes(FastOptions({"/vm.qmp"}, log), nullptr, world.Factory());
+  noprobes.Start();
+  ASSERT_TRUE(Eventually([&] { return noprobes.Scrape().vms.size() == 1; }));
+  EXPECT_THAT(Exposition(noprobes),
+              HasSubstr("vkick_virtqueue_notifications_total{vm=\"np\",device=\"disk0\",queue=\"0\"} 0"));
+}
+
+TEST(DaemonTest, HealthAndScrapeReportUnreadableProbes) {
+  LogCapture log;
+  FakeWorld world;
+  FakeProbeBackend probes;
+  Daemon d(FastOptions({}, log), &probes, world.Factory());
+  d.Start();
+  EXPECT_TRUE(d.CheckHealth().ok);
+  EXPECT_THAT(Exposition(d), HasSubstr("vkick_probes_attached 1"));
+  probes.set_fail_read(true);
+  Daemon::Health h = d.CheckHealth();
+  EXPECT_FALSE(h.ok);
+  EXPECT_THAT(h.reason, HasSubstr("maps unreadable"));
+  std::string text = Exposition(d);
+  EXPECT_THAT(text, HasSubstr("vkick_probes_attached 0"));
+  EXPECT_THAT(text, HasSubstr("vkick_probe_errors_total{reason=\"read_counters\"} 1"));
+}
+
+}  // namespace
+}  // namespace vkick
