@@ -110,11 +110,25 @@ void BlkQueue::SetPolicy(const KickPolicy& p) {
     return;
   }
   adaptive_.reset();
-  Apply(sched_.SetPolicy(p));
+  SwitchTo(p);
+}
+
+void BlkQueue::SetControl(const ControlBlock* cb) {
+  opts_.control = cb;
+  if (!adaptive_) return;
+  adaptive_->set_block(cb);
+  RefreshAdaptive(clock_->NowNs());
+}
+
+void BlkQueue::SwitchTo(const KickPolicy& p) {
+  const KickPolicy before = sched_.policy();
+  const KickScheduler::Decision d = sched_.SetPolicy(p);
+  if (!(sched_.policy() == before)) ++stats_.policy_changes;
+  Apply(d);
 }
 
 void BlkQueue::RefreshAdaptive(uint64_t now) {
-  if (adaptive_) Apply(sched_.SetPolicy(adaptive_->Effective(now)));
+  if (adaptive_) SwitchTo(adaptive_->Effective(now));
 }
 
 absl::Status BlkQueue::Submit(uint32_t slot, BlkOp op, uint64_t sector, uint32_t len) {

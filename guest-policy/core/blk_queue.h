@@ -70,6 +70,7 @@ struct BlkQueueStats {
   uint64_t kicks = 0;
   std::array<uint64_t, 6> kicks_by_why{};  // indexed by KickWhy
   uint64_t notify_failures = 0;
+  uint64_t policy_changes = 0;  // effective policy switched (live or adaptive)
 };
 
 class BlkQueue {
@@ -109,6 +110,12 @@ class BlkQueue {
 
   // Live switch (adaptive re-reads its control block at every Poll).
   void SetPolicy(const KickPolicy& p);
+  // Adaptive: the control block was mapped, remapped or dropped (nullptr).
+  // Re-evaluates at once, so a vanished block falls back without waiting.
+  void SetControl(const ControlBlock* cb);
+
+  // GET_ID's answer after a kGetId request in `slot` completed (20 bytes).
+  const uint8_t* id_bytes(uint32_t slot) const { return meta_[slot].id; }
 
   uint32_t in_flight() const { return vq_.in_flight(); }
   const BlkQueueStats& stats() const { return stats_; }
@@ -131,6 +138,7 @@ class BlkQueue {
   void Apply(KickScheduler::Decision d);
   void Kick(KickWhy why);
   void RefreshAdaptive(uint64_t now);
+  void SwitchTo(const KickPolicy& p);
 
   BlkQueueOptions opts_;
   Virtqueue vq_;

@@ -99,6 +99,9 @@ class AdaptiveSource {
   // says while its lease holds; immediate otherwise (the safe fallback).
   KickPolicy Effective(uint64_t now_ns);
 
+  // The agent's block was (re)mapped or dropped (nullptr: absent, fallback).
+  void set_block(const ControlBlock* cb) { cb_ = cb; }
+
   ControlReadError last_error() const { return last_error_; }
   uint64_t fallbacks() const { return fallbacks_; }  // transitions to fallback
   bool leased() const { return leased_; }

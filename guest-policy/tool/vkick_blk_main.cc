@@ -5,13 +5,24 @@
 #include <memory>
 #include <string>
 
+#include <unistd.h>
+
+#include <cstring>
+#include <optional>
+#include <vector>
+
 #include "absl/flags/flag.h"
+#include "absl/flags/internal/program_name.h"
+#include "absl/flags/internal/usage.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "guest-policy/tool/control_mapping.h"
+#include "guest-policy/tool/driver_registry.h"
 #include "guest-policy/tool/workload.h"
 #include "guest-policy/transport/vhost_user.h"
 #include "guest-policy/transport/virtio_pci.h"
@@ -27,7 +38,12 @@ ABSL_FLAG(double, runtime, 5, "seconds of I/O (not for verify)");
 ABSL_FLAG(uint32_t, queues, 1, "number of virtqueues (one poller thread each)");
 ABSL_FLAG(uint32_t, queue_size, 256, "virtqueue size (power of two)");
 ABSL_FLAG(std::string, policy, "immediate", "kick policy: immediate|event-idx|static:B,T|adaptive (T in us, or ns/us/ms)");
-ABSL_FLAG(std::string, control, "/dev/shm/vkick/control", "adaptive: control block file written by vkick-agent");
+ABSL_FLAG(std::string, control, "",
+          "adaptive: control block file written by vkick-agent (default /dev/shm/vkick/control-<pid>)");
+ABSL_FLAG(std::string, run_dir, "",
+          "where the driver registers itself as drivers/<pid>.json (default $VKICK_RUN_DIR, else /run/vkick)");
+ABSL_FLAG(std::string, serial, "",
+          "device id in the registry (default: vhost-user socket basename; pci: the device's GET_ID)");
 ABSL_FLAG(std::string, completion, "poll", "poll|interrupt");
 ABSL_FLAG(bool, event_idx, true, "negotiate VIRTIO_F_EVENT_IDX when offered");
 ABSL_FLAG(bool, indirect, true, "negotiate VIRTIO_F_INDIRECT_DESC when offered");
@@ -93,18 +109,42 @@ int Main() {
   o.interrupts = completion == "interrupt";
   o.seed = absl::GetFlag(FLAGS_seed);
 
-  std::optional<ControlMapping> control;
-  if (o.policy.mode == KickMode::kAdaptive) {
-    auto m = ControlMapping::Open(absl::GetFlag(FLAGS_control));
-    if (!m.ok()) {
-      // Adaptive without a control block is immediate: the safe fallback.
-      std::fprintf(stderr, "vkick-blk: warning: %s; adaptive falls back to immediate\n",
-                   std::string(m.status().message()).c_str());
-    } else {
-      control.emplace(*std::move(m));
-      o.control = control->block();
-    }
+  const int pid = static_cast<int>(getpid());
+  const std::string control_path =
+      absl::GetFlag(FLAGS_control).empty() ? DefaultControlBlockPath(pid) : absl::GetFlag(FLAGS_control);
+  const std::string run_dir = ResolveRunDir(absl::GetFlag(FLAGS_run_dir));
+  const std::string serial_flag = absl::GetFlag(FLAGS_serial);
+  if (serial_flag.size() > 20 || SanitizeSerial(serial_flag) != serial_flag) {
+    return Fail("--serial: at most 20 printable ASCII characters", 2);
   }
+  if (o.policy.mode == KickMode::kAdaptive) {
+    // Absent now is fine: the queues run the immediate fallback and re-check
+    // the path every 100 ms, so an agent started later takes over.
+    o.control_path = control_path;
+  }
+
+  DriverInfo info;
+  info.pid = pid;
+  info.transport = socket.empty() ? "pci" : "vhost-user";
+  info.socket = socket;
+  info.pci = pci;
+  info.queues = o.queues;
+  info.queue_size = o.queue_size;
+  info.control_block = control_path;
+  std::optional<DriverRegistration> registration;
+  o.on_ready = [&](const std::string& device_id) {
+    info.serial = !serial_flag.empty() ? serial_flag
+                  : !socket.empty()    ? SerialFromSocketPath(socket)
+                                       : SanitizeSerial(device_id);
+    auto reg = DriverRegistration::Create(run_dir, info);
+    if (!reg.ok()) {
+      // No registry, no agent: the driver still works (adaptive = fallback).
+      std::fprintf(stderr, "vkick-blk: warning: cannot register in %s/drivers: %s\n", run_dir.c_str(),
+                   std::string(reg.status().message()).c_str());
+      return;
+    }
+    registration.emplace(*std::move(reg));
+  };
 
   std::unique_ptr<BlkTransport> t;
   if (!socket.empty()) {
@@ -165,16 +205,28 @@ int Main() {
     j["event_idx"] = (t->features() & kVirtioFRingEventIdx) != 0;
     j["indirect"] = (t->features() & kVirtioFRingIndirectDesc) != 0;
     j["adaptive_fallbacks"] = r->adaptive_fallbacks;
+    j["policy_changes"] = r->policy_changes;
+    j["control_block"] = o.control_path;
+    j["control_maps"] = r->control_maps;
+    j["control_unmaps"] = r->control_unmaps;
+    j["control_mapped"] = r->control_mapped;
+    j["serial"] = info.serial;
+    j["registry"] = registration ? registration->path() : "";
     if (!r->first_error.empty()) j["first_error"] = r->first_error;
     std::cout << j.dump() << std::endl;
   } else {
     std::cout << absl::StrFormat(
         "%s %s bs=%u qd=%u queues=%u rate=%g policy=%s completion=%s\n"
         "  iops %.0f  lat p50 %.1f us  p99 %.1f us  p99.9 %.1f us\n"
-        "  requests %u  kicks %u  kicks/request %.4f  cpu/request %.2f us  errors %u\n",
+        "  requests %u  kicks %u  kicks/request %.4f  cpu/request %.2f us  errors %u\n"
+        "%s",
         socket.empty() ? "pci:" + pci : "vhost-user:" + socket, absl::GetFlag(FLAGS_rw), o.bs, o.qd, o.queues, o.rate,
         absl::GetFlag(FLAGS_policy), completion, r->iops, r->lat_p50_us, r->lat_p99_us, r->lat_p999_us, r->requests,
-        r->kicks, r->kicks_per_request, r->cpu_us_per_request, r->errors);
+        r->kicks, r->kicks_per_request, r->cpu_us_per_request, r->errors,
+        o.policy.mode == KickMode::kAdaptive
+            ? absl::StrFormat("  adaptive: control %s, policy changes %u, fallbacks %u, maps %u\n", o.control_path,
+                              r->policy_changes, r->adaptive_fallbacks, r->control_maps)
+            : std::string());
   }
   if (!ok) {
     return Fail(absl::StrCat("FAILED: ", r->transport_failed ? "transport failed, " : "", r->errors, " errors (", r->verify_mismatches, " verify mismatches), ", r->lost,
@@ -187,12 +239,101 @@ int Main() {
 }  // namespace
 }  // namespace vkick
 
+namespace {
+
+// --help lists the flags of files matching this filter. Abseil's default
+// filter wants the file named after the program (vkick-blk.cc), which would
+// print "No flags matched"; match our own sources instead.
+bool IsVkickFlagFile(absl::string_view file) {
+  return absl::StrContains(file, "guest-policy/tool/");
+}
+
+bool IsBuiltinFlag(absl::string_view name) {
+  for (const char* b : {"help", "helpfull", "helpshort", "helppackage", "helpon", "helpmatch", "version",
+                        "only_check_args", "flagfile", "fromenv", "tryfromenv", "undefok"}) {
+    if (name == b) return true;
+  }
+  return false;
+}
+
+// Abseil exits 1 on an unknown flag or a bad value; our contract is exit 2
+// for bad flags (1 means the I/O failed). So check them first, by the same
+// rules: --name=value, --name value (non-bool), --name / --noname (bool).
+bool CheckFlags(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view a = argv[i];
+    if (a == "--") break;
+    if (a.size() < 2 || a[0] != '-') continue;  // positional: reported later
+    const size_t dashes = a[1] == '-' ? 2 : 1;
+    // --run-dir and --run_dir both work: Abseil names use '_', docs use '-'.
+    for (char* p = argv[i] + dashes; *p != '\0' && *p != '='; ++p) {
+      if (*p == '-') *p = '_';
+    }
+    a = argv[i];
+    a.remove_prefix(dashes);
+    absl::string_view name = a, value;
+    const size_t eq = a.find('=');
+    const bool has_value = eq != absl::string_view::npos;
+    if (has_value) {
+      name = a.substr(0, eq);
+      value = a.substr(eq + 1);
+    }
+    if (IsBuiltinFlag(name)) continue;
+    absl::CommandLineFlag* f = absl::FindCommandLineFlag(name);
+    if (f == nullptr && !has_value && absl::StartsWith(name, "no")) {
+      absl::CommandLineFlag* nf = absl::FindCommandLineFlag(name.substr(2));
+      if (nf != nullptr && nf->IsOfType<bool>()) continue;
+    }
+    if (f == nullptr) {
+      std::fprintf(stderr, "vkick-blk: unknown flag '%s' (see --help)\n", argv[i]);
+      return false;
+    }
+    if (!has_value) {
+      if (f->IsOfType<bool>()) continue;
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "vkick-blk: flag '--%s' needs a value (see --help)\n", std::string(name).c_str());
+        return false;
+      }
+      value = argv[++i];
+    }
+    // ParseFrom sets the flag; harmless, ParseCommandLine sets it again.
+    std::string err;
+    if (!f->ParseFrom(value, &err)) {
+      std::fprintf(stderr, "vkick-blk: bad value '%s' for --%s: %s\n", std::string(value).c_str(),
+                   std::string(name).c_str(), err.c_str());
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  absl::FlagsUsageConfig config;
+  config.contains_help_flags = IsVkickFlagFile;
+  config.contains_helpshort_flags = IsVkickFlagFile;
+  config.contains_helppackage_flags = IsVkickFlagFile;
+  absl::SetFlagsUsageConfig(config);
   absl::SetProgramUsageMessage(
-      "vkick-blk: userspace virtio-blk driver and load tool with a policy-driven kick path.\n"
+      "userspace virtio-blk driver and load tool with a policy-driven kick path.\n"
       "  vkick-blk --socket=/tmp/vhost.sock --rw=randread --bs=4k --qd=32 --policy=static:32,50us --runtime=5\n"
       "  vkick-blk --socket=/tmp/vhost.sock --rw=verify --policy=event-idx\n"
       "Exit status: 0 ok, 1 I/O or verify failure / backend error, 2 bad flags.");
+  // --help is a successful run: exit 0 (Abseil 20220623 exits 1, which we
+  // reserve for I/O failures). --helpfull and friends keep Abseil's handling.
+  absl::flags_internal::SetProgramInvocationName(argv[0]);
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view a = argv[i];
+    if (a == "--") break;
+    if (a == "--help" || a == "-help" || a == "--helpshort" || a == "-helpshort") {
+      absl::flags_internal::FlagsHelp(std::cout, "guest-policy/tool/",
+                                      absl::flags_internal::HelpFormat::kHumanReadable,
+                                      absl::ProgramUsageMessage());
+      return 0;
+    }
+  }
+  if (!CheckFlags(argc, argv)) return 2;
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) {
     std::fprintf(stderr, "vkick-blk: unexpected argument '%s' (see --help)\n", rest[1]);

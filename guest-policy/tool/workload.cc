@@ -1,12 +1,14 @@
 #include "guest-policy/tool/workload.h"
 
 #include <poll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -14,6 +16,7 @@
 #include "guest-policy/core/blk_queue.h"
 #include "guest-policy/core/clock.h"
 #include "guest-policy/core/load_model.h"
+#include "guest-policy/tool/control_mapping.h"
 
 namespace vkick {
 namespace {
@@ -40,7 +43,13 @@ struct QueueCtx {
   uint16_t index = 0;
   std::unique_ptr<BlkQueue> q;
   LatencyRecorder lat;
-  uint64_t errors = 0, mismatches = 0, lost = 0;
+  uint64_t errors = 0, mismatches = 0, zero_mismatches = 0, lost = 0;
+  uint64_t control_maps = 0, control_unmaps = 0;
+  bool control_mapped = false;
+  // Lives as long as the queue: the BlkQueue reads the block it maps (also
+  // between phases, in SyncOp on the main thread, when no Loop runs).
+  std::optional<ControlWatcher> watcher;
+  uint64_t verify_reads = 0;
   std::string first_error;
   std::vector<uint64_t> slot_block, slot_arrival;
   bool fatal = false;
@@ -64,7 +73,7 @@ class Runner {
     qo.slots = o_.qd;
     qo.max_io_bytes = o_.bs;
     qo.policy = o_.policy;
-    qo.control = o_.control;
+    qo.control = nullptr;  // adaptive: mapped by each queue's ControlWatcher
     const size_t per_queue = BlkQueue::MemoryBytes(qo);
     auto mem = t_.AllocateDma(per_queue * o_.queues);
     if (!mem.ok()) return mem.status();
@@ -107,7 +116,9 @@ class Runner {
                       : h;
       }
     }
-    (void)id_out;
+    if (result.ok() && id_out != nullptr && op == BlkOp::kGetId) {
+      id_out->assign(reinterpret_cast<const char*>(c.q->id_bytes(0)), kVirtioBlkIdBytes);
+    }
     return result;
   }
 
@@ -132,6 +143,12 @@ class Runner {
       if (r.first_error.empty()) r.first_error = c->first_error;
       r.transport_failed |= c->fatal;
       if (c->q->adaptive()) r.adaptive_fallbacks += c->q->adaptive()->fallbacks();
+      r.policy_changes += s.policy_changes;
+      r.control_maps += c->control_maps;
+      r.control_unmaps += c->control_unmaps;
+      r.zero_mismatches += c->zero_mismatches;
+      r.verify_reads += c->verify_reads;
+      if (c->index == 0) r.control_mapped = c->control_mapped;
       all.Merge(c->lat);
     }
     r.elapsed_s = elapsed;
@@ -164,6 +181,22 @@ class Runner {
     uint64_t stop_ns = 0;
     uint64_t last_health = 0;
     const int call_fd = o_.interrupts ? t_.interrupt_fd(c.index) : -1;
+    // The poller sleeps until the deferred kick's deadline at the latest; the
+    // default 50 us timer slack would stretch T (e.g. 50 us) by up to 50 us.
+    if (call_fd >= 0) prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    std::optional<ControlWatcher>& watcher = c.watcher;
+    if (!watcher && q.adaptive() != nullptr && !o_.control_path.empty()) {
+      watcher.emplace(o_.control_path, o_.control_retry_ns);
+    }
+    auto refresh_control = [&](uint64_t now) {
+      if (!watcher) return;
+      bool changed = false;
+      const ControlBlock* cb = watcher->Refresh(now, &changed);
+      if (changed) q.SetControl(cb);
+      c.control_maps = watcher->maps();
+      c.control_unmaps = watcher->unmaps();
+      c.control_mapped = watcher->mapped();
+    };
 
     auto on_complete = [&](const BlkCompletion& comp) {
       free_slots.push_back(comp.slot);
@@ -175,9 +208,12 @@ class Runner {
         return;
       }
       if (ph.verify_pattern && comp.op == BlkOp::kRead) {
+        ++c.verify_reads;
         auto bad = CheckPattern({q.data(comp.slot), o_.bs}, c.slot_block[comp.slot], o_.seed);
         if (bad) {
           ++c.mismatches;
+          const uint8_t* d = q.data(comp.slot);
+          if (std::all_of(d, d + o_.bs, [](uint8_t b) { return b == 0; })) ++c.zero_mismatches;
           if (c.first_error.empty()) {
             c.first_error = absl::StrCat("verify: block ", c.slot_block[comp.slot], " differs at byte ", *bad);
           }
@@ -187,6 +223,7 @@ class Runner {
 
     while (true) {
       uint64_t now = clock_.NowNs();
+      refresh_control(now);
       bool more = !c.fatal;
       if (ph.list_count > 0) more = more && listed < ph.list_count;
       else more = more && now < ph.end_ns;
@@ -251,7 +288,7 @@ class Runner {
       if (call_fd >= 0 && n == 0 && !submitted) {
         // Interrupt mode: sleep until a completion, the deferred kick's
         // deadline, the next arrival, or 10 ms (health check).
-        uint64_t wake = now + 10 * kMs;
+        uint64_t wake = now + 10 * kMs;  // also bounds the control block re-check
         if (auto d = q.NextDeadlineNs()) wake = std::min(wake, *d);
         if (more && !closed && !free_slots.empty()) wake = std::min(wake, next_arrival);
         if (more && ph.list_count == 0) wake = std::min(wake, ph.end_ns);
@@ -292,15 +329,20 @@ absl::StatusOr<WorkloadResult> RunWorkload(BlkTransport& t, const WorkloadOption
   Runner r(t, o);
   absl::Status st = r.Setup();
   if (!st.ok()) return st;
-  const double cpu0 = CpuSeconds();
-  const uint64_t t0 = r.Now();
-  if (o.rw == RwMode::kVerify) {
+  {
+    // GET_ID (the device's serial, for the driver registry) also proves the
+    // queues work before the timed run. A backend may not implement it: only
+    // a transport failure is fatal.
     std::string id;
-    // GET_ID may be unsupported by a backend: only a transport failure is fatal.
     absl::Status gid = r.SyncOp(BlkOp::kGetId, &id);
     if (!gid.ok() && gid.code() != absl::StatusCode::kUnimplemented && gid.code() != absl::StatusCode::kDataLoss) {
       return gid;
     }
+    if (o.on_ready) o.on_ready(id);
+  }
+  const double cpu0 = CpuSeconds();
+  const uint64_t t0 = r.Now();
+  if (o.rw == RwMode::kVerify) {
     const uint64_t blocks = std::min<uint64_t>(r.total_blocks(), o.verify_bytes / o.bs);
     auto phase = [&](BlkOp op) {
       Phase ph;
@@ -327,7 +369,17 @@ absl::StatusOr<WorkloadResult> RunWorkload(BlkTransport& t, const WorkloadOption
     r.RunPhase(ph);
   }
   const double elapsed = (r.Now() - t0) / 1e9;
-  return r.Collect(elapsed, CpuSeconds() - cpu0);
+  WorkloadResult res = r.Collect(elapsed, CpuSeconds() - cpu0);
+  if (res.verify_mismatches > 0 && (res.zero_mismatches == res.verify_mismatches ||
+                                    res.verify_mismatches * 10 >= res.verify_reads * 9)) {
+    // The classic mistake: a backend that discards writes. null-co reads
+    // zeros with read-zeroes=on, else leaves the buffer as it was.
+    res.first_error = absl::StrCat(
+        "verify: ", res.verify_mismatches, " of ", res.verify_reads, " blocks read back wrong (",
+        res.zero_mismatches, " as zeros): the backend discards writes (null-co?); verify needs a backend ",
+        "that stores data, e.g. --blockdev driver=file,filename=IMG,node-name=n0");
+  }
+  return res;
 }
 
 }  // namespace vkick

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -25,10 +26,17 @@ struct WorkloadOptions {
   uint16_t queues = 1;
   uint16_t queue_size = 256;
   KickPolicy policy;
-  const ControlBlock* control = nullptr;
+  // adaptive: the agent's control block. Mapped read-only when it exists;
+  // every queue re-checks the path each `control_retry_ns` (appeared,
+  // replaced, removed) and runs the immediate fallback while there is none.
+  std::string control_path;
+  uint64_t control_retry_ns = 100'000'000;
   bool interrupts = false;
   uint64_t seed = 1;
   uint64_t verify_bytes = 64ull << 20;  // verify: region written then read back
+  // Called once the queues run and GET_ID answered (id: raw 20 bytes, empty
+  // if the device did not answer), before the I/O: vkick-blk registers there.
+  std::function<void(const std::string& device_id)> on_ready;
 };
 
 struct WorkloadResult {
@@ -44,7 +52,13 @@ struct WorkloadResult {
   double lat_p50_us = 0, lat_p99_us = 0, lat_p999_us = 0;
   double kicks_per_request = 0;
   double cpu_us_per_request = 0;
-  uint64_t adaptive_fallbacks = 0;
+  uint64_t adaptive_fallbacks = 0;  // lease held -> fallback transitions
+  uint64_t policy_changes = 0;      // effective policy switches, all queues
+  uint64_t control_maps = 0;        // control block (re)mapped, all queues
+  uint64_t control_unmaps = 0;      // control block dropped (gone/invalid)
+  bool control_mapped = false;      // queue 0 had the block mapped at the end
+  uint64_t zero_mismatches = 0;     // verify: mismatching blocks that read back all zeros
+  uint64_t verify_reads = 0;        // verify: blocks read back and checked
   bool transport_failed = false;  // backend gone / device broken mid-run
   std::string first_error;
 };

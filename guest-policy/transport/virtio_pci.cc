@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <cstdio>
 #include <regex>
 
 #include "absl/strings/str_cat.h"
@@ -24,6 +25,20 @@ enum : uint32_t {
   kQueueSel = 22, kQueueSize = 24, kQueueMsix = 26, kQueueEnable = 28, kQueueNotifyOff = 30,
   kQueueDesc = 32, kQueueDriver = 40, kQueueDevice = 48,
 };
+
+// PCI command register (config offset 4): memory space, bus master, INTx disable.
+constexpr uint16_t kPciCmdMemory = 0x2, kPciCmdMaster = 0x4, kPciCmdIntxDisable = 0x400;
+
+// uio_pci_generic has no irqcontrol: its handler masks INTx (command register
+// bit 10) on each interrupt, and user space unmasks it by clearing that bit
+// through the config file (what DPDK's igb_uio-less path does too).
+bool SetIntxMasked(int config_fd, bool masked) {
+  uint16_t cmd = 0;
+  if (pread(config_fd, &cmd, 2, 4) != 2) return false;
+  const uint16_t want = masked ? (cmd | kPciCmdIntxDisable) : (cmd & ~kPciCmdIntxDisable);
+  if (want == cmd) return true;
+  return pwrite(config_fd, &want, 2, 4) == 2;
+}
 
 uint32_t Le32(std::span<const uint8_t> b, size_t off) {
   uint32_t v;
@@ -104,6 +119,14 @@ absl::StatusOr<std::unique_ptr<VirtioPciBlk>> VirtioPciBlk::Open(const Options& 
 }
 
 VirtioPciBlk::~VirtioPciBlk() {
+  // The transport's own doorbell count per queue (every MMIO notify write):
+  // what a host-side counter must see. One line on stderr, parsed by
+  // tests/vm/test_vm_e2e.py.
+  if (!notify_count_.empty()) {
+    std::string line = "vkick-blk: pci-notifies";
+    for (size_t q = 0; q < notify_count_.size(); ++q) absl::StrAppend(&line, " q", q, "=", notify_count_[q]);
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
   if (bars_[layout_.common.bar] != nullptr) WriteCommon<uint8_t>(kDevStatus, 0);  // reset: device stops DMA
   for (int i = 0; i < 6; ++i) if (bars_[i]) munmap(const_cast<uint8_t*>(bars_[i]), bar_sizes_[i]);
   if (uio_fd_ >= 0) close(uio_fd_);
@@ -120,6 +143,24 @@ absl::Status VirtioPciBlk::Init() {
   auto l = ParseVirtioPciCaps({cfg, static_cast<size_t>(n)});
   if (!l.ok()) return l.status();
   layout_ = *l;
+  // PCI command register, before the device starts:
+  //  - bus mastering on: uio_pci_generic enables the device but not bus
+  //    mastering, and clears it when the previous user closed /dev/uioN;
+  //    without it QEMU (like real hardware) drops the device's DMA;
+  //  - INTx enabled (bit 10 clear): uio_pci_generic's handler leaves INTx
+  //    masked after an interrupt. QEMU's virtio-pci reports a device with
+  //    INTx disabled and no MSI-X as having no guest notifiers, so at
+  //    DRIVER_OK vhost-user gets SET_VRING_CALL without an fd for each queue,
+  //    and qemu-storage-daemon 7.2's libvhost-user then panics on its first
+  //    completion ("vu_panic: Error writing eventfd: Bad file descriptor"):
+  //    the second driver session in a boot hung that way.
+  uint16_t cmd = 0;
+  if (pread(config_fd_, &cmd, 2, 4) != 2) return absl::ErrnoToStatus(errno, "read PCI command register");
+  const uint16_t want_cmd =
+      static_cast<uint16_t>((cmd | kPciCmdMemory | kPciCmdMaster) & ~kPciCmdIntxDisable);
+  if (want_cmd != cmd && pwrite(config_fd_, &want_cmd, 2, 4) != 2) {
+    return absl::ErrnoToStatus(errno, "set the PCI command register (bus master, INTx)");
+  }
   // uio: /sys/bus/pci/devices/ADDR/uio/uioN
   DIR* dir = opendir((dev + "/uio").c_str());
   if (dir == nullptr) return absl::FailedPreconditionError(absl::StrCat(opts_.pci_address, " is not bound to uio_pci_generic"));
@@ -127,7 +168,9 @@ absl::Status VirtioPciBlk::Init() {
   while (dirent* e = readdir(dir)) if (std::strncmp(e->d_name, "uio", 3) == 0) uio = e->d_name;
   closedir(dir);
   if (uio.empty()) return absl::FailedPreconditionError("no uio device");
-  uio_fd_ = open(("/dev/" + uio).c_str(), O_RDWR | O_CLOEXEC);
+  // Non-blocking: with several queues, several pollers may wake on one
+  // interrupt; only one gets the count, the others must not block in read().
+  uio_fd_ = open(("/dev/" + uio).c_str(), O_RDWR | O_CLOEXEC | O_NONBLOCK);
   if (uio_fd_ < 0) return absl::ErrnoToStatus(errno, "open /dev/" + uio);
   for (const VirtioPciCap* c : {&layout_.common, &layout_.notify, &layout_.isr, &layout_.device}) {
     if (bars_[c->bar] != nullptr || c->length == 0) continue;
@@ -176,6 +219,7 @@ absl::Status VirtioPciBlk::Init() {
     return absl::InvalidArgumentError(absl::StrCat(opts_.num_queues, " queues requested, device has ", max_queues_));
   }
   notify_.assign(opts_.num_queues, nullptr);
+  notify_count_.assign(opts_.num_queues, 0);
   return absl::OkStatus();
 }
 
@@ -207,9 +251,11 @@ absl::Status VirtioPciBlk::StartQueue(uint16_t q, const QueueAddresses& a) {
 absl::Status VirtioPciBlk::Activate() {
   WriteCommon<uint8_t>(kDevStatus, kStatusAck | kStatusDriver | kStatusFeaturesOk | kStatusDriverOk);
   if (opts_.interrupts) {
-    const uint32_t enable = 1;  // uio_pci_generic: unmask INTx
-    if (write(uio_fd_, &enable, 4) != 4) return absl::ErrnoToStatus(errno, "enable uio interrupt");
+    if (layout_.isr.length) (void)*Bar(layout_.isr.bar, layout_.isr.offset);  // drop a stale level
+    if (!SetIntxMasked(config_fd_, false)) return absl::ErrnoToStatus(errno, "unmask INTx (PCI command register)");
   }
+  // Polling: INTx stays enabled at DRIVER_OK (see Init); the device may raise
+  // it once, uio_pci_generic then masks it, which is harmless.
   return Health();
 }
 
@@ -218,15 +264,18 @@ bool VirtioPciBlk::Notify(uint16_t q) {
   // notify address. In a VM this MMIO write is the VM exit being counted.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   *notify_[q] = q;
+  ++notify_count_[q];  // per queue, so only queue q's poller thread touches it
   return true;
 }
 
 void VirtioPciBlk::AckInterrupt(uint16_t) {
   uint32_t count;
-  (void)!read(uio_fd_, &count, 4);
-  if (layout_.isr.length) (void)*Bar(layout_.isr.bar, layout_.isr.offset);  // read-to-clear
-  const uint32_t enable = 1;
-  (void)!write(uio_fd_, &enable, 4);
+  (void)!read(uio_fd_, &count, 4);  // consume the event (non-blocking)
+  // 4.1.4.5: reading the ISR status clears it and de-asserts INTx; then
+  // unmask (uio_pci_generic masked it in its handler). A completion that
+  // raced in between re-asserts the level and interrupts again.
+  if (layout_.isr.length) (void)*Bar(layout_.isr.bar, layout_.isr.offset);
+  (void)SetIntxMasked(config_fd_, false);
 }
 
 absl::Status VirtioPciBlk::Health() {

@@ -84,6 +84,7 @@ class VirtioPciBlk final : public BlkTransport {
   std::vector<volatile uint8_t*> bars_ = std::vector<volatile uint8_t*>(6, nullptr);
   std::vector<size_t> bar_sizes_ = std::vector<size_t>(6, 0);
   std::vector<volatile uint16_t*> notify_;
+  std::vector<uint64_t> notify_count_;  // MMIO notify writes per queue
   int uio_fd_ = -1;
   int config_fd_ = -1;
   uint64_t features_ = 0;

@@ -4,6 +4,8 @@
 // under a fake clock and random submit/poll schedules.
 #include "guest-policy/core/kick_scheduler.h"
 
+#include <algorithm>
+#include <functional>
 #include <map>
 #include <random>
 #include <set>
@@ -90,12 +92,25 @@ class KickRecorder final : public Notifier {
   explicit KickRecorder(testing::FakeDevice* dev) : dev_(dev) {}
   bool Notify(uint16_t) override {
     ++kicks;
+    // Fault injection: a doorbell the device never hears (what a lost
+    // deferred kick looks like from the device's side).
+    if (drop && drop()) {
+      ++dropped;
+      return true;
+    }
     if (on_kick) on_kick();
+    if (sleepy) {
+      awake = true;  // the device runs at its next step, not inside the kick
+      return true;
+    }
     dev_->Consume(/*defer_complete=*/true);
     return true;
   }
-  uint64_t kicks = 0;
+  uint64_t kicks = 0, dropped = 0;
   std::function<void()> on_kick;
+  std::function<bool()> drop;
+  bool sleepy = false;  // asynchronous device (see SleepyDeviceStep)
+  bool awake = false;
 
  private:
   testing::FakeDevice* dev_;
@@ -134,12 +149,14 @@ struct Harness {
     return true;
   }
   void PollOnce() {
+    in_poll = true;
     queue->Poll([&](const BlkCompletion& c) {
       EXPECT_TRUE(c.status.ok()) << c.status;
       ++completed[c.slot];
       ++completions;
       free_slots.push_back(c.slot);
     });
+    in_poll = false;
   }
 
   BlkQueueOptions opts;
@@ -154,6 +171,7 @@ struct Harness {
   uint64_t requests = 0, completions = 0;
   std::map<uint32_t, uint64_t> completed;
   std::vector<uint32_t> free_slots;
+  bool in_poll = false;  // kicks issued now are the poller's deferred ones
 };
 
 struct Schedule {
@@ -161,53 +179,94 @@ struct Schedule {
   uint64_t poll_period_ns;
 };
 
+// What one randomized run observed; the tests decide what is a violation,
+// so the same harness can be pointed at a deliberately broken kick path.
+struct PropertyReport {
+  uint64_t requests = 0, completions = 0, completed_slots_total = 0;
+  uint64_t kicks = 0, stats_kicks = 0, stats_completions = 0, in_flight_after = 0;
+  uint64_t max_pending_ns = 0;  // oldest published-but-unheard request, at any poll or kick
+  uint64_t dropped = 0;
+};
+
+enum class Fault { kNone, kDropPollerKicks };
+
 // Random submits between polls that are at most P apart; the device completes
-// a random share of what it has seen. Checks the invariants, then drains.
-void RunProperty(KickPolicy policy, bool event_idx, const Schedule& s, uint64_t* kicks_out,
-                 uint64_t* requests_out) {
+// a random share of what it has seen. Then drains: no submits, polls go on.
+PropertyReport Explore(KickPolicy policy, bool event_idx, const Schedule& s, Fault fault = Fault::kNone,
+                       int steps = 4000) {
   BlkQueueOptions o;
   o.queue_size = 64;
   o.slots = 32;
   o.event_idx = event_idx;
   o.policy = policy;
   Harness h(o);
+  if (fault == Fault::kDropPollerKicks) h.rec->drop = [&h] { return h.in_poll; };
   for (uint32_t i = 0; i < o.slots; ++i) h.free_slots.push_back(i);
   std::mt19937_64 rng(s.seed);
   uint64_t next_id = 0;
-  for (int step = 0; step < 4000; ++step) {
+  PropertyReport r;
+  auto note_pending = [&] {
+    for (auto& [slot, t] : h.unkicked) r.max_pending_ns = std::max(r.max_pending_ns, h.clock.NowNs() - t);
+  };
+  for (int step = 0; step < steps; ++step) {
     int burst = static_cast<int>(rng() % 6);
     while (burst-- > 0 && !h.free_slots.empty()) {
       uint32_t slot = h.free_slots.back();
       h.free_slots.pop_back();
-      ASSERT_TRUE(h.SubmitOne(slot, next_id++));
+      if (!h.SubmitOne(slot, next_id++)) {
+        ADD_FAILURE() << "submit failed";
+        return r;
+      }
       h.clock.Advance(rng() % (s.poll_period_ns / 4 + 1));
     }
     h.clock.Advance(rng() % (s.poll_period_ns / 2 + 1));
     h.dev->Complete(rng() % 4);
     h.PollOnce();
-    // Every pending request is younger than T + P at every poll.
-    for (auto& [slot, t] : h.unkicked) {
-      ASSERT_LE(h.clock.NowNs() - t, policy.defer_ns + s.poll_period_ns)
-          << "request in slot " << slot << " stranded by " << FormatKickPolicy(policy);
-    }
+    note_pending();
   }
-  // Drain: no more submits; polls keep coming; everything must complete.
   for (int i = 0; i < 10000 && h.completions < h.requests; ++i) {
     h.clock.Advance(s.poll_period_ns);
     h.dev->Complete(8);
     h.PollOnce();
+    note_pending();
   }
-  EXPECT_EQ(h.completions, h.requests) << FormatKickPolicy(policy) << ": requests lost";
-  uint64_t total = 0;
-  for (auto& [slot, n] : h.completed) total += n;
-  EXPECT_EQ(total, h.requests);
-  EXPECT_EQ(h.queue->stats().completions, h.requests);
-  EXPECT_EQ(h.queue->in_flight(), 0u);
-  EXPECT_LE(h.max_wait, policy.defer_ns + s.poll_period_ns);
-  EXPECT_LE(h.rec->kicks, h.requests);
-  EXPECT_EQ(h.rec->kicks, h.queue->stats().kicks);
-  *kicks_out = h.rec->kicks;
-  *requests_out = h.requests;
+  r.requests = h.requests;
+  r.completions = h.completions;
+  for (auto& [slot, n] : h.completed) r.completed_slots_total += n;
+  r.kicks = h.rec->kicks;
+  r.dropped = h.rec->dropped;
+  r.stats_kicks = h.queue->stats().kicks;
+  r.stats_completions = h.queue->stats().completions;
+  r.in_flight_after = h.queue->in_flight();
+  r.max_pending_ns = std::max(r.max_pending_ns, h.max_wait);
+  return r;
+}
+
+// The invariants of the kick path, as one predicate (used both ways: must
+// hold for the real code, must fail for a mutant).
+::testing::AssertionResult Holds(const PropertyReport& r, const KickPolicy& p, uint64_t poll_period_ns) {
+  if (r.completions != r.requests || r.in_flight_after != 0) {
+    return ::testing::AssertionFailure() << r.requests - r.completions << " requests never completed";
+  }
+  if (r.completed_slots_total != r.requests || r.stats_completions != r.requests) {
+    return ::testing::AssertionFailure() << "completions not exactly once";
+  }
+  if (r.max_pending_ns > p.defer_ns + poll_period_ns) {
+    return ::testing::AssertionFailure() << "a request waited " << r.max_pending_ns << " ns for its kick, bound "
+                                         << p.defer_ns + poll_period_ns;
+  }
+  if (r.kicks > r.requests || r.kicks != r.stats_kicks) {
+    return ::testing::AssertionFailure() << r.kicks << " kicks for " << r.requests << " requests";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+void RunProperty(KickPolicy policy, bool event_idx, const Schedule& s, uint64_t* kicks_out,
+                 uint64_t* requests_out) {
+  PropertyReport r = Explore(policy, event_idx, s);
+  EXPECT_TRUE(Holds(r, policy, s.poll_period_ns)) << FormatKickPolicy(policy);
+  *kicks_out = r.kicks;
+  *requests_out = r.requests;
 }
 
 TEST(KickProperty, NoRequestPendingLongerThanTPlusPollPeriod) {
@@ -315,6 +374,124 @@ TEST(KickProperty, AdaptiveFollowsControlBlockAndFallsBackWhenLeaseExpires) {
   h.PollOnce();
   EXPECT_EQ(h.rec->kicks, 5u);
   EXPECT_TRUE(h.unkicked.empty());
+}
+
+// A test must be able to fail: the same harness and predicate, pointed at a
+// kick path whose deferred kick (the one the poller issues) is lost, report
+// a violation for every seed: a request waits past T + P, or never completes.
+TEST(KickProperty, CatchesALostDeferredKick) {
+  const KickPolicy p{KickMode::kStatic, 16, 50000};
+  for (uint64_t seed = 1; seed <= 5; ++seed) {
+    const Schedule s{seed, 20000};
+    PropertyReport good = Explore(p, false, s);
+    EXPECT_TRUE(Holds(good, p, s.poll_period_ns)) << "seed " << seed;
+    PropertyReport bad = Explore(p, false, s, Fault::kDropPollerKicks);
+    ASSERT_GT(bad.dropped, 0u) << "the mutant never fired: the harness would not see a timer kick at all";
+    EXPECT_FALSE(Holds(bad, p, s.poll_period_ns)) << "seed " << seed << ": dropped " << bad.dropped
+                                                  << " deferred kicks and nothing noticed";
+  }
+}
+
+// Live policy changes at random moments while requests are in flight: every
+// request completes exactly once, none waits longer than the largest T in
+// play plus one poll period, kicks <= requests.
+TEST(KickProperty, RandomPolicyChangesMidFlightStrandNothing) {
+  const KickPolicy policies[] = {{KickMode::kStatic, 32, 1000000}, {KickMode::kImmediate, 1, 0},
+                                 {KickMode::kStatic, 8, 50000},    {KickMode::kEventIdx, 1, 0},
+                                 {KickMode::kStatic, 3, 0},        {KickMode::kStatic, 64, 200000}};
+  for (uint64_t seed = 1; seed <= 4; ++seed) {
+    BlkQueueOptions o;
+    o.queue_size = 64;
+    o.slots = 32;
+    o.event_idx = true;
+    o.policy = policies[0];
+    Harness h(o);
+    for (uint32_t i = 0; i < o.slots; ++i) h.free_slots.push_back(i);
+    std::mt19937_64 rng(seed);
+    const uint64_t P = 30000;
+    uint64_t max_pending = 0, switches = 0;
+    for (int step = 0; step < 3000; ++step) {
+      int burst = static_cast<int>(rng() % 5);
+      while (burst-- > 0 && !h.free_slots.empty()) {
+        uint32_t slot = h.free_slots.back();
+        h.free_slots.pop_back();
+        ASSERT_TRUE(h.SubmitOne(slot, step));
+        h.clock.Advance(rng() % (P / 4));
+        if (rng() % 7 == 0) {  // a switch between two submits, mid-batch
+          h.queue->SetPolicy(policies[rng() % 6]);
+          ++switches;
+        }
+      }
+      h.clock.Advance(rng() % (P / 2));
+      h.dev->Complete(rng() % 4);
+      h.PollOnce();
+      for (auto& [slot, t] : h.unkicked) max_pending = std::max(max_pending, h.clock.NowNs() - t);
+    }
+    for (int i = 0; i < 1000 && h.completions < h.requests; ++i) {
+      h.clock.Advance(P);
+      h.dev->Complete(8);
+      h.PollOnce();
+    }
+    EXPECT_GT(switches, 100u);
+    EXPECT_EQ(h.completions, h.requests) << "seed " << seed;
+    for (auto& [slot, n] : h.completed) ASSERT_GE(n, 1u);
+    EXPECT_EQ(h.queue->stats().completions, h.requests);
+    EXPECT_LE(std::max(max_pending, h.max_wait), 1000000 + P) << "seed " << seed;
+    EXPECT_LE(h.rec->kicks, h.requests);
+    EXPECT_GT(h.queue->stats().policy_changes, 0u);
+  }
+}
+
+// EVENT_IDX across the 16-bit wrap of avail/used indices with an
+// asynchronous device: it polls while awake and, before sleeping, publishes
+// avail_event = last_avail and re-checks (as libvhost-user does). Asleep,
+// only a kick wakes it, so a request whose kick was wrongly suppressed is
+// stranded for good and the drain below would not finish.
+TEST(KickProperty, EventIdxAcrossIndexWrapNeverStrands) {
+  BlkQueueOptions o;
+  o.queue_size = 64;
+  o.slots = 32;
+  o.event_idx = true;
+  o.policy = {KickMode::kEventIdx, 1, 0};
+  Harness h(o);
+  h.rec->sleepy = true;
+  h.rec->awake = false;
+  for (uint32_t i = 0; i < o.slots; ++i) h.free_slots.push_back(i);
+  std::mt19937_64 rng(42);
+  auto device_step = [&] {
+    if (!h.rec->awake) return;
+    h.unkicked.clear();  // the device is looking: whatever is published is seen
+    h.dev->Consume(/*defer_complete=*/true);
+    h.dev->Complete(rng() % 12);
+    if (rng() % 3 == 0) {
+      // Going to sleep: Consume() set avail_event = last_avail; re-check once.
+      if (h.dev->Consume(true) == 0) h.rec->awake = false;
+    }
+  };
+  const uint64_t kTarget = 3 * 65536 + 1000;  // three wraps of the 16-bit index
+  // Bounded: with a stranded ring the slots never come back (no hang, a failure).
+  for (int guard = 0; h.requests < kTarget && guard < 2'000'000; ++guard) {
+    int burst = static_cast<int>(rng() % 8);
+    while (burst-- > 0 && !h.free_slots.empty()) {
+      uint32_t slot = h.free_slots.back();
+      h.free_slots.pop_back();
+      ASSERT_TRUE(h.SubmitOne(slot, h.requests));
+    }
+    device_step();
+    h.PollOnce();
+  }
+  EXPECT_GE(h.requests, kTarget) << "submitters starved: requests stranded by a suppressed kick";
+  // Drain: the device keeps its habits (sleeps when idle); only kicks wake it.
+  for (int i = 0; i < 100000 && h.completions < h.requests; ++i) {
+    device_step();
+    if (!h.rec->awake) h.dev->Complete(64);  // finish what it already took
+    h.PollOnce();
+  }
+  EXPECT_EQ(h.completions, h.requests) << "requests stranded by a suppressed kick";
+  EXPECT_EQ(h.queue->stats().completions, h.requests);
+  EXPECT_LT(h.rec->kicks, h.requests / 2) << "event-idx should suppress most kicks";
+  EXPECT_GT(h.rec->kicks, 100u) << "the device slept often: kicks had to wake it";
+  EXPECT_EQ(h.dev->last_avail(), static_cast<uint16_t>(h.requests));
 }
 
 TEST(BlkQueue, CompletesWithDeviceStatusAndFailsAllOnReset) {
