@@ -30,6 +30,8 @@ function(bpf_object name src)
     COMMAND ${BPF_CLANG} -g -O2 -target bpf -D__TARGET_ARCH_x86 -Wall
             -Wno-unused-function -Wno-compare-distinct-pointer-types
             -I${VKICK_GEN_DIR}/vmlinux -I${CMAKE_SOURCE_DIR}
+            # <asm/...> for libbpf's usdt.bpf.h (linux/errno.h), as libbpf-bootstrap does.
+            -idirafter /usr/include/${CMAKE_LIBRARY_ARCHITECTURE}
             -c ${src_abs} -o ${obj}
     DEPENDS ${src_abs} ${VKICK_VMLINUX_H} ${ARGN}
     IMPLICIT_DEPENDS C ${src_abs}

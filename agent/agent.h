@@ -1,0 +1,103 @@
+// The vkick-agent loop: registry -> probes -> samples -> channel, and
+// policies -> control blocks -> acks. One thread, ppoll(); see docs/agent.md.
+#pragma once
+
+#include <signal.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <ostream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "agent/channel.h"
+#include "agent/control_writer.h"
+#include "agent/counter_source.h"
+#include "agent/policy_state.h"
+#include "agent/registry.h"
+
+namespace vkick::agent {
+
+struct AgentOptions {
+  std::string connect_path;     // unix socket; empty: use port_name
+  std::string port_name;        // virtio-serial port name; empty with connect_path empty: local only
+  uint64_t interval_ns = 1'000'000'000;
+  std::string run_dir = "/run/vkick";           // registry in <run_dir>/drivers
+  std::string control_dir = "/dev/shm/vkick";   // control blocks must live here
+  std::string agent_id;
+  std::string kernel;
+  bool json = false;             // one JSON line per interval on `out`
+  int max_intervals = 0;         // > 0: exit after that many intervals (--once = 1)
+  uint64_t registry_poll_ns = 100'000'000;
+  uint64_t reconnect_min_ns = 100'000'000;
+  uint64_t reconnect_max_ns = 5'000'000'000;
+  std::string proc_root = "/proc";
+  std::string sysfs_ports = "/sys/class/virtio-ports";
+  std::string dev_root = "/dev";
+};
+
+class Agent {
+ public:
+  using Clock = std::function<uint64_t()>;  // CLOCK_MONOTONIC ns
+  Agent(AgentOptions opts, CounterSource* probes, Clock clock, std::ostream* out);
+
+  // Runs until *stop becomes true (set from a signal handler) or
+  // max_intervals elapsed. Returns the process exit code.
+  int Run(volatile const bool* stop, const sigset_t* run_mask);
+
+ private:
+  struct Driver {
+    DriverEntry entry;
+    std::unique_ptr<ControlWriter> control;
+    bool gone = false;
+    std::map<uint16_t, QueueTotals> prev;   // last cumulative read per queue
+  };
+
+  bool RescanRegistry();  // true when a driver was added
+  void Tick(uint64_t now);
+  void TryConnect(uint64_t now);
+  void Disconnect(uint64_t now, const std::string& why, bool fast_retry);
+  void SendHello();
+  void OnMessage(proto::DecodeResult&& r, uint64_t now);
+  void WriteControl(int32_t pid, uint64_t now);
+  void Send(const proto::Message& m);
+  bool HelloIsStale() const;
+  // The live drivers a hello can announce, in pid order, within the
+  // protocol's bounds (<= 16 devices, <= 64 queues, no duplicate serial/PCI).
+  std::vector<std::pair<int32_t, proto::GuestDevice>> Announceable(bool log) const;
+
+  AgentOptions opts_;
+  CounterSource* probes_;
+  Clock clock_;
+  std::ostream* out_;
+
+  std::map<int32_t, Driver> drivers_;
+  std::map<std::string, uint64_t> registry_rejected_;  // last scan, by reason
+  std::map<int32_t, uint64_t> attach_failed_until_;    // pid -> next attach attempt
+  PolicyState policy_;
+
+  std::optional<Connection> conn_;
+  std::vector<AnnouncedDriver> announced_;  // the current connection's hello
+  uint64_t next_connect_ns_ = 0;
+  uint64_t backoff_ns_ = 0;
+  uint64_t seq_ = 0;
+  uint64_t last_read_ns_ = 0;
+  std::string last_connect_error_;
+  std::string pending_drop_;
+  std::string last_disconnect_reason_;
+  bool last_disconnect_quiet_ = false;
+  bool conn_heard_ = false;  // the current connection received a frame  // set while the connection must not be destroyed yet
+  // Counters (logged, reported in --json).
+  uint64_t connects_ = 0, disconnects_ = 0, policies_ = 0, acks_ = 0, samples_sent_ = 0;
+  uint64_t rejected_from_host_ = 0, skipped_queues_ = 0, unknown_queue_refs_ = 0;
+  uint64_t map_full_ = 0, bad_queue_ = 0;
+};
+
+// "2026-11-22T21:55:34Z vkick-agent: <msg>" on stderr.
+void Log(const std::string& msg);
+
+}  // namespace vkick::agent

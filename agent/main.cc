@@ -1,0 +1,168 @@
+// vkick-agent: the guest side of the vkick loop. See docs/agent.md.
+#include <signal.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "agent/agent.h"
+#include "agent/usdt_probes.h"
+
+ABSL_FLAG(std::string, connect, "", "vkickd's agent unix socket (vhost-user drivers on the host)");
+ABSL_FLAG(std::string, port_name, "org.vkick.agent.0",
+          "virtio-serial port name (/sys/class/virtio-ports/*/name) when --connect is not given");
+ABSL_FLAG(absl::Duration, interval, absl::Seconds(1), "sampling interval (10ms..60s)");
+ABSL_FLAG(std::string, run_dir, "", "driver registry root (<run_dir>/drivers/<pid>.json); default $VKICK_RUN_DIR or /run/vkick");
+ABSL_FLAG(std::string, control_dir, "/dev/shm/vkick",
+          "the only directory control blocks may live in (registry entries naming others are ignored)");
+ABSL_FLAG(std::string, agent_id, "", "agent id sent in hello ([A-Za-z0-9._:-], <= 64); default: hostname");
+ABSL_FLAG(std::vector<std::string>, driver_binary, {},
+          "vkick-blk executables to probe in every process, from start (no event missed before registration)");
+ABSL_FLAG(bool, json, false, "print one JSON line per interval on stdout (without --connect: local only, no channel)");
+ABSL_FLAG(bool, once, false, "sample one interval, print it as JSON and exit (no channel)");
+ABSL_FLAG(int32_t, intervals, 0, "exit after this many intervals (0 = run until SIGINT/SIGTERM)");
+
+namespace {
+
+volatile bool g_stop = false;
+void OnSignal(int) { g_stop = true; }
+
+uint64_t MonotonicNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+std::string SanitizeId(std::string s) {
+  std::string out;
+  for (char c : s) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+                    c == '_' || c == ':' || c == '-';
+    out.push_back(ok ? c : '_');
+    if (out.size() == vkick::proto::kMaxAgentIdLen) break;
+  }
+  return out.empty() ? "guest" : out;
+}
+
+int Main() {
+  using vkick::agent::Log;
+  vkick::agent::AgentOptions o;
+  const absl::Duration interval = absl::GetFlag(FLAGS_interval);
+  if (interval < absl::Milliseconds(10) || interval > absl::Seconds(60)) {
+    std::fprintf(stderr, "vkick-agent: --interval must be in 10ms..60s\n");
+    return 2;
+  }
+  o.interval_ns = static_cast<uint64_t>(absl::ToInt64Nanoseconds(interval));
+  o.run_dir = absl::GetFlag(FLAGS_run_dir);
+  if (o.run_dir.empty()) {
+    const char* env = std::getenv("VKICK_RUN_DIR");
+    o.run_dir = env && *env ? env : "/run/vkick";
+  }
+  o.control_dir = absl::GetFlag(FLAGS_control_dir);
+  while (o.control_dir.size() > 1 && o.control_dir.back() == '/') o.control_dir.pop_back();
+  if (o.control_dir.empty() || o.control_dir[0] != '/') {
+    std::fprintf(stderr, "vkick-agent: --control_dir must be an absolute path\n");
+    return 2;
+  }
+  std::string id = absl::GetFlag(FLAGS_agent_id);
+  if (id.empty()) {
+    char host[256] = {};
+    gethostname(host, sizeof(host) - 1);
+    id = host;
+  }
+  o.agent_id = SanitizeId(id);
+  utsname u;
+  if (uname(&u) == 0) {
+    std::string k = u.release;
+    if (k.size() > vkick::proto::kMaxKernelLen) k.resize(vkick::proto::kMaxKernelLen);
+    for (char& c : k)
+      if (c < 0x20 || c > 0x7e) c = '?';
+    o.kernel = k;
+  }
+  const bool once = absl::GetFlag(FLAGS_once);
+  o.json = absl::GetFlag(FLAGS_json) || once;
+  o.max_intervals = once ? 1 : absl::GetFlag(FLAGS_intervals);
+  o.connect_path = absl::GetFlag(FLAGS_connect);
+  // --json/--once without --connect: a local dump, no channel.
+  o.port_name = (o.connect_path.empty() && !o.json) ? absl::GetFlag(FLAGS_port_name) : "";
+  if (once) o.connect_path.clear();
+
+  auto probes = vkick::agent::UsdtProbes::Create();
+  if (!probes.ok()) {
+    Log(absl::StrCat("cannot load the BPF probes: ", probes.status().ToString()));
+    return 1;
+  }
+  for (const std::string& b : absl::GetFlag(FLAGS_driver_binary)) {
+    if (b.empty()) continue;
+    if (absl::Status s = (*probes)->AttachBinary(b); !s.ok()) {
+      Log(absl::StrCat("--driver_binary ", b, ": ", s.ToString()));
+      return 1;
+    }
+    Log(absl::StrCat("probing every process of ", b));
+  }
+
+  struct sigaction sa = {};
+  sa.sa_handler = OnSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  // Signals are blocked except inside ppoll(): no lost wake-up.
+  sigset_t block, run_mask;
+  sigemptyset(&block);
+  sigaddset(&block, SIGINT);
+  sigaddset(&block, SIGTERM);
+  sigprocmask(SIG_BLOCK, &block, &run_mask);
+  sigdelset(&run_mask, SIGINT);
+  sigdelset(&run_mask, SIGTERM);
+
+  Log(absl::StrCat("started: registry ", o.run_dir, "/drivers, interval ", absl::FormatDuration(interval),
+                   ", channel ",
+                   !o.connect_path.empty() ? "unix:" + o.connect_path
+                   : !o.port_name.empty() ? "virtio-serial:" + o.port_name
+                                          : "none (local JSON)"));
+  vkick::agent::Agent agent(o, probes->get(), MonotonicNs, &std::cout);
+  return agent.Run(&g_stop, &run_mask);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "vkick-agent: samples vkick-blk's queues with eBPF (USDT) and applies the host's kick policies.\n"
+      "  vkick-agent                                 # in a VM: virtio-serial port org.vkick.agent.0\n"
+      "  vkick-agent --connect=/run/vkick/agent.sock # on the host, next to vhost-user drivers\n"
+      "  vkick-agent --once                          # one interval as JSON, no host\n"
+      "Needs root (CAP_BPF + CAP_PERFMON). Exit status: 0 ok, 1 setup failure, 2 bad flags.");
+  // --run-dir and --run_dir both work (Abseil names use '_', docs use '-').
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--") break;
+    if (argv[i][0] != '-' || argv[i][1] == '\0') continue;
+    char* p = argv[i] + (argv[i][1] == '-' ? 2 : 1);
+    for (; *p != '\0' && *p != '='; ++p)
+      if (*p == '-') *p = '_';
+  }
+  // --help lists this file's flags (the binary name differs from the file's).
+  absl::FlagsUsageConfig cfg;
+  cfg.contains_help_flags = [](absl::string_view f) { return absl::StrContains(f, "agent/main.cc"); };
+  cfg.contains_helpshort_flags = cfg.contains_help_flags;
+  absl::SetFlagsUsageConfig(cfg);
+  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
+  if (rest.size() > 1) {
+    std::fprintf(stderr, "vkick-agent: unexpected argument '%s' (see --help)\n", rest[1]);
+    return 2;
+  }
+  return Main();
+}

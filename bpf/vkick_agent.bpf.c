@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: GPL-2.0
+/* vkick-agent: per (process, queue) counters from vkick-blk's USDT probes.
+ *
+ * Three SEC("usdt") programs, attached by agent/usdt_probes.cc with
+ * bpf_program__attach_usdt() to provider "vkick" of each vkick-blk binary
+ * (per pid or for every process of the binary). Hot-path rules as in
+ * host_probes.bpf.c: per-CPU values, a bounded preallocated map, no locks,
+ * bounded loops only; every failed insert or argument read is counted in
+ * `errors`. See docs/agent.md.
+ */
+#include "vmlinux.h"
+
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/usdt.bpf.h>
+
+#include "bpf/vkick_agent.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Interval epoch for max_depth (written by userspace through the mmaped .bss). */
+volatile __u32 epoch = 0;
+
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+  __uint(max_entries, VKICK_AGENT_MAX_KEYS);
+  __type(key, struct vkick_agent_key);
+  __type(value, struct vkick_agent_counters);
+} queue_stats SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+  __uint(max_entries, VKICK_AGENT_ERR_COUNT);
+  __type(key, __u32);
+  __type(value, __u64);
+} errors SEC(".maps");
+
+static __always_inline void count_error(__u32 idx) {
+  __u64* v = bpf_map_lookup_elem(&errors, &idx);
+  if (v) *v += 1;
+}
+
+static const struct vkick_agent_counters zero_counters;
+
+static __always_inline struct vkick_agent_counters* lookup_counters(__u32 tgid, long queue) {
+  if (queue < 0 || queue >= VKICK_AGENT_MAX_QUEUE) {
+    count_error(VKICK_AGENT_ERR_BAD_QUEUE);
+    return 0;
+  }
+  struct vkick_agent_key key = {};
+  key.tgid = tgid;
+  key.queue = (__u16)queue;
+  struct vkick_agent_counters* c = bpf_map_lookup_elem(&queue_stats, &key);
+  if (c) return c;
+  long err = bpf_map_update_elem(&queue_stats, &key, &zero_counters, BPF_NOEXIST);
+  if (err != 0 && err != -17 /* -EEXIST: another CPU inserted it */) {
+    count_error(VKICK_AGENT_ERR_MAP_FULL);
+    return 0;
+  }
+  c = bpf_map_lookup_elem(&queue_stats, &key);
+  if (!c) count_error(VKICK_AGENT_ERR_MAP_FULL);
+  return c;
+}
+
+/* floor(log2(v)) for v >= 1, branch-only (no loops). */
+static __always_inline __u32 log2_u64(__u64 v) {
+  __u32 r = 0, shift;
+  shift = (v > 0xFFFFFFFFULL) << 5; v >>= shift; r |= shift;
+  shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
+  shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
+  shift = (v > 0xF) << 2; v >>= shift; r |= shift;
+  shift = (v > 0x3) << 1; v >>= shift; r |= shift;
+  r |= (v >> 1);
+  return r;
+}
+
+/* protocol DepthBucket(). */
+static __always_inline __u32 depth_bucket(__u64 depth) {
+  if (depth <= 1) return 0;
+  __u32 b = log2_u64(depth);
+  return b < VKICK_AGENT_DEPTH_BUCKETS - 1 ? b : VKICK_AGENT_DEPTH_BUCKETS - 1;
+}
+
+/* protocol LatencyBucket(): us = ns / 1000; 0 -> 0; else bit_width(us). */
+static __always_inline __u32 latency_bucket(__u64 ns) {
+  __u64 us = ns / 1000;
+  if (us == 0) return 0;
+  __u32 b = log2_u64(us) + 1;
+  return b < VKICK_AGENT_LATENCY_BUCKETS - 1 ? b : VKICK_AGENT_LATENCY_BUCKETS - 1;
+}
+
+static __always_inline void count_submit(__u32 tgid, long queue, long depth) {
+  struct vkick_agent_counters* c = lookup_counters(tgid, queue);
+  if (!c) return;
+  __u64 d = depth < 0 ? 0 : (__u64)depth;
+  if (d > 0xFFFFFFFFULL) d = 0xFFFFFFFFULL;
+  c->requests += 1;
+  c->depth_sum += d;
+  __u32 e = epoch;
+  if (c->max_epoch != e) {
+    c->max_epoch = e;
+    c->max_depth = (__u32)d;
+  } else if ((__u32)d > c->max_depth) {
+    c->max_depth = (__u32)d;
+  }
+  __u32 b = depth_bucket(d);
+  barrier_var(b); /* keep the bound check next to the access (verifier) */
+  if (b >= VKICK_AGENT_DEPTH_BUCKETS) return;
+  c->depth_hist[b] += 1;
+}
+
+static __always_inline void count_kick(__u32 tgid, long queue, long batch, long why) {
+  struct vkick_agent_counters* c = lookup_counters(tgid, queue);
+  if (!c) return;
+  c->kicks += 1;
+  __u32 w = (why < 0 || why >= VKICK_AGENT_WHY_SLOTS) ? VKICK_AGENT_WHY_SLOTS - 1 : (__u32)why;
+  barrier_var(w);
+  if (w >= VKICK_AGENT_WHY_SLOTS) return;
+  c->kicks_by_why[w] += 1;
+}
+
+static __always_inline void count_complete(__u32 tgid, long queue, long depth, long lat_ns) {
+  struct vkick_agent_counters* c = lookup_counters(tgid, queue);
+  if (!c) return;
+  __u64 lat = lat_ns < 0 ? 0 : (__u64)lat_ns;
+  c->completions += 1;
+  c->latency_sum_ns += lat;
+  __u32 b = latency_bucket(lat);
+  barrier_var(b);
+  if (b >= VKICK_AGENT_LATENCY_BUCKETS) return;
+  c->latency_hist[b] += 1;
+}
+
+static __always_inline __u32 current_tgid(void) { return bpf_get_current_pid_tgid() >> 32; }
+
+/* vkick:submit(q, depth): depth = requests outstanding, the new one included. */
+SEC("usdt")
+int BPF_USDT(vkick_submit, long queue, long depth) {
+  count_submit(current_tgid(), queue, depth);
+  return 0;
+}
+
+/* vkick:kick(q, batch, why): a notify write was performed. */
+SEC("usdt")
+int BPF_USDT(vkick_kick, long queue, long batch, long why) {
+  count_kick(current_tgid(), queue, batch, why);
+  return 0;
+}
+
+/* vkick:complete(q, depth, lat_ns): a completion seen by the driver. */
+SEC("usdt")
+int BPF_USDT(vkick_complete, long queue, long depth, long lat_ns) {
+  count_complete(current_tgid(), queue, depth, lat_ns);
+  return 0;
+}
+
+/* Tests only (BPF_PROG_TEST_RUN): the same counting code, arguments from ctx. */
+SEC("syscall")
+int test_probe(struct vkick_agent_test_ctx* ctx) {
+  switch (ctx->op) {
+    case VKICK_AGENT_TEST_SUBMIT:
+      count_submit(ctx->tgid, ctx->queue, ctx->a);
+      return 0;
+    case VKICK_AGENT_TEST_KICK:
+      count_kick(ctx->tgid, ctx->queue, ctx->a, ctx->b);
+      return 0;
+    case VKICK_AGENT_TEST_COMPLETE:
+      count_complete(ctx->tgid, ctx->queue, ctx->a, ctx->b);
+      return 0;
+    case VKICK_AGENT_TEST_BUCKETS: {
+      __u64 d = ctx->a < 0 ? 0 : (__u64)ctx->a;
+      __u64 l = ctx->b < 0 ? 0 : (__u64)ctx->b;
+      return (int)(depth_bucket(d) | (latency_bucket(l) << 8));
+    }
+  }
+  return -1;
+}

@@ -1,0 +1,315 @@
+// The agent loop without root: a fake CounterSource, a registry in a temp dir
+// naming this test process as the driver, and the test as vkickd on a unix
+// socket (protocol/ codec). Covers hello, samples from counter deltas, policy
+// -> control block + ack, unknown queues -> error, wrong-direction frames
+// ignored, bye from the host -> reconnect, clean stop -> bye(shutdown).
+#include "agent/agent.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "protocol/codec.h"
+
+namespace vkick::agent {
+namespace {
+
+using std::chrono::milliseconds;
+
+class FakeCounters : public CounterSource {
+ public:
+  absl::Status Track(int32_t pid, const std::string&) override {
+    std::lock_guard<std::mutex> l(mu_);
+    tracked_.push_back(pid);
+    return absl::OkStatus();
+  }
+  void Untrack(int32_t) override {}
+  absl::StatusOr<CounterSnapshot> Read() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return snap_;
+  }
+  // Adds n submits at depth d and n kicks to (pid, q).
+  void Add(int32_t pid, uint16_t q, uint64_t n, uint32_t d) {
+    std::lock_guard<std::mutex> l(mu_);
+    QueueTotals& t = snap_.queues[{pid, q}];
+    t.requests += n;
+    t.kicks += n;
+    t.kicks_by_why[0] += n;
+    t.depth_sum += n * d;
+    t.depth_hist[proto::DepthBucket(d)] += n;
+    t.interval_max_depth = d;
+  }
+  std::vector<int32_t> tracked() {
+    std::lock_guard<std::mutex> l(mu_);
+    return tracked_;
+  }
+
+ private:
+  std::mutex mu_;
+  CounterSnapshot snap_;
+  std::vector<int32_t> tracked_;
+};
+
+uint64_t Now() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1'000'000'000ull + ts.tv_nsec;
+}
+
+class AgentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/vkick-agent-unit-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    ASSERT_EQ(system(("mkdir -p " + dir_ + "/run/drivers " + dir_ + "/ctl").c_str()), 0);
+    pid_ = getpid();
+    std::ofstream(absl::StrCat(dir_, "/run/drivers/", pid_, ".json"))
+        << absl::StrCat(R"({"pid":)", pid_,
+                        R"(,"transport":"pci","socket":"","pci":"0000:00:05.0","serial":"d0","queues":2,)",
+                        R"("queue_size":128,"control_block":")", dir_, R"(/ctl/control-test"})");
+    // Listen.
+    lfd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    snprintf(a.sun_path, sizeof(a.sun_path), "%s/host.sock", dir_.c_str());
+    ASSERT_EQ(bind(lfd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    ASSERT_EQ(listen(lfd_, 4), 0);
+
+    AgentOptions o;
+    o.connect_path = dir_ + "/host.sock";
+    o.interval_ns = 50'000'000;
+    o.run_dir = dir_ + "/run";
+    o.control_dir = dir_ + "/ctl";
+    o.agent_id = "unit";
+    o.kernel = "6.18";
+    o.json = true;
+    o.registry_poll_ns = 20'000'000;
+    o.reconnect_min_ns = 20'000'000;
+    agent_ = std::make_unique<Agent>(o, &counters_, Now, &out_);
+  }
+  void Start() {
+    thread_ = std::thread([this] { rc_ = agent_->Run(&stop_, nullptr); });
+  }
+  void TearDown() override {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    if (fd_ >= 0) close(fd_);
+    if (lfd_ >= 0) close(lfd_);
+    system(("rm -rf " + dir_).c_str());
+  }
+  bool Accept() {
+    if (fd_ >= 0) close(fd_);
+    pollfd p{lfd_, POLLIN, 0};
+    if (poll(&p, 1, 5000) != 1) return false;
+    fd_ = accept4(lfd_, nullptr, nullptr, SOCK_CLOEXEC);
+    dec_ = proto::StreamDecoder();
+    pending_.clear();
+    return fd_ >= 0;
+  }
+  template <typename T>
+  std::optional<T> NextOf(int timeout_ms = 3000) {
+    const uint64_t end = Now() + uint64_t(timeout_ms) * 1'000'000;
+    while (Now() < end) {
+      while (!pending_.empty()) {
+        proto::Message m = std::move(pending_.front());
+        pending_.erase(pending_.begin());
+        if (auto* t = std::get_if<T>(&m)) return *t;
+        skipped_.push_back(std::move(m));
+      }
+      pollfd p{fd_, POLLIN, 0};
+      if (poll(&p, 1, 50) != 1) continue;
+      uint8_t buf[65536];
+      ssize_t n = read(fd_, buf, sizeof(buf));
+      if (n <= 0) return std::nullopt;
+      dec_.Feed(std::span<const uint8_t>(buf, size_t(n)), [&](proto::DecodeResult&& r) {
+        EXPECT_EQ(r.error, proto::Rejection::kNone);
+        if (r.message) pending_.push_back(std::move(*r.message));
+      });
+    }
+    return std::nullopt;
+  }
+  void Send(const proto::Message& m) {
+    auto r = proto::Encode(m);
+    ASSERT_EQ(r.error, proto::Rejection::kNone);
+    ASSERT_EQ(write(fd_, r.bytes.data(), r.bytes.size()), ssize_t(r.bytes.size()));
+  }
+
+  std::string dir_;
+  int32_t pid_ = 0;
+  int lfd_ = -1, fd_ = -1;
+  proto::StreamDecoder dec_;
+  std::vector<proto::Message> pending_;
+  std::vector<proto::Message> skipped_;  // messages NextOf<T> passed over
+  FakeCounters counters_;
+  std::ostringstream out_;
+  std::unique_ptr<Agent> agent_;
+  std::thread thread_;
+  volatile bool stop_ = false;
+  int rc_ = -1;
+};
+
+TEST_F(AgentTest, HelloSamplesPolicyAckAndReconnect) {
+  Start();
+  // The registry is scanned before the first connect: one device in hello.
+  ASSERT_TRUE(Accept());
+  auto h = NextOf<proto::Hello>();
+  ASSERT_TRUE(h.has_value());
+  EXPECT_EQ(h->agent_id, "unit");
+  ASSERT_EQ(h->devices.size(), 1u);
+  EXPECT_EQ(h->devices[0].pci_devfn, 5 << 3);
+  EXPECT_EQ(h->devices[0].serial, "d0");
+  EXPECT_EQ(h->devices[0].num_queues, 2);
+  EXPECT_EQ(counters_.tracked(), std::vector<int32_t>{pid_});
+
+  // Counter deltas become samples: 100 requests at depth 4 on queue 1.
+  ASSERT_TRUE(NextOf<proto::Sample>().has_value());
+  counters_.Add(pid_, 1, 100, 4);
+  std::optional<proto::Sample> s;
+  for (int i = 0; i < 10; ++i) {
+    s = NextOf<proto::Sample>();
+    ASSERT_TRUE(s.has_value());
+    if (s->queues.size() == 2 && s->queues[1].requests > 0) break;
+  }
+  ASSERT_EQ(s->queues.size(), 2u);
+  EXPECT_EQ(s->queues[1].requests, 100u);
+  EXPECT_EQ(s->queues[1].depth_hist[2], 100u);
+  EXPECT_EQ(s->queues[1].mean_depth_milli, 4000u);
+  EXPECT_EQ(s->queues[1].max_depth, 4u);
+  EXPECT_EQ(s->queues[0].requests, 0u);
+  EXPECT_EQ(s->queues[1].lease, proto::LeaseState::kNone);
+  auto next = NextOf<proto::Sample>();
+  ASSERT_TRUE(next.has_value());
+  EXPECT_GT(next->seq, s->seq);
+  EXPECT_EQ(next->queues[1].requests, 0u);  // a delta, not the total
+
+  // A policy naming a queue the hello did not declare: error, no ack.
+  proto::QueuePolicy qp;
+  qp.ref = {0, 5};
+  qp.mode = proto::KickMode::kStatic;
+  qp.batch = 16;
+  qp.defer_ns = 30'000;
+  qp.lease_ns = 10'000'000'000;
+  qp.generation = 4;
+  Send(proto::Policy{{qp}});
+  auto err = NextOf<proto::Error>();
+  ASSERT_TRUE(err.has_value());
+  EXPECT_EQ(err->code, proto::ErrorCode::kUnknownQueue);
+
+  // A frame the host must not send: ignored, the agent carries on.
+  Send(proto::Ack{1});
+
+  // A valid policy on queue 1: control block written, ack 5.
+  qp.ref = {0, 1};
+  qp.generation = 5;
+  const uint64_t before = Now();
+  Send(proto::Policy{{qp}});
+  auto ack = NextOf<proto::Ack>();
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->generation, 5u);
+  {
+    int cfd = open((dir_ + "/ctl/control-test").c_str(), O_RDONLY);
+    ASSERT_GE(cfd, 0);
+    void* m = mmap(nullptr, sizeof(ControlBlock), PROT_READ, MAP_SHARED, cfd, 0);
+    close(cfd);
+    ASSERT_NE(m, MAP_FAILED);
+    auto* cb = static_cast<const ControlBlock*>(m);
+    ControlReadResult r1 = ReadControlBlock(cb, 1, 128), r0 = ReadControlBlock(cb, 0, 128);
+    ASSERT_TRUE(r1.snapshot && r0.snapshot);
+    EXPECT_EQ(r1.snapshot->mode, ControlMode::kStatic);
+    EXPECT_EQ(r1.snapshot->batch, 16u);
+    EXPECT_EQ(r1.snapshot->defer_ns, 30'000u);
+    EXPECT_GE(r1.snapshot->lease_expiry_ns, before + 10'000'000'000ull);
+    EXPECT_LE(r1.snapshot->lease_expiry_ns, Now() + 10'000'000'000ull);
+    EXPECT_EQ(r0.snapshot->mode, ControlMode::kImmediate);
+    EXPECT_EQ(r0.snapshot->lease_expiry_ns, 0u);
+    munmap(m, sizeof(ControlBlock));
+  }
+  s = NextOf<proto::Sample>();
+  ASSERT_TRUE(s.has_value());
+  EXPECT_EQ(s->queues[1].lease, proto::LeaseState::kActive);
+  EXPECT_EQ(s->queues[1].applied_generation, 5u);
+  EXPECT_EQ(s->queues[1].applied_batch, 16);
+
+  // The host says bye: the agent reconnects by itself with a new hello, and
+  // the lease still holds.
+  Send(proto::Bye{proto::ByeReason::kRestart});
+  ASSERT_TRUE(Accept());
+  auto h2 = NextOf<proto::Hello>();
+  ASSERT_TRUE(h2.has_value());
+  EXPECT_EQ(h2->devices, h->devices);
+  s = NextOf<proto::Sample>();
+  ASSERT_TRUE(s.has_value());
+  EXPECT_EQ(s->queues[1].lease, proto::LeaseState::kActive);
+
+  // Stop: bye(shutdown), exit 0.
+  stop_ = true;
+  auto bye = NextOf<proto::Bye>();
+  ASSERT_TRUE(bye.has_value());
+  EXPECT_EQ(bye->reason, proto::ByeReason::kShutdown);
+  thread_.join();
+  EXPECT_EQ(rc_, 0);
+  const std::string json = out_.str();
+  EXPECT_NE(json.find("\"rejected_from_host\":1"), std::string::npos) << json.substr(json.size() > 600 ? json.size() - 600 : 0);
+}
+
+TEST_F(AgentTest, PolicyWithoutAControlBlockIsNotAcked) {
+  // The control block path is a directory: it cannot be opened.
+  ASSERT_EQ(mkdir((dir_ + "/ctl/control-test").c_str(), 0755), 0);
+  Start();
+  ASSERT_TRUE(Accept());
+  ASSERT_TRUE(NextOf<proto::Hello>().has_value());
+  proto::QueuePolicy qp;
+  qp.ref = {0, 0};
+  qp.mode = proto::KickMode::kStatic;
+  qp.batch = 4;
+  qp.defer_ns = 10'000;
+  qp.lease_ns = 1'000'000'000;
+  qp.generation = 1;
+  Send(proto::Policy{{qp}});
+  auto err = NextOf<proto::Error>();
+  ASSERT_TRUE(err.has_value());
+  EXPECT_EQ(err->code, proto::ErrorCode::kInternal);
+  // Not recorded either: the samples keep saying "no lease", and no ack came.
+  auto s = NextOf<proto::Sample>();
+  ASSERT_TRUE(s.has_value());
+  EXPECT_EQ(s->queues[0].lease, proto::LeaseState::kNone);
+  ASSERT_TRUE(NextOf<proto::Sample>().has_value());
+  for (const proto::Message& m : skipped_) EXPECT_FALSE(std::holds_alternative<proto::Ack>(m));
+  for (const proto::Message& m : pending_) EXPECT_FALSE(std::holds_alternative<proto::Ack>(m));
+}
+
+TEST_F(AgentTest, DuplicateSerialIsNotAnnouncedAndDoesNotLoop) {
+  // A second live driver (our parent process) claiming the same serial.
+  const int32_t other = getppid();
+  std::ofstream(absl::StrCat(dir_, "/run/drivers/", other, ".json"))
+      << absl::StrCat(R"({"pid":)", other,
+                      R"(,"transport":"vhost-user","serial":"d0","queues":1,"queue_size":128,"control_block":")",
+                      dir_, R"(/ctl/control-other"})");
+  Start();
+  ASSERT_TRUE(Accept());
+  auto h = NextOf<proto::Hello>();
+  ASSERT_TRUE(h.has_value());
+  ASSERT_EQ(h->devices.size(), 1u);  // the lower pid wins, the duplicate is left out
+  // Several intervals later the connection is still the first one: no
+  // re-announce loop (a Bye would come before these samples).
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(NextOf<proto::Sample>().has_value());
+  pollfd p{lfd_, POLLIN, 0};
+  EXPECT_EQ(poll(&p, 1, 0), 0) << "the agent reconnected";
+}
+
+}  // namespace
+}  // namespace vkick::agent
