@@ -17,7 +17,7 @@ absl::Span<const MetricSpec> MetricTable() {
        "vhost-user kick eventfds the probes have bound to a virtqueue (learned from "
        "SET_VRING_KICK)."},
       {Metric::kProbeErrors, "vkick_probe_errors_total", MetricType::Counter, {"reason"},
-       "Probe failures by reason: map_full, read_user_failed, bad_vhost_msg (in BPF); "
+       "Probe failures by reason: map_full, read_user_failed, bad_vhost_msg, bad_queue (in BPF); "
        "control (a map update from vkickd failed), read_counters (a scrape could not read "
        "the maps)."},
       {Metric::kQmpConnected, "vkick_qmp_connected", MetricType::Gauge, {"qmp"},
@@ -46,6 +46,66 @@ absl::Span<const MetricSpec> MetricTable() {
       {Metric::kVmInterruptVectors, "vkick_vm_interrupt_vectors", MetricType::Gauge, {"vm"},
        "Distinct MSI (address, data) vectors the probes have seen for the VM; vectors are "
        "guest-programmed, so they are counted, not used as labels."},
+      {Metric::kControlLoopDuration, "vkick_control_loop_duration_seconds",
+       MetricType::Histogram, {},
+       "Duration of one control loop step (gather counters and samples, compute, send)."},
+      {Metric::kQueuePolicyInfo, "vkick_queue_policy_info", MetricType::Gauge,
+       {"vm", "device", "queue", "mode", "source"},
+       "1 per queue: its kick policy mode (immediate, event-idx, static, adaptive) and which "
+       "entry it came from (queue, device, vm, default)."},
+      {Metric::kQueueBatchThreshold, "vkick_queue_batch_threshold", MetricType::Gauge,
+       {"vm", "device", "queue"},
+       "Batching threshold B in force for the queue (requests per kick; 1 = kick every "
+       "request)."},
+      {Metric::kQueueDeferBound, "vkick_queue_defer_bound_seconds", MetricType::Gauge,
+       {"vm", "device", "queue"},
+       "Deferral bound T in force for the queue: the longest a request waits for its kick "
+       "(0 with B = 1)."},
+      {Metric::kQueuePolicyAcked, "vkick_queue_policy_acked", MetricType::Gauge,
+       {"vm", "device", "queue"},
+       "1 when the queue's agent acknowledged the policy generation now in force, else 0."},
+      {Metric::kQueueLeaseState, "vkick_queue_lease_state", MetricType::Gauge,
+       {"vm", "device", "queue", "state"},
+       "Lease state the agent last reported for the queue: 1 for the current state (none, "
+       "active, expired), 0 for the others."},
+      {Metric::kQueueLeaseExpired, "vkick_queue_lease_expired_total", MetricType::Counter,
+       {"vm", "device", "queue"},
+       "Times the agent reported the queue's lease expired (it fell back to the driver's "
+       "default)."},
+      {Metric::kPolicySwitches, "vkick_policy_switches_total", MetricType::Counter,
+       {"vm", "device", "queue"}, "Changes of the queue's policy mode."},
+      {Metric::kAgentConnected, "vkick_agent_connected", MetricType::Gauge, {"vm"},
+       "Agents connected (past hello) on the VM's channel."},
+      {Metric::kAgentMessagesRejected, "vkick_agent_messages_rejected_total",
+       MetricType::Counter, {"vm", "reason"},
+       "Agent messages rejected by the host, by reason (the protocol's closed set)."},
+      {Metric::kAgentConnectionsDropped, "vkick_agent_connections_dropped_total",
+       MetricType::Counter, {"vm"},
+       "Agent connections vkickd closed: fatal framing, repeated rejections, or an agent "
+       "not reading its policies."},
+      {Metric::kAdminRequestsRefused, "vkick_admin_requests_refused_total",
+       MetricType::Counter, {},
+       "Admin socket connections refused by the peer credential check."},
+      {Metric::kPolicySaveErrors, "vkick_policy_save_errors_total", MetricType::Counter, {},
+       "Policy changes refused because the state directory could not be written."},
+      {Metric::kVirtqueueDepth, "vkick_virtqueue_depth", MetricType::Histogram,
+       {"vm", "device", "queue"},
+       "Requests outstanding in the guest driver when a request is submitted (the new one "
+       "included), from the agent's samples."},
+      {Metric::kVirtqueueRequestLatency, "vkick_virtqueue_request_latency_seconds",
+       MetricType::Histogram, {"vm", "device", "queue"},
+       "Request latency, submit to completion seen by the guest driver, from the agent's "
+       "samples; the sum is estimated from bucket midpoints."},
+      {Metric::kVirtqueueRequests, "vkick_virtqueue_requests_total", MetricType::Counter,
+       {"vm", "device", "queue"}, "Requests the guest driver submitted (agent samples)."},
+      {Metric::kVirtqueueGuestKicks, "vkick_virtqueue_guest_kicks_total", MetricType::Counter,
+       {"vm", "device", "queue"},
+       "Notify writes the guest driver reports it performed (agent samples; compare with "
+       "the host-counted vkick_virtqueue_notifications_total)."},
+      {Metric::kVirtqueueGuestTimerKicks, "vkick_virtqueue_guest_timer_kicks_total",
+       MetricType::Counter, {"vm", "device", "queue"},
+       "Of the guest's kicks, those fired by the deferral bound T because a batch did not "
+       "fill in time (agent samples)."},
   };
   return *kTable;
 }

@@ -25,6 +25,26 @@ enum class Metric {
   kVmExits,
   kVmInterrupts,
   kVmInterruptVectors,
+  // The control loop and the agent channel (controller/loop, channel, admin).
+  kControlLoopDuration,
+  kQueuePolicyInfo,
+  kQueueBatchThreshold,
+  kQueueDeferBound,
+  kQueuePolicyAcked,
+  kQueueLeaseState,
+  kQueueLeaseExpired,
+  kPolicySwitches,
+  kAgentConnected,
+  kAgentMessagesRejected,
+  kAgentConnectionsDropped,
+  kAdminRequestsRefused,
+  kPolicySaveErrors,
+  // Guest samples (from the agent; validated, labelled by the host).
+  kVirtqueueDepth,
+  kVirtqueueRequestLatency,
+  kVirtqueueRequests,
+  kVirtqueueGuestKicks,
+  kVirtqueueGuestTimerKicks,
 };
 
 struct MetricSpec {

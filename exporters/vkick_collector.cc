@@ -1,5 +1,7 @@
 #include "exporters/vkick_collector.h"
 
+#include <array>
+#include <limits>
 #include <map>
 #include <set>
 #include <tuple>
@@ -65,11 +67,131 @@ struct VmSlot {
 
 constexpr uint64_t kUnknownVcpu = ~0ull;
 
+std::vector<std::string> QLabels(const QueueView& v) {
+  return {v.key.vm, v.key.device, absl::StrCat(v.key.queue)};
+}
+
+// A histogram series from per-bucket (non-cumulative) counts; `bounds` are
+// the finite upper bounds, the last count is the +Inf bucket.
+template <size_t N>
+void AddHistogram(MetricFamily& f, Metric id, const std::vector<std::string>& values,
+                  const std::array<uint64_t, N>& counts, const std::vector<double>& bounds,
+                  double sum) {
+  const MetricSpec& s = Spec(id);
+  ClientMetric m;
+  for (size_t i = 0; i < s.labels.size() && i < values.size(); ++i)
+    m.label.push_back({s.labels[i], values[i]});
+  uint64_t cum = 0;
+  for (size_t i = 0; i < N; ++i) {
+    cum += counts[i];
+    ClientMetric::Bucket b;
+    b.cumulative_count = cum;
+    b.upper_bound = i < bounds.size() ? bounds[i] : std::numeric_limits<double>::infinity();
+    m.histogram.bucket.push_back(b);
+  }
+  m.histogram.sample_count = cum;
+  m.histogram.sample_sum = sum;
+  f.metric.push_back(std::move(m));
+}
+
+void AddLoopSeries(MetricFamily& f, Metric id, const LoopSnapshot& l) {
+  switch (id) {
+    case Metric::kControlLoopDuration:
+      f.metric.push_back(l.loop_duration);
+      break;
+    case Metric::kQueuePolicyInfo:
+      for (const QueueView& v : l.queues) {
+        auto lv = QLabels(v);
+        lv.push_back(std::string(proto::KickModeName(v.spec.mode)));
+        lv.push_back(PolicySourceName(v.source));
+        Add(f, id, lv, 1);
+      }
+      break;
+    case Metric::kQueueBatchThreshold:
+      for (const QueueView& v : l.queues) Add(f, id, QLabels(v), v.b);
+      break;
+    case Metric::kQueueDeferBound:
+      for (const QueueView& v : l.queues) Add(f, id, QLabels(v), v.t_ns / 1e9);
+      break;
+    case Metric::kQueuePolicyAcked:
+      for (const QueueView& v : l.queues)
+        Add(f, id, QLabels(v), v.generation != 0 && v.acked_generation == v.generation);
+      break;
+    case Metric::kQueueLeaseState:
+      for (const QueueView& v : l.queues) {
+        static const std::pair<proto::LeaseState, const char*> kStates[] = {
+            {proto::LeaseState::kNone, "none"},
+            {proto::LeaseState::kActive, "active"},
+            {proto::LeaseState::kExpired, "expired"}};
+        for (const auto& [st, name] : kStates) {
+          auto lv = QLabels(v);
+          lv.push_back(name);
+          Add(f, id, lv, v.guest_lease == st ? 1 : 0);
+        }
+      }
+      break;
+    case Metric::kQueueLeaseExpired:
+      for (const QueueView& v : l.queues) Add(f, id, QLabels(v), v.lease_expiries);
+      break;
+    case Metric::kPolicySwitches:
+      for (const QueueView& v : l.queues) Add(f, id, QLabels(v), v.policy_switches);
+      break;
+    case Metric::kAgentConnected:
+      for (const auto& a : l.agents) Add(f, id, {a.vm}, a.connected);
+      break;
+    case Metric::kAgentMessagesRejected:
+      for (const auto& a : l.agents) {
+        for (size_t r = 1; r < proto::kRejectionCount; ++r) {
+          Add(f, id, {a.vm, std::string(proto::RejectionName(static_cast<proto::Rejection>(r)))},
+              a.rejected[r]);
+        }
+      }
+      break;
+    case Metric::kAgentConnectionsDropped:
+      for (const auto& a : l.agents) Add(f, id, {a.vm}, a.dropped);
+      break;
+    case Metric::kAdminRequestsRefused:
+      Add(f, id, {}, l.admin_refused);
+      break;
+    case Metric::kPolicySaveErrors:
+      Add(f, id, {}, l.state_save_errors);
+      break;
+    case Metric::kVirtqueueDepth:
+      for (const QueueView& v : l.queues) {
+        if (v.has_sample)
+          AddHistogram(f, id, QLabels(v), v.depth_hist, DepthBucketBounds(), v.depth_sum);
+      }
+      break;
+    case Metric::kVirtqueueRequestLatency:
+      for (const QueueView& v : l.queues) {
+        if (v.has_sample)
+          AddHistogram(f, id, QLabels(v), v.latency_hist, LatencyBucketBoundsSeconds(),
+                       v.latency_sum_s);
+      }
+      break;
+    case Metric::kVirtqueueRequests:
+      for (const QueueView& v : l.queues)
+        if (v.has_sample) Add(f, id, QLabels(v), v.requests_total);
+      break;
+    case Metric::kVirtqueueGuestKicks:
+      for (const QueueView& v : l.queues)
+        if (v.has_sample) Add(f, id, QLabels(v), v.guest_kicks_total);
+      break;
+    case Metric::kVirtqueueGuestTimerKicks:
+      for (const QueueView& v : l.queues)
+        if (v.has_sample) Add(f, id, QLabels(v), v.timer_kicks_total);
+      break;
+    default:
+      break;
+  }
+}
+
 }  // namespace
 
 std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
                                               const ExitReasonNamer& namer,
-                                              const std::string& version) {
+                                              const std::string& version,
+                                              const LoopSnapshot* loop) {
   const CounterSnapshot* c = snap.counters ? &*snap.counters : nullptr;
 
   std::vector<VmSlot> slots;
@@ -150,6 +272,7 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
         Add(f, spec.id, {"map_full"}, pe.map_full);
         Add(f, spec.id, {"read_user_failed"}, pe.read_user_failed);
         Add(f, spec.id, {"bad_vhost_msg"}, pe.bad_vhost_msg);
+        Add(f, spec.id, {"bad_queue"}, pe.bad_queue);
         Add(f, spec.id, {"control"}, snap.probe_errors.control);
         Add(f, spec.id, {"read_counters"}, snap.probe_errors.read_counters);
         break;
@@ -212,6 +335,9 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
       case Metric::kVmInterruptVectors:
         for (const VmSlot& s : slots) Add(f, spec.id, {s.name}, s.vectors.size());
         break;
+      default:
+        if (loop != nullptr) AddLoopSeries(f, spec.id, *loop);
+        break;
     }
     out.push_back(std::move(f));
   }
@@ -219,6 +345,10 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
 }
 
 std::vector<MetricFamily> VkickCollector::Collect() const {
+  if (loop_) {
+    LoopSnapshot l = loop_();
+    return BuildMetricFamilies(daemon_.Scrape(), namer_, version_, &l);
+  }
   return BuildMetricFamilies(daemon_.Scrape(), namer_, version_);
 }
 

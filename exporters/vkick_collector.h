@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "controller/daemon/daemon.h"
+#include "controller/loop/loop_snapshot.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
 
@@ -25,22 +26,30 @@ namespace vkick {
 using ExitReasonNamer = std::function<std::string(uint32_t isa, uint32_t reason)>;
 
 // Pure: the whole exposition for one snapshot, in MetricTable() order.
+// `loop` (may be null: no control loop) adds the policy, channel and guest
+// sample families' series.
 std::vector<prometheus::MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
                                                           const ExitReasonNamer& namer,
-                                                          const std::string& version);
+                                                          const std::string& version,
+                                                          const LoopSnapshot* loop = nullptr);
 
 // The Collectable registered with the HTTP server: scrapes the daemon on
 // every Collect(), so series appear and disappear with the VMs.
 class VkickCollector : public prometheus::Collectable {
  public:
-  VkickCollector(Daemon& daemon, ExitReasonNamer namer, std::string version)
-      : daemon_(daemon), namer_(std::move(namer)), version_(std::move(version)) {}
+  VkickCollector(Daemon& daemon, ExitReasonNamer namer, std::string version,
+                 std::function<LoopSnapshot()> loop = nullptr)
+      : daemon_(daemon),
+        namer_(std::move(namer)),
+        version_(std::move(version)),
+        loop_(std::move(loop)) {}
   std::vector<prometheus::MetricFamily> Collect() const override;
 
  private:
   Daemon& daemon_;
   const ExitReasonNamer namer_;
   const std::string version_;
+  const std::function<LoopSnapshot()> loop_;
 };
 
 }  // namespace vkick

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,7 +25,10 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "controller/daemon/daemon.h"
+#include "controller/admin/admin_server.h"
+#include "controller/channel/agent_server.h"
 #include "controller/daemon/log.h"
+#include "controller/daemon/loop_runner.h"
 #include "controller/daemon/wiring.h"
 #include "exporters/http_server.h"
 #include "exporters/vkick_collector.h"
@@ -40,6 +44,33 @@ ABSL_FLAG(absl::Duration, refresh_interval, absl::Seconds(1),
           "QMP events trigger an earlier refresh.");
 ABSL_FLAG(absl::Duration, qmp_timeout, absl::Seconds(2),
           "Deadline of one QMP exchange; a VM that does not answer in time is a timeout error.");
+ABSL_FLAG(std::string, agent_socket, "",
+          "Unix socket (mode 0660) vkickd listens on for vkick-agent connections of host-process "
+          "drivers (vhost-user frontends such as vkick-blk); empty = off.");
+ABSL_FLAG(std::vector<std::string>, vhost_user, {},
+          "ID=SOCKET_PATH: a host-process vhost-user driver whose agent connects to "
+          "--agent-socket and reports serial ID; its queues are labelled vm=--vhost-user-vm, "
+          "device=ID. Repeatable.");
+ABSL_FLAG(std::string, vhost_user_vm, "vhost-user",
+          "The `vm` label of the --vhost-user drivers (they run on the host, not in a VM).");
+ABSL_FLAG(absl::Duration, control_interval, absl::Seconds(1),
+          "Run the control loop (read counters and samples, compute and send policies) this "
+          "often.");
+ABSL_FLAG(absl::Duration, lease, absl::Seconds(5),
+          "Lease sent with every policy and renewed every --control-interval; an agent that "
+          "hears nothing for this long falls back to the driver's default. 10ms..60s, longer "
+          "than --control-interval.");
+ABSL_FLAG(std::string, default_policy, "immediate",
+          "Policy of queues no entry covers: immediate | event-idx | adaptive | static:B:T_us. "
+          "`vkickctl policy set --all` replaces it (persisted in --state-dir).");
+ABSL_FLAG(std::string, state_dir, "/var/lib/vkick",
+          "Where policy changes are persisted and restored from at start. If the default is "
+          "unusable vkickd runs without persistence (logged); a given path must work.");
+ABSL_FLAG(std::string, admin_socket, "/run/vkick/admin.sock",
+          "Unix socket for vkickctl (mode 0600, or 0660 with --admin-group). If the default "
+          "cannot be opened vkickd runs without it (logged); a given path must work.");
+ABSL_FLAG(std::string, admin_group, "",
+          "Group (name) whose members may use the admin socket besides root.");
 ABSL_FLAG(bool, no_probes, false,
           "Run without the eBPF host probes (no root needed): discovery and self-metrics only.");
 
@@ -128,6 +159,46 @@ int main(int argc, char** argv) {
     return Fail(addr.status().message());
   }
 
+  // The control loop's options, all checked before anything starts.
+  vkick::LoopRunnerOptions loop_options;
+  loop_options.interval = absl::GetFlag(FLAGS_control_interval);
+  if (loop_options.interval < absl::Milliseconds(10) || loop_options.interval > absl::Seconds(60))
+    return Fail("--control-interval must be 10ms..60s");
+  const absl::Duration lease = absl::GetFlag(FLAGS_lease);
+  if (lease < absl::Nanoseconds(vkick::proto::kMinLeaseNs) ||
+      lease > absl::Nanoseconds(vkick::proto::kMaxLeaseNs) || lease <= loop_options.interval)
+    return Fail("--lease must be 10ms..60s and longer than --control-interval");
+  loop_options.loop.lease_ns = static_cast<uint64_t>(absl::ToInt64Nanoseconds(lease));
+  auto default_policy = vkick::ParsePolicySpec(absl::GetFlag(FLAGS_default_policy));
+  if (!default_policy.ok())
+    return Fail(absl::StrCat("--default-policy: ", default_policy.status().message()));
+  loop_options.default_policy = *default_policy;
+  loop_options.state_dir = absl::GetFlag(FLAGS_state_dir);
+  loop_options.state_dir_required = loop_options.state_dir != "/var/lib/vkick";
+  loop_options.vhost_user_vm = absl::GetFlag(FLAGS_vhost_user_vm);
+  if (auto s = vkick::ValidatePolicyScope({loop_options.vhost_user_vm, "", -1});
+      !s.ok() || loop_options.vhost_user_vm.empty())
+    return Fail("--vhost-user-vm: not a valid label value");
+  for (const std::string& v : RepeatedFlag(argc, argv, "vhost_user")) {
+    auto d = vkick::ParseVhostUserDecl(v);
+    if (!d.ok()) return Fail(d.status().message());
+    for (const auto& o : loop_options.vhost_user) {
+      if (o.id == d->id) return Fail(absl::StrCat("--vhost-user: ID ", d->id, " given twice"));
+    }
+    loop_options.vhost_user.push_back(*d);
+  }
+  const std::string agent_socket = absl::GetFlag(FLAGS_agent_socket);
+  if (!loop_options.vhost_user.empty() && agent_socket.empty())
+    return Fail("--vhost-user needs --agent-socket (where their agent connects)");
+  const std::string admin_socket = absl::GetFlag(FLAGS_admin_socket);
+  const bool admin_required = admin_socket != "/run/vkick/admin.sock";
+  std::optional<uint32_t> admin_gid;
+  if (!absl::GetFlag(FLAGS_admin_group).empty()) {
+    auto g = vkick::LookupGroup(absl::GetFlag(FLAGS_admin_group));
+    if (!g.ok()) return Fail(g.status().message());
+    admin_gid = *g;
+  }
+
   // Probes first: the one start-up step that needs privileges.
   std::unique_ptr<vkick::ProbeBackend> probes;
   if (!absl::GetFlag(FLAGS_no_probes)) {
@@ -154,10 +225,53 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
+  vkick::AgentPortRegistry agent_ports;  // VMs' virtio-serial agent ports (discovery)
   vkick::Daemon daemon(options, probes.get(),
-                       vkick::QmpDiscoveryFactory(absl::GetFlag(FLAGS_qmp_timeout)));
-  auto collector = std::make_shared<vkick::VkickCollector>(daemon, vkick::ExitReasonNames(),
-                                                           VKICK_VERSION);
+                       vkick::QmpDiscoveryFactory(absl::GetFlag(FLAGS_qmp_timeout), &agent_ports));
+
+  vkick::LoopRunner runner(loop_options, daemon);
+  if (absl::Status s = runner.Init(); !s.ok())
+    return Fail(absl::StrCat("--state-dir: ", s.ToString()));
+
+  // The agent channel: the --agent-socket listener (host-process drivers)
+  // and the connections to VMs' virtio-serial agent ports.
+  std::unique_ptr<vkick::AgentServer> agents;
+  {
+    vkick::AgentServerOptions ao;
+    ao.socket_path = agent_socket;  // "" = VM channels only
+    ao.vm = loop_options.vhost_user_vm;
+    ao.devices = vkick::VhostUserChannelDevices(loop_options);
+    ao.max_connections = 8 + options.qmp_paths.size();
+    ao.log = [](const std::string& s) { vkick::LogToStderr(s); };
+    ao.on_hello = [&runner] { runner.Wake(); };
+    auto a = vkick::AgentServer::Start(std::move(ao));
+    if (!a.ok()) return Fail(absl::StrCat("--agent-socket: ", a.status().ToString()));
+    agents = *std::move(a);
+    runner.SetAgentServer(agents.get(), /*listening=*/!agent_socket.empty());
+    runner.SetAgentPorts(&agent_ports);
+  }
+
+  std::unique_ptr<vkick::AdminServer> admin;
+  if (!admin_socket.empty()) {
+    vkick::AdminServerOptions ad;
+    ad.socket_path = admin_socket;
+    ad.admin_gid = admin_gid;
+    ad.handler = [&runner](const vkick::AdminRequest& r) { return runner.HandleAdmin(r); };
+    ad.log = [](const std::string& s) { vkick::LogToStderr(s); };
+    auto a = vkick::AdminServer::Start(std::move(ad));
+    if (!a.ok()) {
+      if (admin_required) return Fail(absl::StrCat("--admin-socket: ", a.status().ToString()));
+      vkick::LogToStderr(absl::StrCat("admin socket disabled (vkickctl will not reach this "
+                                      "vkickd): ", a.status().ToString()));
+    } else {
+      admin = *std::move(a);
+      vkick::AdminServer* raw = admin.get();
+      runner.SetAdminRefusedCounter([raw] { return raw->refused(); });
+    }
+  }
+
+  auto collector = std::make_shared<vkick::VkickCollector>(
+      daemon, vkick::ExitReasonNames(), VKICK_VERSION, [&runner] { return runner.Snapshot(); });
   auto server = vkick::MetricsHttpServer::Start(listen, {collector}, [&daemon] {
     vkick::Daemon::Health h = daemon.CheckHealth();
     return vkick::HealthResult{h.ok, h.reason};
@@ -165,17 +279,27 @@ int main(int argc, char** argv) {
   if (!server.ok()) return Fail(server.status().message());
 
   daemon.Start();
+  runner.Start();
   vkick::LogToStderr(absl::StrCat(
       "vkickd ", VKICK_VERSION, " listening on ", (*server)->url(), "/metrics (probes ",
       probes ? "attached" : "disabled by --no-probes", ", ", options.qmp_paths.size(),
       " QMP socket(s)", options.qmp_paths.empty() ? "" : ": ",
       absl::StrJoin(options.qmp_paths, ", "), ")"));
+  vkick::LogToStderr(absl::StrCat(
+      "control loop every ", absl::FormatDuration(loop_options.interval), ", lease ",
+      absl::FormatDuration(lease), ", default policy ",
+      vkick::FormatPolicySpec(runner.Table().default_policy()), "; agent socket ",
+      agent_socket.empty() ? "off" : agent_socket, " (", loop_options.vhost_user.size(),
+      " --vhost-user); admin socket ", admin ? admin_socket : "off"));
 
   int sig = 0;
   sigwait(&stop_signals, &sig);
   vkick::LogToStderr(absl::StrCat("received ", sig == SIGINT ? "SIGINT" : "SIGTERM",
                                   ", shutting down"));
   server->reset();  // no scrape runs past this point
+  admin.reset();    // no admin request runs past this point
+  runner.Stop();    // the loop thread
+  agents.reset();   // closes every agent connection
   daemon.Stop();    // joins attachments, untracks every VM
   probes.reset();   // detaches the BPF programs
   vkick::LogToStderr("stopped");

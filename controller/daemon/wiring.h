@@ -7,6 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "controller/daemon/agent_port.h"
 #include "controller/daemon/daemon.h"
 #include "controller/probes/probe_backend.h"
 #include "exporters/vkick_collector.h"
@@ -17,7 +18,10 @@ namespace vkick {
 absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes();
 
 // Connects to a QEMU QMP socket; every QMP exchange bounded by `timeout`.
-DiscoveryFactory QmpDiscoveryFactory(absl::Duration timeout);
+// With `agent_ports`, each VM's virtio-serial agent port is looked up too
+// (agent_port.h).
+DiscoveryFactory QmpDiscoveryFactory(absl::Duration timeout,
+                                     AgentPortRegistry* agent_ports = nullptr);
 
 // Decodes kvm_exit (isa, reason) into the bounded set of reason names.
 ExitReasonNamer ExitReasonNames();

@@ -56,6 +56,7 @@ DaemonSnapshot KnownSnapshot() {
              {3, 0, 1, 12345, 3}, {99, 0, 1, 30, 9}};
   c.kick_fds = {{4242, 20, 11, 1, 0}, {4242, 21, 11, 1, 1}};
   c.errors.map_full = 2;
+  c.errors.bad_queue = 3;
   s.counters = c;
   return s;
 }
@@ -74,11 +75,12 @@ vkick_probes_attached 1
 # HELP vkick_probe_kick_fd_bindings vhost-user kick eventfds the probes have bound to a virtqueue (learned from SET_VRING_KICK).
 # TYPE vkick_probe_kick_fd_bindings gauge
 vkick_probe_kick_fd_bindings 2
-# HELP vkick_probe_errors_total Probe failures by reason: map_full, read_user_failed, bad_vhost_msg (in BPF); control (a map update from vkickd failed), read_counters (a scrape could not read the maps).
+# HELP vkick_probe_errors_total Probe failures by reason: map_full, read_user_failed, bad_vhost_msg, bad_queue (in BPF); control (a map update from vkickd failed), read_counters (a scrape could not read the maps).
 # TYPE vkick_probe_errors_total counter
 vkick_probe_errors_total{reason="map_full"} 2
 vkick_probe_errors_total{reason="read_user_failed"} 0
 vkick_probe_errors_total{reason="bad_vhost_msg"} 0
+vkick_probe_errors_total{reason="bad_queue"} 3
 vkick_probe_errors_total{reason="control"} 1
 vkick_probe_errors_total{reason="read_counters"} 0
 # HELP vkick_qmp_connected 1 while a VM is attached through this --qmp socket, else 0.
@@ -130,7 +132,17 @@ vkick_vm_interrupts_total{vm="web"} 16
 # TYPE vkick_vm_interrupt_vectors gauge
 vkick_vm_interrupt_vectors{vm="web"} 2
 )";
-  EXPECT_EQ(Text(KnownSnapshot()), kExpected);
+  // Without a control loop its families are present but empty.
+  std::string loop_families;
+  bool after = false;
+  for (const MetricSpec& m : MetricTable()) {
+    if (after) {
+      loop_families += "# HELP " + m.name + " " + m.help + "\n# TYPE " + m.name + " " +
+                       MetricTypeName(m.type) + "\n";
+    }
+    if (m.id == Metric::kVmInterruptVectors) after = true;
+  }
+  EXPECT_EQ(Text(KnownSnapshot()), kExpected + loop_families);
 }
 
 TEST(ExpositionTest, ProbesDisabledGiveZerosNotGaps) {
@@ -159,7 +171,9 @@ TEST(ExpositionTest, NamesFollowConventions) {
     EXPECT_EQ(total, s.type == prometheus::MetricType::Counter)
         << "counters, and only counters, end in _total";
     if (s.type == prometheus::MetricType::Histogram) {
-      EXPECT_THAT(s.name, ::testing::EndsWith("_seconds")) << "base units";
+      // Base units: seconds, or a dimensionless count (queue depth in requests).
+      if (s.name != "vkick_virtqueue_depth")
+        EXPECT_THAT(s.name, ::testing::EndsWith("_seconds")) << "base units";
     }
     EXPECT_FALSE(s.help.empty());
     for (const auto& l : s.labels) {
@@ -243,6 +257,76 @@ TEST(ExpositionTest, SameVmNameTwiceStaysDistinct) {
   EXPECT_THAT(t, HasSubstr(
       "vkick_virtqueue_notifications_total{vm=\"twin/pid200\",device=\"disk0\",queue=\"0\"} 6\n"));
   EXPECT_THAT(t, HasSubstr("vkick_vm_info{vm=\"twin/pid200\",pid=\"200\"} 1\n"));
+}
+
+TEST(ExpositionTest, LoopFamiliesPolicyChannelAndGuestHistograms) {
+  LoopSnapshot l;
+  QueueView v;
+  v.key = {"vhost-user", "blk0", 0};
+  v.spec = {proto::KickMode::kAdaptive, 1, 0};
+  v.source = PolicySource::kVm;
+  v.b = 16;
+  v.t_ns = 250'000;
+  v.generation = 7;
+  v.acked_generation = 7;
+  v.has_sample = true;
+  v.guest_lease = proto::LeaseState::kActive;
+  v.requests_total = 100;
+  v.guest_kicks_total = 7;
+  v.timer_kicks_total = 1;
+  v.depth_hist[0] = 10;  // depth 1
+  v.depth_hist[4] = 90;  // 16..31
+  v.depth_sum = 10 + 90 * 20;
+  v.latency_hist[7] = 100;  // [64, 128) us
+  v.latency_sum_s = 100 * 96e-6;
+  v.policy_switches = 2;
+  QueueView idle = v;
+  idle.key.queue = 1;
+  idle.has_sample = false;  // no agent data: no guest series, policy series only
+  idle.acked_generation = 0;
+  l.queues = {v, idle};
+  AgentChannelSnapshot a;
+  a.vm = "vhost-user";
+  a.connected = 1;
+  a.rejected[static_cast<size_t>(proto::Rejection::kBadMagic)] = 2;
+  a.dropped = 2;
+  l.agents = {a};
+  l.admin_refused = 1;
+  prometheus::Histogram h({0.001});
+  h.Observe(0.0005);
+  l.loop_duration = h.Collect();
+  DaemonSnapshot d;
+  std::string t = prometheus::TextSerializer().Serialize(BuildMetricFamilies(d, Namer, "x", &l));
+  const char* want[] = {
+      R"(vkick_queue_policy_info{vm="vhost-user",device="blk0",queue="0",mode="adaptive",source="vm"} 1)",
+      R"(vkick_queue_batch_threshold{vm="vhost-user",device="blk0",queue="0"} 16)",
+      R"(vkick_queue_defer_bound_seconds{vm="vhost-user",device="blk0",queue="0"} 0.00025)",
+      R"(vkick_queue_policy_acked{vm="vhost-user",device="blk0",queue="0"} 1)",
+      R"(vkick_queue_policy_acked{vm="vhost-user",device="blk0",queue="1"} 0)",
+      R"(vkick_queue_lease_state{vm="vhost-user",device="blk0",queue="0",state="active"} 1)",
+      R"(vkick_queue_lease_state{vm="vhost-user",device="blk0",queue="0",state="expired"} 0)",
+      R"(vkick_policy_switches_total{vm="vhost-user",device="blk0",queue="0"} 2)",
+      R"(vkick_agent_connected{vm="vhost-user"} 1)",
+      R"(vkick_agent_messages_rejected_total{vm="vhost-user",reason="bad_magic"} 2)",
+      R"(vkick_agent_messages_rejected_total{vm="vhost-user",reason="rate_limited"} 0)",
+      R"(vkick_agent_connections_dropped_total{vm="vhost-user"} 2)",
+      R"(vkick_admin_requests_refused_total 1)",
+      R"(vkick_control_loop_duration_seconds_count 1)",
+      R"(vkick_virtqueue_depth_bucket{vm="vhost-user",device="blk0",queue="0",le="1"} 10)",
+      R"(vkick_virtqueue_depth_bucket{vm="vhost-user",device="blk0",queue="0",le="15"} 10)",
+      R"(vkick_virtqueue_depth_bucket{vm="vhost-user",device="blk0",queue="0",le="31"} 100)",
+      R"(vkick_virtqueue_depth_bucket{vm="vhost-user",device="blk0",queue="0",le="+Inf"} 100)",
+      R"(vkick_virtqueue_depth_count{vm="vhost-user",device="blk0",queue="0"} 100)",
+      R"(vkick_virtqueue_depth_sum{vm="vhost-user",device="blk0",queue="0"} 1810)",
+      R"(vkick_virtqueue_request_latency_seconds_bucket{vm="vhost-user",device="blk0",queue="0",le="6.4e-05"} 0)",
+      R"(vkick_virtqueue_request_latency_seconds_bucket{vm="vhost-user",device="blk0",queue="0",le="0.000128"} 100)",
+      R"(vkick_virtqueue_requests_total{vm="vhost-user",device="blk0",queue="0"} 100)",
+      R"(vkick_virtqueue_guest_kicks_total{vm="vhost-user",device="blk0",queue="0"} 7)",
+      R"(vkick_virtqueue_guest_timer_kicks_total{vm="vhost-user",device="blk0",queue="0"} 1)",
+  };
+  for (const char* w : want) EXPECT_THAT(t, HasSubstr(w));
+  EXPECT_THAT(t, Not(HasSubstr(R"(vkick_virtqueue_requests_total{vm="vhost-user",device="blk0",queue="1"})")));
+  EXPECT_THAT(t, Not(HasSubstr(R"(reason="none")")));
 }
 
 }  // namespace

@@ -1,0 +1,111 @@
+#include "controller/channel/agent_session.h"
+
+#include <utility>
+
+namespace vkick {
+namespace {
+
+std::vector<proto::KnownDevice> KnownOf(std::vector<ChannelDevice>& devices) {
+  std::vector<proto::KnownDevice> out;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    devices[i].known.device_id = static_cast<uint16_t>(i);  // index into devices_
+    out.push_back(devices[i].known);
+  }
+  return out;
+}
+
+}  // namespace
+
+AgentSession::AgentSession(proto::GuardConfig config, std::vector<ChannelDevice> devices,
+                           int64_t now_ns)
+    : devices_(std::move(devices)), guard_(config, KnownOf(devices_), now_ns) {}
+
+bool AgentSession::Feed(std::span<const uint8_t> bytes, int64_t now_ns) {
+  if (drop_) return false;
+  decoder_.Feed(bytes, [&](proto::DecodeResult&& r) { OnFrame(std::move(r), now_ns); });
+  return !drop_;
+}
+
+void AgentSession::Finish(int64_t now_ns) {
+  if (drop_) return;
+  decoder_.Finish([&](proto::DecodeResult&& r) { OnFrame(std::move(r), now_ns); });
+}
+
+void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
+  if (drop_) return;
+  proto::ConnectionGuard::Verdict v = guard_.Admit(r, now_ns);
+  if (v == proto::ConnectionGuard::Verdict::kDrop) {
+    drop_ = true;
+    return;
+  }
+  if (v != proto::ConnectionGuard::Verdict::kAccept || !r.message) return;
+  if (auto* h = std::get_if<proto::Hello>(&*r.message)) {
+    agent_id_ = h->agent_id;
+    for (size_t d = 0; d < h->devices.size(); ++d) {
+      for (uint16_t q = 0; q < h->devices[d].num_queues; ++q) {
+        proto::QueueRef ref{static_cast<uint16_t>(d), q};
+        auto hq = guard_.Resolve(ref);
+        if (!hq || hq->device_id >= devices_.size()) continue;
+        const ChannelDevice& dev = devices_[hq->device_id];
+        refs_[QueueKey{dev.vm, dev.device, hq->queue}] = ref;
+      }
+    }
+  } else if (auto* s = std::get_if<proto::Sample>(&*r.message)) {
+    for (const proto::QueueSample& qs : s->queues) {
+      auto hq = guard_.Resolve(qs.ref);
+      if (!hq || hq->device_id >= devices_.size()) {
+        ++unmapped_samples_;
+        continue;
+      }
+      const ChannelDevice& dev = devices_[hq->device_id];
+      // Bounded: keys are host queues bound at hello (<= kMaxQueues).
+      samples_[QueueKey{dev.vm, dev.device, hq->queue}] = qs;
+    }
+  } else if (auto* a = std::get_if<proto::Ack>(&*r.message)) {
+    if (acks_.size() < 64) acks_.push_back(a->generation);
+  }
+  // error / bye: nothing to do (bye: the peer closes next).
+}
+
+std::vector<QueueKey> AgentSession::Queues() const {
+  std::vector<QueueKey> out;
+  for (const auto& [k, ref] : refs_) out.push_back(k);
+  return out;
+}
+
+std::map<QueueKey, proto::QueueSample> AgentSession::TakeSamples() {
+  return std::exchange(samples_, {});
+}
+
+std::vector<uint64_t> AgentSession::TakeAcks() { return std::exchange(acks_, {}); }
+
+std::array<uint64_t, proto::kRejectionCount> AgentSession::TakeRejections() {
+  std::array<uint64_t, proto::kRejectionCount> out{};
+  for (size_t i = 0; i < proto::kRejectionCount; ++i) {
+    uint64_t now = guard_.rejections(static_cast<proto::Rejection>(i));
+    out[i] = now - reported_[i];
+    reported_[i] = now;
+  }
+  return out;
+}
+
+std::vector<uint8_t> AgentSession::EncodePolicies(const std::vector<PolicyOut>& policies) const {
+  proto::Policy msg;
+  for (const PolicyOut& p : policies) {
+    auto it = refs_.find(p.key);
+    if (it == refs_.end()) continue;
+    if (msg.queues.size() >= proto::kMaxQueues) break;
+    proto::QueuePolicy q;
+    q.ref = it->second;
+    q.mode = p.mode;
+    q.batch = p.batch;
+    q.defer_ns = p.defer_ns;
+    q.lease_ns = p.lease_ns;
+    q.generation = p.generation;
+    msg.queues.push_back(q);
+  }
+  if (msg.queues.empty()) return {};
+  return proto::Encode(msg).bytes;  // empty if it would not validate
+}
+
+}  // namespace vkick

@@ -1,0 +1,73 @@
+// One agent connection, without I/O: bytes in -> decoded, guarded messages;
+// policies out -> one encoded frame. The guest is hostile: every frame goes
+// through proto::ConnectionGuard (rate limit, order, declared queues, drop
+// after repeated rejections), and only queues the guard maps onto devices
+// the host declared (discovery or --vhost-user) are ever named, by the
+// host's labels.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "controller/loop/control_loop.h"
+#include "protocol/codec.h"
+#include "protocol/guard.h"
+
+namespace vkick {
+
+// A device the host knows, with the labels its queues get.
+struct ChannelDevice {
+  proto::KnownDevice known;  // matched against the guest's hello
+  std::string vm;            // label values
+  std::string device;
+};
+
+class AgentSession {
+ public:
+  AgentSession(proto::GuardConfig config, std::vector<ChannelDevice> devices, int64_t now_ns);
+
+  // Feeds received bytes. Returns false when the connection must be dropped
+  // (fatal framing error, or the guard's verdict).
+  bool Feed(std::span<const uint8_t> bytes, int64_t now_ns);
+  // The peer closed: a partial frame counts as truncated.
+  void Finish(int64_t now_ns);
+
+  bool hello_seen() const { return guard_.hello_seen(); }
+  bool dropped() const { return guard_.dropped(); }
+  // Host queues this agent reports on (bound at hello).
+  std::vector<QueueKey> Queues() const;
+  // Latest sample per queue since the last call (consumed).
+  std::map<QueueKey, proto::QueueSample> TakeSamples();
+  // Acked generations since the last call (consumed).
+  std::vector<uint64_t> TakeAcks();
+  // Rejections by reason since the last call (consumed), for the per-vm counters.
+  std::array<uint64_t, proto::kRejectionCount> TakeRejections();
+  // Samples that passed the guard but named queues nothing maps to (ignored).
+  uint64_t unmapped_samples() const { return unmapped_samples_; }
+  const std::string& agent_id() const { return agent_id_; }
+
+  // One policy frame for the policies whose queues this agent reports;
+  // empty when none applies. Never produces what the agent would reject.
+  std::vector<uint8_t> EncodePolicies(const std::vector<PolicyOut>& policies) const;
+
+ private:
+  void OnFrame(proto::DecodeResult&& r, int64_t now_ns);
+
+  std::vector<ChannelDevice> devices_;  // index = KnownDevice::device_id
+  proto::StreamDecoder decoder_;
+  proto::ConnectionGuard guard_;
+  std::array<uint64_t, proto::kRejectionCount> reported_{};
+  bool drop_ = false;
+  std::string agent_id_;
+  std::map<QueueKey, proto::QueueRef> refs_;  // host queue -> guest ref
+  std::map<QueueKey, proto::QueueSample> samples_;
+  std::vector<uint64_t> acks_;
+  uint64_t unmapped_samples_ = 0;
+};
+
+}  // namespace vkick

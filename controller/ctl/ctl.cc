@@ -1,0 +1,199 @@
+#include "controller/ctl/ctl.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
+#include "controller/admin/admin_protocol.h"
+
+namespace vkick {
+
+using nlohmann::json;
+
+std::string CtlUsage() {
+  return "usage:\n"
+         "  vkickctl [--socket=PATH] status [--json]\n"
+         "  vkickctl [--socket=PATH] policy set [--vm V] [--device D] [--queue Q] [--all]\n"
+         "           adaptive | immediate | event-idx | static --batch N --defer-us T\n"
+         "  vkickctl [--socket=PATH] policy clear [--vm V] [--device D] [--queue Q]\n"
+         "\n"
+         "Talks to vkickd's admin socket (default /run/vkick/admin.sock; root or the\n"
+         "--admin-group of vkickd). A policy applies to the most specific scope:\n"
+         "queue > device > vm > all (--all replaces the default and clears the rest).\n"
+         "Exit codes: 0 ok, 1 vkickd refused the request, 2 usage or connection error.\n";
+}
+
+namespace {
+
+// "--name=value" or "--name value".
+bool TakeValue(const std::vector<std::string>& a, size_t& i, absl::string_view name,
+               std::string* out) {
+  const std::string eq = absl::StrCat("--", name, "=");
+  if (absl::StartsWith(a[i], eq)) {
+    *out = a[i].substr(eq.size());
+    return true;
+  }
+  if (a[i] == absl::StrCat("--", name) && i + 1 < a.size()) {
+    *out = a[++i];
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+absl::StatusOr<CtlCommand> ParseCtlArgs(const std::vector<std::string>& args) {
+  CtlCommand c;
+  std::vector<std::string> pos;
+  std::string vm, device, queue, batch, defer;
+  bool all = false, have_batch = false, have_defer = false, have_queue = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string v;
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h" || a == "help") {
+      c.help = true;
+      return c;
+    } else if (TakeValue(args, i, "socket", &v)) {
+      c.socket = v;
+    } else if (a == "--json") {
+      c.json_output = true;
+    } else if (a == "--all") {
+      all = true;
+    } else if (TakeValue(args, i, "vm", &v)) {
+      vm = v;
+    } else if (TakeValue(args, i, "device", &v)) {
+      device = v;
+    } else if (TakeValue(args, i, "queue", &v)) {
+      queue = v;
+      have_queue = true;
+    } else if (TakeValue(args, i, "batch", &v)) {
+      batch = v;
+      have_batch = true;
+    } else if (TakeValue(args, i, "defer-us", &v)) {
+      defer = v;
+      have_defer = true;
+    } else if (absl::StartsWith(a, "-")) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown option ", a));
+    } else {
+      pos.push_back(a);
+    }
+  }
+  if (pos.empty()) return absl::InvalidArgumentError("no command (status or policy)");
+  if (pos[0] == "status") {
+    if (pos.size() != 1) return absl::InvalidArgumentError("status takes no arguments");
+    c.is_status = true;
+    c.request = json{{"cmd", "status"}};
+    return c;
+  }
+  if (pos[0] != "policy" || pos.size() < 2)
+    return absl::InvalidArgumentError("expected 'status', 'policy set' or 'policy clear'");
+  if (c.json_output) return absl::InvalidArgumentError("--json is for status");
+  json scope = json::object();
+  if (!vm.empty()) scope["vm"] = vm;
+  if (!device.empty()) scope["device"] = device;
+  if (have_queue) {
+    int q;
+    if (!absl::SimpleAtoi(queue, &q) || q < 0) return absl::InvalidArgumentError("bad --queue");
+    scope["queue"] = q;
+  }
+  if (all && !scope.empty())
+    return absl::InvalidArgumentError("--all excludes --vm/--device/--queue");
+  if (!device.empty() && vm.empty()) return absl::InvalidArgumentError("--device needs --vm");
+  if (have_queue && device.empty()) return absl::InvalidArgumentError("--queue needs --device");
+  if (pos[1] == "clear") {
+    if (pos.size() != 2) return absl::InvalidArgumentError("policy clear takes no mode");
+    if (scope.empty()) return absl::InvalidArgumentError("policy clear needs --vm");
+    if (have_batch || have_defer) return absl::InvalidArgumentError("clear takes no --batch");
+    c.request = json{{"cmd", "policy-clear"}, {"scope", scope}};
+  } else if (pos[1] == "set") {
+    if (pos.size() != 3) return absl::InvalidArgumentError("policy set needs one mode");
+    if (!all && scope.empty())
+      return absl::InvalidArgumentError("policy set needs --vm (and --device/--queue) or --all");
+    const std::string& mode = pos[2];
+    if (mode != "adaptive" && mode != "immediate" && mode != "event-idx" && mode != "static")
+      return absl::InvalidArgumentError(absl::StrCat("unknown mode '", mode, "'"));
+    json spec{{"mode", mode}};
+    if (mode == "static" && (!have_batch || !have_defer))
+      return absl::InvalidArgumentError("static needs --batch N and --defer-us T");
+    if ((mode == "immediate" || mode == "event-idx") && (have_batch || have_defer))
+      return absl::InvalidArgumentError(absl::StrCat(mode, " takes no --batch/--defer-us"));
+    if (have_batch) {
+      int b;
+      if (!absl::SimpleAtoi(batch, &b)) return absl::InvalidArgumentError("bad --batch");
+      spec["batch"] = b;
+    }
+    if (have_defer) {
+      double d;
+      if (!absl::SimpleAtod(defer, &d)) return absl::InvalidArgumentError("bad --defer-us");
+      spec["defer_us"] = d;
+    }
+    // Validate here too, so a bad value is exit 2 with the same message.
+    if (auto s = SpecFromJson(spec); !s.ok()) return s.status();
+    c.request = json{{"cmd", "policy-set"}, {"scope", scope}, {"spec", spec}};
+  } else {
+    return absl::InvalidArgumentError("expected 'policy set' or 'policy clear'");
+  }
+  return c;
+}
+
+namespace {
+
+std::string Num(const json& j, const char* key, int decimals) {
+  if (!j.contains(key) || !j[key].is_number()) return "-";
+  char buf[64];
+  snprintf(buf, sizeof buf, "%.*f", decimals, j[key].get<double>());
+  return buf;
+}
+
+std::string Str(const json& j, const char* key) {
+  if (!j.contains(key)) return "-";
+  if (j[key].is_string()) return j[key].get<std::string>();
+  return j[key].dump();
+}
+
+}  // namespace
+
+std::string FormatStatusTable(const json& status) {
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back({"VM", "DEVICE", "QUEUE", "POLICY", "B", "T(us)", "NOTIF/S", "REQ/S",
+                  "NOTIF/REQ", "DEPTH", "AGENT", "LEASE"});
+  if (status.contains("queues") && status["queues"].is_array()) {
+    for (const json& q : status["queues"]) {
+      std::string policy = Str(q, "mode");
+      if (q.contains("source") && q["source"] != "default")
+        policy += "(" + Str(q, "source") + ")";
+      bool agent = q.value("agent", false);
+      std::string lease = Str(q, "lease");
+      if (agent && q.value("generation", 0) != 0 &&
+          q.value("acked_generation", 0) != q.value("generation", 0))
+        lease += ",pending";
+      rows.push_back({Str(q, "vm"), Str(q, "device"), Str(q, "queue"), policy, Str(q, "batch"),
+                      Num(q, "defer_us", 0), Num(q, "notifications_per_s", 0),
+                      q.value("has_sample", false) ? Num(q, "requests_per_s", 0) : "-",
+                      q.value("has_sample", false) ? Num(q, "notifications_per_request", 3)
+                                                   : "-",
+                      q.value("has_sample", false) ? Num(q, "mean_depth", 1) : "-",
+                      agent ? "up" : "down", lease});
+    }
+  }
+  std::vector<size_t> w(rows[0].size(), 0);
+  for (const auto& r : rows)
+    for (size_t i = 0; i < r.size(); ++i) w[i] = std::max(w[i], r[i].size());
+  std::string out;
+  for (const auto& r : rows) {
+    std::string line;
+    for (size_t i = 0; i < r.size(); ++i) {
+      line += r[i];
+      if (i + 1 < r.size()) line += std::string(w[i] - r[i].size() + 2, ' ');
+    }
+    out += line + "\n";
+  }
+  if (rows.size() == 1) out += "(no queues: no VM attached and no --vhost-user declared)\n";
+  return out;
+}
+
+}  // namespace vkick

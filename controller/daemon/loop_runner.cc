@@ -1,0 +1,364 @@
+#include "controller/daemon/loop_runner.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+
+namespace vkick {
+namespace {
+
+int64_t MonoNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1'000'000'000LL + ts.tv_nsec;
+}
+
+uint64_t WallMicros() { return static_cast<uint64_t>(absl::ToUnixMicros(absl::Now())); }
+
+absl::Status MkdirP(const std::string& dir) {
+  std::string cur;
+  for (absl::string_view part : absl::StrSplit(dir, '/', absl::SkipEmpty())) {
+    cur = absl::StrCat(cur, "/", part);
+    if (mkdir(cur.c_str(), 0700) != 0 && errno != EEXIST)
+      return absl::PermissionDeniedError(absl::StrCat("mkdir ", cur, ": ", strerror(errno)));
+  }
+  if (access(dir.c_str(), W_OK | X_OK) != 0)
+    return absl::PermissionDeniedError(absl::StrCat(dir, ": ", strerror(errno)));
+  return absl::OkStatus();
+}
+
+// Atomic small-file write (tmp, fsync, rename).
+absl::Status WriteFileAtomic(const std::string& path, const std::string& data) {
+  std::string tmp = absl::StrCat(path, ".tmp.", getpid());
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return absl::UnavailableError(absl::StrCat(tmp, ": ", strerror(errno)));
+  bool ok = write(fd, data.data(), data.size()) == static_cast<ssize_t>(data.size()) &&
+            fsync(fd) == 0;
+  close(fd);
+  if (!ok || rename(tmp.c_str(), path.c_str()) != 0) {
+    unlink(tmp.c_str());
+    return absl::UnavailableError(absl::StrCat("writing ", path, ": ", strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<VhostUserDecl> ParseVhostUserDecl(absl::string_view flag) {
+  std::pair<absl::string_view, absl::string_view> kv = absl::StrSplit(flag, absl::MaxSplits('=', 1));
+  VhostUserDecl d{std::string(kv.first), std::string(kv.second)};
+  // The id is a label value and the serial the agent reports (<= 20 bytes).
+  if (d.id.empty() || d.id.size() > proto::kMaxSerialLen)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--vhost-user=", flag, ": ID must be 1..20 characters"));
+  for (char c : d.id) {
+    if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.'))
+      return absl::InvalidArgumentError(
+          absl::StrCat("--vhost-user=", flag, ": ID may use [A-Za-z0-9._-] only"));
+  }
+  if (d.socket_path.empty())
+    return absl::InvalidArgumentError(absl::StrCat("--vhost-user=", flag, ": want ID=SOCKET_PATH"));
+  return d;
+}
+
+std::vector<ChannelDevice> VhostUserChannelDevices(const LoopRunnerOptions& o) {
+  std::vector<ChannelDevice> out;
+  for (const VhostUserDecl& d : o.vhost_user) {
+    ChannelDevice c;
+    c.known.serial = d.id;
+    c.known.num_queues = proto::kMaxQueuesPerDevice;  // the agent's count bounds it
+    c.vm = o.vhost_user_vm;
+    c.device = d.id;
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+const std::vector<double>& LoopDurationBuckets() {
+  static const auto* const kB = new std::vector<double>{0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                                                        0.005,  0.01,    0.025,  0.05,  0.1,
+                                                        0.25,   0.5,     1};
+  return *kB;
+}
+
+LoopRunner::LoopRunner(LoopRunnerOptions options, Daemon& daemon)
+    : options_(std::move(options)),
+      daemon_(daemon),
+      duration_(LoopDurationBuckets()),
+      table_(options_.default_policy),
+      loop_(options_.loop, WallMicros()) {}
+
+LoopRunner::~LoopRunner() { Stop(); }
+
+absl::Status LoopRunner::Init() {
+  absl::MutexLock l(&mu_);
+  if (options_.state_dir.empty()) return absl::OkStatus();
+  if (absl::Status s = MkdirP(options_.state_dir); !s.ok()) {
+    if (options_.state_dir_required) return s;
+    Log(absl::StrCat("state dir unusable, policy changes will not survive a restart: ",
+                     s.ToString()));
+    return absl::OkStatus();
+  }
+  persist_ = true;
+  PolicySpec def = options_.default_policy;
+  const std::string def_path = absl::StrCat(options_.state_dir, "/", kDefaultPolicyFile);
+  std::ifstream in(def_path);
+  if (in) {
+    std::stringstream ss;
+    ss << in.rdbuf();
+    absl::StatusOr<PolicySpec> p = ParsePolicySpec(absl::StripAsciiWhitespace(ss.str()));
+    if (p.ok()) {
+      def = *p;
+      Log(absl::StrCat("restored default policy ", FormatPolicySpec(def), " from ", def_path));
+    } else {
+      Log(absl::StrCat("ignoring ", def_path, ": ", p.status().ToString()));
+    }
+  }
+  PolicyStore store(options_.state_dir);
+  PolicyStore::Loaded loaded = store.Load(def);
+  if (!loaded.status.ok()) Log(absl::StrCat("policy state: ", loaded.status.ToString()));
+  table_ = std::move(loaded.table);
+  if (!table_.entries().empty())
+    Log(absl::StrCat("restored ", table_.entries().size(), " policy entries from ", store.path()));
+  return absl::OkStatus();
+}
+
+absl::Status LoopRunner::Persist(const PolicyTable& t, bool all) {
+  if (!persist_) return absl::OkStatus();
+  PolicyStore store(options_.state_dir);
+  if (absl::Status s = store.Save(t); !s.ok()) return s;
+  // Only an explicit --all pins the default; otherwise the flag stays in
+  // charge (a later --default-policy change takes effect).
+  if (!all) return absl::OkStatus();
+  return WriteFileAtomic(absl::StrCat(options_.state_dir, "/", kDefaultPolicyFile),
+                         FormatPolicySpec(t.default_policy()) + "\n");
+}
+
+void LoopRunner::Start() {
+  thread_ = std::thread([this] {
+    absl::Time next = absl::Now();
+    // Wake-ups (hellos, admin changes) are coalesced and at most one step
+    // per min_gap runs early, so reconnecting agents cannot spin the loop.
+    const absl::Duration min_gap = std::min(options_.interval / 4, absl::Milliseconds(100));
+    absl::Time last = absl::InfinitePast();
+    while (true) {
+      {
+        absl::MutexLock l(&wake_mu_);
+        auto cond = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(wake_mu_) { return wake_ || stop_; };
+        wake_mu_.AwaitWithDeadline(absl::Condition(&cond), next);
+        if (stop_) return;
+        if (wake_ && absl::Now() < last + min_gap) {
+          auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(wake_mu_) { return stop_; };
+          if (wake_mu_.AwaitWithDeadline(absl::Condition(&stop), last + min_gap)) return;
+        }
+        wake_ = false;
+      }
+      last = absl::Now();
+      StepOnce();
+      absl::Time now = absl::Now();
+      if (now >= next) next = now + options_.interval;
+    }
+  });
+}
+
+void LoopRunner::Stop() {
+  {
+    absl::MutexLock l(&wake_mu_);
+    stop_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+void LoopRunner::Wake() {
+  absl::MutexLock l(&wake_mu_);
+  wake_ = true;
+}
+
+void LoopRunner::StepOnce() {
+  const absl::Time t0 = absl::Now();
+  DaemonSnapshot snap = daemon_.Scrape();
+  AgentServer::Collected col;
+  if (server_ != nullptr) col = server_->Collect();
+
+  // Host totals by (vm_id, device_id, queue).
+  std::map<std::tuple<uint32_t, uint16_t, uint16_t>, uint64_t> host;
+  if (snap.counters) {
+    for (const NotificationCount& n : snap.counters->notifications)
+      host[{n.vm_id, n.device_id, n.queue}] += n.count;
+  }
+  std::vector<QueueInput> inputs;
+  std::set<std::string> names;
+  for (const AttachedVm& vm : snap.vms) {
+    // The exporter's naming (a repeated -name is told apart by pid).
+    std::string name = vm.info.name;
+    if (!names.insert(name).second) {
+      name = absl::StrCat(vm.info.name, "/pid", vm.info.pid);
+      names.insert(name);
+    }
+    ConnectVmAgent(vm, name);
+    for (const VirtioDeviceInfo& d : vm.info.devices) {
+      for (uint16_t q = 0; q < d.num_queues && q < proto::kMaxQueuesPerDevice; ++q) {
+        QueueInput in;
+        in.key = {name, d.label, q};
+        if (snap.counters) {
+          auto it = host.find({vm.vm_id, d.device_id, q});
+          in.host_notifications_total = it == host.end() ? 0 : it->second;
+        }
+        inputs.push_back(std::move(in));
+      }
+    }
+  }
+  {
+    absl::MutexLock l(&mu_);
+    for (const QueueKey& k : col.connected_queues) {
+      if (k.vm == options_.vhost_user_vm) vhost_seen_.insert(k);
+    }
+    for (const QueueKey& k : vhost_seen_) {
+      QueueInput in;
+      in.key = k;  // no host probe covers these: the guest's kicks are believed
+      inputs.push_back(std::move(in));
+    }
+  }
+  for (QueueInput& in : inputs) {
+    in.agent_connected = col.connected_queues.count(in.key) > 0;
+    if (auto it = col.samples.find(in.key); it != col.samples.end()) in.sample = it->second;
+  }
+  std::vector<PolicyOut> out;
+  {
+    absl::MutexLock l(&mu_);
+    out = loop_.Step(table_, inputs, MonoNs());
+    for (const auto& [k, g] : col.acks) loop_.OnAck(k, g);
+    views_ = loop_.View();
+  }
+  if (server_ != nullptr && !out.empty()) server_->Send(out);
+  duration_.Observe(absl::ToDoubleSeconds(absl::Now() - t0));
+}
+
+void LoopRunner::ConnectVmAgent(const AttachedVm& vm, const std::string& name) {
+  if (ports_ == nullptr || server_ == nullptr) return;
+  const std::string path = ports_->Get(vm.info.qmp_path);
+  if (path.empty()) return;
+  const std::string tag = absl::StrCat("virtio-serial ", path);
+  if (server_->HasTag(tag)) return;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::string err;
+  int fd = -1;
+  if (path.size() >= sizeof addr.sun_path) {
+    err = "path too long";
+  } else {
+    std::memcpy(addr.sun_path, path.data(), path.size());
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      err = strerror(errno);
+      if (fd >= 0) close(fd);
+      fd = -1;
+    }
+  }
+  if (fd < 0) {
+    if (port_errors_[tag] != err) Log(absl::StrCat("agent channel ", tag, ": connect: ", err));
+    port_errors_[tag] = err;
+    return;
+  }
+  port_errors_.erase(tag);
+  // The guest's devices are matched against what discovery found for this
+  // VM: by PCI address (the guest sees the firmware's bus/slot/function).
+  std::vector<ChannelDevice> devices;
+  for (const VirtioDeviceInfo& d : vm.info.devices) {
+    ChannelDevice c;
+    c.known.pci_address = d.pci_address;
+    c.known.num_queues = static_cast<uint16_t>(std::min<uint32_t>(d.num_queues, proto::kMaxQueuesPerDevice));
+    c.vm = name;
+    c.device = d.label;
+    devices.push_back(std::move(c));
+    if (devices.size() >= proto::kMaxDevices * 4) break;  // bounded
+  }
+  Log(absl::StrCat("agent channel ", tag, ": connected for VM '", name, "'"));
+  server_->AddConnection(fd, name, std::move(devices), tag);
+}
+
+std::string LoopRunner::HandleAdmin(const AdminRequest& req) {
+  using nlohmann::json;
+  auto dump = [](const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); };
+  if (std::holds_alternative<AdminStatus>(req)) {
+    LoopSnapshot s = Snapshot();
+    std::vector<AgentView> agents;
+    for (const auto& a : s.agents) agents.push_back({a.vm, a.connected});
+    json j = StatusJson(s.queues, agents, Table().default_policy(), MonoNs());
+    j["interval_s"] = absl::ToDoubleSeconds(options_.interval);
+    j["lease_s"] = options_.loop.lease_ns / 1e9;
+    return dump(j);
+  }
+  std::string what;
+  bool all = false;
+  {
+    absl::MutexLock l(&mu_);
+    PolicyTable next = table_;
+    if (const auto* set = std::get_if<AdminPolicySet>(&req)) {
+      if (absl::Status s = next.Set(set->scope, set->spec); !s.ok())
+        return ErrorReply(s.message());
+      what = absl::StrCat("set ", FormatPolicySpec(set->spec));
+      all = set->scope == PolicyScope{};
+    } else {
+      const auto& clr = std::get<AdminPolicyClear>(req);
+      if (!next.Clear(clr.scope)) return ErrorReply("no such policy entry");
+      what = "cleared";
+    }
+    if (absl::Status s = Persist(next, all); !s.ok()) {
+      ++save_errors_;
+      return ErrorReply(absl::StrCat("not applied: cannot persist the policy: ", s.message()));
+    }
+    table_ = std::move(next);
+  }
+  Log(absl::StrCat("admin: policy ", what));
+  Wake();  // takes effect now, not at the next interval
+  return dump(json{{"ok", true}, {"message", absl::StrCat("policy ", what)}});
+}
+
+LoopSnapshot LoopRunner::Snapshot() const {
+  LoopSnapshot s;
+  if (server_ != nullptr) {
+    // Channel series only for VMs that are here now (and the listener's).
+    std::set<std::string> vms;
+    {
+      absl::MutexLock l(&mu_);
+      for (const QueueView& v : views_) vms.insert(v.key.vm);
+    }
+    for (const AgentChannelStats& st : server_->AllStats()) {
+      if (!vms.count(st.vm) && (st.vm != options_.vhost_user_vm || !has_listener_)) continue;
+      AgentChannelSnapshot a;
+      a.vm = st.vm;
+      a.connected = st.connected;
+      a.rejected = st.rejected;
+      a.dropped = st.dropped_total;
+      s.agents.push_back(a);
+    }
+  }
+  s.loop_duration = duration_.Collect();
+  if (admin_refused_) s.admin_refused = admin_refused_();
+  absl::MutexLock l(&mu_);
+  s.queues = views_;
+  s.state_save_errors = save_errors_;
+  return s;
+}
+
+PolicyTable LoopRunner::Table() const {
+  absl::MutexLock l(&mu_);
+  return table_;
+}
+
+}  // namespace vkick

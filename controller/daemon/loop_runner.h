@@ -1,0 +1,120 @@
+// Runs the control loop inside vkickd: every --control-interval (or at once
+// when an agent says hello or an operator changes a policy) it gathers the
+// queues (discovery's VMs and the --vhost-user declarations), the probes'
+// notification totals and the agents' samples, steps the ControlLoop, sends
+// the policies, and publishes a LoopSnapshot for /metrics and the admin
+// socket. Policy changes from the admin socket are persisted in the state
+// directory before they are acknowledged.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "controller/admin/admin_protocol.h"
+#include "controller/daemon/agent_port.h"
+#include "controller/channel/agent_server.h"
+#include "controller/control/policy.h"
+#include "controller/daemon/daemon.h"
+#include "controller/daemon/log.h"
+#include "controller/loop/control_loop.h"
+#include "controller/loop/loop_snapshot.h"
+#include "prometheus/histogram.h"
+
+namespace vkick {
+
+// --vhost-user=ID=SOCKET_PATH: a host-process vhost-user driver.
+struct VhostUserDecl {
+  std::string id;           // device label and the serial its agent reports
+  std::string socket_path;  // the vhost-user export socket (documentation, probes)
+};
+absl::StatusOr<VhostUserDecl> ParseVhostUserDecl(absl::string_view flag);
+
+struct LoopRunnerOptions {
+  absl::Duration interval = absl::Seconds(1);
+  LoopConfig loop;
+  PolicySpec default_policy;
+  std::string state_dir;            // "" = no persistence
+  bool state_dir_required = false;  // given explicitly: failing to use it is fatal
+  std::string vhost_user_vm = "vhost-user";
+  std::vector<VhostUserDecl> vhost_user;
+  LogSink log = LogToStderr;
+};
+
+// The known devices an agent on --agent-socket is matched against.
+std::vector<ChannelDevice> VhostUserChannelDevices(const LoopRunnerOptions& o);
+
+// Where --all's spec is kept (PolicyStore persists entries only).
+inline constexpr char kDefaultPolicyFile[] = "default-policy.v1";
+
+class LoopRunner {
+ public:
+  LoopRunner(LoopRunnerOptions options, Daemon& daemon);
+  ~LoopRunner();
+
+  // Creates the state dir and restores policies. Errors only when the state
+  // dir was required; otherwise logs and runs without persistence.
+  absl::Status Init();
+  // `listening`: it serves --agent-socket (its vm's series always exist).
+  void SetAgentServer(AgentServer* server, bool listening = true) {
+    server_ = server;
+    has_listener_ = listening;
+  }
+  // VMs whose QMP discovery found a virtio-serial agent port: the runner
+  // connects to it (once per step while it is not connected).
+  void SetAgentPorts(const AgentPortRegistry* ports) { ports_ = ports; }
+  void SetAdminRefusedCounter(std::function<uint64_t()> f) { admin_refused_ = std::move(f); }
+  void Start();
+  void Stop();
+  void Wake();  // step now (thread-safe, cheap)
+
+  // One step, synchronously (tests; the thread calls it too).
+  void StepOnce();
+
+  std::string HandleAdmin(const AdminRequest& req);
+  LoopSnapshot Snapshot() const;
+  PolicyTable Table() const;
+
+ private:
+  // `all`: the change was `--all` (it set the default: keep it too).
+  absl::Status Persist(const PolicyTable& t, bool all);
+  void ConnectVmAgent(const AttachedVm& vm, const std::string& name);
+  void Log(absl::string_view s) const { options_.log(s); }
+
+  const LoopRunnerOptions options_;
+  Daemon& daemon_;
+  AgentServer* server_ = nullptr;
+  bool has_listener_ = false;
+  const AgentPortRegistry* ports_ = nullptr;
+  std::map<std::string, std::string> port_errors_;  // tag -> last logged error (loop thread)
+  std::function<uint64_t()> admin_refused_;
+  prometheus::Histogram duration_;
+
+  mutable absl::Mutex mu_;
+  PolicyTable table_ ABSL_GUARDED_BY(mu_);
+  ControlLoop loop_ ABSL_GUARDED_BY(mu_);
+  std::vector<QueueView> views_ ABSL_GUARDED_BY(mu_);
+  std::set<QueueKey> vhost_seen_ ABSL_GUARDED_BY(mu_);  // bounded by the guard
+  bool persist_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t save_errors_ ABSL_GUARDED_BY(mu_) = 0;
+
+  absl::Mutex wake_mu_;
+  bool wake_ ABSL_GUARDED_BY(wake_mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(wake_mu_) = false;
+  std::thread thread_;
+};
+
+// Bucket bounds of vkick_control_loop_duration_seconds.
+const std::vector<double>& LoopDurationBuckets();
+
+}  // namespace vkick

@@ -1,0 +1,229 @@
+#include "controller/loop/control_loop.h"
+
+#include <algorithm>
+#include <utility>
+
+namespace vkick {
+
+const char* PolicySourceName(PolicySource s) {
+  switch (s) {
+    case PolicySource::kDefault: return "default";
+    case PolicySource::kVm: return "vm";
+    case PolicySource::kDevice: return "device";
+    case PolicySource::kQueue: return "queue";
+  }
+  return "default";
+}
+
+std::pair<PolicySpec, PolicySource> ResolveWithSource(const PolicyTable& table,
+                                                      const QueueKey& key) {
+  const auto& e = table.entries();
+  if (auto it = e.find(PolicyScope{key.vm, key.device, key.queue}); it != e.end())
+    return {it->second, PolicySource::kQueue};
+  if (auto it = e.find(PolicyScope{key.vm, key.device, -1}); it != e.end())
+    return {it->second, PolicySource::kDevice};
+  if (auto it = e.find(PolicyScope{key.vm, "", -1}); it != e.end())
+    return {it->second, PolicySource::kVm};
+  return {table.default_policy(), PolicySource::kDefault};
+}
+
+const std::vector<double>& DepthBucketBounds() {
+  // Bucket 0: depth 1; bucket i (1..8): [2^i, 2^(i+1)) -> le 2^(i+1) - 1
+  // (depths are integers); bucket 9 (>= 512): +Inf.
+  static const auto* const kB = [] {
+    auto* v = new std::vector<double>{1};
+    for (int i = 1; i <= 8; ++i) v->push_back((1 << (i + 1)) - 1);
+    return v;
+  }();
+  return *kB;
+}
+
+const std::vector<double>& LatencyBucketBoundsSeconds() {
+  // Bucket 0: < 1 us; bucket i (1..14): [2^(i-1), 2^i) us; bucket 15: +Inf.
+  static const auto* const kB = [] {
+    auto* v = new std::vector<double>{1e-6};
+    for (int i = 1; i <= 14; ++i) v->push_back((1 << i) * 1e-6);
+    return v;
+  }();
+  return *kB;
+}
+
+namespace {
+
+// Midpoint of a latency bucket in seconds (for the histogram's _sum, which
+// the protocol does not carry).
+double LatencyMidSeconds(size_t bucket) {
+  if (bucket == 0) return 0.5e-6;
+  double lo = (1ull << (bucket - 1)) * 1e-6;
+  return bucket + 1 == proto::kLatencyBuckets ? 2 * lo * 0.75 : lo * 1.5;
+}
+
+bool Batching(proto::KickMode m) {
+  return m == proto::KickMode::kStatic || m == proto::KickMode::kAdaptive;
+}
+
+}  // namespace
+
+ControlLoop::ControlLoop(LoopConfig config, uint64_t generation_base)
+    : config_(std::move(config)), next_generation_(generation_base + 1) {}
+
+void ControlLoop::OnAck(const QueueKey& key, uint64_t generation) {
+  auto it = queues_.find(key);
+  if (it == queues_.end()) return;
+  QueueView& v = it->second.view;
+  // Generations come from one counter and every policy message carries all
+  // of an agent's queues, so an ack of g (the message's highest generation)
+  // covers each queue whose current generation is <= g. A generation never
+  // issued (the future) is ignored.
+  if (generation >= next_generation_) return;
+  if (v.generation != 0 && v.generation <= generation) v.acked_generation = v.generation;
+}
+
+std::vector<PolicyOut> ControlLoop::Step(const PolicyTable& table,
+                                         const std::vector<QueueInput>& inputs, int64_t now_ns) {
+  std::map<QueueKey, State> next;
+  for (const QueueInput& in : inputs) {
+    auto it = queues_.find(in.key);
+    State st;
+    if (it != queues_.end()) st = std::move(it->second);
+    st.view.key = in.key;
+    StepQueue(st, table, in, now_ns);
+    next[in.key] = std::move(st);  // a duplicate key: the later input wins
+  }
+  queues_ = std::move(next);
+
+  std::vector<PolicyOut> out;
+  for (const auto& [key, st] : queues_) {
+    const QueueView& v = st.view;
+    if (!v.agent_connected) continue;
+    PolicyOut p;
+    p.key = key;
+    p.mode = v.spec.mode;
+    p.batch = static_cast<uint16_t>(v.b);
+    p.defer_ns = static_cast<uint32_t>(v.t_ns);
+    p.lease_ns = config_.lease_ns;
+    p.generation = v.generation;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInput& in,
+                            int64_t now_ns) {
+  QueueView& v = st.view;
+  auto [spec, source] = ResolveWithSource(table, in.key);
+  const bool mode_changed = !st.initialised || spec.mode != v.spec.mode;
+  const bool spec_changed = !st.initialised || !(spec == v.spec);
+  v.agent_connected = in.agent_connected;
+
+  // Host rate over the last Step.
+  if (in.host_notifications_total) {
+    uint64_t total = *in.host_notifications_total;
+    if (st.host_prev && st.last_step_ns && now_ns > *st.last_step_ns) {
+      uint64_t d = total >= *st.host_prev ? total - *st.host_prev : total;  // reset
+      v.notifications_per_s = d / ((now_ns - *st.last_step_ns) / 1e9);
+    }
+    st.host_prev = total;
+  } else {
+    st.host_prev.reset();
+  }
+  st.last_step_ns = now_ns;
+
+  // The sample: cumulative data, rates, and the law's input.
+  std::optional<uint64_t> host_delta;
+  if (in.sample) {
+    const proto::QueueSample& s = *in.sample;
+    if (in.host_notifications_total) {
+      uint64_t total = *in.host_notifications_total;
+      if (st.host_at_sample)
+        host_delta = total >= *st.host_at_sample ? total - *st.host_at_sample : total;
+      st.host_at_sample = total;
+    } else {
+      st.host_at_sample.reset();
+    }
+    const double secs = s.interval_ns / 1e9;
+    v.has_sample = true;
+    v.requests_per_s = secs > 0 ? s.requests / secs : 0;
+    if (!in.host_notifications_total && secs > 0) v.notifications_per_s = s.kicks / secs;
+    const uint64_t notif = host_delta.value_or(s.kicks);
+    v.notifications_per_request = s.requests ? static_cast<double>(notif) / s.requests : 0;
+    v.mean_depth = s.mean_depth_milli / 1000.0;
+    if (s.lease == proto::LeaseState::kExpired && v.guest_lease != proto::LeaseState::kExpired)
+      ++v.lease_expiries;
+    v.guest_lease = s.lease;
+    v.applied_mode = s.applied_mode;
+    v.applied_batch = s.applied_batch;
+    v.applied_defer_ns = s.applied_defer_ns;
+    v.requests_total += s.requests;
+    v.guest_kicks_total += s.kicks;
+    v.timer_kicks_total += s.timer_kicks;
+    v.completed_total += s.completed;
+    for (size_t i = 0; i < proto::kDepthBuckets; ++i) v.depth_hist[i] += s.depth_hist[i];
+    for (size_t i = 0; i < proto::kLatencyBuckets; ++i) {
+      v.latency_hist[i] += s.latency_hist[i];
+      v.latency_sum_s += s.latency_hist[i] * LatencyMidSeconds(i);
+    }
+    v.depth_sum += s.mean_depth_milli / 1000.0 * s.requests;
+  }
+
+  // (mode, B, T) to be in force.
+  uint32_t b = 1;
+  uint64_t t = 0;
+  std::string action;
+  switch (spec.mode) {
+    case proto::KickMode::kImmediate:
+    case proto::KickMode::kEventIdx:
+      st.law.reset();
+      break;
+    case proto::KickMode::kStatic:
+      st.law.reset();
+      b = spec.batch;
+      t = spec.defer_ns;
+      break;
+    case proto::KickMode::kAdaptive:
+      if (spec_changed || !st.law) {
+        // A fresh law from the spec's starting point (restarts cleanly
+        // from any (B, T): see docs/control.md).
+        st.law = std::make_unique<AdaptiveLaw>(config_.law);
+        b = spec.batch;
+        t = spec.defer_ns;
+      } else {
+        b = v.b;
+        t = v.t_ns;
+      }
+      if (in.sample) {
+        LawInput li = LawInputFromSample(*in.sample, host_delta);
+        // The guest's applied values are believed only for the mode we sent.
+        if (!Batching(in.sample->applied_mode) && Batching(v.spec.mode)) li.b = 1, li.t_ns = 0;
+        LawOutput o = st.law->Step(li);
+        b = o.b;
+        t = o.t_ns;
+        action = std::string(LawActionName(o.action));
+      } else {
+        action = v.last_action;
+      }
+      break;
+  }
+  if (b <= 1) {
+    b = 1;
+    if (spec.mode != proto::KickMode::kStatic) t = 0;
+  }
+  const bool changed = !st.initialised || mode_changed || b != v.b || t != v.t_ns;
+  if (st.initialised && mode_changed) ++v.policy_switches;
+  v.spec = spec;
+  v.source = source;
+  v.b = b;
+  v.t_ns = t;
+  v.last_action = action;
+  if (changed) v.generation = next_generation_++;
+  st.initialised = true;
+}
+
+std::vector<QueueView> ControlLoop::View() const {
+  std::vector<QueueView> out;
+  out.reserve(queues_.size());
+  for (const auto& [k, st] : queues_) out.push_back(st.view);
+  return out;
+}
+
+}  // namespace vkick

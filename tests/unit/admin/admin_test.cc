@@ -1,0 +1,188 @@
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <grp.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "controller/admin/admin_protocol.h"
+#include "controller/admin/admin_server.h"
+#include "gtest/gtest.h"
+
+namespace vkick {
+namespace {
+
+TEST(AdminProtocolTest, ParsesRequests) {
+  auto s = ParseAdminRequest(R"({"cmd":"status"})");
+  ASSERT_TRUE(s.ok());
+  EXPECT_TRUE(std::holds_alternative<AdminStatus>(*s));
+
+  auto p = ParseAdminRequest(
+      R"({"cmd":"policy-set","scope":{"vm":"vm1","device":"d0","queue":1},)"
+      R"("spec":{"mode":"static","batch":8,"defer_us":50}})");
+  ASSERT_TRUE(p.ok()) << p.status();
+  auto& set = std::get<AdminPolicySet>(*p);
+  EXPECT_EQ(set.scope, (PolicyScope{"vm1", "d0", 1}));
+  EXPECT_EQ(set.spec, (PolicySpec{proto::KickMode::kStatic, 8, 50'000}));
+
+  auto all = ParseAdminRequest(R"({"cmd":"policy-set","scope":{},"spec":{"mode":"adaptive"}})");
+  ASSERT_TRUE(all.ok());
+  EXPECT_EQ(std::get<AdminPolicySet>(*all).scope, PolicyScope{});
+
+  auto clr = ParseAdminRequest(R"({"cmd":"policy-clear","scope":{"vm":"vm1"}})");
+  ASSERT_TRUE(clr.ok());
+  EXPECT_EQ(std::get<AdminPolicyClear>(*clr).scope, (PolicyScope{"vm1", "", -1}));
+}
+
+TEST(AdminProtocolTest, RejectsBadRequests) {
+  const char* bad[] = {
+      "",
+      "not json",
+      "[]",
+      R"({"cmd":"reboot"})",
+      R"({"cmd":"policy-set","scope":{"vm":"v"}})",
+      R"({"cmd":"policy-set","scope":{"device":"d"},"spec":{"mode":"immediate"}})",
+      R"({"cmd":"policy-set","scope":{"vm":"v","device":"d","queue":64},"spec":{"mode":"immediate"}})",
+      R"({"cmd":"policy-set","scope":{"vm":"v"},"spec":{"mode":"static","batch":8}})",  // no T
+      R"({"cmd":"policy-set","scope":{"vm":"v"},"spec":{"mode":"static","batch":300,"defer_us":5}})",
+      R"({"cmd":"policy-set","scope":{"vm":"v"},"spec":{"mode":"static","batch":4,"defer_us":5000}})",
+      R"({"cmd":"policy-set","scope":{"vm":"v"},"spec":{"mode":"immediate","batch":4}})",
+      R"({"cmd":"policy-set","scope":{"vm":"v"},"spec":{"mode":"warp"}})",
+      R"({"cmd":"policy-set","scope":{"vm":"v","x":1},"spec":{"mode":"immediate"}})",
+      R"({"cmd":"policy-set","scope":{"vm":"a b"},"spec":{"mode":"immediate"}})",
+      R"({"cmd":"policy-clear","scope":{}})",
+  };
+  for (const char* b : bad) EXPECT_FALSE(ParseAdminRequest(b).ok()) << b;
+  EXPECT_FALSE(ParseAdminRequest(std::string(kMaxAdminLine + 1, ' ')).ok());
+}
+
+TEST(AdminProtocolTest, Authorization) {
+  EXPECT_TRUE(AdminAuthorized(0, 0, {}, 0, std::nullopt));
+  EXPECT_FALSE(AdminAuthorized(1000, 1000, {1000, 27}, 0, std::nullopt));
+  EXPECT_TRUE(AdminAuthorized(1000, 1000, {1000, 27}, 0, 27u));  // supplementary
+  EXPECT_TRUE(AdminAuthorized(1000, 27, {}, 0, 27u));            // primary
+  EXPECT_FALSE(AdminAuthorized(1000, 1000, {1000}, 0, 27u));
+  EXPECT_TRUE(AdminAuthorized(1000, 1000, {}, 1000, std::nullopt));  // the daemon's own uid
+  EXPECT_EQ(ParseProcGroups("Name:\tx\nGroups:\t4 24 27 \nNSpgid:\t1\n"),
+            (std::vector<uint32_t>{4, 24, 27}));
+  EXPECT_TRUE(ParseProcGroups("Groups:\t\n").empty());
+}
+
+TEST(AdminProtocolTest, StatusJson) {
+  QueueView v;
+  v.key = {"vm1", "d0", 2};
+  v.spec = {proto::KickMode::kStatic, 8, 50'000};
+  v.b = 8;
+  v.t_ns = 50'000;
+  v.agent_connected = true;
+  auto j = StatusJson({v}, {{"vm1", 1}}, {}, 0);
+  EXPECT_EQ(j["queues"][0]["mode"], "static");
+  EXPECT_EQ(j["queues"][0]["batch"], 8);
+  EXPECT_EQ(j["queues"][0]["defer_us"], 50.0);
+  EXPECT_EQ(j["agents"][0]["connected"], 1);
+  EXPECT_EQ(j["default"]["mode"], "immediate");
+}
+
+std::string Roundtrip(const std::string& path, const std::string& req) {
+  int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  strncpy(a.sun_path, path.c_str(), sizeof a.sun_path - 1);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    close(fd);
+    return "connect failed";
+  }
+  std::string line = req + "\n";
+  send(fd, line.data(), line.size(), MSG_NOSIGNAL);  // may be refused and closed first
+  std::string out;
+  char c;
+  while (read(fd, &c, 1) == 1 && c != '\n') out += c;
+  close(fd);
+  return out;
+}
+
+TEST(AdminServerTest, ServesAndRefusesOtherUids) {
+  char t[] = "/tmp/vkick-admin-XXXXXX";
+  std::string dir = mkdtemp(t);
+  chmod(dir.c_str(), 0755);
+  AdminServerOptions o;
+  o.socket_path = dir + "/admin.sock";
+  int calls = 0;
+  o.handler = [&](const AdminRequest& r) {
+    ++calls;
+    return std::string(std::holds_alternative<AdminStatus>(r) ? R"({"ok":true})" : "{}");
+  };
+  auto srv = AdminServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  struct stat st;
+  ASSERT_EQ(stat(o.socket_path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_EQ(Roundtrip(o.socket_path, R"({"cmd":"status"})"), R"({"ok":true})");
+  EXPECT_NE(Roundtrip(o.socket_path, "garbage").find("\"ok\":false"), std::string::npos);
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ((*srv)->bad_requests(), 1u);
+
+  if (geteuid() != 0) {
+    (*srv)->Stop();
+    system(("rm -rf " + dir).c_str());
+    GTEST_SKIP() << "not root: cannot switch to another uid to test the refusal";
+  }
+  // 0600 owned by root keeps others out at connect(); open the mode up so
+  // the SO_PEERCRED check itself is what refuses.
+  chmod(o.socket_path.c_str(), 0666);
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (setgroups(0, nullptr) != 0 || setresgid(65534, 65534, 65534) != 0 ||
+        setresuid(65534, 65534, 65534) != 0)
+      _exit(3);
+    std::string r = Roundtrip(o.socket_path, R"({"cmd":"status"})");
+    _exit(r.find("permission denied") != std::string::npos ? 0 : 1);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "uid 65534 was not refused (child exit " << WEXITSTATUS(status) << ")";
+  EXPECT_EQ((*srv)->refused(), 1u);
+  EXPECT_EQ(calls, 1);
+  (*srv)->Stop();
+  system(("rm -rf " + dir).c_str());
+}
+
+TEST(AdminServerTest, AdminGroupMembersAreServed) {
+  if (geteuid() != 0) GTEST_SKIP() << "not root: cannot chown the socket or switch uid";
+  char t[] = "/tmp/vkick-admin-XXXXXX";
+  std::string dir = mkdtemp(t);
+  chmod(dir.c_str(), 0755);
+  AdminServerOptions o;
+  o.socket_path = dir + "/admin.sock";
+  o.admin_gid = 4242;  // any gid: the child below joins it
+  o.handler = [](const AdminRequest&) { return std::string(R"({"ok":true})"); };
+  auto srv = AdminServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  struct stat st;
+  ASSERT_EQ(stat(o.socket_path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+  EXPECT_EQ(st.st_gid, 4242u);
+  auto run_as = [&](gid_t gid, const std::vector<gid_t>& groups) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      if (setgroups(groups.size(), groups.data()) != 0 || setresgid(gid, gid, gid) != 0 ||
+          setresuid(23456, 23456, 23456) != 0)
+        _exit(3);
+      std::string r = Roundtrip(o.socket_path, R"({"cmd":"status"})");
+      _exit(r == R"({"ok":true})" ? 0 : 1);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  EXPECT_EQ(run_as(4242, {}), 0) << "primary group member refused";
+  EXPECT_EQ(run_as(23456, {4242}), 0) << "supplementary group member refused";
+  EXPECT_EQ((*srv)->refused(), 0u);
+  (*srv)->Stop();
+  system(("rm -rf " + dir).c_str());
+}
+
+}  // namespace
+}  // namespace vkick

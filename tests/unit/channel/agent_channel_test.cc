@@ -1,0 +1,281 @@
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "controller/channel/agent_server.h"
+#include "controller/channel/agent_session.h"
+#include "gtest/gtest.h"
+#include "protocol/codec.h"
+
+namespace vkick {
+namespace {
+
+constexpr int64_t kMs = 1'000'000;
+
+std::vector<ChannelDevice> Devices() {
+  ChannelDevice a;
+  a.known.serial = "blk0";
+  a.known.num_queues = 2;
+  a.vm = "vhost-user";
+  a.device = "blk0";
+  ChannelDevice b = a;
+  b.known.serial = "blk1";
+  b.known.num_queues = 1;
+  b.device = "blk1";
+  return {a, b};
+}
+
+proto::Hello MakeHello() {
+  proto::Hello h;
+  h.agent_id = "agent-1";
+  proto::GuestDevice d;
+  d.serial = "blk0";
+  d.num_queues = 4;  // more than the host declared: extra queues unmapped
+  proto::GuestDevice x;
+  x.serial = "evil";  // matches nothing: ignored, never a label
+  x.pci_devfn = 1;    // host-process devices: distinct fake PCI coordinates
+  x.num_queues = 2;
+  h.devices = {d, x};
+  return h;
+}
+
+proto::QueueSample Qs(uint16_t dev, uint16_t q) {
+  proto::QueueSample s;
+  s.ref = {dev, q};
+  s.interval_ns = 1'000'000'000;
+  s.requests = 10;
+  s.kicks = 10;
+  s.completed = 10;
+  s.depth_hist[0] = 10;
+  s.latency_hist[5] = 10;
+  s.mean_depth_milli = 1000;
+  s.max_depth = 1;
+  return s;
+}
+
+std::vector<uint8_t> Enc(const proto::Message& m) {
+  auto r = proto::Encode(m);
+  EXPECT_EQ(r.error, proto::Rejection::kNone);
+  return r.bytes;
+}
+
+TEST(AgentSessionTest, MapsOnlyDeclaredQueuesByHostLabels) {
+  AgentSession s({}, Devices(), 0);
+  ASSERT_TRUE(s.Feed(Enc(MakeHello()), kMs));
+  ASSERT_TRUE(s.hello_seen());
+  auto qs = s.Queues();
+  ASSERT_EQ(qs.size(), 2u);  // blk0 queues 0,1 only
+  EXPECT_EQ(qs[0], (QueueKey{"vhost-user", "blk0", 0}));
+  EXPECT_EQ(qs[1], (QueueKey{"vhost-user", "blk0", 1}));
+
+  proto::Sample smp{1, {Qs(0, 1), Qs(0, 3), Qs(1, 0)}};
+  ASSERT_TRUE(s.Feed(Enc(smp), 2 * kMs));
+  auto samples = s.TakeSamples();
+  ASSERT_EQ(samples.size(), 1u);
+  EXPECT_TRUE(samples.count(QueueKey{"vhost-user", "blk0", 1}));
+  EXPECT_EQ(s.unmapped_samples(), 2u);
+  EXPECT_TRUE(s.TakeSamples().empty());  // consumed
+
+  ASSERT_TRUE(s.Feed(Enc(proto::Ack{7}), 3 * kMs));
+  EXPECT_EQ(s.TakeAcks(), std::vector<uint64_t>{7});
+
+  PolicyOut p{QueueKey{"vhost-user", "blk0", 1}, proto::KickMode::kStatic, 8, 20'000,
+              5'000'000'000, 9};
+  PolicyOut other{QueueKey{"vhost-user", "blk1", 0}, proto::KickMode::kImmediate, 1, 0,
+                  5'000'000'000, 9};
+  auto frame = s.EncodePolicies({p, other});
+  ASSERT_FALSE(frame.empty());
+  proto::StreamDecoder dec;
+  int n = 0;
+  dec.Feed(frame, [&](proto::DecodeResult&& r) {
+    ASSERT_TRUE(r.message);
+    auto& pol = std::get<proto::Policy>(*r.message);
+    ASSERT_EQ(pol.queues.size(), 1u);  // blk1 is not this agent's
+    EXPECT_EQ(pol.queues[0].ref, (proto::QueueRef{0, 1}));
+    EXPECT_EQ(pol.queues[0].batch, 8);
+    ++n;
+  });
+  EXPECT_EQ(n, 1);
+  EXPECT_TRUE(s.EncodePolicies({other}).empty());
+}
+
+TEST(AgentSessionTest, HostileInputCountedAndDropped) {
+  AgentSession s({}, Devices(), 0);
+  // Sample before hello: unexpected_type, counted, not fatal.
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{1, {}}), kMs));
+  auto r = s.TakeRejections();
+  EXPECT_EQ(r[static_cast<size_t>(proto::Rejection::kUnexpectedType)], 1u);
+  // Garbage: bad magic is fatal.
+  std::vector<uint8_t> junk(64, 0x41);
+  EXPECT_FALSE(s.Feed(junk, 2 * kMs));
+  r = s.TakeRejections();
+  EXPECT_EQ(r[static_cast<size_t>(proto::Rejection::kBadMagic)], 1u);
+  EXPECT_FALSE(s.Feed(Enc(MakeHello()), 3 * kMs));  // stays dropped
+}
+
+TEST(AgentSessionTest, FloodIsRateLimitedThenDropped) {
+  AgentSession s({}, Devices(), 0);
+  ASSERT_TRUE(s.Feed(Enc(MakeHello()), kMs));
+  bool alive = true;
+  for (uint64_t i = 1; i <= 200 && alive; ++i)
+    alive = s.Feed(Enc(proto::Sample{i, {Qs(0, 0)}}), kMs);
+  EXPECT_FALSE(alive);
+  auto r = s.TakeRejections();
+  EXPECT_GT(r[static_cast<size_t>(proto::Rejection::kRateLimited)], 0u);
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    char t[] = "/tmp/vkick-channel-XXXXXX";
+    path_ = mkdtemp(t);
+  }
+  ~TempDir() { std::system(("rm -rf " + path_).c_str()); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+int Connect(const std::string& path) {
+  int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  strncpy(a.sun_path, path.c_str(), sizeof a.sun_path - 1);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+template <typename F>
+bool WaitFor(F f, int ms = 3000) {
+  for (int i = 0; i < ms / 10; ++i) {
+    if (f()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return f();
+}
+
+TEST(AgentServerTest, SocketRoundTripAndHostileClient) {
+  TempDir dir;
+  AgentServerOptions o;
+  o.socket_path = dir.path() + "/agent.sock";
+  o.vm = "vhost-user";
+  o.devices = Devices();
+  std::atomic<int> hellos{0};
+  o.on_hello = [&] { ++hellos; };
+  auto srv = AgentServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  struct stat st;
+  ASSERT_EQ(stat(o.socket_path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+
+  int fd = Connect(o.socket_path);
+  ASSERT_GE(fd, 0);
+  auto h = Enc(MakeHello());
+  ASSERT_EQ(write(fd, h.data(), h.size()), static_cast<ssize_t>(h.size()));
+  ASSERT_TRUE(WaitFor([&] { return hellos == 1; }));
+  auto smp = Enc(proto::Sample{1, {Qs(0, 0)}});
+  ASSERT_EQ(write(fd, smp.data(), smp.size()), static_cast<ssize_t>(smp.size()));
+  AgentServer::Collected c;
+  ASSERT_TRUE(WaitFor([&] {
+    auto got = (*srv)->Collect();
+    if (got.samples.empty()) return false;
+    c = got;
+    return true;
+  }));
+  EXPECT_TRUE(c.samples.count(QueueKey{"vhost-user", "blk0", 0}));
+  EXPECT_EQ(c.connected_queues.size(), 2u);
+  EXPECT_EQ((*srv)->Stats().connected, 1u);
+
+  (*srv)->Send({PolicyOut{QueueKey{"vhost-user", "blk0", 0}, proto::KickMode::kStatic, 4,
+                          10'000, 5'000'000'000, 3}});
+  uint8_t buf[256];
+  ssize_t n = read(fd, buf, sizeof buf);
+  ASSERT_GT(n, 0);
+  proto::StreamDecoder dec;
+  bool got_policy = false;
+  dec.Feed(std::span<const uint8_t>(buf, n), [&](proto::DecodeResult&& r) {
+    got_policy = r.message && std::holds_alternative<proto::Policy>(*r.message);
+  });
+  EXPECT_TRUE(got_policy);
+
+  // A hostile second client: garbage -> bad_magic, dropped; the first stays.
+  int bad = Connect(o.socket_path);
+  ASSERT_GE(bad, 0);
+  std::vector<uint8_t> junk(100, 0xff);
+  ASSERT_EQ(write(bad, junk.data(), junk.size()), 100);
+  EXPECT_EQ(read(bad, buf, sizeof buf), 0);  // closed by vkickd
+  close(bad);
+  ASSERT_TRUE(WaitFor([&] { return (*srv)->Stats().dropped_total == 1; }));
+  auto stats = (*srv)->Stats();
+  EXPECT_EQ(stats.rejected[static_cast<size_t>(proto::Rejection::kBadMagic)], 1u);
+  EXPECT_EQ(stats.connected, 1u);
+  close(fd);
+  ASSERT_TRUE(WaitFor([&] { return (*srv)->Stats().connected == 0; }));
+  (*srv)->Stop();
+  EXPECT_NE(stat(o.socket_path.c_str(), &st), 0);  // removed
+}
+
+TEST(AgentServerTest, RefusesALiveSocketAndReplacesAStaleOne) {
+  TempDir dir;
+  AgentServerOptions o;
+  o.socket_path = dir.path() + "/agent.sock";
+  auto a = AgentServer::Start(o);
+  ASSERT_TRUE(a.ok());
+  auto b = AgentServer::Start(o);
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kAlreadyExists);
+  // Simulate a crash: a socket file nobody listens on.
+  int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  (*a)->Stop();
+  sockaddr_un s{};
+  s.sun_family = AF_UNIX;
+  strncpy(s.sun_path, o.socket_path.c_str(), sizeof s.sun_path - 1);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&s), sizeof s), 0);
+  close(fd);
+  auto c = AgentServer::Start(o);
+  EXPECT_TRUE(c.ok()) << c.status();
+}
+
+TEST(AgentServerTest, OutgoingConnectionsPerVmWithoutListener) {
+  AgentServerOptions o;  // no socket_path: VM channels only
+  auto srv = AgentServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  ChannelDevice d;
+  d.known.pci_address = "0000:00:04.0";
+  d.known.num_queues = 2;
+  d.vm = "web";
+  d.device = "disk0";
+  (*srv)->AddConnection(sv[0], "web", {d}, "virtio-serial /x");
+  EXPECT_TRUE((*srv)->HasTag("virtio-serial /x"));
+  proto::Hello h;
+  h.agent_id = "guest";
+  proto::GuestDevice g;
+  g.pci_bus = 0;
+  g.pci_devfn = 4 << 3;  // 0000:00:04.0: bound by PCI address
+  g.num_queues = 2;
+  h.devices = {g};
+  auto bytes = Enc(h);
+  ASSERT_EQ(write(sv[1], bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+  ASSERT_TRUE(WaitFor([&] { return (*srv)->Collect().connected_queues.size() == 2; }));
+  auto all = (*srv)->AllStats();
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_EQ(all[0].vm, "web");
+  EXPECT_EQ(all[0].connected, 1u);
+  std::vector<uint8_t> junk(16, 0);
+  ASSERT_EQ(write(sv[1], junk.data(), junk.size()), 16);
+  ASSERT_TRUE(WaitFor([&] { return !(*srv)->HasTag("virtio-serial /x"); }));
+  EXPECT_EQ((*srv)->AllStats()[0].rejected[static_cast<size_t>(proto::Rejection::kBadMagic)], 1u);
+  close(sv[1]);
+}
+
+}  // namespace
+}  // namespace vkick

@@ -1,0 +1,218 @@
+#include "controller/loop/control_loop.h"
+
+#include "gtest/gtest.h"
+#include "protocol/codec.h"
+
+namespace vkick {
+namespace {
+
+constexpr int64_t kSec = 1'000'000'000;
+
+// A valid sample of one interval at constant depth `d`, `n` requests, with
+// the agent reporting the (mode, B, T) it applied; kicks = n / B.
+proto::QueueSample MakeSample(uint32_t d, uint64_t n, proto::KickMode mode, uint16_t b,
+                              uint32_t t, uint64_t gen) {
+  proto::QueueSample s;
+  s.interval_ns = kSec;
+  s.requests = n;
+  s.kicks = (n + b - 1) / b;
+  s.completed = n;
+  s.depth_hist[proto::DepthBucket(d)] = n;
+  s.latency_hist[proto::LatencyBucket(100'000)] = n;
+  s.mean_depth_milli = d * 1000;
+  s.max_depth = d;
+  s.lease = gen ? proto::LeaseState::kActive : proto::LeaseState::kNone;
+  s.applied_mode = gen ? mode : proto::KickMode::kImmediate;
+  s.applied_batch = gen ? b : 1;
+  s.applied_defer_ns = gen ? t : 0;
+  s.applied_generation = gen;
+  return s;
+}
+
+// A fake queue with an ideal agent: applies each policy it is sent, reports
+// samples at depth `depth`, and a host probe that counts exactly its kicks.
+struct FakeQueue {
+  QueueKey key{"vm1", "disk0", 0};
+  uint32_t depth = 1;
+  uint64_t rate = 10'000;
+  uint64_t host_total = 0;
+  PolicyOut applied;  // generation 0: none yet
+  bool connected = true;
+
+  QueueInput Next() {
+    QueueInput in;
+    in.key = key;
+    in.agent_connected = connected;
+    if (connected) {
+      proto::QueueSample s = MakeSample(depth, rate, applied.mode, applied.batch,
+                                        applied.defer_ns, applied.generation);
+      EXPECT_EQ(proto::Validate(proto::Sample{1, {s}}), proto::Rejection::kNone);
+      host_total += s.kicks;
+      in.sample = s;
+    }
+    in.host_notifications_total = host_total;
+    return in;
+  }
+};
+
+TEST(ControlLoopTest, StaticPassesThroughWithLeaseAndStableGeneration) {
+  PolicyTable table;
+  ASSERT_TRUE(table.Set({"vm1", "disk0", 0}, {proto::KickMode::kStatic, 8, 50'000}).ok());
+  ControlLoop loop({.lease_ns = 5 * kSec}, 1000);
+  FakeQueue q;
+  uint64_t gen = 0;
+  for (int i = 0; i < 5; ++i) {
+    auto out = loop.Step(table, {q.Next()}, (i + 1) * kSec);
+    ASSERT_EQ(out.size(), 1u);
+    EXPECT_EQ(out[0].mode, proto::KickMode::kStatic);
+    EXPECT_EQ(out[0].batch, 8);
+    EXPECT_EQ(out[0].defer_ns, 50'000u);
+    EXPECT_EQ(out[0].lease_ns, 5 * kSec);  // renewed every interval
+    EXPECT_GT(out[0].generation, 1000u);
+    if (i == 0) gen = out[0].generation;
+    EXPECT_EQ(out[0].generation, gen) << "generation must not change without a change";
+    q.applied = out[0];
+  }
+  auto v = loop.View();
+  ASSERT_EQ(v.size(), 1u);
+  EXPECT_EQ(v[0].source, PolicySource::kQueue);
+  EXPECT_EQ(v[0].policy_switches, 0u);
+}
+
+TEST(ControlLoopTest, GenerationBumpsOnChangeOnlyAndSwitchesCounted) {
+  PolicyTable table;  // default immediate
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  auto g1 = loop.Step(table, {q.Next()}, kSec).at(0).generation;
+  EXPECT_EQ(loop.Step(table, {q.Next()}, 2 * kSec).at(0).generation, g1);
+  ASSERT_TRUE(table.Set({"vm1", "", -1}, {proto::KickMode::kStatic, 4, 10'000}).ok());
+  auto o = loop.Step(table, {q.Next()}, 3 * kSec).at(0);
+  EXPECT_GT(o.generation, g1);
+  EXPECT_EQ(o.batch, 4);
+  EXPECT_EQ(loop.View()[0].source, PolicySource::kVm);
+  EXPECT_EQ(loop.View()[0].policy_switches, 1u);
+  // Same mode, other B: a new generation but not a mode switch.
+  ASSERT_TRUE(table.Set({"vm1", "", -1}, {proto::KickMode::kStatic, 2, 10'000}).ok());
+  auto o2 = loop.Step(table, {q.Next()}, 4 * kSec).at(0);
+  EXPECT_GT(o2.generation, o.generation);
+  EXPECT_EQ(loop.View()[0].policy_switches, 1u);
+  table.Clear({"vm1", "", -1});
+  auto o3 = loop.Step(table, {q.Next()}, 5 * kSec).at(0);
+  EXPECT_EQ(o3.mode, proto::KickMode::kImmediate);
+  EXPECT_EQ(o3.batch, 1);
+  EXPECT_EQ(o3.defer_ns, 0u);
+  EXPECT_EQ(loop.View()[0].policy_switches, 2u);
+  EXPECT_EQ(loop.View()[0].source, PolicySource::kDefault);
+}
+
+TEST(ControlLoopTest, AdaptiveConvergesToHalfTheDepthAndStays) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  q.depth = 32;
+  q.rate = 100'000;
+  std::vector<uint32_t> bs;
+  for (int i = 0; i < 10; ++i) {
+    auto out = loop.Step(table, {q.Next()}, (i + 1) * kSec);
+    ASSERT_EQ(out.size(), 1u);
+    q.applied = out[0];
+    bs.push_back(out[0].batch);
+    if (out[0].batch > 1) {
+      EXPECT_GE(out[0].defer_ns, proto::kMinDeferNs) << "batch > 1 without a defer bound";
+      EXPECT_LE(out[0].defer_ns, proto::kMaxDeferNs);
+    }
+  }
+  EXPECT_EQ(bs.back(), 16u);
+  EXPECT_EQ(bs[bs.size() - 2], 16u);
+  auto v = loop.View().at(0);
+  EXPECT_LT(v.notifications_per_request, 0.1);
+  EXPECT_NEAR(v.mean_depth, 32, 1e-9);
+  EXPECT_FALSE(v.last_action.empty());
+  // Load falls to QD 1: straight back to B = 1, T = 0.
+  q.depth = 1;
+  auto out = loop.Step(table, {q.Next()}, 11 * kSec);
+  EXPECT_EQ(out.at(0).batch, 1);
+  EXPECT_EQ(out.at(0).defer_ns, 0u);
+}
+
+TEST(ControlLoopTest, NoPolicyWithoutAgentAndGoneQueuesForgotten) {
+  PolicyTable table;
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  q.connected = false;
+  EXPECT_TRUE(loop.Step(table, {q.Next()}, kSec).empty());
+  EXPECT_EQ(loop.View().size(), 1u);  // still shown in status
+  EXPECT_FALSE(loop.View()[0].agent_connected);
+  EXPECT_TRUE(loop.Step(table, {}, 2 * kSec).empty());
+  EXPECT_TRUE(loop.View().empty());
+}
+
+TEST(ControlLoopTest, AcksOnlyForSentGenerations) {
+  PolicyTable table;
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  FakeQueue q2;
+  q2.key.queue = 1;
+  auto out = loop.Step(table, {q.Next(), q2.Next()}, kSec);
+  auto g = out.at(0).generation, g2 = out.at(1).generation;
+  ASSERT_GT(g2, g);
+  loop.OnAck(q.key, g2 + 5);  // never issued: ignored
+  EXPECT_EQ(loop.View()[0].acked_generation, 0u);
+  loop.OnAck(q.key, g - 1);  // older than the queue's policy: not acked
+  EXPECT_EQ(loop.View()[0].acked_generation, 0u);
+  loop.OnAck(q.key, g2);  // the message's highest generation covers queue 0's
+  EXPECT_EQ(loop.View()[0].acked_generation, g);
+  loop.OnAck(QueueKey{"nope", "x", 0}, 1);  // unknown queue: no effect, no crash
+}
+
+TEST(ControlLoopTest, RatesAndCumulativeHistograms) {
+  PolicyTable table;
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  q.depth = 4;
+  q.rate = 1000;
+  loop.Step(table, {q.Next()}, kSec);
+  loop.Step(table, {q.Next()}, 2 * kSec);
+  auto v = loop.View().at(0);
+  EXPECT_DOUBLE_EQ(v.requests_per_s, 1000);
+  EXPECT_DOUBLE_EQ(v.notifications_per_s, 1000);  // host delta over 1 s
+  EXPECT_DOUBLE_EQ(v.notifications_per_request, 1.0);
+  EXPECT_EQ(v.requests_total, 2000u);
+  EXPECT_EQ(v.guest_kicks_total, 2000u);
+  EXPECT_EQ(v.depth_hist[proto::DepthBucket(4)], 2000u);
+  EXPECT_DOUBLE_EQ(v.depth_sum, 8000);
+  EXPECT_GT(v.latency_sum_s, 0);
+}
+
+TEST(ControlLoopTest, LeaseExpiryCountedOnTransition) {
+  PolicyTable table;
+  ControlLoop loop({}, 0);
+  QueueInput in;
+  in.key = {"vm1", "d", 0};
+  in.agent_connected = true;
+  in.sample = MakeSample(1, 100, proto::KickMode::kImmediate, 1, 0, 3);
+  in.sample->lease = proto::LeaseState::kExpired;
+  loop.Step(table, {in}, kSec);
+  loop.Step(table, {in}, 2 * kSec);
+  EXPECT_EQ(loop.View()[0].lease_expiries, 1u);
+  EXPECT_EQ(loop.View()[0].guest_lease, proto::LeaseState::kExpired);
+}
+
+TEST(ControlLoopTest, BucketBoundsMatchProtocol) {
+  const auto& d = DepthBucketBounds();
+  ASSERT_EQ(d.size(), proto::kDepthBuckets - 1);
+  for (size_t i = 0; i < d.size(); ++i) {
+    EXPECT_EQ(proto::DepthBucket(static_cast<uint32_t>(d[i])), i);
+    EXPECT_EQ(proto::DepthBucket(static_cast<uint32_t>(d[i]) + 1), i + 1);
+  }
+  const auto& l = LatencyBucketBoundsSeconds();
+  ASSERT_EQ(l.size(), proto::kLatencyBuckets - 1);
+  for (size_t i = 0; i < l.size(); ++i) {
+    uint64_t ns = static_cast<uint64_t>(l[i] * 1e9 + 0.5);
+    EXPECT_EQ(proto::LatencyBucket(ns - 1), i);
+    EXPECT_EQ(proto::LatencyBucket(ns), i + 1);
+  }
+}
+
+}  // namespace
+}  // namespace vkick
