@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
 """vkick's built-in demo testbed (the main job of scripts/run.sh).
 
-Starts, on this machine only (unix sockets and loopback):
-  qemu-storage-daemon   a vhost-user-blk export (null-co backend)
-  vkickd                the host daemon, serving /metrics
-  vkick-blk             the userspace virtio-blk driver, as the export's
-                        vhost-user frontend, whose queue depth changes phase
-                        by phase (1 -> 8 -> 32 -> 128 -> 32 -> 4 -> 1 ...)
-and prints one line per phase: depth, policy, IOPS, kicks per request and
-latency, side by side for `immediate` and the demo policy, so the effect of
-batching and deferral on the kick path is visible. Ctrl-C (or --duration)
-stops everything it started, by PID.
+Starts, on this machine only (unix sockets and loopback), the whole loop:
+  qemu-storage-daemon   a vhost-user-blk export "disk0" (null-co backend)
+  vkickd                the host daemon: host probes, control loop (default
+                        policy adaptive), admin socket, /metrics
+  vkick-agent           samples vkick-blk's queue depth and latency with eBPF
+                        (USDT) and applies the policies vkickd sends
+  vkick-blk             the userspace virtio-blk driver, the export's
+                        vhost-user frontend, policy `adaptive`, whose queue
+                        depth changes over time (--qd_schedule)
+and prints `vkickctl status` every few seconds beside the depth the workload
+is running at, so adaptive can be seen following the load: B grows with the
+depth, notifications per request fall, and at depth 1 B is 1 (no added
+latency). Ctrl-C (or --duration) stops everything it started, by PID.
 """
 
 import argparse
-import json
 import os
 import signal
 import shutil
@@ -24,7 +26,6 @@ import tempfile
 import time
 import urllib.request
 
-PHASES = [1, 8, 32, 128, 32, 4]
 
 
 def log(*a):
@@ -77,18 +78,29 @@ def http_ok(url):
         return False
 
 
+SCHEDULE = [(1, 15), (8, 15), (32, 15), (128, 15), (4, 15)]
+
+
+def depth_at(elapsed):
+    period = sum(d for _, d in SCHEDULE)
+    t = elapsed % period
+    for qd, d in SCHEDULE:
+        if t < d:
+            return qd
+        t -= d
+    return SCHEDULE[-1][0]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build"))
     ap.add_argument("--listen", default="127.0.0.1:9470", help="vkickd's /metrics address")
     ap.add_argument("--duration", type=float, default=0, help="seconds (0 = until Ctrl-C)")
-    ap.add_argument("--phase-seconds", type=float, default=3.0)
-    ap.add_argument("--policy", default="static:16,50us",
-                    help="the policy shown beside immediate (vkick-blk --policy syntax)")
+    ap.add_argument("--every", type=float, default=2.5, help="seconds between status tables")
     args = ap.parse_args()
 
     bindir = os.path.join(os.path.abspath(args.build_dir), "bin")
-    for b in ("vkickd", "vkick-blk"):
+    for b in ("vkickd", "vkick-blk", "vkick-agent", "vkickctl"):
         if not os.access(os.path.join(bindir, b), os.X_OK):
             raise SystemExit("demo: %s/%s is missing: run scripts/setup.sh first" % (bindir, b))
     qsd = shutil.which("qemu-storage-daemon")
@@ -104,53 +116,64 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    def check_alive():
+        for p in procs:
+            if not p.alive():
+                raise SystemExit("demo: %s exited (rc %s):\n%s" % (p.name, p.p.returncode, p.tail()))
+
     try:
-        sock = os.path.join(tmp, "vkblk0.sock")
+        sock = os.path.join(tmp, "disk0.sock")
+        agent_sock = os.path.join(tmp, "agent.sock")
+        admin = os.path.join(tmp, "admin.sock")
+        rundir = os.path.join(tmp, "run")
+        os.makedirs(rundir)
         procs.append(Proc("qemu-storage-daemon", [
             qsd, "--blockdev", "driver=null-co,node-name=disk0,size=%d" % (1 << 30),
-            "--export", "type=vhost-user-blk,id=vkblk0,node-name=disk0,addr.type=unix,"
+            "--export", "type=vhost-user-blk,id=disk0,node-name=disk0,addr.type=unix,"
             "addr.path=%s,num-queues=1,writable=on" % sock], tmp))
         wait_for(lambda: os.path.exists(sock), 10, "the vhost-user socket")
 
-        vkickd = Proc("vkickd", [os.path.join(bindir, "vkickd"), "--listen=" + args.listen], tmp)
+        vkickd = Proc("vkickd", [
+            os.path.join(bindir, "vkickd"), "--listen=" + args.listen,
+            "--agent-socket=" + agent_sock, "--vhost-user=disk0=" + sock,
+            "--state-dir=" + os.path.join(tmp, "state"), "--admin-socket=" + admin,
+            "--default-policy=adaptive", "--control-interval=1s", "--lease=5s"], tmp)
         procs.append(vkickd)
         wait_for(lambda: http_ok("http://%s/healthz" % args.listen) or not vkickd.alive(), 20,
                  "vkickd /healthz")
-        if not vkickd.alive():
-            raise SystemExit("demo: vkickd exited:\n" + vkickd.tail())
-        log("vkickd serves http://%s/metrics   (logs in %s)" % (args.listen, tmp))
-        log("phases of %.0fs; each depth runs `immediate` then `%s` on the same device"
-            % (args.phase_seconds, args.policy))
-        print("%6s  %-16s %10s %9s %11s %10s %10s" % (
-            "depth", "policy", "IOPS", "kicks/req", "cpu us/req", "p50 us", "p99 us"), flush=True)
+        check_alive()
+        procs.append(Proc("vkick-agent", [
+            os.path.join(bindir, "vkick-agent"), "--connect=" + agent_sock, "--run-dir=" + rundir,
+            "--driver-binary=" + os.path.join(bindir, "vkick-blk"), "--interval=1s"], tmp))
+        time.sleep(1.0)  # the agent attaches its USDT probes to the binary first
+        check_alive()
+        sched = ",".join("%d:%g" % s for s in SCHEDULE)
+        procs.append(Proc("vkick-blk", [
+            os.path.join(bindir, "vkick-blk"), "--socket=" + sock, "--run-dir=" + rundir,
+            "--rw=randread", "--policy=adaptive", "--qd_schedule=" + sched,
+            "--runtime=%g" % (args.duration + 5 if args.duration else 7 * 24 * 3600)], tmp))
+        t0 = time.monotonic()
+        log("vkickd serves http://%s/metrics   (admin socket %s, logs in %s)" % (args.listen, admin, tmp))
+        log("workload depth schedule (s): %s, cycled; policy adaptive; Ctrl-C stops" % sched)
 
-        start = time.monotonic()
-        i = 0
         while not stop["now"]:
-            if args.duration and time.monotonic() - start > args.duration:
+            if args.duration and time.monotonic() - t0 > args.duration:
                 break
-            qd = PHASES[i % len(PHASES)]
-            i += 1
-            for policy in ("immediate", args.policy):
-                if stop["now"]:
-                    break
-                r = subprocess.run([os.path.join(bindir, "vkick-blk"), "--socket=" + sock,
-                                    "--rw=randread", "--qd=%d" % qd, "--policy=" + policy,
-                                    "--runtime=%g" % (args.phase_seconds / 2), "--json"],
-                                   capture_output=True, text=True, start_new_session=True)
-                if r.returncode != 0:
-                    if stop["now"]:
-                        break
-                    raise SystemExit("demo: vkick-blk failed (rc %d):\n%s" % (r.returncode, r.stderr))
-                j = json.loads(r.stdout.strip().splitlines()[-1])
-                print("%6d  %-16s %10.0f %9.4f %11.2f %10.1f %10.1f" % (
-                    qd, policy, j["iops"], j["kicks_per_request"], j["cpu_us_per_request"],
-                    j["lat_p50_us"], j["lat_p99_us"]), flush=True)
+            time.sleep(args.every)
+            check_alive()
+            r = subprocess.run([os.path.join(bindir, "vkickctl"), "--socket=" + admin, "status"],
+                               capture_output=True, text=True)
+            el = time.monotonic() - t0
+            print("\n[%6.1fs] workload depth %d" % (el, depth_at(el)), flush=True)
+            print((r.stdout if r.returncode == 0 else "vkickctl: " + r.stderr).rstrip(), flush=True)
         log("stopping")
     finally:
         for p in reversed(procs):
             p.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.environ.get("VKICK_KEEP_TMP"):
+            log("kept", tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 namespace vkick {
@@ -51,6 +52,53 @@ std::optional<size_t> CheckPattern(std::span<const uint8_t> buf, uint64_t block,
     if (std::memcmp(buf.data() + off, &w, 8) != 0) return off;
   }
   return std::nullopt;
+}
+
+std::optional<DepthSchedule> DepthSchedule::Parse(std::string_view text, uint32_t max_qd,
+                                                 std::string* error) {
+  DepthSchedule d;
+  auto fail = [&](std::string why) -> std::optional<DepthSchedule> {
+    if (error) *error = std::move(why);
+    return std::nullopt;
+  };
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t end = text.find(',', pos);
+    if (end == std::string_view::npos) end = text.size();
+    std::string item(text.substr(pos, end - pos));
+    const size_t colon = item.find(':');
+    if (colon == std::string::npos) return fail("'" + item + "' is not QD:SECONDS");
+    char* e1 = nullptr;
+    char* e2 = nullptr;
+    const std::string qs = item.substr(0, colon), ss = item.substr(colon + 1);
+    const unsigned long qd = std::strtoul(qs.c_str(), &e1, 10);
+    const double sec = std::strtod(ss.c_str(), &e2);
+    if (qs.empty() || *e1 != '\0' || ss.empty() || *e2 != '\0') return fail("'" + item + "' is not QD:SECONDS");
+    if (qd == 0 || qd > max_qd) return fail("depth in '" + item + "' must be 1.." + std::to_string(max_qd));
+    if (!(sec > 0) || sec > 3600) return fail("seconds in '" + item + "' must be in (0, 3600]");
+    const uint64_t ns = static_cast<uint64_t>(sec * 1e9);
+    d.steps_.push_back({static_cast<uint32_t>(qd), ns});
+    d.period_ns_ += ns;
+    if (d.steps_.size() > 64) return fail("at most 64 steps");
+    pos = end + 1;
+  }
+  if (d.steps_.empty()) return fail("empty schedule");
+  return d;
+}
+
+uint32_t DepthSchedule::DepthAt(uint64_t elapsed_ns) const {
+  uint64_t t = elapsed_ns % period_ns_;
+  for (const DepthStep& s : steps_) {
+    if (t < s.duration_ns) return s.qd;
+    t -= s.duration_ns;
+  }
+  return steps_.back().qd;
+}
+
+uint32_t DepthSchedule::max_depth() const {
+  uint32_t m = 0;
+  for (const DepthStep& s : steps_) m = std::max(m, s.qd);
+  return m;
 }
 
 }  // namespace vkick

@@ -6,6 +6,8 @@
 #include <optional>
 #include <random>
 #include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
 namespace vkick {
@@ -47,6 +49,28 @@ class OffsetGenerator {
   bool random_;
   std::mt19937_64 rng_;
   uint64_t next_;
+};
+
+// A closed-loop depth that changes over time: "QD:SECONDS,QD:SECONDS,..."
+// (e.g. "1:5,32:5,128:5"), cycled for the whole run. The demo and the study
+// use it to show a policy following the load inside one driver process.
+struct DepthStep {
+  uint32_t qd;
+  uint64_t duration_ns;
+};
+class DepthSchedule {
+ public:
+  // nullopt (with *error set) for an empty list, a zero depth or duration, or
+  // a depth above max_qd.
+  static std::optional<DepthSchedule> Parse(std::string_view text, uint32_t max_qd, std::string* error);
+  // The depth in force `elapsed_ns` after the start.
+  uint32_t DepthAt(uint64_t elapsed_ns) const;
+  uint32_t max_depth() const;
+  const std::vector<DepthStep>& steps() const { return steps_; }
+
+ private:
+  std::vector<DepthStep> steps_;
+  uint64_t period_ns_ = 0;
 };
 
 // verify: every 8-byte word of block `block` holds f(block, seed, word index),

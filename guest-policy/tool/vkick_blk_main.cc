@@ -33,6 +33,8 @@ ABSL_FLAG(std::string, pci, "", "virtio-blk PCI address bound to uio_pci_generic
 ABSL_FLAG(std::string, rw, "randread", "randread|randwrite|read|write|verify");
 ABSL_FLAG(std::string, bs, "4k", "I/O size (bytes, or with k/m suffix), multiple of 512");
 ABSL_FLAG(uint32_t, qd, 1, "queue depth per queue");
+ABSL_FLAG(std::string, qd_schedule, "",
+          "closed loop: depth changing over time, QD:SECONDS,... cycled (e.g. 1:5,32:5,128:5); overrides --qd");
 ABSL_FLAG(double, rate, 0, "open loop: Poisson arrivals per second per queue (0 = closed loop)");
 ABSL_FLAG(double, runtime, 5, "seconds of I/O (not for verify)");
 ABSL_FLAG(uint32_t, queues, 1, "number of virtqueues (one poller thread each)");
@@ -96,6 +98,13 @@ int Main() {
   if (o.qd == 0 || o.qd > o.queue_size) return Fail(absl::StrCat("--qd must be 1..", o.queue_size), 2);
   o.rate = absl::GetFlag(FLAGS_rate);
   if (o.rate < 0) return Fail("--rate must be >= 0", 2);
+  if (const std::string sched = absl::GetFlag(FLAGS_qd_schedule); !sched.empty()) {
+    if (o.rate > 0) return Fail("--qd_schedule is for the closed loop: drop --rate", 2);
+    std::string why;
+    o.depth_schedule = DepthSchedule::Parse(sched, o.queue_size, &why);
+    if (!o.depth_schedule) return Fail("bad --qd_schedule: " + why, 2);
+    o.qd = o.depth_schedule->max_depth();
+  }
   o.runtime_s = absl::GetFlag(FLAGS_runtime);
   if (o.runtime_s <= 0 || o.runtime_s > 3600) return Fail("--runtime must be in (0, 3600] seconds", 2);
   const uint32_t queues = absl::GetFlag(FLAGS_queues);

@@ -178,6 +178,7 @@ class Runner {
     for (uint32_t s = o_.qd; s-- > 0;) if (!q.slot_busy(s)) free_slots.push_back(s);
     uint64_t listed = 0;
     uint64_t next_arrival = clock_.NowNs();
+    const uint64_t loop_start_ns = next_arrival;
     uint64_t stop_ns = 0;
     uint64_t last_health = 0;
     const int call_fd = o_.interrupts ? t_.interrupt_fd(c.index) : -1;
@@ -230,6 +231,10 @@ class Runner {
       if (!more && stop_ns == 0) stop_ns = now;
       bool submitted = false;
       while (more && !free_slots.empty()) {
+        if (closed && o_.depth_schedule &&
+            q.in_flight() >= o_.depth_schedule->DepthAt(now - loop_start_ns)) {
+          break;
+        }
         uint64_t arrival_wait = 0;
         if (!closed) {
           if (next_arrival > now) break;

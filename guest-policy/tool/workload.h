@@ -5,11 +5,13 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "guest-policy/core/control_block.h"
 #include "guest-policy/core/kick_scheduler.h"
+#include "guest-policy/core/load_model.h"
 #include "guest-policy/transport/transport.h"
 
 namespace vkick {
@@ -21,6 +23,8 @@ struct WorkloadOptions {
   RwMode rw = RwMode::kRandRead;
   uint32_t bs = 4096;
   uint32_t qd = 1;               // per queue
+  // Closed loop only: the depth follows this schedule (qd is its maximum).
+  std::optional<DepthSchedule> depth_schedule;
   double rate = 0;               // per queue, requests/s; 0 = closed loop
   double runtime_s = 5;
   uint16_t queues = 1;

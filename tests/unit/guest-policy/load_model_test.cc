@@ -51,3 +51,32 @@ TEST(Pattern, DetectsWrongBlockSeedAndCorruption) {
 
 }  // namespace
 }  // namespace vkick
+
+namespace vkick {
+namespace {
+
+TEST(DepthSchedule, CyclesThroughItsSteps) {
+  std::string why;
+  auto d = DepthSchedule::Parse("1:1,32:0.5,128:2", 256, &why);
+  ASSERT_TRUE(d.has_value()) << why;
+  EXPECT_EQ(d->max_depth(), 128u);
+  constexpr uint64_t kS = 1'000'000'000;
+  EXPECT_EQ(d->DepthAt(0), 1u);
+  EXPECT_EQ(d->DepthAt(kS - 1), 1u);
+  EXPECT_EQ(d->DepthAt(kS), 32u);
+  EXPECT_EQ(d->DepthAt(kS + kS / 2), 128u);
+  EXPECT_EQ(d->DepthAt(3 * kS + kS / 2 - 1), 128u);
+  EXPECT_EQ(d->DepthAt(3 * kS + kS / 2), 1u);  // period 3.5 s: back to the start
+  EXPECT_EQ(d->DepthAt(7 * kS + kS / 4), 1u);
+}
+
+TEST(DepthSchedule, RejectsBadText) {
+  for (const char* bad : {"", "8", "8:", ":1", "0:1", "300:1", "8:0", "8:-1", "8:1,", "8:1,x:2", "8:1s"}) {
+    std::string why;
+    EXPECT_FALSE(DepthSchedule::Parse(bad, 256, &why).has_value()) << bad;
+    EXPECT_FALSE(why.empty()) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace vkick
