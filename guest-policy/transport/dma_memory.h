@@ -1,8 +1,9 @@
 // DMA-able memory for the two transports.
 //  - MemfdMemory: a shared memfd mapping (vhost-user: the fd goes to the
 //    backend in SET_MEM_TABLE; device address = our virtual address).
-//  - HugepageMemory: anonymous 2 MiB hugepages, locked, with physical
-//    addresses from /proc/self/pagemap (virtio-pci without an IOMMU).
+//  - HugepageMemory: 2 MiB hugepages (hugetlb memfd), physically contiguous
+//    as a whole, locked, with physical addresses from /proc/self/pagemap
+//    (virtio-pci without an IOMMU: a buffer is one address plus a length).
 #pragma once
 
 #include <cstdint>
