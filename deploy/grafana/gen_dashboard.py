@@ -21,6 +21,10 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 Q = 'vm=~"$vm",device=~"$device",queue=~"$queue"'
 V = 'vm=~"$vm"'
 QLEG = "{{vm}} {{device}} q{{queue}}"
+# Values of the mode / state labels (docs/metrics.md), mapped to numbers for state timelines.
+MODES = ["immediate", "event-idx", "static", "adaptive"]
+MODE_COLORS = ["blue", "purple", "yellow", "green"]
+LEASE_STATES = ["none", "active", "expired"]
 
 
 class Layout:
@@ -113,13 +117,17 @@ def build():
     L.add(timeseries(
         "Notifications per request",
         "Guest->host kicks per completed request (recording rule "
-        "vkick:virtqueue_notifications_per_request:rate1m). 1 = one kick per request.",
+        "vkick:virtqueue_notifications_per_request:rate1m: the host's eBPF count, the guest's "
+        "own count for --vhost-user drivers). 1 = one kick per request.",
         [target(f"vkick:virtqueue_notifications_per_request:rate1m{{{Q}}}", QLEG)], unit="none"))
     L.add(timeseries(
-        "Notifications / s", "Kicks counted on the host per virtqueue (eBPF).",
-        [target(f"vkick:virtqueue_notifications:rate1m{{{Q}}}", QLEG)], unit="ops"))
+        "Notifications / s",
+        "Kicks counted on the host per virtqueue (eBPF), beside the kicks the guest driver "
+        "reports (they should agree; vkickd distrusts a guest whose count differs).",
+        [target(f"vkick:virtqueue_notifications:rate1m{{{Q}}}", "host " + QLEG),
+         target(f"vkick:virtqueue_guest_kicks:rate1m{{{Q}}}", "guest " + QLEG)], unit="ops"))
     L.add(timeseries(
-        "Requests / s", "Requests completed per virtqueue, reported by the guest agent.",
+        "Requests / s", "Requests submitted per virtqueue, reported by the guest agent.",
         [target(f"vkick:virtqueue_requests:rate1m{{{Q}}}", QLEG)], unit="reqps"))
     L.add(timeseries(
         "Unmatched guest I/O writes / s",
@@ -147,34 +155,78 @@ def build():
 
     L.row("Kick policy")
     L.add(panel("state-timeline", "Policy mode",
-                "Active kick policy per queue (vkick_virtqueue_policy_info{mode}).",
-                [target(f"max by (vm, device, queue, mode) (vkick_virtqueue_policy_info{{{Q}}}) > 0",
-                        QLEG + " {{mode}}")],
-                options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8,
+                "Kick policy mode in force per queue (vkick_queue_policy_info{mode}).",
+                [target(f"max by (vm, device, queue) ("
+                        + " or ".join(f'vkick_queue_policy_info{{{Q},mode="{m}"}} * {i}'
+                                      for i, m in enumerate(MODES, 1))
+                        + ")", QLEG)],
+                fieldConfig={"defaults": {"unit": "short", "mappings": [
+                    {"type": "value", "options": {
+                        str(i): {"text": m, "color": c, "index": i - 1}
+                        for i, (m, c) in enumerate(zip(MODES, MODE_COLORS), 1)}}]},
+                             "overrides": []},
+                options={"showValue": "auto", "mergeValues": True, "rowHeight": 0.8,
                          "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}}),
-          w=24)
+          w=16)
+    L.add(panel("table", "Policy in force",
+                "Current mode per queue and the entry it came from (queue, device, vm, default).",
+                [target(f"max by (vm, device, queue, mode, source) (vkick_queue_policy_info{{{Q}}})",
+                        "", format="table", instant=True, range=False)]), w=8)
     L.add(timeseries(
-        "Batch size B", "Requests batched before a kick (policy parameter B).",
-        [target(f"vkick_virtqueue_batch_requests{{{Q}}}", QLEG)],
+        "Batch threshold B", "Requests per kick in force (policy parameter B; 1 = kick every request).",
+        [target(f"vkick_queue_batch_threshold{{{Q}}}", QLEG)],
         custom_draw="steps"))
     L.add(timeseries(
-        "Deferral bound T and longest observed deferral",
-        "T: the longest a kick may be deferred; the longest observed wait must stay below it "
-        "(alert VkickDeferralBoundExceeded).",
-        [target(f"vkick_virtqueue_defer_seconds{{{Q}}}", "T " + QLEG),
-         target(f"vkick_virtqueue_deferral_max_seconds{{{Q}}}", "observed max " + QLEG)],
-        unit="s"))
+        "Deferral bound T and p99 latency",
+        "T: the longest a request waits for its kick (0 with B = 1), beside the queue's p99 "
+        "request latency (alert VkickDeferralLatencyHigh: p99 > T + 2 ms while B > 1).",
+        [target(f"vkick_queue_defer_bound_seconds{{{Q}}}", "T " + QLEG),
+         target(f"vkick:virtqueue_request_latency_seconds:p99_rate1m{{{Q}}}", "p99 latency " + QLEG)],
+        unit="s", custom_draw="steps"))
     L.add(timeseries(
-        "Policy changes", "Policy switches per queue in each interval.",
-        [target(f"sum by (vm, device, queue) (increase(vkick_policy_changes_total{{{Q}}}[$__rate_interval]))",
+        "Policy switches", "Changes of the policy mode per queue in each interval.",
+        [target(f"sum by (vm, device, queue) (increase(vkick_policy_switches_total{{{Q}}}[$__rate_interval]))",
                 QLEG)], custom_draw="bars"))
-    L.add(panel("state-timeline", "Lease expired / guest channel up",
-                "Lease expired (1 = the guest fell back to its safe policy); channel up per VM.",
-                [target(f"max by (vm, device, queue) (vkick_virtqueue_lease_expired{{{Q}}})",
-                        "lease expired " + QLEG),
-                 target(f"max by (vm) (vkick_channel_up{{{V}}})", "channel up {{vm}}")],
+    L.add(timeseries(
+        "Kicks fired by the timer T",
+        "Share of the guest's kicks fired by the deferral bound because a batch did not fill "
+        "(recording rule vkick:virtqueue_timer_kick_ratio:rate1m). Near 1: B is too large.",
+        [target(f"vkick:virtqueue_timer_kick_ratio:rate1m{{{Q}}}", QLEG)], unit="percentunit"))
+    L.add(panel("state-timeline", "Lease state and policy acknowledged",
+                "Lease state the agent reports per queue (expired: the guest fell back to "
+                "immediate) and whether it acknowledged the policy in force.",
+                [target(f"max by (vm, device, queue) ("
+                        + " or ".join(f'(vkick_queue_lease_state{{{Q},state="{st}"}} == 1) * {i}'
+                                      for i, st in enumerate(LEASE_STATES))
+                        + ")", "lease " + QLEG),
+                 target(f"max by (vm, device, queue) (vkick_queue_policy_acked{{{Q}}}) + 10",
+                        "acked " + QLEG)],
+                fieldConfig={"defaults": {"unit": "short", "mappings": [
+                    {"type": "value", "options": {
+                        "0": {"text": "none", "color": "text", "index": 0},
+                        "1": {"text": "active", "color": "green", "index": 1},
+                        "2": {"text": "expired", "color": "red", "index": 2},
+                        "10": {"text": "not acked", "color": "orange", "index": 3},
+                        "11": {"text": "acked", "color": "green", "index": 4}}}]},
+                             "overrides": []},
                 options={"showValue": "auto", "mergeValues": True, "rowHeight": 0.8,
                          "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}}))
+
+    L.row("Agent channel")
+    L.add(timeseries("Agents connected",
+                     "Agents past hello on each VM's channel (vm=\"vhost-user\": the --agent-socket "
+                     "listener). Alert VkickAgentDisconnected at 0 for 5m.",
+                     [target(f"max by (vm) (vkick_agent_connected{{{V}}})", "{{vm}}")],
+                     custom_draw="steps"), w=8)
+    L.add(timeseries("Rejected guest messages / s",
+                     "Agent messages vkickd rejected, by reason (alert VkickGuestMessagesRejected).",
+                     [target(f"sum by (vm, reason) (rate(vkick_agent_messages_rejected_total{{{V}}}[$__rate_interval])) > 0",
+                             "{{vm}} {{reason}}")], unit="ops"), w=8)
+    L.add(timeseries("Agent connections dropped",
+                     "Connections vkickd closed (fatal framing, repeated rejections, an agent not "
+                     "reading its policies), per interval.",
+                     [target(f"sum by (vm) (increase(vkick_agent_connections_dropped_total{{{V}}}[$__rate_interval]))",
+                             "{{vm}}")], custom_draw="bars"), w=8)
 
     L.row("VM exits and interrupts")
     L.add(timeseries("VM exits / s", "All exits per VM (recording rule vkick:vm_exits:rate1m).",
@@ -184,10 +236,6 @@ def build():
                      unit="ops"))
     L.add(timeseries("Interrupts / s", "MSI interrupts injected into each VM.",
                      [target(f"vkick:vm_interrupts:rate1m{{{V}}}", "{{vm}}")], unit="ops"))
-    L.add(timeseries("Rejected guest messages / s",
-                     "Guest messages vkickd rejected, by reason (alert VkickGuestMessagesRejected).",
-                     [target(f"sum by (vm, reason) (rate(vkick_channel_rejected_messages_total{{{V}}}[$__rate_interval]))",
-                             "{{vm}} {{reason}}")], unit="ops"))
 
     L.row("vkickd health")
     L.add(timeseries("Probe errors / s", "eBPF probe failures by reason.",
@@ -197,10 +245,21 @@ def build():
                      [target("sum by (qmp, reason) (rate(vkick_qmp_errors_total[$__rate_interval]))",
                              "{{qmp}} {{reason}}"),
                       target("sum(vkick_qmp_connected)", "connected QMP sockets")], unit="short"), w=8)
-    L.add(timeseries("Discovery duration p99", "One QMP discovery refresh of one VM.",
+    L.add(timeseries("Discovery and control loop duration p99",
+                     "One QMP discovery refresh of one VM; one control loop step.",
                      [target("histogram_quantile(0.99, sum by (instance, le) "
                              "(rate(vkick_discovery_duration_seconds_bucket[$__rate_interval])))",
-                             "{{instance}}")], unit="s"), w=8)
+                             "discovery {{instance}}"),
+                      target("histogram_quantile(0.99, sum by (instance, le) "
+                             "(rate(vkick_control_loop_duration_seconds_bucket[$__rate_interval])))",
+                             "control loop {{instance}}")], unit="s"), w=8)
+    L.add(timeseries("Admin and state errors",
+                     "Admin socket connections refused by the credential check; policy changes "
+                     "refused because the state directory could not be written.",
+                     [target("sum by (instance) (increase(vkick_admin_requests_refused_total[$__rate_interval]))",
+                             "admin refused {{instance}}"),
+                      target("sum by (instance) (increase(vkick_policy_save_errors_total[$__rate_interval]))",
+                             "state save errors {{instance}}")], custom_draw="bars"), w=24)
 
     # "custom_draw" is shorthand for the timeseries draw style.
     for p in L.panels:
@@ -234,11 +293,13 @@ def build():
             {"name": "datasource", "label": "Prometheus", "type": "datasource",
              "query": "prometheus", "current": {}, "hide": 0, "refresh": 1, "regex": "",
              "options": [], "includeAll": False, "multi": False},
-            query_var("vm", "VM", "label_values(vkick_vm_info, vm)"),
+            # Every queue vkickd knows has a policy (also --vhost-user drivers, which have
+            # no host-counted or vkick_vm_info series).
+            query_var("vm", "VM", "label_values(vkick_queue_batch_threshold, vm)"),
             query_var("device", "Device",
-                      'label_values(vkick_virtqueue_notifications_total{vm=~"$vm"}, device)'),
+                      'label_values(vkick_queue_batch_threshold{vm=~"$vm"}, device)'),
             query_var("queue", "Queue",
-                      'label_values(vkick_virtqueue_notifications_total{vm=~"$vm",device=~"$device"}, queue)'),
+                      'label_values(vkick_queue_batch_threshold{vm=~"$vm",device=~"$device"}, queue)'),
         ]},
         "annotations": {"list": [
             {"builtIn": 1, "name": "Annotations & Alerts", "type": "dashboard", "enable": True,
@@ -247,7 +308,7 @@ def build():
              "target": {"limit": 100, "matchAny": False, "tags": [], "type": "dashboard"}},
             {"name": "Policy switches", "enable": True, "hide": False, "iconColor": "orange",
              "datasource": DS,
-             "expr": f"changes(vkick_policy_changes_total{{{Q}}}[1m]) > 0",
+             "expr": f"changes(vkick_policy_switches_total{{{Q}}}[1m]) > 0",
              "step": "1m", "titleFormat": "policy switch",
              "textFormat": "{{vm}} {{device}} queue {{queue}}",
              "tagKeys": "vm,device,queue", "useValueForTime": False},
