@@ -18,10 +18,11 @@ if [[ -z $pkg ]]; then
   log "cannot resolve linux-image-amd64 (run apt-get update?)" >&2
   exit 1
 fi
-mkdir -p "$dest" build/guest/debs
+debs="$(dirname "$dest")/debs"   # next to DEST, not always build/guest
+mkdir -p "$dest" "$debs"
 log "downloading $pkg (about 70 MB)"
-(cd build/guest/debs && apt-get download -q "$pkg")
-deb=$(ls build/guest/debs/"$pkg"_*.deb | head -1)
+(cd "$debs" && apt-get download -q "$pkg")
+deb=$(ls "$debs"/"$pkg"_*.deb | head -1)
 log "unpacking $(basename "$deb")"
 dpkg -x "$deb" "$dest"
 rm -f "$deb"
