@@ -124,9 +124,28 @@ std::vector<std::pair<int32_t, proto::GuestDevice>> Agent::Announceable(bool log
   size_t queues = 0;
   std::set<std::string> serials;
   std::set<uint32_t> pcis;
+  std::set<uint32_t> real_pcis;
+  // vhost-user drivers have no PCI function; the protocol rejects two
+  // devices at one, so each gets a distinct fake one: domain 0xffff (not a
+  // domain Linux gives a real device here), bus 0, devfn 0, 1, ... skipping
+  // any a real PCI driver uses. vkickd binds them by serial
+  // (docs/protocol.md, "How the host maps queues").
+  for (const auto& [pid, d] : drivers_) {
+    if (d.gone || d.entry.transport != DriverEntry::Transport::kPci) continue;
+    proto::GuestDevice dev = ToGuestDevice(d.entry);
+    real_pcis.insert((uint32_t{dev.pci_domain} << 16) | (uint32_t{dev.pci_bus} << 8) | dev.pci_devfn);
+  }
+  std::set<uint32_t> used;  // announced so far (real and fake)
+  uint32_t next_fake = uint32_t{kFakePciDomain} << 16;
   for (const auto& [pid, d] : drivers_) {
     if (d.gone) continue;
     proto::GuestDevice dev = ToGuestDevice(d.entry);
+    if (d.entry.transport != DriverEntry::Transport::kPci) {
+      while (real_pcis.count(next_fake) || used.count(next_fake)) ++next_fake;
+      dev.pci_domain = static_cast<uint16_t>(next_fake >> 16);
+      dev.pci_bus = static_cast<uint8_t>(next_fake >> 8);
+      dev.pci_devfn = static_cast<uint8_t>(next_fake);
+    }
     const uint32_t pci = (uint32_t{dev.pci_domain} << 16) | (uint32_t{dev.pci_bus} << 8) | dev.pci_devfn;
     const bool is_pci = d.entry.transport == DriverEntry::Transport::kPci;
     if (out.size() >= proto::kMaxDevices || queues + dev.num_queues > proto::kMaxQueues ||
@@ -136,6 +155,7 @@ std::vector<std::pair<int32_t, proto::GuestDevice>> Agent::Announceable(bool log
     }
     if (!dev.serial.empty()) serials.insert(dev.serial);
     if (is_pci) pcis.insert(pci);
+    used.insert(pci);
     queues += dev.num_queues;
     out.emplace_back(pid, std::move(dev));
   }

@@ -22,6 +22,10 @@
 
 namespace vkick::agent {
 
+// The PCI domain of the fake coordinates vhost-user drivers get in the hello
+// (they have no PCI function; two devices at one are rejected).
+inline constexpr uint16_t kFakePciDomain = 0xffff;
+
 struct AgentOptions {
   std::string connect_path;     // unix socket; empty: use port_name
   std::string port_name;        // virtio-serial port name; empty with connect_path empty: local only

@@ -47,7 +47,8 @@ absl::StatusOr<DriverEntry> ParseDriverEntry(absl::string_view json, absl::strin
 bool ParsePciAddress(absl::string_view text, uint16_t* domain, uint8_t* bus, uint8_t* devfn);
 
 // The hello device for a driver: pci transport -> its PCI address; vhost-user
-// -> domain/bus/devfn 0 (docs/protocol.md). Serial and queue geometry from
+// -> domain/bus/devfn 0 here, replaced by a distinct fake function when the
+// agent builds the hello (Agent::Announceable, docs/protocol.md). Serial and queue geometry from
 // the entry (queues clamped to the protocol bound).
 proto::GuestDevice ToGuestDevice(const DriverEntry& e);
 

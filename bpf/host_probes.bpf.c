@@ -46,7 +46,25 @@ struct {
   __type(value, struct vkick_sock_value);
 } vhost_sock SEC(".maps");
 
+/* Declared vhost-user socket paths (vkickd's --vhost-user): a process that
+ * connect()s to one is tracked as that device's frontend. */
+struct {
+  __uint(type, BPF_MAP_TYPE_HASH);
+  __uint(max_entries, VKICK_MAX_VHOST_PATHS);
+  __type(key, struct vkick_path_key);
+  __type(value, struct vkick_frontend_value);
+} vhost_paths SEC(".maps");
+
 /* ---- maps written by the programs --------------------------------------- */
+
+/* Processes tracked because they connected to a declared path (or adopted
+ * by vkickd): dropped from `tracked` when they exit. */
+struct {
+  __uint(type, BPF_MAP_TYPE_HASH);
+  __uint(max_entries, VKICK_MAX_FRONTENDS);
+  __type(key, __u32); /* tgid */
+  __type(value, struct vkick_frontend_value);
+} frontends SEC(".maps");
 
 struct {
   __uint(type, BPF_MAP_TYPE_HASH);
@@ -348,5 +366,74 @@ int tp_sys_enter_write(struct sys_enter_ctx* ctx) {
   if (!kv) return 0;
   struct vkick_queue_key qk = {.vm_id = (__u32)vm, .device_id = kv->device_id, .queue = kv->queue};
   bump(&notify_counts, &qk);
+  return 0;
+}
+
+/* ---- vhost-user frontends found by their connect() -------------------------- */
+
+/* A frontend (vkick-blk, a DPDK/SPDK-style process) sends SET_VRING_KICK
+ * within milliseconds of starting, before vkickd could discover it. So the
+ * connect() to a declared vhost-user socket path is what starts tracking it:
+ * the tgid under the path's vm_id, the connecting socket fd as that device's
+ * vhost-user connection (vhost_sock). Its SET_VRING_KICK messages and kick
+ * eventfd writes are then labelled exactly like QEMU's. */
+static __always_inline void track_frontend(__u32 tgid, __s32 sock_fd,
+                                           const struct vkick_frontend_value* id) {
+  struct vkick_frontend_value fv = *id;
+  long cur = lookup_vm(tgid);
+  if (cur >= 0 && (__u32)cur != fv.vm_id) return; /* tracked as a VM (QEMU): keep that */
+  if (cur < 0 && bpf_map_update_elem(&tracked, &tgid, &fv.vm_id, BPF_NOEXIST) != 0) {
+    count_error(VKICK_ERR_MAP_FULL);
+    return;
+  }
+  if (bpf_map_update_elem(&frontends, &tgid, &fv, BPF_ANY) != 0) {
+    count_error(VKICK_ERR_MAP_FULL);
+    /* Not droppable at exit without its frontends entry: do not track. */
+    if (cur < 0) bpf_map_delete_elem(&tracked, &tgid);
+    return;
+  }
+  struct vkick_sock_key sk = {.tgid = tgid, .fd = sock_fd};
+  struct vkick_sock_value sv = {.device_id = fv.device_id};
+  if (bpf_map_update_elem(&vhost_sock, &sk, &sv, BPF_ANY) != 0) count_error(VKICK_ERR_MAP_FULL);
+}
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int tp_sys_enter_connect(struct sys_enter_ctx* ctx) {
+  __u64 addrlen = ctx->args[2];
+  /* <= 2: unnamed; > sizeof(sockaddr_un): connect() fails with EINVAL. */
+  if (addrlen <= 2 || addrlen > 2 + VKICK_SUN_PATH_MAX) return 0;
+  __s64 sock_fd = (__s64)ctx->args[0];
+  if (sock_fd < 0 || sock_fd >= VKICK_MAX_FD) return 0;
+  const char* uaddr = (const char*)ctx->args[1];
+  __u16 family = 0;
+  if (bpf_probe_read_user(&family, sizeof(family), uaddr) != 0) return 0; /* EFAULT anyway */
+  if (family != VKICK_AF_UNIX) return 0;
+  /* Up to addrlen - 2 path bytes plus the NUL the helper always writes; the
+   * rest of the key stays zero, so it compares by value. A path that fills
+   * sun_path without a NUL is read whole too. */
+  struct vkick_path_key key = {};
+  __u32 n = (__u32)addrlen - 2 + 1;
+  if (n > VKICK_SUN_PATH_MAX + 1) return 0;
+  long len = bpf_probe_read_user_str(key.path, n, uaddr + 2);
+  if (len <= 1) return 0; /* abstract (leading NUL), empty or unreadable */
+  struct vkick_frontend_value* id = bpf_map_lookup_elem(&vhost_paths, &key);
+  if (!id) return 0;
+  track_frontend(current_tgid(), (__s32)sock_fd, id);
+  return 0;
+}
+
+/* A tracked frontend that exits is dropped from `tracked` at once (its pid
+ * may be reused); vkickd sweeps its kick-fd and socket bindings
+ * (HostProbes::SweepExitedFrontends). Its counters stay: they are the
+ * device's, and the next frontend of the device continues them. */
+SEC("tracepoint/sched/sched_process_exit")
+int tp_sched_process_exit(struct trace_event_raw_sched_process_exit* ctx) {
+  if (!ctx->group_dead) return 0; /* another thread of a live process */
+  __u32 tgid = current_tgid();
+  struct vkick_frontend_value* fv = bpf_map_lookup_elem(&frontends, &tgid);
+  if (!fv) return 0;
+  long cur = lookup_vm(tgid);
+  if (cur >= 0 && (__u32)cur == fv->vm_id) bpf_map_delete_elem(&tracked, &tgid);
+  bpf_map_delete_elem(&frontends, &tgid);
   return 0;
 }

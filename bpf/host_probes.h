@@ -25,11 +25,20 @@
 #define VKICK_MAX_IRQ_KEYS 4096       /* {vm, msi address, msi data} */
 #define VKICK_MAX_VHOST_SOCKS 1024    /* {tgid, socket fd} -> device */
 #define VKICK_MAX_KICK_FDS 4096       /* {tgid, kick fd} -> {device, queue} */
+#define VKICK_MAX_VHOST_PATHS 64      /* declared vhost-user socket path -> {vm, device} */
+#define VKICK_MAX_FRONTENDS 256       /* tgid tracked from its connect() -> {vm, device} */
 
 /* Validation limits for what is read from a traced process. */
 #define VKICK_MAX_FD (1 << 20)        /* fds at or above are rejected */
 #define VKICK_MAX_QUEUE 1024          /* legacy PIO value read as a queue index */
 #define VKICK_UNKNOWN_DEVICE 0xffff   /* kick fd whose socket has no device */
+
+/* sockaddr_un: sun_family (2 bytes) + sun_path (108 bytes, NUL optional when
+ * the path fills it). The path key holds up to 108 characters plus a NUL, all
+ * bytes after the first NUL zero, so a key compares by value. */
+#define VKICK_SUN_PATH_MAX 108
+#define VKICK_PATH_KEY_SIZE 112
+#define VKICK_AF_UNIX 1
 
 /* Address spaces of guest writes (matches vkick::NotifyTarget::Space). */
 #define VKICK_SPACE_MMIO 0
@@ -106,6 +115,20 @@ struct vkick_kick_value {
   __s32 socket_fd;
   __u16 device_id; /* VKICK_UNKNOWN_DEVICE if the socket was not declared */
   __u16 queue;
+};
+
+/* A declared vhost-user socket path (vhost_paths map key): the canonical
+ * absolute path, NUL-terminated, zero-padded. */
+struct vkick_path_key {
+  char path[VKICK_PATH_KEY_SIZE];
+};
+
+/* Who a process connecting to that path is: value of vhost_paths and of
+ * frontends (tgid -> identity it was tracked under). */
+struct vkick_frontend_value {
+  __u32 vm_id;
+  __u16 device_id;
+  __u16 pad;
 };
 
 /* Contexts of the SEC("syscall") test programs, passed through

@@ -1,8 +1,30 @@
 #include "controller/channel/agent_session.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace vkick {
+
+void MergeSample(proto::QueueSample& acc, const proto::QueueSample& next) {
+  const uint64_t req = acc.requests + next.requests;
+  acc.mean_depth_milli =
+      req == 0 ? 0
+               : static_cast<uint32_t>((uint64_t{acc.mean_depth_milli} * acc.requests +
+                                        uint64_t{next.mean_depth_milli} * next.requests) / req);
+  acc.interval_ns += next.interval_ns;
+  acc.requests = req;
+  acc.kicks += next.kicks;
+  acc.timer_kicks += next.timer_kicks;
+  acc.completed += next.completed;
+  for (size_t i = 0; i < acc.depth_hist.size(); ++i) acc.depth_hist[i] += next.depth_hist[i];
+  for (size_t i = 0; i < acc.latency_hist.size(); ++i) acc.latency_hist[i] += next.latency_hist[i];
+  acc.max_depth = std::max(acc.max_depth, next.max_depth);
+  acc.lease = next.lease;
+  acc.applied_mode = next.applied_mode;
+  acc.applied_batch = next.applied_batch;
+  acc.applied_defer_ns = next.applied_defer_ns;
+  acc.applied_generation = next.applied_generation;
+}
 namespace {
 
 std::vector<proto::KnownDevice> KnownOf(std::vector<ChannelDevice>& devices) {
@@ -59,7 +81,8 @@ void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
       }
       const ChannelDevice& dev = devices_[hq->device_id];
       // Bounded: keys are host queues bound at hello (<= kMaxQueues).
-      samples_[QueueKey{dev.vm, dev.device, hq->queue}] = qs;
+      auto [it, fresh] = samples_.try_emplace(QueueKey{dev.vm, dev.device, hq->queue}, qs);
+      if (!fresh) MergeSample(it->second, qs);
     }
   } else if (auto* a = std::get_if<proto::Ack>(&*r.message)) {
     if (acks_.size() < 64) acks_.push_back(a->generation);

@@ -27,6 +27,13 @@ struct ChannelDevice {
   std::string device;
 };
 
+// Two samples of one queue arrived before the loop took them (the agent's
+// and the loop's intervals drift): `next` is added to `acc` rather than
+// replacing it, so requests and kicks cover the same time as the host's
+// notification count between two steps. Latest wins for the state fields
+// (lease, applied policy); mean depth is weighted by requests.
+void MergeSample(proto::QueueSample& acc, const proto::QueueSample& next);
+
 class AgentSession {
  public:
   AgentSession(proto::GuardConfig config, std::vector<ChannelDevice> devices, int64_t now_ns);

@@ -276,10 +276,62 @@ void Daemon::Start() {
     if (started_) return;
     started_ = true;
   }
+  StartVhostUser();
   for (size_t i = 0; i < options_.qmp_paths.size(); ++i) {
     attachments_.push_back(std::make_unique<Attachment>(*this, i, options_.qmp_paths[i]));
   }
   for (auto& a : attachments_) a->Start();
+}
+
+void Daemon::StartVhostUser() {
+  if (options_.vhost_user.empty()) return;
+  AttachedVm vm;
+  vm.vm_id = NextVmId();
+  vm.vhost_user_frontends = true;
+  vm.info.name = options_.vhost_user_vm;
+  for (size_t i = 0; i < options_.vhost_user.size(); ++i) {
+    const VhostUserFrontendDecl& d = options_.vhost_user[i];
+    VirtioDeviceInfo dev;
+    dev.label = d.id;
+    dev.type = "vhost-user-frontend";
+    dev.device_id = static_cast<uint16_t>(i);
+    dev.num_queues = 1;  // grows with the queues the probes learn
+    dev.vhost_user = true;
+    dev.socket_path = d.socket_path;
+    const uint32_t vm_id = vm.vm_id;
+    const uint16_t device_id = dev.device_id;
+    absl::Status s = ProbeCall(
+        [&](ProbeBackend& p) { return p.SetVhostUserPath(d.socket_path, vm_id, device_id); });
+    if (!s.ok()) {
+      Log(absl::StrCat("--vhost-user=", d.id, ": frontends connecting to ", d.socket_path,
+                       " will not be counted: ", s.ToString()));
+    } else if (probes_ != nullptr) {
+      Log(absl::StrCat("--vhost-user=", d.id, ": counting kicks of frontends connecting to ",
+                       d.socket_path));
+    }
+    // A frontend already connected: its kick fds were announced before we
+    // ran and cannot be learned; track it anyway, so it is counted from its
+    // next SET_VRING_KICK (a reconnect) and dropped when it exits.
+    if (s.ok() && probes_ != nullptr && options_.find_connected) {
+      auto peers = options_.find_connected(d.socket_path);
+      if (!peers.ok()) {
+        Log(absl::StrCat("--vhost-user=", d.id, ": cannot list processes connected to ",
+                         d.socket_path, ": ", peers.status().ToString()));
+      } else {
+        for (const auto& [pid, fd] : *peers) {
+          absl::Status t = ProbeCall(
+              [&](ProbeBackend& p) { return p.TrackFrontend(pid, fd, vm_id, device_id); });
+          Log(absl::StrCat("--vhost-user=", d.id, ": pid ", pid, " was connected before vkickd ",
+                           "started", t.ok() ? "" : absl::StrCat(" and cannot be tracked: ",
+                                                                 t.ToString()),
+                           t.ok() ? "; its kicks are counted from its next (re)connect" : ""));
+        }
+      }
+    }
+    vm.info.devices.push_back(std::move(dev));
+  }
+  absl::MutexLock l(&registry_mu_);
+  vhost_vm_ = std::move(vm);
 }
 
 void Daemon::Stop() {
@@ -357,6 +409,12 @@ DaemonSnapshot Daemon::Scrape() {
   absl::MutexLock b(&backend_mu_);
   bool read_failed = false;
   if (probes_ != nullptr) {
+    // Exited frontends' bindings go before the read, so `bound_queues` below
+    // names live frontends only. A failure is counted as a control error.
+    if (!options_.vhost_user.empty() && !probes_->SweepExitedFrontends().ok()) {
+      absl::MutexLock r(&registry_mu_);
+      ++probe_errors_.control;
+    }
     absl::StatusOr<CounterSnapshot> c = probes_->ReadCounters();
     if (c.ok()) {
       snap.counters = *std::move(c);
@@ -368,6 +426,31 @@ DaemonSnapshot Daemon::Scrape() {
   if (read_failed) ++probe_errors_.read_counters;
   for (const auto& vm : vms_) {
     if (vm) snap.vms.push_back(*vm);
+  }
+  if (vhost_vm_) {
+    AttachedVm vm = *vhost_vm_;
+    if (snap.counters) {
+      // Queues the probes learned (bounded by the protocol's queue limit;
+      // beyond it the exporter's "unknown" queue bucket takes the counts).
+      auto grow = [&](uint16_t device_id, uint16_t queue) {
+        if (device_id >= vm.info.devices.size() || queue >= kMaxVhostUserQueues) return;
+        uint16_t& n = vm.info.devices[device_id].num_queues;
+        n = std::max<uint16_t>(n, queue + 1);
+      };
+      for (const NotificationCount& n : snap.counters->notifications) {
+        if (n.vm_id == vm.vm_id) grow(n.device_id, n.queue);
+      }
+      std::set<uint32_t> live;
+      for (const FrontendInfo& f : snap.counters->frontends) {
+        if (f.vm_id == vm.vm_id) live.insert(f.tgid);
+      }
+      for (const KickFdBinding& k : snap.counters->kick_fds) {
+        if (!live.count(k.tgid) || k.device_id >= vm.info.devices.size()) continue;
+        grow(k.device_id, k.queue);
+        vm.bound_queues.emplace(k.device_id, k.queue);
+      }
+    }
+    snap.vms.push_back(std::move(vm));
   }
   std::sort(snap.vms.begin(), snap.vms.end(),
             [](const AttachedVm& a, const AttachedVm& b) { return a.vm_id < b.vm_id; });

@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -60,8 +61,30 @@ struct DaemonProbeErrors {
   uint64_t read_counters = 0;  // ReadCounters failed at a scrape
 };
 
+// Queues per --vhost-user device the exporter labels (the protocol's
+// kMaxQueuesPerDevice).
+inline constexpr uint16_t kMaxVhostUserQueues = 64;
+
+// A host-process vhost-user driver (--vhost-user=ID=SOCKET_PATH): its
+// frontend is tracked from its connect() to `socket_path` (docs/probes.md).
+struct VhostUserFrontendDecl {
+  std::string id;           // the `device` label
+  std::string socket_path;  // canonical absolute path (main() realpath()s it)
+};
+
+// Processes connected to a unix socket path right now: (pid, that
+// connection's fd in the pid). Used once at start, for frontends connected
+// before vkickd ran. Real one: FindConnectedFrontends (wiring.h).
+using ConnectedFinder =
+    std::function<absl::StatusOr<std::vector<std::pair<uint32_t, int32_t>>>(const std::string&)>;
+
 struct DaemonOptions {
   std::vector<std::string> qmp_paths;
+  // The host-process vhost-user drivers, one pseudo-VM named vhost_user_vm
+  // whose devices are these ids (device_id = index).
+  std::string vhost_user_vm = "vhost-user";
+  std::vector<VhostUserFrontendDecl> vhost_user;
+  ConnectedFinder find_connected;  // may be null
   absl::Duration refresh_interval = absl::Seconds(1);
   // Reconnect backoff when a QMP socket is missing or misbehaves: doubles
   // from min to max, reset once attached.
@@ -79,6 +102,12 @@ using DiscoveryFactory =
 struct AttachedVm {
   uint32_t vm_id = 0;
   VmInfo info;
+  // The --vhost-user pseudo-VM (pid 0): its devices' queues are the ones
+  // the probes learned (at least queue 0); `bound_queues` holds the
+  // (device_id, queue) pairs a live frontend has a kick fd for, i.e. whose
+  // host count is current.
+  bool vhost_user_frontends = false;
+  std::set<std::pair<uint16_t, uint16_t>> bound_queues;
 };
 
 struct QmpAttachmentStatus {
@@ -138,6 +167,7 @@ class Daemon {
   absl::Status ProbeCall(const std::function<absl::Status(ProbeBackend&)>& call);
   uint32_t NextVmId() { return next_vm_id_.fetch_add(1); }
 
+  void StartVhostUser();
   void PublishVm(size_t attachment, const AttachedVm& vm);
   void RemoveVm(size_t attachment);
   void SetConnected(size_t attachment, bool connected);
@@ -158,6 +188,7 @@ class Daemon {
   mutable absl::Mutex registry_mu_;
   // Indexed by attachment (position in options_.qmp_paths).
   std::vector<std::optional<AttachedVm>> vms_ ABSL_GUARDED_BY(registry_mu_);
+  std::optional<AttachedVm> vhost_vm_ ABSL_GUARDED_BY(registry_mu_);
   std::vector<QmpAttachmentStatus> qmp_status_ ABSL_GUARDED_BY(registry_mu_);
   DaemonProbeErrors probe_errors_ ABSL_GUARDED_BY(registry_mu_);
 

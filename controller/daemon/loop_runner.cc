@@ -214,7 +214,13 @@ void LoopRunner::StepOnce() {
       for (uint16_t q = 0; q < d.num_queues && q < proto::kMaxQueuesPerDevice; ++q) {
         QueueInput in;
         in.key = {name, d.label, q};
-        if (snap.counters) {
+        // A --vhost-user frontend's queue is host-counted only while a live
+        // frontend has a kick fd bound for it (one connected before vkickd
+        // started is not, until it reconnects): otherwise the driver's own
+        // kick count is believed.
+        const bool counted =
+            !vm.vhost_user_frontends || vm.bound_queues.count({d.device_id, q}) > 0;
+        if (snap.counters && counted) {
           auto it = host.find({vm.vm_id, d.device_id, q});
           in.host_notifications_total = it == host.end() ? 0 : it->second;
         }
@@ -223,13 +229,16 @@ void LoopRunner::StepOnce() {
     }
   }
   {
+    std::set<QueueKey> have;
+    for (const QueueInput& in : inputs) have.insert(in.key);
     absl::MutexLock l(&mu_);
     for (const QueueKey& k : col.connected_queues) {
       if (k.vm == options_.vhost_user_vm) vhost_seen_.insert(k);
     }
     for (const QueueKey& k : vhost_seen_) {
+      if (have.count(k)) continue;  // the probes' pseudo-VM already has it
       QueueInput in;
-      in.key = k;  // no host probe covers these: the guest's kicks are believed
+      in.key = k;  // no probe counts it: the guest's kicks are believed
       inputs.push_back(std::move(in));
     }
   }

@@ -50,7 +50,9 @@ ABSL_FLAG(std::string, agent_socket, "",
 ABSL_FLAG(std::vector<std::string>, vhost_user, {},
           "ID=SOCKET_PATH: a host-process vhost-user driver whose agent connects to "
           "--agent-socket and reports serial ID; its queues are labelled vm=--vhost-user-vm, "
-          "device=ID. Repeatable.");
+          "device=ID. With the probes, a frontend that connect()s to SOCKET_PATH (made "
+          "canonical with realpath) is tracked from that moment and its kicks are host-counted. "
+          "Repeatable.");
 ABSL_FLAG(std::string, vhost_user_vm, "vhost-user",
           "The `vm` label of the --vhost-user drivers (they run on the host, not in a VM).");
 ABSL_FLAG(absl::Duration, control_interval, absl::Seconds(1),
@@ -187,6 +189,19 @@ int main(int argc, char** argv) {
     }
     loop_options.vhost_user.push_back(*d);
   }
+  // The probes track a frontend from its connect() to the exact path: use
+  // the canonical one (a frontend connecting by a relative path or another
+  // symlinked name does not match: docs/probes.md).
+  options.vhost_user_vm = loop_options.vhost_user_vm;
+  for (vkick::VhostUserDecl& d : loop_options.vhost_user) {
+    auto canonical = vkick::CanonicalSocketPath(d.socket_path);
+    if (!canonical.ok())
+      return Fail(absl::StrCat("--vhost-user=", d.id, "=", d.socket_path, ": ",
+                               canonical.status().message()));
+    d.socket_path = *canonical;
+    options.vhost_user.push_back({d.id, d.socket_path});
+  }
+  options.find_connected = vkick::FindConnectedFrontends;
   const std::string agent_socket = absl::GetFlag(FLAGS_agent_socket);
   if (!loop_options.vhost_user.empty() && agent_socket.empty())
     return Fail("--vhost-user needs --agent-socket (where their agent connects)");

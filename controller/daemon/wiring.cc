@@ -2,8 +2,20 @@
 // names. Compiled into vkickd only (the daemon core's tests use fakes).
 #include "controller/daemon/wiring.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <stdlib.h>
+
+#include <cstring>
+#include <map>
+#include <set>
 #include <string>
 #include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "bpf/host_probes.h"
+#include "controller/discovery/unix_socket_fd.h"
 
 #include "controller/discovery/qmp_vm_discovery.h"
 #include "controller/qmp/qmp_client.h"
@@ -31,6 +43,61 @@ DiscoveryFactory QmpDiscoveryFactory(absl::Duration timeout, AgentPortRegistry* 
     return std::unique_ptr<VmDiscovery>(
         new AgentPortDiscovery(std::move(*d), std::move(exec), path, agent_ports));
   };
+}
+
+absl::StatusOr<std::string> CanonicalSocketPath(const std::string& path) {
+  if (path.empty() || path.back() == '/')
+    return absl::InvalidArgumentError(absl::StrCat("'", path, "' is not a socket path"));
+  std::string out;
+  if (char* r = realpath(path.c_str(), nullptr)) {
+    out = r;
+    free(r);
+  } else {
+    const size_t slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+    char* d = realpath(dir.c_str(), nullptr);
+    if (d == nullptr) {
+      return absl::NotFoundError(absl::StrCat("cannot resolve the directory of '", path,
+                                              "': ", strerror(errno)));
+    }
+    out = absl::StrCat(d, std::string(d) == "/" ? "" : "/",
+                       slash == std::string::npos ? path : path.substr(slash + 1));
+    free(d);
+  }
+  if (out.size() >= VKICK_SUN_PATH_MAX)
+    return absl::InvalidArgumentError(absl::StrCat("'", out, "' is longer than ",
+                                                   VKICK_SUN_PATH_MAX - 1, " bytes"));
+  return out;
+}
+
+absl::StatusOr<std::vector<std::pair<uint32_t, int32_t>>> FindConnectedFrontends(
+    const std::string& path) {
+  absl::StatusOr<std::map<uint32_t, UnixSocketInfo>> sockets = DumpUnixSockets();
+  if (!sockets.ok()) return sockets.status();
+  // Client ends: a socket (not itself named `path`: that is an accepted
+  // server-side end) whose peer is named `path`.
+  std::set<uint32_t> clients;
+  for (const auto& [inode, info] : *sockets) {
+    if (info.peer == 0 || info.name == path) continue;
+    auto peer = sockets->find(info.peer);
+    if (peer != sockets->end() && peer->second.name == path) clients.insert(inode);
+  }
+  std::vector<std::pair<uint32_t, int32_t>> out;
+  if (clients.empty()) return out;
+  DIR* proc = opendir("/proc");
+  if (proc == nullptr) return absl::ErrnoToStatus(errno, "opendir /proc");
+  while (struct dirent* e = readdir(proc)) {
+    uint32_t pid;
+    if (!absl::SimpleAtoi(e->d_name, &pid)) continue;
+    absl::StatusOr<std::map<int, uint32_t>> fds = ListSocketFds(static_cast<pid_t>(pid));
+    if (!fds.ok()) continue;  // exited meanwhile, or a kernel thread
+    for (const auto& [fd, inode] : *fds) {
+      if (clients.count(inode)) out.emplace_back(pid, fd);
+    }
+    if (out.size() >= 64) break;  // bounded; one frontend per socket is the norm
+  }
+  closedir(proc);
+  return out;
 }
 
 ExitReasonNamer ExitReasonNames() {

@@ -4,6 +4,9 @@
 #pragma once
 
 #include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -22,6 +25,16 @@ absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes();
 // (agent_port.h).
 DiscoveryFactory QmpDiscoveryFactory(absl::Duration timeout,
                                      AgentPortRegistry* agent_ports = nullptr);
+
+// The canonical absolute form of a --vhost-user socket path, as a frontend's
+// connect() names it: realpath() of the path, or of its directory when the
+// socket does not exist yet (the backend may start after vkickd).
+absl::StatusOr<std::string> CanonicalSocketPath(const std::string& path);
+
+// Processes connected to unix socket `path` now (sock_diag + /proc/*/fd):
+// (pid, fd of that connection). The listening side is not included.
+absl::StatusOr<std::vector<std::pair<uint32_t, int32_t>>> FindConnectedFrontends(
+    const std::string& path);
 
 // Decodes kvm_exit (isa, reason) into the bounded set of reason names.
 ExitReasonNamer ExitReasonNames();

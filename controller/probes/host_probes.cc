@@ -3,6 +3,8 @@
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 
+#include <signal.h>
+
 #include <cerrno>
 #include <cstring>
 #include <set>
@@ -98,7 +100,9 @@ absl::Status HostProbes::Attach(const Options& options) {
       {options.attach_interrupts, {{skel_->progs.tp_kvm_msi_set_irq, "kvm/kvm_msi_set_irq"}}},
       {options.attach_vhost_user,
        {{skel_->progs.tp_sys_enter_sendmsg, "syscalls/sys_enter_sendmsg"},
-        {skel_->progs.tp_sys_enter_write, "syscalls/sys_enter_write"}}},
+        {skel_->progs.tp_sys_enter_write, "syscalls/sys_enter_write"},
+        {skel_->progs.tp_sys_enter_connect, "syscalls/sys_enter_connect"},
+        {skel_->progs.tp_sched_process_exit, "sched/sched_process_exit"}}},
   };
   for (const Group& g : groups) {
     if (!g.enabled) continue;
@@ -152,6 +156,9 @@ absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
   drop_vm(vkick_notify_key{}, skel_->maps.notify, by_vm);
   drop_vm(vkick_sock_key{}, skel_->maps.kick_fds, by_tgid);
   drop_vm(vkick_sock_key{}, skel_->maps.vhost_sock, by_tgid);
+  if (bpf_map_delete_elem(bpf_map__fd(skel_->maps.frontends), &tgid) != 0 && errno != ENOENT) {
+    status.Update(ErrnoStatus(errno, absl::StrCat("dropping frontend pid ", tgid)));
+  }
   return status;
 }
 
@@ -209,6 +216,76 @@ absl::Status HostProbes::SetVhostUserSocket(uint32_t tgid, int32_t socket_fd,
   });
 }
 
+absl::Status HostProbes::SetVhostUserPath(absl::string_view path, uint32_t vm_id,
+                                          uint16_t device_id) {
+  if (path.empty() || path[0] != '/' || path.size() >= VKICK_SUN_PATH_MAX ||
+      path.find('\0') != absl::string_view::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("vhost-user socket path '", path, "': want an absolute path of at most ",
+                     VKICK_SUN_PATH_MAX - 1, " bytes"));
+  }
+  vkick_path_key key{};  // zero-padded: compares by value with the program's key
+  std::memcpy(key.path, path.data(), path.size());
+  vkick_frontend_value value{};
+  value.vm_id = vm_id;
+  value.device_id = device_id;
+  if (bpf_map_update_elem(bpf_map__fd(skel_->maps.vhost_paths), &key, &value, BPF_ANY) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("declaring vhost-user socket path ", path,
+                                           " (at most ", VKICK_MAX_VHOST_PATHS, " paths)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostProbes::TrackFrontend(uint32_t tgid, int32_t socket_fd, uint32_t vm_id,
+                                       uint16_t device_id) {
+  uint32_t cur = 0;
+  if (bpf_map_lookup_elem(bpf_map__fd(skel_->maps.tracked), &tgid, &cur) == 0 && cur != vm_id) {
+    // Like the connect program: a process tracked as a VM (QEMU) keeps it.
+    return absl::FailedPreconditionError(
+        absl::StrCat("pid ", tgid, " is already tracked as vm_id ", cur));
+  }
+  vkick_frontend_value value{};
+  value.vm_id = vm_id;
+  value.device_id = device_id;
+  // Marked as a frontend first, so the exit program drops it once tracked.
+  if (bpf_map_update_elem(bpf_map__fd(skel_->maps.frontends), &tgid, &value, BPF_ANY) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("adopting frontend pid ", tgid, " (at most ",
+                                           VKICK_MAX_FRONTENDS, ")"));
+  }
+  if (absl::Status s = TrackProcess(tgid, vm_id); !s.ok()) return s;
+  return SetVhostUserSocket(tgid, socket_fd, device_id);
+}
+
+absl::Status HostProbes::SweepExitedFrontends() {
+  absl::Status status;
+  const int tracked_fd = bpf_map__fd(skel_->maps.tracked);
+  // Frontends whose process is gone without the exit program having seen it
+  // (not attached, or adopted after it exited): untrack them.
+  const int ffd = bpf_map__fd(skel_->maps.frontends);
+  status.Update(ForEachKey<uint32_t>(ffd, "frontends", [&](const uint32_t& tgid) {
+    if (kill(static_cast<pid_t>(tgid), 0) == 0 || errno != ESRCH) return;
+    vkick_frontend_value fv{};
+    uint32_t vm = 0;
+    if (bpf_map_lookup_elem(ffd, &tgid, &fv) == 0 &&
+        bpf_map_lookup_elem(tracked_fd, &tgid, &vm) == 0 && vm == fv.vm_id) {
+      bpf_map_delete_elem(tracked_fd, &tgid);
+    }
+    bpf_map_delete_elem(ffd, &tgid);
+  }));
+  // Bindings of processes no longer tracked.
+  auto untracked = [&](uint32_t tgid) {
+    uint32_t vm = 0;
+    return bpf_map_lookup_elem(tracked_fd, &tgid, &vm) != 0;
+  };
+  for (bpf_map* map : {skel_->maps.kick_fds, skel_->maps.vhost_sock}) {
+    const int mfd = bpf_map__fd(map);
+    status.Update(ForEachKey<vkick_sock_key>(mfd, bpf_map__name(map), [&](const vkick_sock_key& k) {
+      if (untracked(k.tgid)) bpf_map_delete_elem(mfd, &k);
+    }));
+  }
+  return status;
+}
+
 absl::StatusOr<CounterSnapshot> HostProbes::ReadCounters() {
   CounterSnapshot snap;
   absl::Status status;
@@ -256,6 +333,15 @@ absl::StatusOr<CounterSnapshot> HostProbes::ReadCounters() {
       vkick_kick_value v{};
       if (bpf_map_lookup_elem(fd, &k, &v) == 0) {
         snap.kick_fds.push_back({k.tgid, k.fd, v.socket_fd, v.device_id, v.queue});
+      }
+    }));
+  }
+  {
+    int fd = bpf_map__fd(skel_->maps.frontends);
+    status.Update(ForEachKey<uint32_t>(fd, "frontends", [&](const uint32_t& tgid) {
+      vkick_frontend_value v{};
+      if (bpf_map_lookup_elem(fd, &tgid, &v) == 0) {
+        snap.frontends.push_back({tgid, v.vm_id, v.device_id});
       }
     }));
   }

@@ -30,7 +30,9 @@ struct HostProbesOptions {
   bool attach_exits = true;          // kvm:kvm_exit
   bool attach_notifications = true;  // kvm:kvm_mmio, kvm:kvm_fast_mmio, kvm:kvm_pio
   bool attach_interrupts = true;     // kvm:kvm_msi_set_irq
-  bool attach_vhost_user = true;     // syscalls:sys_enter_sendmsg, syscalls:sys_enter_write
+  // syscalls:sys_enter_sendmsg, syscalls:sys_enter_write, syscalls:sys_enter_connect,
+  // sched:sched_process_exit
+  bool attach_vhost_user = true;
 };
 
 class HostProbes final : public ProbeBackend {
@@ -50,6 +52,11 @@ class HostProbes final : public ProbeBackend {
   absl::Status UntrackProcess(uint32_t tgid, uint32_t vm_id) override;
   absl::Status SetNotifyTargets(uint32_t vm_id, absl::Span<const NotifyTarget> targets) override;
   absl::Status SetVhostUserSocket(uint32_t tgid, int32_t socket_fd, uint16_t device_id) override;
+  absl::Status SetVhostUserPath(absl::string_view path, uint32_t vm_id,
+                                uint16_t device_id) override;
+  absl::Status TrackFrontend(uint32_t tgid, int32_t socket_fd, uint32_t vm_id,
+                             uint16_t device_id) override;
+  absl::Status SweepExitedFrontends() override;
   absl::StatusOr<CounterSnapshot> ReadCounters() override;
 
   // Names of the attached tracepoint programs ("tp_kvm_mmio", ...).

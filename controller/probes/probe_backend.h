@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
 namespace vkick {
@@ -72,6 +73,14 @@ struct KickFdBinding {
 
 inline constexpr uint16_t kUnknownDevice = 0xffff;
 
+// A process tracked as a vhost-user frontend because it connect()ed to a
+// declared socket path (SetVhostUserPath), or adopted (TrackFrontend).
+struct FrontendInfo {
+  uint32_t tgid;
+  uint32_t vm_id;
+  uint16_t device_id;
+};
+
 // Probe-side failures; exported as vkick_probe_errors_total{reason}.
 struct ProbeErrors {
   uint64_t map_full = 0;          // an update into a bounded map failed
@@ -87,6 +96,7 @@ struct CounterSnapshot {
   std::vector<UnmatchedCount> unmatched_writes;
   std::vector<InterruptCount> interrupts;
   std::vector<KickFdBinding> kick_fds;
+  std::vector<FrontendInfo> frontends;
   ProbeErrors errors;
 };
 
@@ -111,6 +121,29 @@ class ProbeBackend {
   // kick fds to that device's queues.
   virtual absl::Status SetVhostUserSocket(uint32_t tgid, int32_t socket_fd,
                                           uint16_t device_id) = 0;
+
+  // Declare a vhost-user socket path (canonical, absolute, <= 107 bytes): a
+  // process that connect()s to exactly this path is tracked under `vm_id`
+  // and that connection is `device_id`'s vhost-user socket, so its
+  // SET_VRING_KICK messages and kick eventfd writes are counted per queue.
+  // It is dropped when it exits. Backends without this return kUnimplemented.
+  virtual absl::Status SetVhostUserPath(absl::string_view path, uint32_t vm_id,
+                                        uint16_t device_id) {
+    (void)path, (void)vm_id, (void)device_id;
+    return absl::UnimplementedError("vhost-user socket paths are not supported by this backend");
+  }
+  // The same for a frontend that was connected before the path was declared
+  // (found with sock_diag): track `tgid` as `device_id`'s frontend over
+  // `socket_fd`. Kick fds it announced earlier cannot be learned.
+  virtual absl::Status TrackFrontend(uint32_t tgid, int32_t socket_fd, uint32_t vm_id,
+                                     uint16_t device_id) {
+    (void)tgid, (void)socket_fd, (void)vm_id, (void)device_id;
+    return absl::UnimplementedError("vhost-user frontends are not supported by this backend");
+  }
+  // Drop the socket and kick-fd bindings of frontends that exited (the
+  // programs untrack them at exit; their bindings are swept here). Counters
+  // stay. Cheap enough to call every control interval.
+  virtual absl::Status SweepExitedFrontends() { return absl::OkStatus(); }
 
   // Sum the per-CPU counters. Cheap enough to call at every scrape.
   virtual absl::StatusOr<CounterSnapshot> ReadCounters() = 0;

@@ -64,12 +64,32 @@ std::string SanitizeSerial(absl::string_view raw) {
   return out;
 }
 
+namespace {
+bool SerialChar(char c) {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
+         c == '_' || c == ':' || c == '-';
+}
+}  // namespace
+
+bool IsProtocolSerial(absl::string_view serial) {
+  if (serial.size() > 20) return false;
+  for (char c : serial) {
+    if (!SerialChar(c)) return false;
+  }
+  return true;
+}
+
 std::string SerialFromSocketPath(absl::string_view path) {
   const size_t slash = path.rfind('/');
   absl::string_view base = slash == absl::string_view::npos ? path : path.substr(slash + 1);
   const size_t dot = base.rfind('.');
   if (dot != absl::string_view::npos && dot > 0) base = base.substr(0, dot);
-  return SanitizeSerial(base);
+  std::string out;
+  for (char c : base) {
+    if (c == '\0' || out.size() == 20) break;
+    out.push_back(SerialChar(c) ? c : '_');
+  }
+  return out;
 }
 
 std::string ResolveRunDir(absl::string_view flag) {

@@ -36,7 +36,12 @@ std::string DriverInfoJson(const DriverInfo& d);
 // Printable ASCII only (0x20..0x7e), stops at the first NUL (GET_ID pads with
 // NULs), at most 20 characters: the serial is a label the agent may export.
 std::string SanitizeSerial(absl::string_view raw);
-// vhost-user default serial: the socket's basename without its extension.
+// The protocol's serial (docs/protocol.md): 0..20 characters of
+// [A-Za-z0-9._:-] (no space: it is matched against --vhost-user IDs and may
+// become a label).
+bool IsProtocolSerial(absl::string_view serial);
+// vhost-user default serial: the socket's basename without its extension,
+// any character outside [A-Za-z0-9._:-] replaced by '_', at most 20.
 std::string SerialFromSocketPath(absl::string_view path);
 // $VKICK_RUN_DIR, else /run/vkick; a non-empty `flag` wins over both.
 std::string ResolveRunDir(absl::string_view flag);

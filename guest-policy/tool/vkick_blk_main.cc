@@ -45,7 +45,8 @@ ABSL_FLAG(std::string, control, "",
 ABSL_FLAG(std::string, run_dir, "",
           "where the driver registers itself as drivers/<pid>.json (default $VKICK_RUN_DIR, else /run/vkick)");
 ABSL_FLAG(std::string, serial, "",
-          "device id in the registry (default: vhost-user socket basename; pci: the device's GET_ID)");
+          "device id in the registry, at most 20 of [A-Za-z0-9._:-] (default: vhost-user socket "
+          "basename, other characters as '_'; pci: the device's GET_ID)");
 ABSL_FLAG(std::string, completion, "poll", "poll|interrupt");
 ABSL_FLAG(bool, event_idx, true, "negotiate VIRTIO_F_EVENT_IDX when offered");
 ABSL_FLAG(bool, indirect, true, "negotiate VIRTIO_F_INDIRECT_DESC when offered");
@@ -123,8 +124,11 @@ int Main() {
       absl::GetFlag(FLAGS_control).empty() ? DefaultControlBlockPath(pid) : absl::GetFlag(FLAGS_control);
   const std::string run_dir = ResolveRunDir(absl::GetFlag(FLAGS_run_dir));
   const std::string serial_flag = absl::GetFlag(FLAGS_serial);
-  if (serial_flag.size() > 20 || SanitizeSerial(serial_flag) != serial_flag) {
-    return Fail("--serial: at most 20 printable ASCII characters", 2);
+  if (!IsProtocolSerial(serial_flag)) {
+    return Fail(absl::StrCat("--serial='", SanitizeSerial(serial_flag),
+                             "': at most 20 characters of [A-Za-z0-9._:-] (no spaces: the agent "
+                             "protocol's serial, matched against vkickd's --vhost-user IDs)"),
+                2);
   }
   if (o.policy.mode == KickMode::kAdaptive) {
     // Absent now is fine: the queues run the immediate fallback and re-check

@@ -301,9 +301,12 @@ def case_errors(tmp):
           f"missing socket: rc {rc} in {dt:.2f}s: {err.strip()}")
     for bad in (["--bogus=1"], ["--qd=abc"], ["--policy=static:0,5us", "--socket=/x"], ["--rw=sideways", "--socket=/x"],
                 ["--socket=/x", "--pci=0000:00:04.0"], [], ["--socket=/x", "extra"], ["--qd"],
-                ["--socket=/x", "--serial=" + "x" * 21]):
+                ["--socket=/x", "--serial=" + "x" * 21], ["--socket=/x", "--serial=my disk"],
+                ["--socket=/x", "--serial=a/b"]):
         rc, _, err, _ = blk(bad + ["--run-dir", run])
         check(rc == 2 and err.startswith("vkick-blk:"), f"bad flags {bad}: rc {rc}: {err.strip()[:120]}")
+        if any(a.startswith("--serial=my") for a in bad):
+            check("[A-Za-z0-9._:-]" in err, f"--serial with a space says why: {err.strip()[:160]}")
     p = subprocess.run([BLK, "--help"], capture_output=True, text=True)
     out = p.stdout + p.stderr
     check(p.returncode == 0 and "--policy" in out and "--run_dir" in out and "--serial" in out and

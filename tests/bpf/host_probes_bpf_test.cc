@@ -238,7 +238,8 @@ TEST(HostProbesBpfTest, AttachesEveryTracepointProgram) {
   EXPECT_THAT(p->attached_programs(),
               UnorderedElementsAre("tp_kvm_exit", "tp_kvm_mmio", "tp_kvm_fast_mmio", "tp_kvm_pio",
                                    "tp_kvm_msi_set_irq", "tp_sys_enter_sendmsg",
-                                   "tp_sys_enter_write"));
+                                   "tp_sys_enter_write", "tp_sys_enter_connect",
+                                   "tp_sched_process_exit"));
 }
 
 }  // namespace

@@ -18,6 +18,9 @@ static_assert(sizeof(vkick_unmatched_key) == 8);
 static_assert(sizeof(vkick_irq_key) == 16 && offsetof(vkick_irq_key, address) == 8);
 static_assert(sizeof(vkick_sock_key) == 8);
 static_assert(sizeof(vkick_kick_value) == 8);
+static_assert(sizeof(vkick_path_key) == VKICK_PATH_KEY_SIZE);
+static_assert(VKICK_PATH_KEY_SIZE >= VKICK_SUN_PATH_MAX + 1);  // a full sun_path plus NUL
+static_assert(sizeof(vkick_frontend_value) == 8);
 static_assert(sizeof(vkick_test_exit_ctx) == 16);
 static_assert(sizeof(vkick_test_io_ctx) == 24 && offsetof(vkick_test_io_ctx, addr) == 8);
 static_assert(sizeof(vkick_test_msi_ctx) == 24);
@@ -31,6 +34,7 @@ TEST(HostProbesLayoutTest, ConstantsAgreeWithTheInterface) {
   EXPECT_EQ(sizeof(NotificationCount::queue), sizeof(vkick_queue_key::queue));
   EXPECT_EQ(sizeof(NotificationCount::device_id), sizeof(vkick_queue_key::device_id));
   EXPECT_EQ(VKICK_ERR_COUNT, 4);
+  EXPECT_EQ(sizeof(FrontendInfo::device_id), sizeof(vkick_frontend_value::device_id));
 }
 
 TEST(HostProbesLayoutTest, KeysHaveNoUninitialisedPadding) {
@@ -41,6 +45,7 @@ TEST(HostProbesLayoutTest, KeysHaveNoUninitialisedPadding) {
   EXPECT_EQ(sizeof(vkick_exit_key), 4 * 4u);
   EXPECT_EQ(sizeof(vkick_queue_key), 4 + 2 + 2u);
   EXPECT_EQ(sizeof(vkick_irq_key), 4 + 4 + 8u);
+  EXPECT_EQ(sizeof(vkick_path_key), static_cast<size_t>(VKICK_PATH_KEY_SIZE));
 }
 
 }  // namespace

@@ -7,18 +7,23 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
@@ -309,6 +314,48 @@ TEST_F(AgentTest, DuplicateSerialIsNotAnnouncedAndDoesNotLoop) {
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(NextOf<proto::Sample>().has_value());
   pollfd p{lfd_, POLLIN, 0};
   EXPECT_EQ(poll(&p, 1, 0), 0) << "the agent reconnected";
+}
+
+TEST_F(AgentTest, TwoVhostUserDriversGetDistinctFakePciFunctions) {
+  // Besides the fixture's PCI driver, two live vhost-user drivers: our
+  // parent process and a child of ours (killed at the end, by pid).
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    pause();
+    _exit(0);
+  }
+  int i = 0;
+  for (int32_t pid : {static_cast<int32_t>(getppid()), static_cast<int32_t>(child)}) {
+    std::ofstream(absl::StrCat(dir_, "/run/drivers/", pid, ".json"))
+        << absl::StrCat(R"({"pid":)", pid, R"(,"transport":"vhost-user","serial":"vu)", i,
+                        R"(","queues":1,"queue_size":128,"control_block":")", dir_,
+                        R"(/ctl/control-vu)", i, R"("})");
+    ++i;
+  }
+  Start();
+  const bool accepted = Accept();
+  auto h = accepted ? NextOf<proto::Hello>() : std::nullopt;  // decoded by the protocol's rules
+  std::optional<proto::Sample> sample = h ? NextOf<proto::Sample>() : std::nullopt;
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  ASSERT_TRUE(h.has_value());
+  ASSERT_EQ(h->devices.size(), 3u);
+  std::set<std::tuple<uint16_t, uint8_t, uint8_t>> fns;
+  int fake = 0;
+  for (const proto::GuestDevice& d : h->devices) {
+    fns.emplace(d.pci_domain, d.pci_bus, d.pci_devfn);
+    if (d.serial.rfind("vu", 0) == 0) {
+      EXPECT_EQ(d.pci_domain, kFakePciDomain) << d.serial;
+      ++fake;
+    } else {
+      EXPECT_NE(d.pci_domain, kFakePciDomain) << "a real PCI driver keeps its address";
+    }
+  }
+  EXPECT_EQ(fake, 2);
+  EXPECT_EQ(fns.size(), 3u) << "every device at its own PCI function";
+  // The hello was accepted by the protocol: the agent went on to samples.
+  EXPECT_TRUE(sample.has_value());
 }
 
 }  // namespace

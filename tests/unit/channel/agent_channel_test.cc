@@ -63,6 +63,42 @@ std::vector<uint8_t> Enc(const proto::Message& m) {
   return r.bytes;
 }
 
+// Two samples before the loop takes them are added up, not replaced: the
+// host's notification count between two steps covers both.
+TEST(AgentSessionTest, SamplesNotYetTakenAreMerged) {
+  AgentSession s({}, Devices(), 0);
+  ASSERT_TRUE(s.Feed(Enc(MakeHello()), kMs));
+  proto::QueueSample a = Qs(0, 1), b = Qs(0, 1);
+  b.requests = 30;
+  b.kicks = 3;
+  b.completed = 30;
+  b.depth_hist[0] = 0;
+  b.depth_hist[2] = 30;
+  b.latency_hist[5] = 30;
+  b.mean_depth_milli = 5000;
+  b.max_depth = 8;
+  b.applied_mode = proto::KickMode::kStatic;
+  b.applied_batch = 8;
+  b.applied_defer_ns = 50'000;
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{1, {a}}), 2 * kMs));
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{2, {b}}), 1002 * kMs));
+  auto samples = s.TakeSamples();
+  ASSERT_EQ(samples.size(), 1u);
+  const proto::QueueSample& m = samples.begin()->second;
+  EXPECT_EQ(m.interval_ns, 2'000'000'000u);
+  EXPECT_EQ(m.requests, 40u);
+  EXPECT_EQ(m.kicks, 13u);
+  EXPECT_EQ(m.completed, 40u);
+  EXPECT_EQ(m.depth_hist[0], 10u);
+  EXPECT_EQ(m.depth_hist[2], 30u);
+  EXPECT_EQ(m.latency_hist[5], 40u);
+  EXPECT_EQ(m.mean_depth_milli, (1000u * 10 + 5000u * 30) / 40);
+  EXPECT_EQ(m.max_depth, 8);
+  EXPECT_EQ(m.applied_mode, proto::KickMode::kStatic);
+  EXPECT_EQ(m.applied_batch, 8);
+  EXPECT_TRUE(s.TakeSamples().empty());
+}
+
 TEST(AgentSessionTest, MapsOnlyDeclaredQueuesByHostLabels) {
   AgentSession s({}, Devices(), 0);
   ASSERT_TRUE(s.Feed(Enc(MakeHello()), kMs));

@@ -44,6 +44,23 @@ class FakeProbeBackend : public ProbeBackend {
     vhost_sockets_.push_back({tgid, fd, device_id});
     return absl::OkStatus();
   }
+  absl::Status SetVhostUserPath(absl::string_view path, uint32_t vm_id,
+                                uint16_t device_id) override {
+    absl::MutexLock l(&mu_);
+    vhost_paths_.push_back({std::string(path), vm_id, device_id});
+    return absl::OkStatus();
+  }
+  absl::Status TrackFrontend(uint32_t tgid, int32_t fd, uint32_t vm_id,
+                             uint16_t device_id) override {
+    absl::MutexLock l(&mu_);
+    frontends_.push_back({tgid, fd, vm_id, device_id});
+    return absl::OkStatus();
+  }
+  absl::Status SweepExitedFrontends() override {
+    absl::MutexLock l(&mu_);
+    ++sweeps_;
+    return absl::OkStatus();
+  }
   absl::StatusOr<CounterSnapshot> ReadCounters() override {
     absl::MutexLock l(&mu_);
     if (fail_read_) return absl::InternalError("fake: maps unreadable");
@@ -56,7 +73,22 @@ class FakeProbeBackend : public ProbeBackend {
     uint16_t device_id;
   };
 
+  struct VhostPath {
+    std::string path;
+    uint32_t vm_id;
+    uint16_t device_id;
+  };
+  struct Frontend {
+    uint32_t tgid;
+    int32_t fd;
+    uint32_t vm_id;
+    uint16_t device_id;
+  };
+
   // Accessors (copies, taken under the lock).
+  std::vector<VhostPath> vhost_paths() { absl::MutexLock l(&mu_); return vhost_paths_; }
+  std::vector<Frontend> frontends() { absl::MutexLock l(&mu_); return frontends_; }
+  int sweeps() { absl::MutexLock l(&mu_); return sweeps_; }
   std::map<uint32_t, uint32_t> tracked() { absl::MutexLock l(&mu_); return tracked_; }
   std::map<uint32_t, std::vector<NotifyTarget>> targets() {
     absl::MutexLock l(&mu_);
@@ -79,6 +111,9 @@ class FakeProbeBackend : public ProbeBackend {
   std::map<uint32_t, std::vector<NotifyTarget>> targets_;
   std::vector<std::pair<uint32_t, uint32_t>> untracked_;
   std::vector<VhostSocket> vhost_sockets_;
+  std::vector<VhostPath> vhost_paths_;
+  std::vector<Frontend> frontends_;
+  int sweeps_ = 0;
   int set_targets_calls_ = 0;
   int track_calls_ = 0;
   CounterSnapshot counters_;

@@ -9,6 +9,9 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <set>
+#include <utility>
+#include <vector>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -177,6 +180,88 @@ TEST(LoopRunnerTest, VhostUserDeclarations) {
   EXPECT_EQ(devs[1].known.serial, "blk1");
   EXPECT_EQ(devs[1].vm, "vhost-user");
   EXPECT_EQ(devs[1].device, "blk1");
+}
+
+// --vhost-user drivers: vkickd declares each socket path to the probes,
+// adopts a frontend already connected, and publishes one pseudo-VM whose
+// queues exist from the start; the loop believes the host count of a queue
+// only while a live frontend has a kick fd bound for it.
+TEST(LoopRunnerTest, VhostUserFrontendsAreHostCountedWhileBound) {
+  TempDir dir;
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  DaemonOptions o = Fast({}, log);
+  o.vhost_user_vm = "host";
+  o.vhost_user = {{"disk0", "/run/disk0.sock"}, {"disk1", "/run/disk1.sock"}};
+  o.find_connected = [](const std::string& path)
+      -> absl::StatusOr<std::vector<std::pair<uint32_t, int32_t>>> {
+    if (path == "/run/disk1.sock") return std::vector<std::pair<uint32_t, int32_t>>{{4242, 7}};
+    return std::vector<std::pair<uint32_t, int32_t>>{};
+  };
+  Daemon d(o, &probes, world.Factory());
+  d.Start();
+  auto paths = probes.vhost_paths();
+  ASSERT_EQ(paths.size(), 2u);
+  EXPECT_EQ(paths[0].path, "/run/disk0.sock");
+  EXPECT_EQ(paths[0].device_id, 0);
+  EXPECT_EQ(paths[1].device_id, 1);
+  const uint32_t vm_id = paths[0].vm_id;
+  EXPECT_EQ(paths[1].vm_id, vm_id);
+  auto fe = probes.frontends();
+  ASSERT_EQ(fe.size(), 1u);
+  EXPECT_EQ(fe[0].tgid, 4242u);
+  EXPECT_EQ(fe[0].fd, 7);
+  EXPECT_EQ(fe[0].device_id, 1);
+
+  DaemonSnapshot snap = d.Scrape();
+  EXPECT_GE(probes.sweeps(), 1);
+  ASSERT_EQ(snap.vms.size(), 1u);
+  EXPECT_TRUE(snap.vms[0].vhost_user_frontends);
+  EXPECT_EQ(snap.vms[0].info.name, "host");
+  ASSERT_EQ(snap.vms[0].info.devices.size(), 2u);
+  EXPECT_EQ(snap.vms[0].info.devices[0].num_queues, 1);  // queue 0 from the start
+
+  LoopRunnerOptions ro = RunnerOptions(dir.path(), log);
+  ro.vhost_user_vm = "host";
+  ro.interval = absl::Milliseconds(100);
+  LoopRunner r(ro, d);
+  ASSERT_TRUE(r.Init().ok());
+  // Counts but no live binding (e.g. the adopted pid 4242 announced its
+  // kick fds before vkickd ran): not believed.
+  CounterSnapshot c;
+  c.notifications = {{vm_id, 0, 0, 100}};
+  c.frontends = {{4242, vm_id, 1}};
+  probes.set_counters(c);
+  r.StepOnce();
+  c.notifications = {{vm_id, 0, 0, 5000}};
+  probes.set_counters(c);
+  absl::SleepFor(absl::Milliseconds(20));
+  r.StepOnce();
+  LoopSnapshot s = r.Snapshot();
+  ASSERT_NE(Find(s, {"host", "disk0", 0}), nullptr);
+  ASSERT_NE(Find(s, {"host", "disk1", 0}), nullptr);
+  EXPECT_EQ(Find(s, {"host", "disk0", 0})->notifications_per_s, 0);
+  // A live frontend (tgid 99) bound queues 0 and 1 of disk0: queue 1
+  // appears, and the host rate is believed.
+  c.frontends = {{99, vm_id, 0}};
+  c.kick_fds = {{99, 20, 5, 0, 0}, {99, 21, 5, 0, 1}, {12345, 22, 5, 1, 0} /* not live */};
+  c.notifications = {{vm_id, 0, 0, 6000}};
+  probes.set_counters(c);
+  r.StepOnce();
+  c.notifications = {{vm_id, 0, 0, 9000}};
+  probes.set_counters(c);
+  absl::SleepFor(absl::Milliseconds(20));
+  r.StepOnce();
+  s = r.Snapshot();
+  ASSERT_NE(Find(s, {"host", "disk0", 1}), nullptr);
+  EXPECT_GT(Find(s, {"host", "disk0", 0})->notifications_per_s, 0);
+  EXPECT_EQ(Find(s, {"host", "disk1", 0})->notifications_per_s, 0);
+  snap = d.Scrape();
+  EXPECT_EQ(snap.vms[0].info.devices[0].num_queues, 2);
+  EXPECT_EQ(snap.vms[0].bound_queues,
+            (std::set<std::pair<uint16_t, uint16_t>>{{0, 0}, {0, 1}}));
+  d.Stop();
 }
 
 }  // namespace

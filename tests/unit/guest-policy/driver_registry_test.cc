@@ -46,6 +46,14 @@ TEST(DriverRegistry, SerialIsPrintableAndBounded) {
   EXPECT_EQ(SerialFromSocketPath("vu"), "vu");
   EXPECT_EQ(SerialFromSocketPath("/x/.hidden"), ".hidden");
   EXPECT_EQ(SerialFromSocketPath("/x/a.b.sock"), "a.b");
+  EXPECT_EQ(SerialFromSocketPath("/x/my disk+1.sock"), "my_disk_1");
+  EXPECT_EQ(SerialFromSocketPath("/x/a\tb:c.sock"), "a_b:c");
+  EXPECT_TRUE(IsProtocolSerial("abc-123"));
+  EXPECT_TRUE(IsProtocolSerial(""));
+  EXPECT_TRUE(IsProtocolSerial("a.b_c:d-E9"));
+  EXPECT_FALSE(IsProtocolSerial("has space"));
+  EXPECT_FALSE(IsProtocolSerial("x/y"));
+  EXPECT_FALSE(IsProtocolSerial(std::string(21, 'x')));
   EXPECT_EQ(SerialFromSocketPath("/x/" + std::string(30, 'q') + ".sock"), std::string(20, 'q'));
 }
 
