@@ -36,7 +36,7 @@ ABSL_FLAG(uint32_t, qd, 1, "queue depth per queue");
 ABSL_FLAG(std::string, qd_schedule, "",
           "closed loop: depth changing over time, QD:SECONDS,... cycled (e.g. 1:5,32:5,128:5); overrides --qd");
 ABSL_FLAG(double, rate, 0, "open loop: Poisson arrivals per second per queue (0 = closed loop)");
-ABSL_FLAG(double, runtime, 5, "seconds of I/O (not for verify)");
+ABSL_FLAG(double, runtime, 5, "seconds of I/O (verify: only with --verify_passes=0)");
 ABSL_FLAG(uint32_t, queues, 1, "number of virtqueues (one poller thread each)");
 ABSL_FLAG(uint32_t, queue_size, 256, "virtqueue size (power of two)");
 ABSL_FLAG(std::string, policy, "immediate", "kick policy: immediate|event-idx|static:B,T|adaptive (T in us, or ns/us/ms)");
@@ -51,6 +51,8 @@ ABSL_FLAG(std::string, completion, "poll", "poll|interrupt");
 ABSL_FLAG(bool, event_idx, true, "negotiate VIRTIO_F_EVENT_IDX when offered");
 ABSL_FLAG(bool, indirect, true, "negotiate VIRTIO_F_INDIRECT_DESC when offered");
 ABSL_FLAG(std::string, verify_size, "64m", "verify: bytes written then read back");
+ABSL_FLAG(uint64_t, verify_passes, 1,
+          "verify: write + read-back passes, each with a new pattern; 0 = repeat until --runtime");
 ABSL_FLAG(uint64_t, seed, 1, "seed for offsets, arrivals and verify patterns");
 ABSL_FLAG(bool, json, false, "print the result as one JSON object");
 
@@ -91,6 +93,7 @@ int Main() {
   if (!ParseSize(absl::GetFlag(FLAGS_verify_size), &vsize) || vsize < bs) return Fail("bad --verify_size", 2);
   o.bs = static_cast<uint32_t>(bs);
   o.verify_bytes = vsize;
+  o.verify_passes = absl::GetFlag(FLAGS_verify_passes);
   o.queue_size = static_cast<uint16_t>(absl::GetFlag(FLAGS_queue_size));
   if (!IsValidQueueSize(absl::GetFlag(FLAGS_queue_size)) || absl::GetFlag(FLAGS_queue_size) > 1024) {
     return Fail("--queue_size must be a power of two in 1..1024", 2);
@@ -212,6 +215,8 @@ int Main() {
     j["cpu_us_per_request"] = r->cpu_us_per_request;
     j["errors"] = r->errors;
     j["verify_mismatches"] = r->verify_mismatches;
+    j["verify_passes"] = r->verify_passes;
+    j["verify_reads"] = r->verify_reads;
     j["lost"] = r->lost;
     j["transport_failed"] = r->transport_failed;
     j["elapsed_s"] = r->elapsed_s;
@@ -240,6 +245,10 @@ int Main() {
             ? absl::StrFormat("  adaptive: control %s, policy changes %u, fallbacks %u, maps %u\n", o.control_path,
                               r->policy_changes, r->adaptive_fallbacks, r->control_maps)
             : std::string());
+    if (absl::GetFlag(FLAGS_rw) == "verify") {
+      std::cout << absl::StrFormat("  verify: %u pass(es), %u blocks read back, %u mismatches\n", r->verify_passes,
+                                   r->verify_reads, r->verify_mismatches);
+    }
   }
   if (!ok) {
     return Fail(absl::StrCat("FAILED: ", r->transport_failed ? "transport failed, " : "", r->errors, " errors (", r->verify_mismatches, " verify mismatches), ", r->lost,

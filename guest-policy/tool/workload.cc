@@ -37,6 +37,8 @@ struct Phase {
   bool verify_pattern = false;  // reads check, writes fill, the verify pattern
   uint64_t end_ns = 0;          // time-bounded when list_count == 0
   uint64_t list_count = 0, list_stride = 1;  // block list (verify): queue i does i + k*stride
+  uint64_t pattern_seed = 1;    // verify: each pass writes a new pattern, so a read
+                                // of a previous pass's (stale) data is a mismatch
 };
 
 struct QueueCtx {
@@ -210,7 +212,7 @@ class Runner {
       }
       if (ph.verify_pattern && comp.op == BlkOp::kRead) {
         ++c.verify_reads;
-        auto bad = CheckPattern({q.data(comp.slot), o_.bs}, c.slot_block[comp.slot], o_.seed);
+        auto bad = CheckPattern({q.data(comp.slot), o_.bs}, c.slot_block[comp.slot], ph.pattern_seed);
         if (bad) {
           ++c.mismatches;
           const uint8_t* d = q.data(comp.slot);
@@ -254,7 +256,7 @@ class Runner {
         } else {
           block = offsets.Next();
         }
-        if (ph.verify_pattern && ph.op == BlkOp::kWrite) FillPattern({q.data(slot), o_.bs}, block, o_.seed);
+        if (ph.verify_pattern && ph.op == BlkOp::kWrite) FillPattern({q.data(slot), o_.bs}, block, ph.pattern_seed);
         c.slot_block[slot] = block;
         c.slot_arrival[slot] = arrival_wait;
         absl::Status st = q.Submit(slot, ph.op, block * (o_.bs / kSectorSize), o_.bs);
@@ -347,6 +349,7 @@ absl::StatusOr<WorkloadResult> RunWorkload(BlkTransport& t, const WorkloadOption
   }
   const double cpu0 = CpuSeconds();
   const uint64_t t0 = r.Now();
+  uint64_t verify_passes_done = 0;
   if (o.rw == RwMode::kVerify) {
     const uint64_t blocks = std::min<uint64_t>(r.total_blocks(), o.verify_bytes / o.bs);
     auto phase = [&](BlkOp op) {
@@ -359,12 +362,23 @@ absl::StatusOr<WorkloadResult> RunWorkload(BlkTransport& t, const WorkloadOption
       ph.list_count = (blocks + o.queues - 1) / o.queues;
       return ph;
     };
-    Phase w = phase(BlkOp::kWrite);
-    r.RunPhase(w);
-    if (!r.any_fatal()) {
+    // One pass = write every block, flush, read every block back. With
+    // verify_passes == 0 passes repeat until --runtime has elapsed (at least
+    // one): a run whose length does not depend on the machine's speed.
+    const uint64_t end_ns = t0 + static_cast<uint64_t>(o.runtime_s * 1e9);
+    for (uint64_t pass = 0;; ++pass) {
+      Phase w = phase(BlkOp::kWrite);
+      w.pattern_seed = o.seed + pass;
+      r.RunPhase(w);
+      if (r.any_fatal()) break;
       absl::Status f = r.SyncOp(BlkOp::kFlush, nullptr);
       if (!f.ok() && f.code() != absl::StatusCode::kUnimplemented) return f;
-      r.RunPhase(phase(BlkOp::kRead));
+      Phase rd = phase(BlkOp::kRead);
+      rd.pattern_seed = w.pattern_seed;
+      r.RunPhase(rd);
+      if (r.any_fatal()) break;
+      ++verify_passes_done;
+      if (o.verify_passes != 0 ? verify_passes_done >= o.verify_passes : r.Now() >= end_ns) break;
     }
   } else {
     Phase ph;
@@ -375,6 +389,7 @@ absl::StatusOr<WorkloadResult> RunWorkload(BlkTransport& t, const WorkloadOption
   }
   const double elapsed = (r.Now() - t0) / 1e9;
   WorkloadResult res = r.Collect(elapsed, CpuSeconds() - cpu0);
+  res.verify_passes = verify_passes_done;
   if (res.verify_mismatches > 0 && (res.zero_mismatches == res.verify_mismatches ||
                                     res.verify_mismatches * 10 >= res.verify_reads * 9)) {
     // The classic mistake: a backend that discards writes. null-co reads

@@ -38,6 +38,8 @@ struct WorkloadOptions {
   bool interrupts = false;
   uint64_t seed = 1;
   uint64_t verify_bytes = 64ull << 20;  // verify: region written then read back
+  // verify: write+read-back passes; 0 = repeat until runtime_s has elapsed.
+  uint64_t verify_passes = 1;
   // Called once the queues run and GET_ID answered (id: raw 20 bytes, empty
   // if the device did not answer), before the I/O: vkick-blk registers there.
   std::function<void(const std::string& device_id)> on_ready;
@@ -63,6 +65,7 @@ struct WorkloadResult {
   bool control_mapped = false;      // queue 0 had the block mapped at the end
   uint64_t zero_mismatches = 0;     // verify: mismatching blocks that read back all zeros
   uint64_t verify_reads = 0;        // verify: blocks read back and checked
+  uint64_t verify_passes = 0;       // verify: complete write+read-back passes
   bool transport_failed = false;  // backend gone / device broken mid-run
   std::string first_error;
 };

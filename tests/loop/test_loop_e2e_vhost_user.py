@@ -52,7 +52,11 @@ def main():
     agent_bin = binary("VKICK_AGENT_BIN", "vkick-agent")
     blk_bin = binary("VKICK_BLK_BIN", "vkick-blk")
     ctl_bin = binary("VKICKCTL_BIN", "vkickctl")
-    verify_size = os.environ.get("VKICK_E2E_VERIFY_SIZE", "2g")
+    # Verify passes repeat until --runtime: the run outlasts the test's steps
+    # whatever the machine's speed (a fixed size finished too early on a
+    # faster CI machine).
+    verify_size = os.environ.get("VKICK_E2E_VERIFY_SIZE", "256m")
+    runtime_s = int(os.environ.get("VKICK_E2E_RUNTIME", "45"))
 
     with Testbed("loop-e2e") as tb:
         admin = tb.path("admin.sock")
@@ -97,13 +101,14 @@ def main():
             raise AssertionError("vkick-agent exited:\n" + agent.tail())
         env = dict(os.environ, VKICK_RUN_DIR=run_dir)
         blk = tb.spawn("blk", [blk_bin, "--socket=" + tb.path("blk0.sock"), "--rw=verify",
-                               "--qd=32", "--verify_size=" + verify_size, "--policy=adaptive",
+                               "--qd=32", "--verify_size=" + verify_size, "--verify_passes=0",
+                               "--runtime=%d" % runtime_s, "--policy=adaptive",
                                "--json"], env=env)
 
         def running():
             if not blk.alive():
                 raise AssertionError("vkick-blk finished before the test did (rc %s): raise "
-                                     "VKICK_E2E_VERIFY_SIZE\n%s" % (blk.returncode(), blk.tail()))
+                                     "VKICK_E2E_RUNTIME\n%s" % (blk.returncode(), blk.tail()))
             return True
 
         # The agent announces the driver; vkickd sends the default (immediate).
@@ -198,6 +203,7 @@ def main():
         assert res["errors"] == 0 and res["lost"] == 0 and res["verify_mismatches"] == 0, res
         assert not res["transport_failed"], res
         assert res["completions"] == res["requests"], res
+        assert res["verify_passes"] >= 1 and res["verify_reads"] > 0, res
         assert res["policy_changes"] >= 3, res
         assert npr["adaptive"] < npr["immediate"], npr
         log("notifications/request: immediate %.3f, static(8) %.3f, adaptive %.3f" % (
