@@ -163,6 +163,8 @@ void AgentServer::ReadLoop(Conn* c) {
       } else {
         keep = c->session->Feed(std::span<const uint8_t>(buf, static_cast<size_t>(r)), MonoNs());
         dropped = !keep;
+        if (keep && options_.host_totals && c->session->has_unstamped())
+          c->session->StampHost(options_.host_totals());
       }
       now_hello = c->session->hello_seen();
       rej = c->session->TakeRejections();
@@ -215,6 +217,7 @@ AgentServer::Collected AgentServer::Collect() {
     if (!c->session->hello_seen()) continue;
     std::vector<QueueKey> qs = c->session->Queues();
     for (auto& [k, s] : c->session->TakeSamples()) out.samples[k] = s;
+    for (auto& [k, h] : c->session->TakeHostStamps()) out.host_at_sample[k] = h;
     for (uint64_t g : c->session->TakeAcks())
       for (const QueueKey& k : qs) out.acks.emplace_back(k, g);
     out.connected_queues.insert(qs.begin(), qs.end());

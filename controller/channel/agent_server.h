@@ -39,6 +39,11 @@ struct AgentServerOptions {
   // Called (from a reader thread) when an agent's hello was accepted, so the
   // loop can send its policy at once instead of at the next interval.
   std::function<void()> on_hello;
+  // Called (from a reader thread, with that connection's lock held) when
+  // samples arrived: the host-counted notification totals of the queues the
+  // probes cover, right now. Stamped on the samples (Collected::host_at_sample).
+  // Must not call back into the AgentServer.
+  std::function<std::map<QueueKey, uint64_t>()> host_totals;
 };
 
 struct AgentChannelStats {
@@ -67,6 +72,9 @@ class AgentServer {
     std::map<QueueKey, proto::QueueSample> samples;
     std::vector<std::pair<QueueKey, uint64_t>> acks;
     std::set<QueueKey> connected_queues;  // reported on by a live agent
+    // The host's notification total when a sample's latest part arrived
+    // (only for samples that were stamped: see AgentServerOptions::host_totals).
+    std::map<QueueKey, uint64_t> host_at_sample;
   };
   Collected Collect();
   void Send(const std::vector<PolicyOut>& policies);

@@ -81,8 +81,12 @@ void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
       }
       const ChannelDevice& dev = devices_[hq->device_id];
       // Bounded: keys are host queues bound at hello (<= kMaxQueues).
-      auto [it, fresh] = samples_.try_emplace(QueueKey{dev.vm, dev.device, hq->queue}, qs);
+      const QueueKey key{dev.vm, dev.device, hq->queue};
+      auto [it, fresh] = samples_.try_emplace(key, qs);
       if (!fresh) MergeSample(it->second, qs);
+      // A merged sample's window ends at its latest part: re-stamp.
+      unstamped_.insert(key);
+      stamps_.erase(key);
     }
   } else if (auto* a = std::get_if<proto::Ack>(&*r.message)) {
     if (acks_.size() < 64) acks_.push_back(a->generation);
@@ -96,7 +100,20 @@ std::vector<QueueKey> AgentSession::Queues() const {
   return out;
 }
 
+void AgentSession::StampHost(const std::map<QueueKey, uint64_t>& host_totals) {
+  for (const QueueKey& k : unstamped_) {
+    if (auto it = host_totals.find(k); it != host_totals.end()) stamps_[k] = it->second;
+  }
+  unstamped_.clear();
+}
+
+std::map<QueueKey, uint64_t> AgentSession::TakeHostStamps() { return std::exchange(taken_stamps_, {}); }
+
 std::map<QueueKey, proto::QueueSample> AgentSession::TakeSamples() {
+  // A sample taken before it was stamped has no stamp (the loop then uses
+  // its own step-time total for it).
+  unstamped_.clear();
+  taken_stamps_ = std::exchange(stamps_, {});
   return std::exchange(samples_, {});
 }
 

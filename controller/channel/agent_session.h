@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -50,6 +51,16 @@ class AgentSession {
   std::vector<QueueKey> Queues() const;
   // Latest sample per queue since the last call (consumed).
   std::map<QueueKey, proto::QueueSample> TakeSamples();
+
+  // Queues whose samples arrived since the last StampHost: the caller reads
+  // the host's notification totals right then and stamps them, so the loop
+  // compares a guest window with the host's count over the same window
+  // (ending when the sample arrived, not when the loop next steps).
+  bool has_unstamped() const { return !unstamped_.empty(); }
+  void StampHost(const std::map<QueueKey, uint64_t>& host_totals);
+  // The host total stamped at the latest (merged) sample of each queue taken
+  // by the last TakeSamples() (consumed with it: call right after).
+  std::map<QueueKey, uint64_t> TakeHostStamps();
   // Acked generations since the last call (consumed).
   std::vector<uint64_t> TakeAcks();
   // Rejections by reason since the last call (consumed), for the per-vm counters.
@@ -73,6 +84,9 @@ class AgentSession {
   std::string agent_id_;
   std::map<QueueKey, proto::QueueRef> refs_;  // host queue -> guest ref
   std::map<QueueKey, proto::QueueSample> samples_;
+  std::set<QueueKey> unstamped_;                 // bounded like samples_
+  std::map<QueueKey, uint64_t> stamps_;          // for the samples in samples_
+  std::map<QueueKey, uint64_t> taken_stamps_;    // for the last TakeSamples()
   std::vector<uint64_t> acks_;
   uint64_t unmapped_samples_ = 0;
 };

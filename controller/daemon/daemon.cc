@@ -403,6 +403,24 @@ Daemon::Health Daemon::CheckHealth() {
   return {true, "ok"};
 }
 
+std::optional<std::map<std::tuple<uint32_t, uint16_t, uint16_t>, uint64_t>>
+Daemon::NotificationTotals() {
+  if (probes_ == nullptr) return std::nullopt;
+  absl::StatusOr<CounterSnapshot> c;
+  {
+    absl::MutexLock b(&backend_mu_);
+    c = probes_->ReadCounters();
+  }
+  if (!c.ok()) {
+    absl::MutexLock r(&registry_mu_);
+    ++probe_errors_.read_counters;
+    return std::nullopt;
+  }
+  std::map<std::tuple<uint32_t, uint16_t, uint16_t>, uint64_t> out;
+  for (const NotificationCount& n : c->notifications) out[{n.vm_id, n.device_id, n.queue}] += n.count;
+  return out;
+}
+
 DaemonSnapshot Daemon::Scrape() {
   DaemonSnapshot snap;
   snap.probes_enabled = probes_ != nullptr;

@@ -201,6 +201,7 @@ void LoopRunner::StepOnce() {
       host[{n.vm_id, n.device_id, n.queue}] += n.count;
   }
   std::vector<QueueInput> inputs;
+  std::map<QueueKey, std::tuple<uint32_t, uint16_t, uint16_t>> counted_ids;
   std::set<std::string> names;
   for (const AttachedVm& vm : snap.vms) {
     // The exporter's naming (a repeated -name is told apart by pid).
@@ -223,6 +224,7 @@ void LoopRunner::StepOnce() {
         if (snap.counters && counted) {
           auto it = host.find({vm.vm_id, d.device_id, q});
           in.host_notifications_total = it == host.end() ? 0 : it->second;
+          counted_ids[in.key] = {vm.vm_id, d.device_id, q};
         }
         inputs.push_back(std::move(in));
       }
@@ -242,9 +244,17 @@ void LoopRunner::StepOnce() {
       inputs.push_back(std::move(in));
     }
   }
+  {
+    absl::MutexLock l(&ids_mu_);
+    counted_ids_ = std::move(counted_ids);
+  }
   for (QueueInput& in : inputs) {
     in.agent_connected = col.connected_queues.count(in.key) > 0;
     if (auto it = col.samples.find(in.key); it != col.samples.end()) in.sample = it->second;
+    // Stamped on arrival, and still host-counted now.
+    if (auto it = col.host_at_sample.find(in.key);
+        in.sample && in.host_notifications_total && it != col.host_at_sample.end())
+      in.host_notifications_at_sample = it->second;
   }
   std::vector<PolicyOut> out;
   {
@@ -255,6 +265,23 @@ void LoopRunner::StepOnce() {
   }
   if (server_ != nullptr && !out.empty()) server_->Send(out);
   duration_.Observe(absl::ToDoubleSeconds(absl::Now() - t0));
+}
+
+std::map<QueueKey, uint64_t> LoopRunner::HostTotalsNow() {
+  std::map<QueueKey, std::tuple<uint32_t, uint16_t, uint16_t>> ids;
+  {
+    absl::MutexLock l(&ids_mu_);
+    ids = counted_ids_;
+  }
+  std::map<QueueKey, uint64_t> out;
+  if (ids.empty()) return out;
+  auto totals = daemon_.NotificationTotals();
+  if (!totals) return out;
+  for (const auto& [key, id] : ids) {
+    auto it = totals->find(id);
+    out[key] = it == totals->end() ? 0 : it->second;
+  }
+  return out;
 }
 
 void LoopRunner::ConnectVmAgent(const AttachedVm& vm, const std::string& name) {

@@ -81,6 +81,11 @@ class LoopRunner {
   // One step, synchronously (tests; the thread calls it too).
   void StepOnce();
 
+  // The host-counted notification totals of the queues the probes cover,
+  // now (AgentServerOptions::host_totals: stamps samples on arrival).
+  // Uses the queue naming of the last step; thread-safe.
+  std::map<QueueKey, uint64_t> HostTotalsNow();
+
   std::string HandleAdmin(const AdminRequest& req);
   LoopSnapshot Snapshot() const;
   PolicyTable Table() const;
@@ -107,6 +112,11 @@ class LoopRunner {
   std::set<QueueKey> vhost_seen_ ABSL_GUARDED_BY(mu_);  // bounded by the guard
   bool persist_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t save_errors_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Host-counted queues of the last step -> their probe ids (a leaf lock:
+  // HostTotalsNow runs on agent reader threads).
+  absl::Mutex ids_mu_;
+  std::map<QueueKey, std::tuple<uint32_t, uint16_t, uint16_t>> counted_ids_ ABSL_GUARDED_BY(ids_mu_);
 
   absl::Mutex wake_mu_;
   bool wake_ ABSL_GUARDED_BY(wake_mu_) = false;

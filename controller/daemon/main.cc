@@ -259,6 +259,7 @@ int main(int argc, char** argv) {
     ao.max_connections = 8 + options.qmp_paths.size();
     ao.log = [](const std::string& s) { vkick::LogToStderr(s); };
     ao.on_hello = [&runner] { runner.Wake(); };
+    ao.host_totals = [&runner] { return runner.HostTotalsNow(); };
     auto a = vkick::AgentServer::Start(std::move(ao));
     if (!a.ok()) return Fail(absl::StrCat("--agent-socket: ", a.status().ToString()));
     agents = *std::move(a);

@@ -134,10 +134,14 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
   if (in.sample) {
     const proto::QueueSample& s = *in.sample;
     if (in.host_notifications_total) {
-      uint64_t total = *in.host_notifications_total;
-      if (st.host_at_sample)
+      const bool stamped = in.host_notifications_at_sample.has_value();
+      const uint64_t total = stamped ? *in.host_notifications_at_sample : *in.host_notifications_total;
+      // Two ends of one window must be taken the same way (both on arrival
+      // or both at a Step); on a change there is no delta this once.
+      if (st.host_at_sample && st.host_at_sample_stamped == stamped)
         host_delta = total >= *st.host_at_sample ? total - *st.host_at_sample : total;
       st.host_at_sample = total;
+      st.host_at_sample_stamped = stamped;
     } else {
       st.host_at_sample.reset();
     }

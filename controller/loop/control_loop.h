@@ -45,6 +45,12 @@ struct QueueInput {
   bool agent_connected = false;
   // A sample received since the last Step (consumed by this Step).
   std::optional<proto::QueueSample> sample;
+  // The host total when that sample (its latest part) arrived. The guest's
+  // window ends then, not at this Step: comparing the guest's kicks with the
+  // host's count between two Steps mixes windows shifted by up to an
+  // interval, and every change of B then looks like a lying guest.
+  // nullopt: the Step-time total stands in (as before stamping existed).
+  std::optional<uint64_t> host_notifications_at_sample;
 };
 
 // Where a queue's policy came from (the `source` label).
@@ -120,6 +126,7 @@ class ControlLoop {
     std::unique_ptr<AdaptiveLaw> law;  // while adaptive
     std::optional<uint64_t> host_prev;         // host total at the last Step
     std::optional<uint64_t> host_at_sample;    // host total at the last sample
+    bool host_at_sample_stamped = false;       // ... taken on its arrival
     std::optional<int64_t> last_step_ns;
     bool initialised = false;
   };

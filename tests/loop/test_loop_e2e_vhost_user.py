@@ -205,7 +205,10 @@ def main():
         assert res["completions"] == res["requests"], res
         assert res["verify_passes"] >= 1 and res["verify_reads"] > 0, res
         assert res["policy_changes"] >= 3, res
-        assert npr["adaptive"] < npr["immediate"], npr
+        # Far below, not just below: the host counts are compared with the
+        # guest's over the same windows (stamped on arrival), so the law
+        # trusts the sample and batches.
+        assert npr["adaptive"] < 0.5 * npr["immediate"], npr
         log("notifications/request: immediate %.3f, static(8) %.3f, adaptive %.3f" % (
             npr["immediate"], npr["static"], npr["adaptive"]))
 

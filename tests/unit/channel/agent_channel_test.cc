@@ -99,6 +99,34 @@ TEST(AgentSessionTest, SamplesNotYetTakenAreMerged) {
   EXPECT_TRUE(s.TakeSamples().empty());
 }
 
+// The host total is stamped when a sample arrives; a sample merged later is
+// re-stamped (its window ends at its latest part); stamps go with the
+// samples they belong to.
+TEST(AgentSessionTest, HostTotalsStampedOnArrivalFollowTheirSamples) {
+  AgentSession s({}, Devices(), 0);
+  ASSERT_TRUE(s.Feed(Enc(MakeHello()), kMs));
+  EXPECT_FALSE(s.has_unstamped());
+  const QueueKey k0{"vhost-user", "blk0", 0}, k1{"vhost-user", "blk0", 1};
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{1, {Qs(0, 0), Qs(0, 1)}}), 2 * kMs));
+  ASSERT_TRUE(s.has_unstamped());
+  s.StampHost({{k0, 100}});  // queue 1 not host-counted: no stamp
+  EXPECT_FALSE(s.has_unstamped());
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{2, {Qs(0, 0)}}), 1002 * kMs));
+  s.StampHost({{k0, 250}, {k1, 7}});  // queue 0 merged: re-stamped; queue 1 had no new part
+  auto samples = s.TakeSamples();
+  auto stamps = s.TakeHostStamps();
+  EXPECT_EQ(samples.size(), 2u);
+  EXPECT_EQ(stamps, (std::map<QueueKey, uint64_t>{{k0, 250}}));
+  EXPECT_TRUE(s.TakeHostStamps().empty());  // consumed
+  // A sample taken before it was stamped carries no stamp, even if stamped later.
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{3, {Qs(0, 0)}}), 2002 * kMs));
+  EXPECT_EQ(s.TakeSamples().size(), 1u);
+  s.StampHost({{k0, 400}});
+  EXPECT_TRUE(s.TakeHostStamps().empty());
+  EXPECT_TRUE(s.TakeSamples().empty());
+  EXPECT_TRUE(s.TakeHostStamps().empty());
+}
+
 TEST(AgentSessionTest, MapsOnlyDeclaredQueuesByHostLabels) {
   AgentSession s({}, Devices(), 0);
   ASSERT_TRUE(s.Feed(Enc(MakeHello()), kMs));

@@ -1,5 +1,9 @@
 #include "controller/loop/control_loop.h"
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 #include "gtest/gtest.h"
 #include "protocol/codec.h"
 
@@ -196,6 +200,96 @@ TEST(ControlLoopTest, LeaseExpiryCountedOnTransition) {
   loop.Step(table, {in}, 2 * kSec);
   EXPECT_EQ(loop.View()[0].lease_expiries, 1u);
   EXPECT_EQ(loop.View()[0].guest_lease, proto::LeaseState::kExpired);
+}
+
+// The agent's sample windows and the loop's Steps are not in phase: a sample
+// arrives (its window ends), the Step comes `lag` of an interval later, and
+// the policy sent there takes effect from then. A host total read at the
+// Step already holds `lag` of the next window's kicks, counted under the
+// policy in force before the Step; after a change of B that is a different
+// kick rate, so the guest's (honest) kicks and that host delta disagree.
+// Stamped on arrival they agree exactly.
+struct LaggedQueue {
+  QueueKey key{"vm1", "disk0", 0};
+  uint32_t depth = 32;
+  uint64_t rate = 100'000;  // requests per interval
+  double lag = 0.5;         // of an interval, sample arrival -> Step
+  uint64_t host_total = 0;  // at the end of the last window
+  PolicyOut before, applied;  // in force before / since the last Step
+
+  static uint64_t Kicks(double n, const PolicyOut& p) {
+    const uint16_t b = p.generation ? std::max<uint16_t>(p.batch, 1) : 1;
+    return static_cast<uint64_t>(n / b);
+  }
+  QueueInput Next(bool stamp) {
+    // The window: `lag` under the policy before the last Step, the rest after.
+    const uint64_t kicks = Kicks(lag * rate, before) + Kicks((1 - lag) * rate, applied);
+    proto::QueueSample s = MakeSample(depth, rate, applied.mode, applied.batch, applied.defer_ns,
+                                      applied.generation);
+    s.kicks = kicks;
+    host_total += kicks;
+    QueueInput in;
+    in.key = key;
+    in.agent_connected = true;
+    in.sample = s;
+    if (stamp) in.host_notifications_at_sample = host_total;
+    // At the Step: `lag` of the next window, under the policy in force now.
+    in.host_notifications_total = host_total + Kicks(lag * rate, applied);
+    return in;
+  }
+  void Apply(const PolicyOut& p) {
+    before = applied;
+    applied = p;
+  }
+};
+
+std::vector<std::string> RunLagged(bool stamp, uint32_t* final_b) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ControlLoop loop({}, 0);
+  LaggedQueue q;
+  std::vector<std::string> actions;
+  for (int i = 0; i < 12; ++i) {
+    auto out = loop.Step(table, {q.Next(stamp)}, (i + 1) * kSec);
+    q.Apply(out.at(0));
+    actions.push_back(loop.View().at(0).last_action);
+  }
+  *final_b = q.applied.batch;
+  return actions;
+}
+
+TEST(ControlLoopTest, HostCountStampedAtSampleArrivalKeepsTheGuestTrusted) {
+  uint32_t b = 0;
+  std::vector<std::string> actions = RunLagged(/*stamp=*/true, &b);
+  for (size_t i = 0; i < actions.size(); ++i)
+    EXPECT_NE(actions[i], "distrusted") << "interval " << i;
+  EXPECT_EQ(b, 16u);
+}
+
+TEST(ControlLoopTest, StepTimeHostCountMisjudgesAnHonestGuestAfterAChangeOfB) {
+  // Why stamping exists: the same plant judged on Step-time totals.
+  uint32_t b = 0;
+  std::vector<std::string> actions = RunLagged(/*stamp=*/false, &b);
+  EXPECT_NE(std::find(actions.begin(), actions.end(), "distrusted"), actions.end());
+}
+
+TEST(ControlLoopTest, StampAndStepTotalsAreNeverMixedInOneDelta) {
+  PolicyTable table;  // immediate
+  ControlLoop loop({}, 0);
+  QueueInput in;
+  in.key = {"vm1", "d", 0};
+  in.agent_connected = true;
+  in.sample = MakeSample(1, 100, proto::KickMode::kImmediate, 1, 0, 1);
+  in.host_notifications_total = 1000;  // no stamp: Step-time total
+  loop.Step(table, {in}, kSec);
+  in.host_notifications_total = 1250;
+  in.host_notifications_at_sample = 1100;  // stamped now: no delta this once
+  loop.Step(table, {in}, 2 * kSec);
+  EXPECT_DOUBLE_EQ(loop.View()[0].notifications_per_request, 1.0);  // the guest's 100 kicks
+  in.host_notifications_total = 1400;
+  in.host_notifications_at_sample = 1200;  // stamp to stamp: 100
+  in.sample->kicks = 50;
+  loop.Step(table, {in}, 3 * kSec);
+  EXPECT_DOUBLE_EQ(loop.View()[0].notifications_per_request, 1.0);  // host: 100 / 100
 }
 
 TEST(ControlLoopTest, BucketBoundsMatchProtocol) {
