@@ -52,11 +52,12 @@ absl::Span<const MetricSpec> MetricTable() {
       {Metric::kQueuePolicyInfo, "vkick_queue_policy_info", MetricType::Gauge,
        {"vm", "device", "queue", "mode", "source"},
        "1 per queue: its kick policy mode (immediate, event-idx, static, adaptive) and which "
-       "entry it came from (queue, device, vm, default)."},
+       "entry it came from (queue, device, vm, default); mode \"observe\", source \"none\" for a "
+       "disk the guest kernel's own virtio_blk drives (measured, never sent a policy)."},
       {Metric::kQueueBatchThreshold, "vkick_queue_batch_threshold", MetricType::Gauge,
        {"vm", "device", "queue"},
        "Batching threshold B in force for the queue (requests per kick; 1 = kick every "
-       "request)."},
+       "request). Not for observe-only queues."},
       {Metric::kQueueDeferBound, "vkick_queue_defer_bound_seconds", MetricType::Gauge,
        {"vm", "device", "queue"},
        "Deferral bound T in force for the queue: the longest a request waits for its kick "

@@ -102,20 +102,24 @@ void AddLoopSeries(MetricFamily& f, Metric id, const LoopSnapshot& l) {
     case Metric::kQueuePolicyInfo:
       for (const QueueView& v : l.queues) {
         auto lv = QLabels(v);
-        lv.push_back(std::string(proto::KickModeName(v.spec.mode)));
-        lv.push_back(PolicySourceName(v.source));
+        // Observe-only (the guest kernel's driver): no policy is in force.
+        lv.push_back(v.observe_only ? "observe" : std::string(proto::KickModeName(v.spec.mode)));
+        lv.push_back(v.observe_only ? "none" : PolicySourceName(v.source));
         Add(f, id, lv, 1);
       }
       break;
     case Metric::kQueueBatchThreshold:
-      for (const QueueView& v : l.queues) Add(f, id, QLabels(v), v.b);
+      for (const QueueView& v : l.queues)
+        if (!v.observe_only) Add(f, id, QLabels(v), v.b);
       break;
     case Metric::kQueueDeferBound:
-      for (const QueueView& v : l.queues) Add(f, id, QLabels(v), v.t_ns / 1e9);
+      for (const QueueView& v : l.queues)
+        if (!v.observe_only) Add(f, id, QLabels(v), v.t_ns / 1e9);
       break;
     case Metric::kQueuePolicyAcked:
       for (const QueueView& v : l.queues)
-        Add(f, id, QLabels(v), v.generation != 0 && v.acked_generation == v.generation);
+        if (!v.observe_only)
+          Add(f, id, QLabels(v), v.generation != 0 && v.acked_generation == v.generation);
       break;
     case Metric::kQueueLeaseState:
       for (const QueueView& v : l.queues) {

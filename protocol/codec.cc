@@ -55,6 +55,7 @@ Rejection ValidateHello(const Hello& h) {
       return r;
     if (d.num_queues < 1 || d.num_queues > kMaxQueuesPerDevice) return Rejection::kFieldOutOfRange;
     if (d.queue_size < 1 || d.queue_size > kMaxQueueSize) return Rejection::kFieldOutOfRange;
+    if (static_cast<uint8_t>(d.driver) > kMaxDriverKind) return Rejection::kFieldOutOfRange;
     total_queues += d.num_queues;
     // Two entries for one PCI function (or one serial) would let a guest
     // alias a host queue under two refs.
@@ -217,6 +218,8 @@ void EncodeBody(const Hello& h, Writer& w) {
     w.PutStr8(d.serial);
     w.Put<uint16_t>(d.num_queues);
     w.Put<uint16_t>(d.queue_size);
+    w.Put<uint8_t>(U8(d.driver));
+    w.Put<uint8_t>(0);  // reserved
   }
 }
 
@@ -284,7 +287,10 @@ Rejection DecodeBody(Reader& r, Hello& h) {
     if (!r.GetStr8(d.serial, kMaxSerialLen)) return Rejection::kBadString;
     d.num_queues = r.Get<uint16_t>();
     d.queue_size = r.Get<uint16_t>();
+    d.driver = static_cast<DriverKind>(r.Get<uint8_t>());  // range: Validate
+    const uint8_t reserved = r.Get<uint8_t>();
     if (r.short_read()) return Rejection::kTruncated;
+    if (reserved != 0) return Rejection::kFieldOutOfRange;
   }
   return Rejection::kNone;
 }

@@ -54,6 +54,14 @@ MsgType TypeOf(const Message& m) {
 }
 static_assert(std::variant_size_v<Message> == 6);
 
+std::string_view DriverKindName(DriverKind k) {
+  switch (k) {
+    case DriverKind::kVkickBlk: return "vkick-blk";
+    case DriverKind::kKernel: return "kernel";
+  }
+  return "unknown";
+}
+
 std::string_view RejectionName(Rejection r) {
   switch (r) {
     case Rejection::kNone: return "none";

@@ -22,7 +22,8 @@ namespace vkick::proto {
 // Header, little-endian: magic "VKCK" (4 bytes), version u16, type u16,
 // payload length u32. 12 bytes, then `length` payload bytes.
 inline constexpr std::array<uint8_t, 4> kMagic = {'V', 'K', 'C', 'K'};
-inline constexpr uint16_t kVersion = 1;
+// v2: hello devices carry `driver` (v1 had none; a v1 frame is bad_version).
+inline constexpr uint16_t kVersion = 2;
 inline constexpr size_t kHeaderSize = 12;
 
 enum class MsgType : uint16_t {
@@ -74,6 +75,13 @@ uint64_t LatencyQuantileNs(const std::array<uint64_t, kLatencyBuckets>& hist, do
 // ---- messages ---------------------------------------------------------------
 // A virtio device as the guest sees it. The host never uses anything here as
 // a label: it only *matches* it against what discovery found (guard.h).
+// Who drives a device in the guest. vkick-blk's queues follow the host's
+// policies; the kernel's own virtio_blk is only observed (depth and latency
+// from block tracepoints): the host never sends it a policy.
+enum class DriverKind : uint8_t { kVkickBlk = 0, kKernel = 1 };
+inline constexpr uint8_t kMaxDriverKind = 1;
+std::string_view DriverKindName(DriverKind k);  // "vkick-blk", "kernel"
+
 struct GuestDevice {
   uint16_t pci_domain = 0;
   uint8_t pci_bus = 0;
@@ -81,6 +89,7 @@ struct GuestDevice {
   std::string serial;          // virtio-blk serial, may be empty
   uint16_t num_queues = 1;     // 1..kMaxQueuesPerDevice
   uint16_t queue_size = 256;   // 1..kMaxQueueSize
+  DriverKind driver = DriverKind::kVkickBlk;
   friend bool operator==(const GuestDevice&, const GuestDevice&) = default;
 };
 
@@ -212,7 +221,7 @@ std::string_view RejectionName(Rejection r);  // "bad_magic", ... (metric label)
 bool IsFatal(Rejection r);
 
 // ---- sizes ---------------------------------------------------------------------
-inline constexpr size_t kGuestDeviceMaxWire = 2 + 1 + 1 + 1 + kMaxSerialLen + 2 + 2;
+inline constexpr size_t kGuestDeviceMaxWire = 2 + 1 + 1 + 1 + kMaxSerialLen + 2 + 2 + 1 + 1;
 inline constexpr size_t kHelloMaxPayload =
     1 + kMaxAgentIdLen + 1 + kMaxKernelLen + 2 + kMaxDevices * kGuestDeviceMaxWire;
 inline constexpr size_t kQueueSampleWire =

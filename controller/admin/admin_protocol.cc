@@ -135,7 +135,10 @@ json StatusJson(const std::vector<QueueView>& queues, const std::vector<AgentVie
     q.push_back(json{{"vm", v.key.vm},
                      {"device", v.key.device},
                      {"queue", v.key.queue},
-                     {"mode", std::string(proto::KickModeName(v.spec.mode))},
+                     // An observe-only queue has no policy: "observe".
+                     {"mode", v.observe_only ? std::string("observe")
+                                             : std::string(proto::KickModeName(v.spec.mode))},
+                     {"driver", v.observe_only ? "kernel" : "vkick-blk"},
                      {"source", PolicySourceName(v.source)},
                      {"batch", v.b},
                      {"defer_us", v.t_ns / 1000.0},

@@ -221,6 +221,8 @@ AgentServer::Collected AgentServer::Collect() {
     for (uint64_t g : c->session->TakeAcks())
       for (const QueueKey& k : qs) out.acks.emplace_back(k, g);
     out.connected_queues.insert(qs.begin(), qs.end());
+    const std::set<QueueKey>& obs = c->session->ObservedOnly();
+    out.observed_only.insert(obs.begin(), obs.end());
   }
   return out;
 }

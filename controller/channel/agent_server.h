@@ -72,6 +72,7 @@ class AgentServer {
     std::map<QueueKey, proto::QueueSample> samples;
     std::vector<std::pair<QueueKey, uint64_t>> acks;
     std::set<QueueKey> connected_queues;  // reported on by a live agent
+    std::set<QueueKey> observed_only;     // of those, run by the guest kernel's driver
     // The host's notification total when a sample's latest part arrived
     // (only for samples that were stamped: see AgentServerOptions::host_totals).
     std::map<QueueKey, uint64_t> host_at_sample;

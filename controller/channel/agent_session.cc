@@ -69,7 +69,9 @@ void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
         auto hq = guard_.Resolve(ref);
         if (!hq || hq->device_id >= devices_.size()) continue;
         const ChannelDevice& dev = devices_[hq->device_id];
-        refs_[QueueKey{dev.vm, dev.device, hq->queue}] = ref;
+        const QueueKey key{dev.vm, dev.device, hq->queue};
+        refs_[key] = ref;
+        if (h->devices[d].driver == proto::DriverKind::kKernel) observed_only_.insert(key);
       }
     }
   } else if (auto* s = std::get_if<proto::Sample>(&*r.message)) {
@@ -134,6 +136,7 @@ std::vector<uint8_t> AgentSession::EncodePolicies(const std::vector<PolicyOut>& 
   for (const PolicyOut& p : policies) {
     auto it = refs_.find(p.key);
     if (it == refs_.end()) continue;
+    if (observed_only_.count(p.key)) continue;  // the kernel's driver: never a policy
     if (msg.queues.size() >= proto::kMaxQueues) break;
     proto::QueuePolicy q;
     q.ref = it->second;

@@ -49,6 +49,9 @@ class AgentSession {
   bool dropped() const { return guard_.dropped(); }
   // Host queues this agent reports on (bound at hello).
   std::vector<QueueKey> Queues() const;
+  // Of those, the queues of devices the guest kernel's own driver runs
+  // (hello driver = kernel): observed only, never sent a policy.
+  const std::set<QueueKey>& ObservedOnly() const { return observed_only_; }
   // Latest sample per queue since the last call (consumed).
   std::map<QueueKey, proto::QueueSample> TakeSamples();
 
@@ -83,6 +86,7 @@ class AgentSession {
   bool drop_ = false;
   std::string agent_id_;
   std::map<QueueKey, proto::QueueRef> refs_;  // host queue -> guest ref
+  std::set<QueueKey> observed_only_;          // subset of refs_' keys
   std::map<QueueKey, proto::QueueSample> samples_;
   std::set<QueueKey> unstamped_;                 // bounded like samples_
   std::map<QueueKey, uint64_t> stamps_;          // for the samples in samples_

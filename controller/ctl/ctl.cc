@@ -164,7 +164,8 @@ std::string FormatStatusTable(const json& status) {
   if (status.contains("queues") && status["queues"].is_array()) {
     for (const json& q : status["queues"]) {
       std::string policy = Str(q, "mode");
-      if (q.contains("source") && q["source"] != "default")
+      // "observe": the guest kernel's driver, measured only (no policy, no source).
+      if (policy != "observe" && q.contains("source") && q["source"] != "default")
         policy += "(" + Str(q, "source") + ")";
       bool agent = q.value("agent", false);
       std::string lease = Str(q, "lease");

@@ -95,7 +95,7 @@ std::vector<PolicyOut> ControlLoop::Step(const PolicyTable& table,
   std::vector<PolicyOut> out;
   for (const auto& [key, st] : queues_) {
     const QueueView& v = st.view;
-    if (!v.agent_connected) continue;
+    if (!v.agent_connected || v.observe_only) continue;
     PolicyOut p;
     p.key = key;
     p.mode = v.spec.mode;
@@ -115,6 +115,7 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
   const bool mode_changed = !st.initialised || spec.mode != v.spec.mode;
   const bool spec_changed = !st.initialised || !(spec == v.spec);
   v.agent_connected = in.agent_connected;
+  v.observe_only = in.observe_only;
 
   // Host rate over the last Step.
   if (in.host_notifications_total) {
@@ -174,7 +175,8 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
   uint32_t b = 1;
   uint64_t t = 0;
   std::string action;
-  switch (spec.mode) {
+  // Observed only: the kernel's driver kicks on its own; nothing to compute.
+  switch (in.observe_only ? proto::KickMode::kImmediate : spec.mode) {
     case proto::KickMode::kImmediate:
     case proto::KickMode::kEventIdx:
       st.law.reset();

@@ -43,6 +43,9 @@ struct QueueInput {
   // no probe covers it (then the guest's own kick count is believed).
   std::optional<uint64_t> host_notifications_total;
   bool agent_connected = false;
+  // The guest kernel's own driver runs the queue (hello driver = kernel):
+  // samples are shown, no policy is computed or sent.
+  bool observe_only = false;
   // A sample received since the last Step (consumed by this Step).
   std::optional<proto::QueueSample> sample;
   // The host total when that sample (its latest part) arrived. The guest's
@@ -67,6 +70,7 @@ struct QueueView {
   uint64_t generation = 0;        // of the (mode, B, T) now in force; 0: none yet
   uint64_t acked_generation = 0;  // the highest generation the agent acked
   bool agent_connected = false;
+  bool observe_only = false;      // the guest kernel's driver: no policy
   bool has_sample = false;        // the fields below come from a sample
   proto::LeaseState guest_lease = proto::LeaseState::kNone;
   proto::KickMode applied_mode = proto::KickMode::kImmediate;
@@ -109,7 +113,7 @@ class ControlLoop {
 
   // One interval. Queues absent from `inputs` are forgotten (their VM is
   // gone: their series go too). Returns a policy for every queue with a
-  // connected agent (renewing its lease), in key order.
+  // connected agent (renewing its lease), except observe-only ones, in key order.
   std::vector<PolicyOut> Step(const PolicyTable& table, const std::vector<QueueInput>& inputs,
                               int64_t now_ns);
 

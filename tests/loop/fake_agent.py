@@ -16,7 +16,10 @@ T_HELLO, T_SAMPLE, T_POLICY, T_ACK, T_ERROR, T_BYE = 1, 2, 3, 4, 5, 6
 MODES = {0: "immediate", 1: "event-idx", 2: "static", 3: "adaptive"}
 
 
-def frame(mtype, payload, version=1, length=None):
+VERSION = 2  # protocol/messages.h kVersion
+
+
+def frame(mtype, payload, version=VERSION, length=None):
     n = len(payload) if length is None else length
     return MAGIC + struct.pack("<HHI", version, mtype, n) + payload
 
@@ -26,12 +29,13 @@ def str8(s):
     return struct.pack("<B", len(b)) + b
 
 
-def hello(agent_id, devices):
+def hello(agent_id, devices, driver=0):
     """devices: [(serial, num_queues)]; host-process devices get distinct
-    fake PCI devfns (the protocol refuses two entries at one PCI function)."""
+    fake PCI devfns (the protocol refuses two entries at one PCI function).
+    driver: 0 vkick-blk, 1 the kernel's virtio_blk (observed only)."""
     p = str8(agent_id) + str8("6.18-fake") + struct.pack("<H", len(devices))
     for i, (serial, nq) in enumerate(devices):
-        p += struct.pack("<HBB", 0, 0, i) + str8(serial) + struct.pack("<HH", nq, 256)
+        p += struct.pack("<HBB", 0, 0, i) + str8(serial) + struct.pack("<HHBB", nq, 256, driver, 0)
     return frame(T_HELLO, p)
 
 

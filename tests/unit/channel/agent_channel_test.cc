@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <set>
 #include <thread>
 
 #include "controller/channel/agent_server.h"
@@ -125,6 +126,35 @@ TEST(AgentSessionTest, HostTotalsStampedOnArrivalFollowTheirSamples) {
   EXPECT_TRUE(s.TakeHostStamps().empty());
   EXPECT_TRUE(s.TakeSamples().empty());
   EXPECT_TRUE(s.TakeHostStamps().empty());
+}
+
+// A disk the guest kernel's own virtio_blk drives (hello driver = kernel)
+// is observed: its samples are taken, a policy for it is never encoded.
+TEST(AgentSessionTest, KernelDriverDevicesAreObservedOnlyAndNeverSentAPolicy) {
+  AgentSession s({}, Devices(), 0);
+  proto::Hello h = MakeHello();
+  h.devices[0].num_queues = 2;
+  proto::GuestDevice k;
+  k.serial = "blk1";
+  k.pci_devfn = 2;
+  k.num_queues = 1;
+  k.driver = proto::DriverKind::kKernel;
+  h.devices.push_back(k);
+  ASSERT_TRUE(s.Feed(Enc(h), kMs));
+  const QueueKey kq{"vhost-user", "blk1", 0}, vq{"vhost-user", "blk0", 0};
+  EXPECT_EQ(s.ObservedOnly(), (std::set<QueueKey>{kq}));
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{1, {Qs(2, 0)}}), 2 * kMs));
+  EXPECT_TRUE(s.TakeSamples().count(kq));
+  PolicyOut p;
+  p.key = kq;
+  p.mode = proto::KickMode::kStatic;
+  p.batch = 8;
+  p.defer_ns = 50'000;
+  p.lease_ns = 1'000'000'000;
+  p.generation = 3;
+  EXPECT_TRUE(s.EncodePolicies({p}).empty());
+  p.key = vq;
+  EXPECT_FALSE(s.EncodePolicies({p}).empty());
 }
 
 TEST(AgentSessionTest, MapsOnlyDeclaredQueuesByHostLabels) {

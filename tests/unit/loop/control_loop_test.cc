@@ -292,6 +292,27 @@ TEST(ControlLoopTest, StampAndStepTotalsAreNeverMixedInOneDelta) {
   EXPECT_DOUBLE_EQ(loop.View()[0].notifications_per_request, 1.0);  // host: 100 / 100
 }
 
+TEST(ControlLoopTest, ObserveOnlyQueuesGetNoPolicyButTheirSamplesCount) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});  // whatever the default says
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  q.depth = 32;
+  q.rate = 100'000;
+  for (int i = 0; i < 4; ++i) {
+    QueueInput in = q.Next();
+    in.observe_only = true;
+    EXPECT_TRUE(loop.Step(table, {in}, (i + 1) * kSec).empty());
+  }
+  auto v = loop.View().at(0);
+  EXPECT_TRUE(v.observe_only);
+  EXPECT_TRUE(v.has_sample);
+  EXPECT_EQ(v.b, 1u);
+  EXPECT_EQ(v.t_ns, 0u);
+  EXPECT_TRUE(v.last_action.empty());  // no law ran
+  EXPECT_EQ(v.requests_total, 400'000u);
+  EXPECT_DOUBLE_EQ(v.notifications_per_request, 1.0);  // host-counted
+}
+
 TEST(ControlLoopTest, BucketBoundsMatchProtocol) {
   const auto& d = DepthBucketBounds();
   ASSERT_EQ(d.size(), proto::kDepthBuckets - 1);

@@ -68,7 +68,7 @@ TEST(ProtocolCodec, HeaderLayoutIsLittleEndianVkck) {
   const auto b = Frame(Ack{.generation = 0x0102030405060708});
   ASSERT_EQ(b.size(), kHeaderSize + 8);
   EXPECT_EQ(std::string(b.begin(), b.begin() + 4), "VKCK");
-  EXPECT_EQ(b[4], 1);  // version
+  EXPECT_EQ(b[4], 2);  // version (v2)
   EXPECT_EQ(b[6], static_cast<uint8_t>(MsgType::kAck));
   EXPECT_EQ(b[8], 8);  // length
   EXPECT_EQ(b[12], 0x08);
@@ -120,7 +120,9 @@ TEST(ProtocolCodec, BadMagicIsFatalAtFirstWrongByte) {
 
 TEST(ProtocolCodec, BadVersionIsFatal) {
   auto b = Frame(Ack{.generation = 1});
-  PutU16(b, 4, 2);
+  PutU16(b, 4, kVersion + 1);
+  EXPECT_EQ(DecodeOne(b), Rejection::kBadVersion);
+  PutU16(b, 4, 1);  // v1 (hello devices without `driver`): not half-parsed
   EXPECT_EQ(DecodeOne(b), Rejection::kBadVersion);
   EXPECT_TRUE(IsFatal(Rejection::kBadVersion));
 }
@@ -140,7 +142,7 @@ TEST(ProtocolCodec, OversizedLengthIsFatalBeforeBuffering) {
 }
 
 TEST(ProtocolCodec, BadTypeIsSkippedAndStreamStaysInSync) {
-  std::vector<uint8_t> b = {'V', 'K', 'C', 'K', 1, 0, 77, 0, 5, 0, 0, 0, 1, 2, 3, 4, 5};
+  std::vector<uint8_t> b = {'V', 'K', 'C', 'K', kVersion, 0, 77, 0, 5, 0, 0, 0, 1, 2, 3, 4, 5};
   const auto ack = Frame(Ack{.generation = 3});
   b.insert(b.end(), ack.begin(), ack.end());
   for (size_t chunk : {size_t{1}, size_t{3}, b.size()}) {
@@ -235,6 +237,23 @@ TEST(ProtocolCodec, FieldOutOfRange) {
   h = MakeHello();
   h.devices[1].queue_size = kMaxQueueSize + 1;
   EXPECT_EQ(Validate(h), Rejection::kFieldOutOfRange);
+  h = MakeHello();
+  h.devices[1].driver = static_cast<DriverKind>(kMaxDriverKind + 1);
+  EXPECT_EQ(Validate(h), Rejection::kFieldOutOfRange);
+  {
+    // The driver byte and its reserved neighbour, on the wire: device 0 is
+    // the last 2 bytes of its entry (ids, serial "disk0", queues, size).
+    auto hb = Frame(MakeHello());
+    const size_t dev0 = kHeaderSize + 1 + 13 + 1 + 37 + 2;
+    const size_t driver_at = dev0 + 2 + 1 + 1 + 1 + 5 + 2 + 2;
+    ASSERT_EQ(hb[driver_at], 0);
+    hb[driver_at] = 7;
+    EXPECT_EQ(DecodeOne(hb), Rejection::kFieldOutOfRange);
+    hb[driver_at] = 1;
+    EXPECT_EQ(DecodeOne(hb), Rejection::kNone);
+    hb[driver_at + 1] = 1;  // reserved
+    EXPECT_EQ(DecodeOne(hb), Rejection::kFieldOutOfRange);
+  }
 
   // On the wire: the decoder applies the same rules, and also checks the
   // reserved fields.

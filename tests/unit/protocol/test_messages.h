@@ -16,7 +16,7 @@ inline Hello MakeHello() {
   h.devices.push_back({.pci_domain = 0, .pci_bus = 0, .pci_devfn = 4 << 3, .serial = "disk0",
                        .num_queues = 2, .queue_size = 256});
   h.devices.push_back({.pci_domain = 0, .pci_bus = 1, .pci_devfn = (2 << 3) | 1, .serial = "",
-                       .num_queues = 4, .queue_size = 1024});
+                       .num_queues = 4, .queue_size = 1024, .driver = DriverKind::kKernel});
   return h;
 }
 
