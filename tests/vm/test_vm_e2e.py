@@ -31,8 +31,16 @@ runs (adaptive -> static:8,50us -> adaptive). Checked: the agent is connected
 (vkick_agent_connected), each policy is in force and acknowledged on both
 queues (vkick_queue_policy_info / _acked) before the driver ends, B = 8 after
 the static switch, the driver mapped the control block and made the
-switches, counts agree and nothing is lost. How far adaptive cuts notifications is the law's business
-and is only logged here (under TCG it held B = 1 in every run so far).
+switches, counts agree and nothing is lost.
+
+Then, with the agent still running and adaptive in force: a fresh driver at
+QD 32 under adaptive (host-counted notifications per request, settled, read
+from vkickctl status: < 0.5 x immediate's), QD 1 under adaptive and under
+immediate, same reads (B stays 1; p50 latency within 25 % + 20 us), and the
+guest kernel's own virtio_blk on the second disk (vblk1 = /dev/vda): 4
+O_DIRECT readers; the agent's observe-only samples reach vkickd as exactly
+the requests issued (+ a few), a depth histogram with depth > 1, latency,
+zero guest kicks, mode "observe" and no policy.
 """
 
 import json
@@ -55,6 +63,11 @@ VM_NAME = "vkick-vm"
 MAX_STARTUP_KICKS = 2
 PCI = "0000:00:04.0"
 
+# The guest kernel's virtio_blk run (a shell command, not vkick-blk).
+KERNEL_RUN = "KERNEL"
+KERNEL_CMD = ("for i in 0 1 2 3; do dd if=/dev/vda of=/dev/null bs=4k iflag=direct "
+              "skip=$((i*4096)) count=4096 2>/dev/null & done; wait")
+
 # name, vkick-blk flags; all runs in one boot, in this order.
 RUNS = [
     ("qd1-immediate", "--rw=verify --queues=2 --qd=1 --verify_size=1m --policy=immediate"),
@@ -73,7 +86,22 @@ RUNS = [
     # answers with policies, the agent writes the control block the driver
     # reads. Not verify: it must run long enough for hello + a few intervals.
     ("qd32-adaptive", "--rw=randread --queues=2 --qd=32 --runtime=16 --policy=adaptive"),
+    # With the agent still running and adaptive in force (the last live
+    # switch): a fresh driver at QD 32 (B must rise: notifications per request
+    # far below immediate's), then QD 1 under adaptive and under immediate,
+    # same reads (B must stay 1 and latency must not get worse).
+    ("qd32-adaptive-steady", "--rw=randread --queues=2 --qd=32 --runtime=10 --policy=adaptive"),
+    ("qd1-adaptive", "--rw=randread --queues=1 --qd=1 --runtime=6 --policy=adaptive"),
+    ("qd1-immediate-read", "--rw=randread --queues=1 --qd=1 --runtime=6 --policy=immediate"),
+    # The guest kernel's own virtio_blk on the second disk (vblk1 = /dev/vda),
+    # which the agent observes through block tracepoints: 4 readers of
+    # 4096 x 4 KiB O_DIRECT each (the whole 64 MiB disk), depth up to 4.
+    ("kernel-vda", KERNEL_RUN),
 ]
+# While these runs go on, the host polls vkickctl status: (start after s, for s).
+MONITOR = {"qd32-adaptive-steady": (4.0, 4.5), "qd1-adaptive": (2.0, 3.0)}
+KERNEL_DEVICE = "vblk1"
+KERNEL_REQUESTS = 4 * 4096
 # The adaptive run's policies, set live from the host while the driver runs:
 # first vkickd's default (adaptive), then vkickctl: static B=8 T=50us, then
 # adaptive again; each one held LIVE_HOLD_S once acknowledged on both queues.
@@ -97,6 +125,13 @@ run() {
   echo "=== VKICK-READY $n ==="
   waitfor g
   vkick_step $n vkick-blk --pci=%s --json "$@" || rc=1
+  echo "=== VKICK-DONE $n ==="
+}
+krun() {
+  n=$1; shift
+  echo "=== VKICK-READY $n ==="
+  waitfor g
+  vkick_step $n sh -c "$*" || rc=1
   echo "=== VKICK-DONE $n ==="
 }
 %s
@@ -181,6 +216,61 @@ def check_run(name, flags, text, base, host, unknown):
             "iops": res["iops"], "json": res}
 
 
+def status_rows(admin, device=DEVICE):
+    r = subprocess.run([vkickctl, "--socket=%s" % admin, "status", "--json"],
+                       capture_output=True, text=True, timeout=20)
+    if r.returncode != 0:
+        return []
+    return [q for q in json.loads(r.stdout)["queues"] if q["device"] == device]
+
+
+def monitor_status(admin, after_s, for_s):
+    """vkickctl status rows of DEVICE, every 0.5 s, from after_s for for_s."""
+    time.sleep(after_s)
+    rows, end = [], time.monotonic() + for_s
+    while time.monotonic() < end:
+        rows += status_rows(admin)
+        time.sleep(0.5)
+    return rows
+
+
+def check_kernel_run(name, text, vk, admin):
+    """The kernel's virtio_blk on vblk1: the agent's observe-only samples
+    reach vkickd as requests, depth and latency of queue 0; no policy."""
+    step = re.search(r"=== VKICK-STEP %s END rc=(\d+) ===" % re.escape(name), text)
+    assert step and int(step.group(1)) == 0, "%s: the readers failed:\n%s" % (name, text[-2000:])
+    lab = dict(vm=VM_NAME, device=KERNEL_DEVICE, queue="0")
+
+    def settled():
+        m = vk.metrics()
+        n = m.value("vkick_virtqueue_requests_total", **lab)
+        return m if n is not None and n >= KERNEL_REQUESTS else None
+    m = wait_until(settled, 20, "observe-only requests of %s queue 0" % KERNEL_DEVICE, interval=0.5)
+    time.sleep(1.0)  # one more agent interval: nothing late
+    m = vk.metrics()
+    req = m.value("vkick_virtqueue_requests_total", **lab)
+    kicks = m.value("vkick_virtqueue_guest_kicks_total", **lab)
+    count = m.value("vkick_virtqueue_depth_count", **lab)
+    le1 = next((v for l, v in m.select("vkick_virtqueue_depth_bucket", **lab)
+                if float(l["le"]) == 1.0), None)
+    lat = m.value("vkick_virtqueue_request_latency_seconds_count", **lab)
+    rows = status_rows(admin, KERNEL_DEVICE)
+    log("%s: observe-only %s queue 0: requests %s (issued %d), depth count %s (depth 1: %s), "
+        "latency count %s, guest kicks %s, status %s" % (
+            name, KERNEL_DEVICE, req, KERNEL_REQUESTS, count, le1, lat, kicks,
+            [(r["queue"], r["mode"], r.get("driver"), r["mean_depth"]) for r in rows]))
+    # O_DIRECT 4 KiB reads: one block request each; nothing else uses vda.
+    assert KERNEL_REQUESTS <= req <= KERNEL_REQUESTS + 64, req
+    assert count == req and lat is not None and lat >= KERNEL_REQUESTS, (count, lat)
+    assert le1 is not None and le1 < count, "4 readers never overlapped (depth always 1)?"
+    assert kicks == 0, "the agent cannot see the kernel's kicks: %r" % kicks
+    assert m.value("vkick_queue_policy_info", mode="observe", source="none", **lab) == 1, \
+        m.select("vkick_queue_policy_info")
+    assert m.value("vkick_queue_policy_acked", **lab) is None, "an observed queue has no policy"
+    assert rows and all(r["mode"] == "observe" and r["driver"] == "kernel" for r in rows), rows
+    return {"requests": req}
+
+
 def main():
     require_root()
     require_binary("qemu-system-x86_64")
@@ -198,10 +288,15 @@ def main():
     ensure_image(bdir)
     only = os.environ.get("VKICK_VM_RUNS")  # e.g. "qd1-immediate,qd32-static" (by hand)
     runs = [(n, f) for n, f in RUNS if not only or n in only.split(",")]
+    def guest_line(n, f):
+        if f == KERNEL_RUN:
+            return "krun %s '%s'" % (n, KERNEL_CMD)
+        return "run %s %s" % (n, f)
     script = GUEST_SCRIPT % (PCI, "\n".join(
-        (PRE[n] + "\n" if n in PRE else "") + "run %s %s" % (n, f) for n, f in runs))
+        (PRE[n] + "\n" if n in PRE else "") + guest_line(n, f) for n, f in runs))
     keys = {(DEVICE, q) for q in range(2)}
     results = {}
+    monitored = {}
     with Testbed("vm-e2e") as tb:
         vmdir = tb.path("vm")
         qmp = tb.path("qmp-vkickd.sock")
@@ -293,6 +388,12 @@ def main():
                     time.sleep(LIVE_HOLD_S)
                 assert done not in read(serial), (
                     "%s: the driver finished before the last live switch was held" % name)
+            if name in MONITOR:
+                monitored[name] = monitor_status(admin, *MONITOR[name])
+            if dict(runs)[name] == KERNEL_RUN:
+                wait_marker("=== VKICK-DONE %s ===" % name, 180)
+                results[name] = check_kernel_run(name, read(serial), vk, admin)
+                continue
             wait_marker("=== VKICK-DONE %s ===" % name, 180)
             host = stable_counts(vk, keys)
             unknown = {k: v for k, v in vk.queue_counts(vk.metrics(), VM_NAME).items()
@@ -331,6 +432,33 @@ def main():
             % (imm, sta))
         assert imm > 0.9, "immediate should notify once per request, got %.3f" % imm
         assert sta < 0.3 * imm, "static:8 %.3f not far below immediate %.3f" % (sta, imm)
+    if "qd32-immediate" in results and "qd32-adaptive-steady" in monitored:
+        imm = results["qd32-immediate"]["host"] / results["qd32-immediate"]["requests"]
+        rows = [r for r in monitored["qd32-adaptive-steady"] if r["has_sample"]
+                and r["requests_per_s"] > 0 and r["applied_mode"] == "adaptive"]
+        assert rows, "qd32-adaptive-steady: no adaptive sample seen: %r" % (
+            monitored["qd32-adaptive-steady"][-4:],)
+        ada = sum(r["notifications_per_request"] for r in rows) / len(rows)
+        bs = sorted({r["batch"] for r in rows})
+        log("QD 32 host-counted notifications/request: immediate %.3f, adaptive (settled, %d "
+            "samples) %.3f, B in %s; whole run %.3f" % (
+                imm, len(rows), ada, bs,
+                results["qd32-adaptive-steady"]["host"] / results["qd32-adaptive-steady"]["requests"]))
+        assert ada < 0.5 * imm, "adaptive %.3f not far below immediate %.3f at QD 32 (B %s)" % (
+            ada, imm, bs)
+    if "qd1-adaptive" in results and "qd1-immediate-read" in results:
+        rows = [r for r in monitored.get("qd1-adaptive", []) if r["has_sample"]
+                and r["requests_per_s"] > 0]
+        bs = sorted({r["batch"] for r in rows})
+        a, i = results["qd1-adaptive"]["json"], results["qd1-immediate-read"]["json"]
+        log("QD 1 randread: adaptive p50 %.0fus p99 %.0fus iops %.0f (B seen %s) vs immediate "
+            "p50 %.0fus p99 %.0fus iops %.0f" % (a["lat_p50_us"], a["lat_p99_us"], a["iops"], bs,
+                                                  i["lat_p50_us"], i["lat_p99_us"], i["iops"]))
+        assert rows and bs == [1], "adaptive at QD 1 must keep B = 1, saw %s" % bs
+        # Same reads, same boot; TCG timing is noisy: 25%% + 20 us of slack.
+        assert a["lat_p50_us"] <= 1.25 * i["lat_p50_us"] + 20, (
+            "adaptive QD 1 p50 %.0fus worse than immediate %.0fus" % (
+                a["lat_p50_us"], i["lat_p50_us"]))
 
 
 if __name__ == "__main__":
