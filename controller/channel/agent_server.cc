@@ -1,5 +1,7 @@
 #include "controller/channel/agent_server.h"
 
+#include <algorithm>
+
 #include <errno.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -116,6 +118,7 @@ void AgentServer::StartConn(int fd, std::string vm, std::vector<ChannelDevice> d
   ++st.connections_total;
   auto c = std::make_unique<Conn>();
   c->fd = fd;
+  c->id = next_conn_id_++;
   c->vm = std::move(vm);
   c->tag = std::move(tag);
   c->session = std::make_unique<AgentSession>(options_.guard, std::move(devices), MonoNs());
@@ -221,6 +224,10 @@ AgentServer::Collected AgentServer::Collect() {
     for (uint64_t g : c->session->TakeAcks())
       for (const QueueKey& k : qs) out.acks.emplace_back(k, g);
     out.connected_queues.insert(qs.begin(), qs.end());
+    for (const QueueKey& k : qs) {
+      uint64_t& id = out.connection_of[k];
+      id = std::max(id, c->id);  // two live connections naming one queue: the newer
+    }
     const std::set<QueueKey>& obs = c->session->ObservedOnly();
     out.observed_only.insert(obs.begin(), obs.end());
   }

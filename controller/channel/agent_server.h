@@ -73,6 +73,10 @@ class AgentServer {
     std::vector<std::pair<QueueKey, uint64_t>> acks;
     std::set<QueueKey> connected_queues;  // reported on by a live agent
     std::set<QueueKey> observed_only;     // of those, run by the guest kernel's driver
+    // The connection (1, 2, ...: never reused) reporting on each connected
+    // queue. An agent re-announces on a new connection when its driver set
+    // changes, so a new id means the queue may have a new driver.
+    std::map<QueueKey, uint64_t> connection_of;
     // The host's notification total when a sample's latest part arrived
     // (only for samples that were stamped: see AgentServerOptions::host_totals).
     std::map<QueueKey, uint64_t> host_at_sample;
@@ -87,6 +91,7 @@ class AgentServer {
     int fd = -1;
     std::string vm;
     std::string tag;
+    uint64_t id = 0;                        // Collected::connection_of
     std::unique_ptr<AgentSession> session;  // guarded by mu
     absl::Mutex mu;
     std::atomic<bool> done{false};
@@ -106,6 +111,7 @@ class AgentServer {
   int listen_fd_ = -1;
   std::atomic<bool> stop_{false};
   std::thread accept_thread_;
+  uint64_t next_conn_id_ ABSL_GUARDED_BY(mu_) = 1;
   mutable absl::Mutex mu_;
   std::vector<std::unique_ptr<Conn>> conns_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, AgentChannelStats> stats_ ABSL_GUARDED_BY(mu_);  // by vm

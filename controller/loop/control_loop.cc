@@ -116,6 +116,11 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
   const bool spec_changed = !st.initialised || !(spec == v.spec);
   v.agent_connected = in.agent_connected;
   v.observe_only = in.observe_only;
+  bool new_connection = false;
+  if (in.agent_connection != 0) {
+    new_connection = st.agent_connection != 0 && in.agent_connection != st.agent_connection;
+    st.agent_connection = in.agent_connection;
+  }
 
   // Host rate over the last Step.
   if (in.host_notifications_total) {
@@ -187,7 +192,7 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
       t = spec.defer_ns;
       break;
     case proto::KickMode::kAdaptive:
-      if (spec_changed || !st.law) {
+      if (spec_changed || !st.law || new_connection) {
         // A fresh law from the spec's starting point (restarts cleanly
         // from any (B, T): see docs/control.md).
         st.law = std::make_unique<AdaptiveLaw>(config_.law);

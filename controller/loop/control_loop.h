@@ -46,6 +46,11 @@ struct QueueInput {
   // The guest kernel's own driver runs the queue (hello driver = kernel):
   // samples are shown, no policy is computed or sent.
   bool observe_only = false;
+  // Which agent connection reports on the queue (0: none). A new one (the
+  // agent re-announced: its driver set changed) restarts the adaptive law
+  // from the spec's starting point: a B tuned for the previous driver
+  // process says nothing about the next one, and B = 1 never adds latency.
+  uint64_t agent_connection = 0;
   // A sample received since the last Step (consumed by this Step).
   std::optional<proto::QueueSample> sample;
   // The host total when that sample (its latest part) arrived. The guest's
@@ -131,6 +136,7 @@ class ControlLoop {
     std::optional<uint64_t> host_prev;         // host total at the last Step
     std::optional<uint64_t> host_at_sample;    // host total at the last sample
     bool host_at_sample_stamped = false;       // ... taken on its arrival
+    uint64_t agent_connection = 0;             // the last one seen (0: none yet)
     std::optional<int64_t> last_step_ns;
     bool initialised = false;
   };

@@ -313,6 +313,34 @@ TEST(ControlLoopTest, ObserveOnlyQueuesGetNoPolicyButTheirSamplesCount) {
   EXPECT_DOUBLE_EQ(v.notifications_per_request, 1.0);  // host-counted
 }
 
+TEST(ControlLoopTest, ANewAgentConnectionRestartsTheLawFromTheSpec) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  q.depth = 32;
+  q.rate = 100'000;
+  auto step = [&](uint64_t conn, bool with_sample, int i) {
+    QueueInput in = q.Next();
+    in.agent_connection = conn;
+    if (!with_sample) in.sample.reset();
+    auto out = loop.Step(table, {in}, i * kSec);
+    q.applied = out.at(0);
+    return out.at(0);
+  };
+  int i = 1;
+  for (; i <= 10; ++i) step(1, true, i);
+  EXPECT_EQ(q.applied.batch, 16);
+  // The same connection, no sample: B is held.
+  EXPECT_EQ(step(1, false, i++).batch, 16);
+  // The agent re-announced (a new driver): what is sent at once is the
+  // spec's start, not the previous driver's B.
+  auto fresh = step(2, false, i++);
+  EXPECT_EQ(fresh.batch, 1);
+  EXPECT_EQ(fresh.defer_ns, 0u);
+  for (int k = 0; k < 8; ++k) step(2, true, i++);
+  EXPECT_EQ(q.applied.batch, 16);  // and it converges again
+}
+
 TEST(ControlLoopTest, BucketBoundsMatchProtocol) {
   const auto& d = DepthBucketBounds();
   ASSERT_EQ(d.size(), proto::kDepthBuckets - 1);
