@@ -49,8 +49,57 @@ void Log(const std::string& msg) {
   std::fprintf(stderr, "%s vkick-agent: %s\n", ts, msg.c_str());
 }
 
-Agent::Agent(AgentOptions opts, CounterSource* probes, Clock clock, std::ostream* out)
-    : opts_(std::move(opts)), probes_(probes), clock_(std::move(clock)), out_(out) {}
+Agent::Agent(AgentOptions opts, CounterSource* probes, Clock clock, std::ostream* out, DiskCounterSource* disks)
+    : opts_(std::move(opts)), probes_(probes), clock_(std::move(clock)), out_(out), disks_(disks) {}
+
+bool Agent::RescanKernelDisks() {
+  if (disks_ == nullptr) return false;
+  std::vector<KernelDisk> known;
+  for (const auto& [kdev, k] : kernel_disks_) known.push_back(k.disk);
+  KernelDiskScan scan = DiscoverKernelDisks(opts_.sysfs_root, known);
+  if (scan.skipped != kernel_disks_skipped_) {
+    for (const std::string& why : scan.skipped) Log(absl::StrCat("kernel disk ", why, " (not observed)"));
+    kernel_disks_skipped_ = scan.skipped;
+  }
+  std::map<uint32_t, KernelDisk> found;
+  for (KernelDisk& k : scan.disks) found.emplace(KernelDevOf(k), std::move(k));
+  bool changed = false;
+  for (auto it = kernel_disks_.begin(); it != kernel_disks_.end();) {
+    if (found.count(it->first)) {
+      ++it;
+      continue;
+    }
+    Log(absl::StrCat("kernel disk ", it->second.disk.name, " went away"));
+    disks_->Unwatch(it->first);
+    it = kernel_disks_.erase(it);
+    changed = true;
+  }
+  for (auto it = watch_failed_.begin(); it != watch_failed_.end();)
+    it = found.count(*it) ? std::next(it) : watch_failed_.erase(it);
+  for (auto& [kdev, k] : found) {
+    auto it = kernel_disks_.find(kdev);
+    if (it != kernel_disks_.end()) {
+      // nr_requests or the serial can change under a running disk: the
+      // hello must say what the host will see.
+      if (!(it->second.disk == k)) {
+        it->second.disk = k;
+        changed = true;
+      }
+      continue;
+    }
+    if (absl::Status s = disks_->Watch(kdev); !s.ok()) {
+      if (watch_failed_.insert(kdev).second)
+        Log(absl::StrCat("kernel disk ", k.name, ": cannot observe: ", s.message()));
+      continue;
+    }
+    watch_failed_.erase(kdev);
+    Log(absl::StrCat("kernel disk ", k.name, " (", k.major, ":", k.minor, ") at pci ", k.pci, " serial '", k.serial,
+                     "' nr_requests ", k.queue_size, ": observing (virtio_blk, block tracepoints, no policy)"));
+    kernel_disks_.emplace(kdev, KernelDiskState{k, QueueTotals{}});
+    changed = true;
+  }
+  return changed;
+}
 
 bool Agent::RescanRegistry() {
   const uint64_t now = clock_();
@@ -119,22 +168,25 @@ void Agent::WriteControl(int32_t pid, uint64_t now) {
   it->second.control->Write(policy_.EntriesFor(pid, it->second.entry.queues));
 }
 
-std::vector<std::pair<int32_t, proto::GuestDevice>> Agent::Announceable(bool log) const {
-  std::vector<std::pair<int32_t, proto::GuestDevice>> out;
+std::vector<Agent::Announcement> Agent::Announceable(bool log) const {
+  std::vector<Announcement> out;
   size_t queues = 0;
   std::set<std::string> serials;
   std::set<uint32_t> pcis;
   std::set<uint32_t> real_pcis;
+  auto pci_of = [](const proto::GuestDevice& dev) {
+    return (uint32_t{dev.pci_domain} << 16) | (uint32_t{dev.pci_bus} << 8) | dev.pci_devfn;
+  };
   // vhost-user drivers have no PCI function; the protocol rejects two
   // devices at one, so each gets a distinct fake one: domain 0xffff (not a
   // domain Linux gives a real device here), bus 0, devfn 0, 1, ... skipping
-  // any a real PCI driver uses. vkickd binds them by serial
-  // (docs/protocol.md, "How the host maps queues").
+  // any a real PCI driver or an observed kernel disk uses. vkickd binds them
+  // by serial (docs/protocol.md, "How the host maps queues").
   for (const auto& [pid, d] : drivers_) {
     if (d.gone || d.entry.transport != DriverEntry::Transport::kPci) continue;
-    proto::GuestDevice dev = ToGuestDevice(d.entry);
-    real_pcis.insert((uint32_t{dev.pci_domain} << 16) | (uint32_t{dev.pci_bus} << 8) | dev.pci_devfn);
+    real_pcis.insert(pci_of(ToGuestDevice(d.entry)));
   }
+  for (const auto& [kdev, k] : kernel_disks_) real_pcis.insert(pci_of(ToGuestDevice(k.disk)));
   std::set<uint32_t> used;  // announced so far (real and fake)
   uint32_t next_fake = uint32_t{kFakePciDomain} << 16;
   for (const auto& [pid, d] : drivers_) {
@@ -146,7 +198,7 @@ std::vector<std::pair<int32_t, proto::GuestDevice>> Agent::Announceable(bool log
       dev.pci_bus = static_cast<uint8_t>(next_fake >> 8);
       dev.pci_devfn = static_cast<uint8_t>(next_fake);
     }
-    const uint32_t pci = (uint32_t{dev.pci_domain} << 16) | (uint32_t{dev.pci_bus} << 8) | dev.pci_devfn;
+    const uint32_t pci = pci_of(dev);
     const bool is_pci = d.entry.transport == DriverEntry::Transport::kPci;
     if (out.size() >= proto::kMaxDevices || queues + dev.num_queues > proto::kMaxQueues ||
         (!dev.serial.empty() && serials.count(dev.serial)) || (is_pci && pcis.count(pci))) {
@@ -157,16 +209,39 @@ std::vector<std::pair<int32_t, proto::GuestDevice>> Agent::Announceable(bool log
     if (is_pci) pcis.insert(pci);
     used.insert(pci);
     queues += dev.num_queues;
-    out.emplace_back(pid, std::move(dev));
+    out.push_back({AnnouncedDriver{pid, dev.num_queues}, std::move(dev)});
+  }
+  // Kernel disks after the drivers: the devices the host can police come
+  // first when the bounds leave no room for all.
+  for (const auto& [kdev, k] : kernel_disks_) {
+    proto::GuestDevice dev = ToGuestDevice(k.disk);
+    const uint32_t pci = pci_of(dev);
+    if (out.size() >= proto::kMaxDevices || queues + dev.num_queues > proto::kMaxQueues ||
+        (!dev.serial.empty() && serials.count(dev.serial)) || used.count(pci)) {
+      if (log)
+        Log(absl::StrCat("hello: kernel disk ", k.disk.name,
+                         " not announced (over the protocol's bounds or duplicate)"));
+      continue;
+    }
+    if (!dev.serial.empty()) serials.insert(dev.serial);
+    used.insert(pci);
+    queues += dev.num_queues;
+    AnnouncedDriver who;
+    who.pid = 0;
+    who.queues = dev.num_queues;
+    who.kernel = true;
+    who.kdev = kdev;
+    out.push_back({who, std::move(dev)});
   }
   return out;
 }
 
 bool Agent::HelloIsStale() const {
-  std::vector<int32_t> want, ann;
-  for (const auto& [pid, dev] : Announceable(false)) want.push_back(pid);
-  for (const AnnouncedDriver& a : announced_) ann.push_back(a.pid);
-  return want != ann;
+  const std::vector<Announcement> want = Announceable(false);
+  if (want.size() != announced_.size()) return true;
+  for (size_t i = 0; i < want.size(); ++i)
+    if (!(want[i].who == announced_[i]) || !(want[i].dev == announced_devices_[i])) return true;
+  return false;
 }
 
 void Agent::Send(const proto::Message& m) {
@@ -186,9 +261,11 @@ void Agent::SendHello() {
   h.agent_id = opts_.agent_id;
   h.kernel = opts_.kernel;
   announced_.clear();
-  for (auto& [pid, dev] : Announceable(true)) {
-    announced_.push_back({pid, dev.num_queues});
-    h.devices.push_back(std::move(dev));
+  announced_devices_.clear();
+  for (Announcement& a : Announceable(true)) {
+    announced_.push_back(a.who);
+    announced_devices_.push_back(a.dev);
+    h.devices.push_back(std::move(a.dev));
   }
   Send(h);
   if (conn_ && !last_disconnect_quiet_)
@@ -234,6 +311,7 @@ void Agent::Disconnect(uint64_t now, const std::string& why, bool fast_retry) {
   if (!conn_) return;
   conn_.reset();
   announced_.clear();
+  announced_devices_.clear();
   ++disconnects_;
   // A channel that closes before the host said anything (a virtio-serial
   // port whose host side is not open reads EOF at once) backs off like a
@@ -269,7 +347,14 @@ void Agent::OnMessage(proto::DecodeResult&& r, uint64_t now) {
     // applied: left out (not recorded, not acked), answered with an error.
     proto::Policy applicable;
     std::vector<std::string> no_control;
+    uint32_t observe_only = 0;
     for (const proto::QueuePolicy& q : p->queues) {
+      // A kernel virtio_blk disk is observed only: there is no control
+      // block, and the kernel driver would not read one. Ignored, counted.
+      if (q.ref.device_index < announced_.size() && announced_[q.ref.device_index].kernel) {
+        ++observe_only;
+        continue;
+      }
       if (q.ref.device_index < announced_.size()) {
         const int32_t pid = announced_[q.ref.device_index].pid;
         auto d = drivers_.find(pid);
@@ -291,6 +376,14 @@ void Agent::OnMessage(proto::DecodeResult&& r, uint64_t now) {
                   a.batch != q.batch || a.defer_ns != q.defer_ns;
       }
       news.push_back(changed);
+    }
+    if (observe_only > 0) {
+      kernel_policy_ignored_ += observe_only;
+      proto::Error e;
+      e.code = proto::ErrorCode::kUnsupported;
+      e.text = absl::StrCat(observe_only, " queue(s) of observe-only kernel virtio_blk disks: not applied");
+      Log(absl::StrCat("policy gen ", p->queues.front().generation, ": ", e.text));
+      Send(e);
     }
     PolicyState::ApplyResult res = policy_.Apply(applicable, announced_, now);
     for (int32_t pid : res.changed_pids) WriteControl(pid, now);
@@ -343,7 +436,34 @@ void Agent::Tick(uint64_t now) {
     bad_queue_ = snap->bad_queue;
   }
   std::map<int32_t, int> device_index;
-  for (size_t i = 0; i < announced_.size(); ++i) device_index[announced_[i].pid] = static_cast<int>(i);
+  std::map<uint32_t, int> disk_index;
+  for (size_t i = 0; i < announced_.size(); ++i) {
+    if (announced_[i].kernel) {
+      disk_index[announced_[i].kdev] = static_cast<int>(i);
+    } else {
+      device_index[announced_[i].pid] = static_cast<int>(i);
+    }
+  }
+  auto queue_json = [](uint16_t q, const proto::QueueSample& s, const QueueTotals& cur) {
+    return nlohmann::json{{"queue", q},
+                          {"interval_ns", s.interval_ns},
+                          {"requests", s.requests},
+                          {"kicks", s.kicks},
+                          {"timer_kicks", s.timer_kicks},
+                          {"completed", s.completed},
+                          {"mean_depth", s.mean_depth_milli / 1000.0},
+                          {"max_depth", s.max_depth},
+                          {"depth_hist", s.depth_hist},
+                          {"latency_hist", s.latency_hist},
+                          {"lease", LeaseName(s.lease)},
+                          {"mode", std::string(proto::KickModeName(s.applied_mode))},
+                          {"batch", s.applied_batch},
+                          {"defer_ns", s.applied_defer_ns},
+                          {"generation", s.applied_generation},
+                          {"total_requests", cur.requests},
+                          {"total_kicks", cur.kicks},
+                          {"total_completed", cur.completions}};
+  };
 
   proto::Sample sample;
   sample.seq = ++seq_;
@@ -362,33 +482,57 @@ void Agent::Tick(uint64_t now) {
       BuiltSample b = BuildQueueSample(ref, delta, interval, applied);
       if (!b.ok) ++skipped_queues_;
       if (di != device_index.end() && b.ok) sample.queues.push_back(b.sample);
-      if (opts_.json) {
-        const proto::QueueSample& s = b.sample;
-        jq.push_back({{"queue", q},
-                      {"interval_ns", s.interval_ns},
-                      {"requests", s.requests},
-                      {"kicks", s.kicks},
-                      {"timer_kicks", s.timer_kicks},
-                      {"completed", s.completed},
-                      {"mean_depth", s.mean_depth_milli / 1000.0},
-                      {"max_depth", s.max_depth},
-                      {"depth_hist", s.depth_hist},
-                      {"latency_hist", s.latency_hist},
-                      {"lease", LeaseName(s.lease)},
-                      {"mode", std::string(proto::KickModeName(s.applied_mode))},
-                      {"batch", s.applied_batch},
-                      {"defer_ns", s.applied_defer_ns},
-                      {"generation", s.applied_generation},
-                      {"total_requests", cur.requests},
-                      {"total_kicks", cur.kicks},
-                      {"total_completed", cur.completions}});
-      }
+      if (opts_.json) jq.push_back(queue_json(q, b.sample, cur));
     }
     if (opts_.json)
       jdrivers.push_back({{"pid", pid},
                           {"device_index", di != device_index.end() ? di->second : -1},
                           {"gone", d.gone},
                           {"queues", jq}});
+  }
+  // Kernel virtio_blk disks: one queue each (queue 0 = the whole disk),
+  // built by the same pure code; kicks stay 0 (the guest cannot see the
+  // kernel driver's notify writes; the host counts them) and the applied
+  // state is the driver's own (no lease, immediate, batch 1).
+  nlohmann::json jdisks = nlohmann::json::array();
+  if (disks_ != nullptr) {
+    absl::StatusOr<DiskSnapshot> dsnap = disks_->Read();
+    if (!dsnap.ok()) {
+      Log(absl::StrCat("reading kernel disk counters: ", dsnap.status().message()));
+      dsnap = DiskSnapshot{};
+    } else {
+      // Lost starts, underflows and bad slots mean wrong numbers: logged when
+      // they change. Missing starts also happen in normal operation
+      // (requests in flight when a disk is first watched): --json only.
+      if (dsnap->map_full != disk_errors_.map_full || dsnap->underflow != disk_errors_.underflow ||
+          dsnap->bad_slot != disk_errors_.bad_slot)
+        Log(absl::StrCat("kernel disk probe errors: map_full=", dsnap->map_full, " underflow=", dsnap->underflow,
+                         " bad_slot=", dsnap->bad_slot, " missing_start=", dsnap->missing_start));
+      disk_errors_.map_full = dsnap->map_full;
+      disk_errors_.missing_start = dsnap->missing_start;
+      disk_errors_.underflow = dsnap->underflow;
+      disk_errors_.bad_slot = dsnap->bad_slot;
+      disk_errors_.reissue = dsnap->reissue;
+    }
+    for (auto& [kdev, k] : kernel_disks_) {
+      auto it = dsnap->disks.find(kdev);
+      QueueTotals cur = it != dsnap->disks.end() ? it->second : k.prev;
+      if (it == dsnap->disks.end()) cur.interval_max_depth = 0;
+      const QueueTotals delta = Delta(k.prev, cur);
+      k.prev = cur;
+      auto di = disk_index.find(kdev);
+      const proto::QueueRef ref{static_cast<uint16_t>(di != disk_index.end() ? di->second : 0), 0};
+      BuiltSample b = BuildQueueSample(ref, delta, interval, AppliedState{});
+      if (!b.ok) ++skipped_queues_;
+      if (di != disk_index.end() && b.ok) sample.queues.push_back(b.sample);
+      if (opts_.json)
+        jdisks.push_back({{"name", k.disk.name},
+                          {"dev", absl::StrCat(k.disk.major, ":", k.disk.minor)},
+                          {"pci", k.disk.pci},
+                          {"serial", k.disk.serial},
+                          {"device_index", di != disk_index.end() ? di->second : -1},
+                          {"queues", nlohmann::json::array({queue_json(0, b.sample, cur)})}});
+    }
   }
   if (conn_ && !announced_.empty()) {
     Send(sample);
@@ -399,8 +543,18 @@ void Agent::Tick(uint64_t now) {
                         {"seq", sample.seq},
                         {"connected", conn_.has_value()},
                         {"drivers", jdrivers},
+                        {"kernel_disks", jdisks},
                         {"errors",
-                         {{"map_full", map_full_}, {"bad_queue", bad_queue_}, {"skipped_queues", skipped_queues_}}},
+                         {{"map_full", map_full_},
+                          {"bad_queue", bad_queue_},
+                          {"skipped_queues", skipped_queues_},
+                          {"kernel_disks",
+                           {{"observed", disks_ != nullptr},
+                            {"map_full", disk_errors_.map_full},
+                            {"missing_start", disk_errors_.missing_start},
+                            {"underflow", disk_errors_.underflow},
+                            {"bad_slot", disk_errors_.bad_slot},
+                            {"reissue", disk_errors_.reissue}}}}},
                         {"registry_rejected", registry_rejected_},
                         {"channel",
                          {{"connects", connects_},
@@ -409,7 +563,8 @@ void Agent::Tick(uint64_t now) {
                           {"acks", acks_},
                           {"samples_sent", samples_sent_},
                           {"rejected_from_host", rejected_from_host_},
-                          {"unknown_queue_refs", unknown_queue_refs_}}}};
+                          {"unknown_queue_refs", unknown_queue_refs_},
+                          {"kernel_policy_ignored", kernel_policy_ignored_}}}};
     *out_ << j.dump() << std::endl;
   }
   // Counters of processes that are neither registered nor alive (a
@@ -466,8 +621,10 @@ int Agent::Run(volatile const bool* stop, const sigset_t* run_mask) {
     if (now >= next_scan) {
       // A new driver is announced at once (a gone one after its last sample,
       // at the next tick).
-      if (RescanRegistry() && conn_ && HelloIsStale()) {
-        Log("driver set changed: re-announcing (bye + reconnect)");
+      const bool added = RescanRegistry();
+      const bool disks_changed = RescanKernelDisks();
+      if ((added || disks_changed) && conn_ && HelloIsStale()) {
+        Log("device set changed: re-announcing (bye + reconnect)");
         Send(proto::Bye{proto::ByeReason::kRestart});
         if (conn_) (void)conn_->Flush();
         Disconnect(now, "re-announce", true);

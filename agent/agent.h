@@ -17,6 +17,7 @@
 #include "agent/channel.h"
 #include "agent/control_writer.h"
 #include "agent/counter_source.h"
+#include "agent/kernel_disks.h"
 #include "agent/policy_state.h"
 #include "agent/registry.h"
 
@@ -42,12 +43,18 @@ struct AgentOptions {
   std::string proc_root = "/proc";
   std::string sysfs_ports = "/sys/class/virtio-ports";
   std::string dev_root = "/dev";
+  // Kernel virtio_blk disks (observe only) are discovered under
+  // <sysfs_root>/block when the agent is given a DiskCounterSource.
+  std::string sysfs_root = "/sys";
 };
 
 class Agent {
  public:
   using Clock = std::function<uint64_t()>;  // CLOCK_MONOTONIC ns
-  Agent(AgentOptions opts, CounterSource* probes, Clock clock, std::ostream* out);
+  // `disks`: the kernel virtio_blk disks' counters (BlockObserver), or null
+  // when they are not observed (--observe_kernel_disks=false, or the block
+  // tracepoints could not be attached).
+  Agent(AgentOptions opts, CounterSource* probes, Clock clock, std::ostream* out, DiskCounterSource* disks = nullptr);
 
   // Runs until *stop becomes true (set from a signal handler) or
   // max_intervals elapsed. Returns the process exit code.
@@ -61,7 +68,20 @@ class Agent {
     std::map<uint16_t, QueueTotals> prev;   // last cumulative read per queue
   };
 
-  bool RescanRegistry();  // true when a driver was added
+  // A kernel virtio_blk disk being observed (watched in `disks_`).
+  struct KernelDiskState {
+    KernelDisk disk;
+    QueueTotals prev;  // last cumulative read
+  };
+  // What one hello entry is: the device and whom it stands for.
+  struct Announcement {
+    AnnouncedDriver who;
+    proto::GuestDevice dev;
+    friend bool operator==(const Announcement&, const Announcement&) = default;
+  };
+
+  bool RescanRegistry();     // true when a driver was added
+  bool RescanKernelDisks();  // true when the set of observed disks (or one's geometry) changed
   void Tick(uint64_t now);
   void TryConnect(uint64_t now);
   void Disconnect(uint64_t now, const std::string& why, bool fast_retry);
@@ -70,9 +90,10 @@ class Agent {
   void WriteControl(int32_t pid, uint64_t now);
   void Send(const proto::Message& m);
   bool HelloIsStale() const;
-  // The live drivers a hello can announce, in pid order, within the
-  // protocol's bounds (<= 16 devices, <= 64 queues, no duplicate serial/PCI).
-  std::vector<std::pair<int32_t, proto::GuestDevice>> Announceable(bool log) const;
+  // The live drivers a hello can announce, in pid order, then the observed
+  // kernel disks in dev_t order, within the protocol's bounds (<= 16
+  // devices, <= 64 queues, no duplicate serial/PCI).
+  std::vector<Announcement> Announceable(bool log) const;
 
   AgentOptions opts_;
   CounterSource* probes_;
@@ -86,6 +107,12 @@ class Agent {
 
   std::optional<Connection> conn_;
   std::vector<AnnouncedDriver> announced_;  // the current connection's hello
+  std::vector<proto::GuestDevice> announced_devices_;  // and its devices (same order)
+  DiskCounterSource* disks_;
+  std::map<uint32_t, KernelDiskState> kernel_disks_;  // by kernel dev_t
+  std::vector<std::string> kernel_disks_skipped_;     // last scan's (logged on change)
+  std::set<uint32_t> watch_failed_;                   // logged once each
+  DiskSnapshot disk_errors_;                          // last logged error counters
   uint64_t next_connect_ns_ = 0;
   uint64_t backoff_ns_ = 0;
   uint64_t seq_ = 0;
@@ -99,6 +126,7 @@ class Agent {
   uint64_t connects_ = 0, disconnects_ = 0, policies_ = 0, acks_ = 0, samples_sent_ = 0;
   uint64_t rejected_from_host_ = 0, skipped_queues_ = 0, unknown_queue_refs_ = 0;
   uint64_t map_full_ = 0, bad_queue_ = 0;
+  uint64_t kernel_policy_ignored_ = 0;  // policy queues naming a kernel disk (observe only)
 };
 
 // "2026-11-22T21:55:34Z vkick-agent: <msg>" on stderr.

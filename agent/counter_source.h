@@ -33,4 +33,34 @@ class CounterSource {
   virtual absl::StatusOr<CounterSnapshot> Read() = 0;
 };
 
+// The kernel's own virtio_blk disks, observed from the block tracepoints
+// (BlockObserver implements it). Disks are named by the kernel's dev_t as the
+// tracepoints report it: (major << 20) | minor (KernelDev()).
+struct DiskSnapshot {
+  // Cumulative per watched disk, in QueueTotals' shape (kicks stay 0: the
+  // guest cannot see the kernel driver's notifications); interval_max_depth
+  // per interval.
+  std::map<uint32_t, QueueTotals> disks;
+  uint64_t map_full = 0;       // issues whose start could not be recorded
+  uint64_t missing_start = 0;  // completes without a recorded issue
+  uint64_t underflow = 0;      // in-flight kept from going below 0
+  uint64_t bad_slot = 0;       // a filter entry naming no counter slot (a bug)
+  uint64_t reissue = 0;        // requeued requests handed to the driver again
+};
+
+class DiskCounterSource {
+ public:
+  virtual ~DiskCounterSource() = default;
+  // Start counting the disk (idempotent).
+  virtual absl::Status Watch(uint32_t kdev) = 0;
+  // Stop counting it and drop its counters.
+  virtual void Unwatch(uint32_t kdev) = 0;
+  // Reads all counters and closes the max-depth interval.
+  virtual absl::StatusOr<DiskSnapshot> Read() = 0;
+};
+
+// The kernel's dev_t encoding (include/linux/kdev_t.h MKDEV), which the block
+// tracepoints report; glibc's makedev() is a different encoding.
+constexpr uint32_t KernelDev(uint32_t major, uint32_t minor) { return (major << 20) | (minor & 0xfffff); }
+
 }  // namespace vkick::agent

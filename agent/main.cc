@@ -18,6 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "agent/agent.h"
+#include "agent/block_observer.h"
 #include "agent/usdt_probes.h"
 
 ABSL_FLAG(std::string, connect, "", "vkickd's agent unix socket (vhost-user drivers on the host)");
@@ -33,6 +34,8 @@ ABSL_FLAG(std::vector<std::string>, driver_binary, {},
 ABSL_FLAG(bool, json, false, "print one JSON line per interval on stdout (without --connect: local only, no channel)");
 ABSL_FLAG(bool, once, false, "sample one interval, print it as JSON and exit (no channel)");
 ABSL_FLAG(int32_t, intervals, 0, "exit after this many intervals (0 = run until SIGINT/SIGTERM)");
+ABSL_FLAG(bool, observe_kernel_disks, true,
+          "also sample the kernel's own virtio_blk disks (block tracepoints; observe only, never policed)");
 
 namespace {
 
@@ -113,6 +116,22 @@ int Main() {
     Log(absl::StrCat("probing every process of ", b));
   }
 
+  // Kernel virtio_blk disks: optional. Without the block tracepoints (no
+  // tracefs and it cannot be mounted, an old kernel) the agent runs on, with
+  // vkick-blk sampling only.
+  std::unique_ptr<vkick::agent::BlockObserver> block_observer;
+  if (absl::GetFlag(FLAGS_observe_kernel_disks)) {
+    vkick::agent::BlockObserver::Options bo;
+    bo.log = Log;
+    auto b = vkick::agent::BlockObserver::Create(bo);
+    if (b.ok()) {
+      block_observer = *std::move(b);
+    } else {
+      Log(absl::StrCat("kernel virtio_blk disks will not be observed: ", b.status().ToString(),
+                       " (vkick-blk sampling unaffected)"));
+    }
+  }
+
   struct sigaction sa = {};
   sa.sa_handler = OnSignal;
   sigemptyset(&sa.sa_mask);
@@ -133,7 +152,7 @@ int Main() {
                    !o.connect_path.empty() ? "unix:" + o.connect_path
                    : !o.port_name.empty() ? "virtio-serial:" + o.port_name
                                           : "none (local JSON)"));
-  vkick::agent::Agent agent(o, probes->get(), MonotonicNs, &std::cout);
+  vkick::agent::Agent agent(o, probes->get(), MonotonicNs, &std::cout, block_observer.get());
   return agent.Run(&g_stop, &run_mask);
 }
 
@@ -141,7 +160,8 @@ int Main() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "vkick-agent: samples vkick-blk's queues with eBPF (USDT) and applies the host's kick policies.\n"
+      "vkick-agent: samples vkick-blk's queues with eBPF (USDT) and applies the host's kick policies;\n"
+      "observes the kernel's own virtio_blk disks (block tracepoints, no policy).\n"
       "  vkick-agent                                 # in a VM: virtio-serial port org.vkick.agent.0\n"
       "  vkick-agent --connect=/run/vkick/agent.sock # on the host, next to vhost-user drivers\n"
       "  vkick-agent --once                          # one interval as JSON, no host\n"

@@ -15,6 +15,10 @@ PolicyState::ApplyResult PolicyState::Apply(const proto::Policy& policy, const s
       ++r.unknown_queues;
       continue;
     }
+    if (hello[qp.ref.device_index].kernel) {  // observe only: the kernel driver has no control block
+      ++r.observe_only_queues;
+      continue;
+    }
     if (qp.ref.queue_index >= kControlBlockMaxQueues) {
       ++r.unsupported_queues;
       continue;

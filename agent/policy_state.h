@@ -20,6 +20,11 @@ namespace vkick::agent {
 struct AnnouncedDriver {
   int32_t pid = 0;
   uint16_t queues = 1;
+  // A kernel virtio_blk disk (observe only: pid 0, never policed), by the
+  // kernel's dev_t.
+  bool kernel = false;
+  uint32_t kdev = 0;
+  friend bool operator==(const AnnouncedDriver&, const AnnouncedDriver&) = default;
 };
 
 class PolicyState {
@@ -29,6 +34,7 @@ class PolicyState {
     uint64_t ack_generation = 0;         // highest generation applied; 0 = none
     uint32_t unknown_queues = 0;         // refs outside the hello
     uint32_t unsupported_queues = 0;     // queue index >= the control block's 16 entries
+    uint32_t observe_only_queues = 0;    // queues of kernel disks: never applied
   };
 
   // Applies a (validated) policy: each queue's lease starts at now_ns.

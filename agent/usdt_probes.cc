@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "absl/strings/str_cat.h"
+#include "agent/bpf_read.h"
 #include "vkick_agent.skel.h"
 
 namespace vkick::agent {
@@ -21,15 +22,6 @@ static_assert(VKICK_AGENT_WHY_TIMER == kWhyTimer);
 static_assert(VKICK_AGENT_MAX_QUEUE == proto::kMaxQueuesPerDevice);
 static_assert(sizeof(vkick_agent_counters) % 8 == 0);
 
-absl::Status ErrnoStatus(int err, absl::string_view what) {
-  err = err < 0 ? -err : err;
-  std::string msg = absl::StrCat(what, ": ", std::strerror(err), " (errno ", err, ")");
-  if (err == EPERM || err == EACCES)
-    return absl::PermissionDeniedError(
-        absl::StrCat(msg, "; vkick-agent needs root (CAP_BPF + CAP_PERFMON), or the verifier refused a program"));
-  if (err == ENOENT) return absl::NotFoundError(msg);
-  return absl::InternalError(msg);
-}
 
 std::string InodeKey(const std::string& path) {
   struct stat st;
@@ -47,12 +39,12 @@ int QuietLibbpf(enum libbpf_print_level level, const char* fmt, va_list args) {
 absl::StatusOr<std::unique_ptr<UsdtProbes>> UsdtProbes::Create() {
   libbpf_set_print(QuietLibbpf);
   const int ncpu = libbpf_num_possible_cpus();
-  if (ncpu <= 0) return ErrnoStatus(-ncpu, "libbpf_num_possible_cpus");
+  if (ncpu <= 0) return BpfErrnoStatus(-ncpu, "libbpf_num_possible_cpus");
   vkick_agent* skel = vkick_agent__open();
-  if (skel == nullptr) return ErrnoStatus(errno, "opening the vkick_agent BPF object");
+  if (skel == nullptr) return BpfErrnoStatus(errno, "opening the vkick_agent BPF object");
   if (int err = vkick_agent__load(skel); err != 0) {
     vkick_agent__destroy(skel);
-    return ErrnoStatus(err, "loading the vkick_agent BPF object");
+    return BpfErrnoStatus(err, "loading the vkick_agent BPF object");
   }
   return std::unique_ptr<UsdtProbes>(new UsdtProbes(skel, ncpu));
 }
@@ -78,7 +70,7 @@ absl::Status UsdtProbes::AttachAll(int pid, const std::string& binary, std::vect
       const int err = errno;
       for (bpf_link* x : *links) bpf_link__destroy(x);
       links->clear();
-      return ErrnoStatus(err, absl::StrCat("attaching USDT vkick:", p.name, " of ", binary, " (pid ", pid, ")"));
+      return BpfErrnoStatus(err, absl::StrCat("attaching USDT vkick:", p.name, " of ", binary, " (pid ", pid, ")"));
     }
     links->push_back(l);
   }
@@ -127,9 +119,7 @@ void UsdtProbes::Untrack(int32_t pid) {
 absl::StatusOr<CounterSnapshot> UsdtProbes::Read() {
   CounterSnapshot snap;
   // Close the max-depth interval: submits from now on start a new maximum.
-  volatile uint32_t* epoch = &skel_->bss->epoch;
-  const uint32_t closed = *epoch;
-  __atomic_store_n(epoch, closed + 1, __ATOMIC_RELEASE);
+  const uint32_t closed = CloseDepthEpoch(&skel_->bss->epoch);
 
   const int fd = bpf_map__fd(skel_->maps.queue_stats);
   std::vector<vkick_agent_key> keys;
@@ -138,7 +128,7 @@ absl::StatusOr<CounterSnapshot> UsdtProbes::Read() {
   while (true) {
     if (bpf_map_get_next_key(fd, prev, &next) != 0) {
       if (errno == ENOENT) break;
-      return ErrnoStatus(errno, "iterating queue_stats");
+      return BpfErrnoStatus(errno, "iterating queue_stats");
     }
     keys.push_back(next);
     k = next;
@@ -149,25 +139,14 @@ absl::StatusOr<CounterSnapshot> UsdtProbes::Read() {
     if (bpf_map_lookup_elem(fd, &key, vals.data()) != 0) continue;  // deleted meanwhile
     QueueTotals t;
     for (const vkick_agent_counters& v : vals) {
-      t.requests += v.requests;
+      AddCpuCounters(t, v, closed);
       t.kicks += v.kicks;
-      t.completions += v.completions;
-      t.depth_sum += v.depth_sum;
-      t.latency_sum_ns += v.latency_sum_ns;
       for (size_t i = 0; i < kWhySlots; ++i) t.kicks_by_why[i] += v.kicks_by_why[i];
-      for (size_t i = 0; i < proto::kDepthBuckets; ++i) t.depth_hist[i] += v.depth_hist[i];
-      for (size_t i = 0; i < proto::kLatencyBuckets; ++i) t.latency_hist[i] += v.latency_hist[i];
-      if (v.max_epoch == closed && v.max_depth > t.interval_max_depth) t.interval_max_depth = v.max_depth;
     }
     snap.queues[{static_cast<int32_t>(key.tgid), key.queue}] = t;
   }
-  const int efd = bpf_map__fd(skel_->maps.errors);
-  std::vector<uint64_t> ev(static_cast<size_t>(num_cpus_));
-  uint64_t* outs[VKICK_AGENT_ERR_COUNT] = {&snap.map_full, &snap.bad_queue};
-  for (uint32_t i = 0; i < VKICK_AGENT_ERR_COUNT; ++i) {
-    if (bpf_map_lookup_elem(efd, &i, ev.data()) != 0) continue;
-    for (uint64_t v : ev) *outs[i] += v;
-  }
+  uint64_t* const outs[VKICK_AGENT_ERR_COUNT] = {&snap.map_full, &snap.bad_queue};
+  SumPerCpuErrors(bpf_map__fd(skel_->maps.errors), num_cpus_, outs);
   return snap;
 }
 
@@ -175,7 +154,7 @@ absl::StatusOr<int> UsdtProbes::TestRun(const vkick_agent_test_ctx& ctx) {
   vkick_agent_test_ctx copy = ctx;
   LIBBPF_OPTS(bpf_test_run_opts, opts, .ctx_in = &copy, .ctx_size_in = static_cast<__u32>(sizeof(copy)));
   if (bpf_prog_test_run_opts(bpf_program__fd(skel_->progs.test_probe), &opts) != 0)
-    return ErrnoStatus(errno, "BPF_PROG_TEST_RUN of test_probe");
+    return BpfErrnoStatus(errno, "BPF_PROG_TEST_RUN of test_probe");
   return static_cast<int>(opts.retval);
 }
 

@@ -15,6 +15,7 @@
 #include <bpf/usdt.bpf.h>
 
 #include "bpf/vkick_agent.h"
+#include "bpf/vkick_hist.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -62,31 +63,12 @@ static __always_inline struct vkick_agent_counters* lookup_counters(__u32 tgid, 
   return c;
 }
 
-/* floor(log2(v)) for v >= 1, branch-only (no loops). */
-static __always_inline __u32 log2_u64(__u64 v) {
-  __u32 r = 0, shift;
-  shift = (v > 0xFFFFFFFFULL) << 5; v >>= shift; r |= shift;
-  shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
-  shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
-  shift = (v > 0xF) << 2; v >>= shift; r |= shift;
-  shift = (v > 0x3) << 1; v >>= shift; r |= shift;
-  r |= (v >> 1);
-  return r;
-}
-
-/* protocol DepthBucket(). */
 static __always_inline __u32 depth_bucket(__u64 depth) {
-  if (depth <= 1) return 0;
-  __u32 b = log2_u64(depth);
-  return b < VKICK_AGENT_DEPTH_BUCKETS - 1 ? b : VKICK_AGENT_DEPTH_BUCKETS - 1;
+  return vkick_depth_bucket(depth, VKICK_AGENT_DEPTH_BUCKETS);
 }
 
-/* protocol LatencyBucket(): us = ns / 1000; 0 -> 0; else bit_width(us). */
 static __always_inline __u32 latency_bucket(__u64 ns) {
-  __u64 us = ns / 1000;
-  if (us == 0) return 0;
-  __u32 b = log2_u64(us) + 1;
-  return b < VKICK_AGENT_LATENCY_BUCKETS - 1 ? b : VKICK_AGENT_LATENCY_BUCKETS - 1;
+  return vkick_latency_bucket(ns, VKICK_AGENT_LATENCY_BUCKETS);
 }
 
 static __always_inline void count_submit(__u32 tgid, long queue, long depth) {
@@ -94,19 +76,7 @@ static __always_inline void count_submit(__u32 tgid, long queue, long depth) {
   if (!c) return;
   __u64 d = depth < 0 ? 0 : (__u64)depth;
   if (d > 0xFFFFFFFFULL) d = 0xFFFFFFFFULL;
-  c->requests += 1;
-  c->depth_sum += d;
-  __u32 e = epoch;
-  if (c->max_epoch != e) {
-    c->max_epoch = e;
-    c->max_depth = (__u32)d;
-  } else if ((__u32)d > c->max_depth) {
-    c->max_depth = (__u32)d;
-  }
-  __u32 b = depth_bucket(d);
-  barrier_var(b); /* keep the bound check next to the access (verifier) */
-  if (b >= VKICK_AGENT_DEPTH_BUCKETS) return;
-  c->depth_hist[b] += 1;
+  VKICK_RECORD_DEPTH(c, d, epoch, VKICK_AGENT_DEPTH_BUCKETS);
 }
 
 static __always_inline void count_kick(__u32 tgid, long queue, long batch, long why) {

@@ -1,10 +1,12 @@
-# bpf_object(<name> <source.bpf.c>)
+# bpf_object(<name> <source.bpf.c> [<header dependency>...] [CFLAGS <flag>...])
 #
 # The libbpf-bootstrap pattern: compile <source> with clang for the BPF target
 # against a vmlinux.h dumped from this kernel's BTF, then generate
 # <name>.skel.h with `bpftool gen skeleton`. Everything lands in the build tree.
 # Creates an INTERFACE target <name>_skel that adds the include directory and
 # links libbpf, so C++ code just does #include "<name>.skel.h".
+# CFLAGS: extra clang flags for this object only (e.g. -mcpu=v3 for atomics
+# that return a value, which clang 14's default BPF cpu v1 cannot emit).
 
 find_program(BPF_CLANG NAMES clang clang-14 REQUIRED)
 find_program(BPFTOOL NAMES bpftool PATHS /usr/sbin /sbin REQUIRED)
@@ -22,6 +24,7 @@ add_custom_command(
 add_custom_target(vmlinux_h DEPENDS ${VKICK_VMLINUX_H})
 
 function(bpf_object name src)
+  cmake_parse_arguments(B "" "" "CFLAGS" ${ARGN})
   set(obj ${VKICK_GEN_DIR}/${name}.bpf.o)
   set(skel ${VKICK_GEN_DIR}/${name}.skel.h)
   get_filename_component(src_abs ${src} ABSOLUTE)
@@ -32,8 +35,9 @@ function(bpf_object name src)
             -I${VKICK_GEN_DIR}/vmlinux -I${CMAKE_SOURCE_DIR}
             # <asm/...> for libbpf's usdt.bpf.h (linux/errno.h), as libbpf-bootstrap does.
             -idirafter /usr/include/${CMAKE_LIBRARY_ARCHITECTURE}
+            ${B_CFLAGS}
             -c ${src_abs} -o ${obj}
-    DEPENDS ${src_abs} ${VKICK_VMLINUX_H} ${ARGN}
+    DEPENDS ${src_abs} ${VKICK_VMLINUX_H} ${B_UNPARSED_ARGUMENTS}
     IMPLICIT_DEPENDS C ${src_abs}
     COMMENT "BPF ${name}.bpf.o"
     VERBATIM)

@@ -22,6 +22,7 @@
 
 #include "guest-policy/core/control_block.h"
 #include "gtest/gtest.h"
+#include "tests/unit/protocol/test_messages.h"
 #include "nlohmann/json.hpp"
 #include "protocol/codec.h"
 
@@ -229,8 +230,10 @@ class AgentLoopTest : public ::testing::Test {
     if (!dir_.empty() && !HasFailure()) std::system(("rm -rf " + dir_).c_str());
   }
   std::vector<std::string> AgentArgs(std::vector<std::string> extra) {
+    // This test is about vkick-blk: the machine's own kernel virtio_blk
+    // disks (this host is a VM with one) would add hello devices.
     std::vector<std::string> a = {VKICK_AGENT_BIN, "--run_dir=" + dir_ + "/run", "--control_dir=" + dir_ + "/ctl",
-                                  "--agent_id=agent-test"};
+                                  "--agent_id=agent-test", "--observe_kernel_disks=false"};
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
   }
@@ -393,13 +396,7 @@ TEST_F(AgentLoopTest, PolicyLeaseAndReconnect) {
 
   // Policy: static B=8, T=50us, lease 1.5 s.
   proto::Policy p;
-  proto::QueuePolicy qp;
-  qp.ref = {0, 0};
-  qp.mode = proto::KickMode::kStatic;
-  qp.batch = 8;
-  qp.defer_ns = 50'000;
-  qp.lease_ns = 1'500'000'000;
-  qp.generation = 1;
+  proto::QueuePolicy qp = proto::testing::StaticQueuePolicy({0, 0}, 8, 50'000, 1'500'000'000, 1);
   p.queues = {qp};
   host.Send(p);
   auto ack = host.NextOf<proto::Ack>(milliseconds(2000));

@@ -10,6 +10,7 @@
 
 #include "agent/usdt_probes.h"
 #include "gtest/gtest.h"
+#include "tests/agent/bucket_edges.h"
 #include "protocol/messages.h"
 
 namespace vkick::agent {
@@ -41,16 +42,7 @@ class UsdtProbesBpfTest : public ::testing::Test {
 };
 
 TEST_F(UsdtProbesBpfTest, BucketBoundsAreTheProtocols) {
-  std::vector<uint64_t> depths, lats;
-  for (uint64_t d = 0; d <= 1100; ++d) depths.push_back(d);
-  for (int k = 0; k < 34; ++k)
-    for (int64_t delta : {-1, 0, 1}) depths.push_back((uint64_t{1} << k) + delta);
-  for (uint64_t l = 0; l <= 5000; l += 7) lats.push_back(l);
-  for (int k = 0; k < 45; ++k)
-    for (int64_t delta : {-1, 0, 1}) {
-      lats.push_back((uint64_t{1} << k) * 1000 + delta);
-      lats.push_back((uint64_t{1} << k) + delta);
-    }
+  const std::vector<uint64_t> depths = testing::DepthEdges(), lats = testing::LatencyEdgesNs();
   for (uint64_t d : depths) {
     const int r = Run(VKICK_AGENT_TEST_BUCKETS, 0, 0, static_cast<int64_t>(d), 0);
     ASSERT_EQ(static_cast<size_t>(r & 0xff), proto::DepthBucket(static_cast<uint32_t>(std::min<uint64_t>(d, UINT32_MAX))))

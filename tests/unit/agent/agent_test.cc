@@ -27,6 +27,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/unit/protocol/test_messages.h"
 #include "protocol/codec.h"
 
 namespace vkick::agent {
@@ -68,6 +69,52 @@ class FakeCounters : public CounterSource {
   std::vector<int32_t> tracked_;
 };
 
+// Kernel virtio_blk disks' counters, set by the test.
+class FakeDisks : public DiskCounterSource {
+ public:
+  absl::Status Watch(uint32_t kdev) override {
+    std::lock_guard<std::mutex> l(mu_);
+    watched_.insert(kdev);
+    return absl::OkStatus();
+  }
+  void Unwatch(uint32_t kdev) override {
+    std::lock_guard<std::mutex> l(mu_);
+    watched_.erase(kdev);
+    snap_.disks.erase(kdev);
+    unwatched_.push_back(kdev);
+  }
+  absl::StatusOr<DiskSnapshot> Read() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return snap_;
+  }
+  // n requests issued at depth d and completed after lat_ns each.
+  void Add(uint32_t kdev, uint64_t n, uint32_t d, uint64_t lat_ns) {
+    std::lock_guard<std::mutex> l(mu_);
+    QueueTotals& t = snap_.disks[kdev];
+    t.requests += n;
+    t.depth_sum += n * d;
+    t.depth_hist[proto::DepthBucket(d)] += n;
+    t.interval_max_depth = d;
+    t.completions += n;
+    t.latency_sum_ns += n * lat_ns;
+    t.latency_hist[proto::LatencyBucket(lat_ns)] += n;
+  }
+  std::set<uint32_t> watched() {
+    std::lock_guard<std::mutex> l(mu_);
+    return watched_;
+  }
+  std::vector<uint32_t> unwatched() {
+    std::lock_guard<std::mutex> l(mu_);
+    return unwatched_;
+  }
+
+ private:
+  std::mutex mu_;
+  DiskSnapshot snap_;
+  std::set<uint32_t> watched_;
+  std::vector<uint32_t> unwatched_;
+};
+
 uint64_t Now() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -104,6 +151,8 @@ class AgentTest : public ::testing::Test {
     o.json = true;
     o.registry_poll_ns = 20'000'000;
     o.reconnect_min_ns = 20'000'000;
+    o.sysfs_root = dir_ + "/sys";
+    opts_ = o;
     agent_ = std::make_unique<Agent>(o, &counters_, Now, &out_);
   }
   void Start() {
@@ -159,7 +208,26 @@ class AgentTest : public ::testing::Test {
   proto::StreamDecoder dec_;
   std::vector<proto::Message> pending_;
   std::vector<proto::Message> skipped_;  // messages NextOf<T> passed over
+  // A kernel virtio_blk disk in the fake sysfs at dir_/sys (kernel_disks.h's layout).
+  void AddKernelDisk(const std::string& name, const std::string& pci, int virtio, const std::string& dev,
+                     const std::string& serial) {
+    const std::string vdev = absl::StrCat(dir_, "/sys/devices/pci0000:00/", pci, "/virtio", virtio);
+    const std::string disk = absl::StrCat(vdev, "/block/", name);
+    ASSERT_EQ(system(("mkdir -p " + disk + "/queue " + dir_ + "/sys/block " + dir_ +
+                      "/sys/bus/virtio/drivers/virtio_blk").c_str()),
+              0);
+    ASSERT_EQ(symlink((dir_ + "/sys/bus/virtio/drivers/virtio_blk").c_str(), (vdev + "/driver").c_str()), 0);
+    ASSERT_EQ(symlink(absl::StrCat("../../../virtio", virtio).c_str(), (disk + "/device").c_str()), 0);
+    std::ofstream(disk + "/dev") << dev << "\n";
+    std::ofstream(disk + "/serial") << serial << "\n";
+    std::ofstream(disk + "/queue/nr_requests") << "256\n";
+    ASSERT_EQ(symlink(disk.c_str(), (dir_ + "/sys/block/" + name).c_str()), 0);
+  }
+  void UseDisks() { agent_ = std::make_unique<Agent>(opts_, &counters_, Now, &out_, &disks_); }
+
+  AgentOptions opts_;
   FakeCounters counters_;
+  FakeDisks disks_;
   std::ostringstream out_;
   std::unique_ptr<Agent> agent_;
   std::thread thread_;
@@ -202,13 +270,7 @@ TEST_F(AgentTest, HelloSamplesPolicyAckAndReconnect) {
   EXPECT_EQ(next->queues[1].requests, 0u);  // a delta, not the total
 
   // A policy naming a queue the hello did not declare: error, no ack.
-  proto::QueuePolicy qp;
-  qp.ref = {0, 5};
-  qp.mode = proto::KickMode::kStatic;
-  qp.batch = 16;
-  qp.defer_ns = 30'000;
-  qp.lease_ns = 10'000'000'000;
-  qp.generation = 4;
+  proto::QueuePolicy qp = proto::testing::StaticQueuePolicy({0, 5}, 16, 30'000, 10'000'000'000, 4);
   Send(proto::Policy{{qp}});
   auto err = NextOf<proto::Error>();
   ASSERT_TRUE(err.has_value());
@@ -277,13 +339,7 @@ TEST_F(AgentTest, PolicyWithoutAControlBlockIsNotAcked) {
   Start();
   ASSERT_TRUE(Accept());
   ASSERT_TRUE(NextOf<proto::Hello>().has_value());
-  proto::QueuePolicy qp;
-  qp.ref = {0, 0};
-  qp.mode = proto::KickMode::kStatic;
-  qp.batch = 4;
-  qp.defer_ns = 10'000;
-  qp.lease_ns = 1'000'000'000;
-  qp.generation = 1;
+  proto::QueuePolicy qp = proto::testing::StaticQueuePolicy({0, 0}, 4, 10'000, 1'000'000'000, 1);
   Send(proto::Policy{{qp}});
   auto err = NextOf<proto::Error>();
   ASSERT_TRUE(err.has_value());
@@ -356,6 +412,102 @@ TEST_F(AgentTest, TwoVhostUserDriversGetDistinctFakePciFunctions) {
   EXPECT_EQ(fns.size(), 3u) << "every device at its own PCI function";
   // The hello was accepted by the protocol: the agent went on to samples.
   EXPECT_TRUE(sample.has_value());
+}
+
+TEST_F(AgentTest, KernelDiskIsAnnouncedSampledAndNeverPoliced) {
+  AddKernelDisk("vda", "0000:00:06.0", 2, "254:0", "kd0");
+  const uint32_t kdev = KernelDev(254, 0);
+  UseDisks();
+  Start();
+  ASSERT_TRUE(Accept());
+  auto h = NextOf<proto::Hello>();
+  ASSERT_TRUE(h.has_value());
+  // The vkick-blk driver first, then the kernel disk: one queue, driver kernel.
+  ASSERT_EQ(h->devices.size(), 2u);
+  EXPECT_EQ(h->devices[0].driver, proto::DriverKind::kVkickBlk);
+  const proto::GuestDevice& kd = h->devices[1];
+  EXPECT_EQ(kd.driver, proto::DriverKind::kKernel);
+  EXPECT_EQ(kd.pci_domain, 0);
+  EXPECT_EQ(kd.pci_bus, 0);
+  EXPECT_EQ(kd.pci_devfn, 6 << 3);
+  EXPECT_EQ(kd.serial, "kd0");
+  EXPECT_EQ(kd.num_queues, 1);
+  EXPECT_EQ(kd.queue_size, 256);
+  EXPECT_EQ(disks_.watched(), std::set<uint32_t>{kdev});
+
+  // Issues and completions become queue 0 of device 1; no kicks (the host
+  // counts the kernel driver's notifications). The test's decoder validates
+  // every frame (proto::Validate).
+  ASSERT_TRUE(NextOf<proto::Sample>().has_value());
+  disks_.Add(kdev, 50, 3, 20'000);
+  std::optional<proto::Sample> s;
+  const proto::QueueSample* q = nullptr;
+  for (int i = 0; i < 10 && q == nullptr; ++i) {
+    s = NextOf<proto::Sample>();
+    ASSERT_TRUE(s.has_value());
+    for (const proto::QueueSample& x : s->queues)
+      if (x.ref == proto::QueueRef{1, 0} && x.requests > 0) q = &x;
+  }
+  ASSERT_NE(q, nullptr);
+  EXPECT_EQ(s->queues.size(), 3u);  // 2 driver queues + the disk
+  EXPECT_EQ(q->requests, 50u);
+  EXPECT_EQ(q->completed, 50u);
+  EXPECT_EQ(q->kicks, 0u);
+  EXPECT_EQ(q->timer_kicks, 0u);
+  EXPECT_EQ(q->depth_hist[1], 50u);
+  EXPECT_EQ(q->latency_hist[proto::LatencyBucket(20'000)], 50u);
+  EXPECT_EQ(q->max_depth, 3);
+  EXPECT_EQ(q->mean_depth_milli, 3000u);
+  EXPECT_EQ(q->lease, proto::LeaseState::kNone);
+  EXPECT_EQ(q->applied_mode, proto::KickMode::kImmediate);
+  EXPECT_EQ(q->applied_generation, 0u);
+
+  // A policy naming the kernel disk: not applied, counted, error(unsupported), no ack.
+  proto::QueuePolicy qp = proto::testing::StaticQueuePolicy({1, 0}, 8, 50'000, 1'000'000'000, 3);
+  Send(proto::Policy{{qp}});
+  auto err = NextOf<proto::Error>();
+  ASSERT_TRUE(err.has_value());
+  EXPECT_EQ(err->code, proto::ErrorCode::kUnsupported);
+  s = NextOf<proto::Sample>();
+  ASSERT_TRUE(s.has_value());
+  for (const proto::QueueSample& x : s->queues) EXPECT_EQ(x.lease, proto::LeaseState::kNone);
+  for (const proto::Message& m : skipped_) EXPECT_FALSE(std::holds_alternative<proto::Ack>(m));
+
+  // The disk goes away: unwatched, re-announced without it.
+  ASSERT_EQ(unlink((dir_ + "/sys/block/vda").c_str()), 0);
+  auto bye = NextOf<proto::Bye>();
+  ASSERT_TRUE(bye.has_value());
+  EXPECT_EQ(bye->reason, proto::ByeReason::kRestart);
+  ASSERT_TRUE(Accept());
+  auto h2 = NextOf<proto::Hello>();
+  ASSERT_TRUE(h2.has_value());
+  ASSERT_EQ(h2->devices.size(), 1u);
+  EXPECT_EQ(h2->devices[0].driver, proto::DriverKind::kVkickBlk);
+  EXPECT_EQ(disks_.unwatched(), std::vector<uint32_t>{kdev});
+  ASSERT_TRUE(NextOf<proto::Sample>().has_value());
+
+  stop_ = true;
+  thread_.join();
+  const std::string json = out_.str();
+  EXPECT_NE(json.find("\"kernel_policy_ignored\":1"), std::string::npos);
+  EXPECT_NE(json.find("\"kernel_disks\":[{\"dev\":\"254:0\""), std::string::npos);
+}
+
+TEST_F(AgentTest, KernelDiskAtADriversPciFunctionIsNotAnnounced) {
+  // Cannot happen on a real guest (a function bound to vkick-blk's uio has
+  // no /sys/block entry), but two entries at one function would get the
+  // whole hello refused.
+  AddKernelDisk("vda", "0000:00:05.0", 2, "254:0", "other");
+  UseDisks();
+  Start();
+  ASSERT_TRUE(Accept());
+  auto h = NextOf<proto::Hello>();
+  ASSERT_TRUE(h.has_value());
+  ASSERT_EQ(h->devices.size(), 1u);
+  EXPECT_EQ(h->devices[0].driver, proto::DriverKind::kVkickBlk);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(NextOf<proto::Sample>().has_value());
+  pollfd p{lfd_, POLLIN, 0};
+  EXPECT_EQ(poll(&p, 1, 0), 0) << "the agent reconnected";
 }
 
 }  // namespace

@@ -111,5 +111,20 @@ TEST(PolicyState, ForgetDropsADriver) {
   EXPECT_EQ(s.StateOf(100, 0, 1).lease, proto::LeaseState::kNone);
 }
 
+TEST(PolicyState, KernelDisksAreNeverPoliced) {
+  // Device 1 is a kernel virtio_blk disk (observe only): its queue is
+  // counted, not applied, and acks nothing.
+  std::vector<AnnouncedDriver> hello = {{100, 2}, {0, 1, true, (254u << 20) | 16}};
+  PolicyState s;
+  proto::Policy p;
+  p.queues = {Static(1, 0, 8, 20'000, 100 * kMs, 7)};
+  auto r = s.Apply(p, hello, 0);
+  EXPECT_EQ(r.observe_only_queues, 1u);
+  EXPECT_EQ(r.unknown_queues, 0u);
+  EXPECT_EQ(r.ack_generation, 0u);
+  EXPECT_TRUE(r.changed_pids.empty());
+  EXPECT_EQ(s.StateOf(0, 0, 1).lease, proto::LeaseState::kNone);
+}
+
 }  // namespace
 }  // namespace vkick::agent

@@ -159,5 +159,39 @@ TEST(SampleBuilder, BpfBucketBoundsMatchProtocol) {
   EXPECT_EQ(proto::LatencyBucket(16'384'000), 15u);
 }
 
+TEST(SampleBuilder, KernelDiskSampleIsValidWithoutKicks) {
+  // A kernel virtio_blk disk's totals (BlockObserver): issues and matched
+  // completions, never kicks, and the driver's own state (no policy).
+  QueueTotals a = FromEvents({1, 2}, {800}, 0, 0);
+  QueueTotals b = FromEvents({1, 2, 4, 64, 1000}, {800, 30'000, 17'000'000}, 0, 0);
+  b.interval_max_depth = 1000;
+  BuiltSample s = BuildQueueSample({3, 0}, Delta(a, b), 1'000'000'000, AppliedState{});
+  ASSERT_TRUE(s.ok);
+  EXPECT_EQ(ValidateOne(s.sample), proto::Rejection::kNone);
+  EXPECT_EQ(s.sample.requests, 3u);
+  EXPECT_EQ(s.sample.completed, 2u);
+  EXPECT_EQ(s.sample.kicks, 0u);
+  EXPECT_EQ(s.sample.timer_kicks, 0u);
+  EXPECT_EQ(s.sample.max_depth, 1000);
+  EXPECT_EQ(s.sample.depth_hist[9], 1u);
+  EXPECT_EQ(s.sample.latency_hist[15], 1u);
+  EXPECT_EQ(s.sample.lease, proto::LeaseState::kNone);
+  EXPECT_EQ(s.sample.applied_mode, proto::KickMode::kImmediate);
+  EXPECT_EQ(s.sample.applied_batch, 1);
+  EXPECT_EQ(s.sample.applied_defer_ns, 0u);
+  EXPECT_EQ(s.sample.applied_generation, 0u);
+  // More in flight than completed, and an interval with completions only
+  // (requests issued in the previous one): still valid.
+  QueueTotals c = b;
+  c.completions += 4;
+  c.latency_hist[5] += 4;
+  c.interval_max_depth = 0;
+  s = BuildQueueSample({3, 0}, Delta(b, c), 1'000'000'000, AppliedState{});
+  EXPECT_EQ(ValidateOne(s.sample), proto::Rejection::kNone);
+  EXPECT_EQ(s.sample.requests, 0u);
+  EXPECT_EQ(s.sample.completed, 4u);
+  EXPECT_EQ(s.sample.max_depth, 0);
+}
+
 }  // namespace
 }  // namespace vkick::agent

@@ -24,9 +24,16 @@ std::string Namer(uint32_t isa, uint32_t reason) {
   return "other";
 }
 
+AttachedVm Attached(uint32_t vm_id, VmInfo info) {
+  AttachedVm vm;
+  vm.vm_id = vm_id;
+  vm.info = std::move(info);
+  return vm;
+}
+
 DaemonSnapshot KnownSnapshot() {
   DaemonSnapshot s;
-  s.vms.push_back({3, testing::TwoDiskVm("web", 4242)});
+  s.vms.push_back(Attached(3, testing::TwoDiskVm("web", 4242)));
   s.vms[0].info.qmp_path = "/run/web.qmp";
   s.qmp.push_back({"/run/web.qmp", true, {0, 0, 0, 0}});
   s.qmp.push_back({"/run/db.qmp", false, {5, 1, 2, 0}});
@@ -172,8 +179,9 @@ TEST(ExpositionTest, NamesFollowConventions) {
         << "counters, and only counters, end in _total";
     if (s.type == prometheus::MetricType::Histogram) {
       // Base units: seconds, or a dimensionless count (queue depth in requests).
-      if (s.name != "vkick_virtqueue_depth")
+      if (s.name != "vkick_virtqueue_depth") {
         EXPECT_THAT(s.name, ::testing::EndsWith("_seconds")) << "base units";
+      }
     }
     EXPECT_FALSE(s.help.empty());
     for (const auto& l : s.labels) {
@@ -246,8 +254,8 @@ TEST(ExpositionTest, GuestChosenIdsNeverBecomeLabelValues) {
 
 TEST(ExpositionTest, SameVmNameTwiceStaysDistinct) {
   DaemonSnapshot s;
-  s.vms.push_back({1, testing::TwoDiskVm("twin", 100)});
-  s.vms.push_back({2, testing::TwoDiskVm("twin", 200)});
+  s.vms.push_back(Attached(1, testing::TwoDiskVm("twin", 100)));
+  s.vms.push_back(Attached(2, testing::TwoDiskVm("twin", 200)));
   CounterSnapshot c;
   c.notifications = {{1, 1, 0, 5}, {2, 1, 0, 6}};
   s.counters = c;

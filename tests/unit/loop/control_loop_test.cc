@@ -62,7 +62,7 @@ struct FakeQueue {
 TEST(ControlLoopTest, StaticPassesThroughWithLeaseAndStableGeneration) {
   PolicyTable table;
   ASSERT_TRUE(table.Set({"vm1", "disk0", 0}, {proto::KickMode::kStatic, 8, 50'000}).ok());
-  ControlLoop loop({.lease_ns = 5 * kSec}, 1000);
+  ControlLoop loop({.lease_ns = 5 * kSec, .law = {}}, 1000);
   FakeQueue q;
   uint64_t gen = 0;
   for (int i = 0; i < 5; ++i) {

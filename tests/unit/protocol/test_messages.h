@@ -20,6 +20,19 @@ inline Hello MakeHello() {
   return h;
 }
 
+// A static policy for one queue (the host's usual message in tests).
+inline QueuePolicy StaticQueuePolicy(QueueRef ref, uint16_t batch, uint32_t defer_ns,
+                                     uint64_t lease_ns, uint64_t generation) {
+  QueuePolicy q;
+  q.ref = ref;
+  q.mode = KickMode::kStatic;
+  q.batch = batch;
+  q.defer_ns = defer_ns;
+  q.lease_ns = lease_ns;
+  q.generation = generation;
+  return q;
+}
+
 // A consistent queue sample: `requests` submissions at depth `depth`,
 // all completed with ~100 us latency.
 inline QueueSample MakeQueueSample(uint16_t dev, uint16_t q, uint64_t requests = 1000,

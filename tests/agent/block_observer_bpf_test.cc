@@ -1,0 +1,320 @@
+// The block observer's BPF object in the kernel (label bpf: root).
+//
+// BlockObserverBpfTest: the SEC("syscall") program runs the tracepoint
+// handlers' counting code through BPF_PROG_TEST_RUN with fake dev_t values
+// (major 4095: no real disk here) and explicit timestamps: bucket bounds equal
+// protocol/messages.h, exact depth/latency histograms of issue/complete
+// sequences, in-flight never negative, missing starts, re-issues and a full
+// start map counted, the per-interval max depth, Unwatch/Watch.
+//
+// BlockObserverTracepointTest: the real block:block_rq_issue/complete on a
+// loop device over a file in /tmp (created and detached by the test), with a
+// known number of O_DIRECT requests at depth 1.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "agent/block_observer.h"
+#include "gtest/gtest.h"
+#include "tests/agent/bucket_edges.h"
+#include "protocol/messages.h"
+
+namespace vkick::agent {
+namespace {
+
+constexpr uint32_t kDevA = KernelDev(4095, 1);
+constexpr uint32_t kDevB = KernelDev(4095, 2);
+
+class BlockObserverBpfTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (geteuid() != 0) GTEST_SKIP() << "not root: loading BPF needs CAP_BPF + CAP_PERFMON";
+    BlockObserver::Options o;
+    o.attach = false;  // the counting code only, no tracepoint traffic
+    auto p = BlockObserver::Create(o);
+    if (!p.ok() && absl::IsPermissionDenied(p.status())) GTEST_SKIP() << p.status();
+    ASSERT_TRUE(p.ok()) << p.status();
+    obs_ = *std::move(p);
+  }
+  int Run(uint32_t op, uint32_t dev, uint64_t sector, uint64_t now_ns, int64_t a = 0, int64_t b = 0) {
+    vkick_blockobs_test_ctx c{};
+    c.op = op;
+    c.dev = dev;
+    c.sector = sector;
+    c.now_ns = now_ns;
+    c.a = a;
+    c.b = b;
+    auto r = obs_->TestRun(c);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *r : -1000;
+  }
+  int Issue(uint32_t dev, uint64_t sector, uint64_t t) { return Run(VKICK_BLOCKOBS_TEST_ISSUE, dev, sector, t); }
+  int Complete(uint32_t dev, uint64_t sector, uint64_t t) { return Run(VKICK_BLOCKOBS_TEST_COMPLETE, dev, sector, t); }
+  int Inflight(uint32_t dev) { return Run(VKICK_BLOCKOBS_TEST_INFLIGHT, dev, 0, 0); }
+  DiskSnapshot Read() {
+    auto s = obs_->Read();
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? *s : DiskSnapshot{};
+  }
+  std::unique_ptr<BlockObserver> obs_;
+};
+
+TEST_F(BlockObserverBpfTest, BucketBoundsAreTheProtocols) {
+  const std::vector<uint64_t> depths = testing::DepthEdges(), lats = testing::LatencyEdgesNs();
+  for (uint64_t d : depths) {
+    const int r = Run(VKICK_BLOCKOBS_TEST_BUCKETS, 0, 0, 0, static_cast<int64_t>(d), 0);
+    ASSERT_EQ(static_cast<size_t>(r & 0xff),
+              proto::DepthBucket(static_cast<uint32_t>(std::min<uint64_t>(d, UINT32_MAX))))
+        << "depth " << d;
+  }
+  for (uint64_t l : lats) {
+    const int r = Run(VKICK_BLOCKOBS_TEST_BUCKETS, 0, 0, 0, 1, static_cast<int64_t>(l));
+    ASSERT_EQ(static_cast<size_t>(r >> 8), proto::LatencyBucket(l)) << "latency " << l;
+  }
+}
+
+TEST_F(BlockObserverBpfTest, IssueCompleteSequenceGivesExactHistograms) {
+  ASSERT_TRUE(obs_->Watch(kDevA).ok());
+  // Three requests in flight (depths 1, 2, 3), completed out of order.
+  EXPECT_EQ(Issue(kDevA, 100, 1'000), 1);
+  EXPECT_EQ(Issue(kDevA, 200, 2'000), 2);
+  EXPECT_EQ(Issue(kDevA, 300, 3'000), 3);
+  EXPECT_EQ(Inflight(kDevA), 3);
+  EXPECT_EQ(Complete(kDevA, 200, 2'500), 1);       // 500 ns   -> bucket 0
+  EXPECT_EQ(Complete(kDevA, 100, 5'000), 1);       // 4 us     -> bucket 3
+  EXPECT_EQ(Complete(kDevA, 300, 20'003'000), 1);  // 20 ms    -> bucket 15
+  EXPECT_EQ(Inflight(kDevA), 0);
+  // Depth 1 again once all completed; an unwatched disk is not counted.
+  EXPECT_EQ(Issue(kDevA, 400, 30'000'000), 1);
+  EXPECT_EQ(Complete(kDevA, 400, 30'001'500), 1);  // 1.5 us   -> bucket 1
+  EXPECT_EQ(Issue(kDevB, 1, 1), 0);
+  EXPECT_EQ(Complete(kDevB, 1, 2), 0);
+
+  DiskSnapshot s = Read();
+  ASSERT_EQ(s.disks.size(), 1u);
+  const QueueTotals& t = s.disks[kDevA];
+  EXPECT_EQ(t.requests, 4u);
+  EXPECT_EQ(t.completions, 4u);
+  EXPECT_EQ(t.kicks, 0u);
+  EXPECT_EQ(t.depth_sum, 1u + 2 + 3 + 1);
+  std::array<uint64_t, proto::kDepthBuckets> dh{};
+  dh[0] = 2;
+  dh[1] = 2;
+  EXPECT_EQ(t.depth_hist, dh);
+  std::array<uint64_t, proto::kLatencyBuckets> lh{};
+  lh[0] = 1;
+  lh[1] = 1;
+  lh[3] = 1;
+  lh[15] = 1;
+  EXPECT_EQ(t.latency_hist, lh);
+  EXPECT_EQ(t.latency_sum_ns, 500u + 4'000 + 20'000'000 + 1'500);
+  EXPECT_EQ(t.interval_max_depth, 3u);
+  EXPECT_EQ(s.missing_start + s.map_full + s.underflow + s.bad_slot + s.reissue, 0u);
+
+  // Next interval: cumulative counters stay, the maximum restarts.
+  EXPECT_EQ(Issue(kDevA, 500, 40'000'000), 1);
+  s = Read();
+  EXPECT_EQ(s.disks[kDevA].requests, 5u);
+  EXPECT_EQ(s.disks[kDevA].interval_max_depth, 1u);
+  s = Read();  // an interval without issues
+  EXPECT_EQ(s.disks[kDevA].interval_max_depth, 0u);
+}
+
+TEST_F(BlockObserverBpfTest, MissingStartIsCountedAndInflightNeverNegative) {
+  ASSERT_TRUE(obs_->Watch(kDevA).ok());
+  EXPECT_EQ(Complete(kDevA, 7, 1'000), 0);  // issued before the disk was watched
+  EXPECT_EQ(Complete(kDevA, 7, 2'000), 0);
+  EXPECT_EQ(Inflight(kDevA), 0);
+  EXPECT_EQ(Issue(kDevA, 8, 3'000), 1);  // depth starts from 0, not -2
+  EXPECT_EQ(Complete(kDevA, 8, 4'000), 1);
+  EXPECT_EQ(Complete(kDevA, 8, 5'000), 0);  // a second complete of the same request
+  EXPECT_EQ(Inflight(kDevA), 0);
+  DiskSnapshot s = Read();
+  EXPECT_EQ(s.missing_start, 3u);
+  EXPECT_EQ(s.underflow, 0u);
+  EXPECT_EQ(s.disks[kDevA].requests, 1u);
+  EXPECT_EQ(s.disks[kDevA].completions, 1u);
+}
+
+TEST_F(BlockObserverBpfTest, ReissueAndRequestsWithoutAPositionPair) {
+  ASSERT_TRUE(obs_->Watch(kDevA).ok());
+  // The driver refused the request (ring full), blk-mq hands it over again:
+  // one request, one in flight, latency from the last hand-over.
+  EXPECT_EQ(Issue(kDevA, 64, 1'000), 1);
+  EXPECT_EQ(Issue(kDevA, 64, 9'000), 0);
+  EXPECT_EQ(Inflight(kDevA), 1);
+  EXPECT_EQ(Complete(kDevA, 64, 10'000), 1);  // 1 us
+  // Driver-private requests and flushes: issue says sector 0, complete says
+  // (sector_t)-1.
+  EXPECT_EQ(Issue(kDevA, 0, 20'000), 1);
+  EXPECT_EQ(Complete(kDevA, ~uint64_t{0}, 22'000), 1);  // 2 us
+  EXPECT_EQ(Inflight(kDevA), 0);
+  DiskSnapshot s = Read();
+  EXPECT_EQ(s.reissue, 1u);
+  EXPECT_EQ(s.missing_start, 0u);
+  const QueueTotals& t = s.disks[kDevA];
+  EXPECT_EQ(t.requests, 2u);
+  EXPECT_EQ(t.completions, 2u);
+  EXPECT_EQ(t.latency_hist[1], 1u);
+  EXPECT_EQ(t.latency_hist[2], 1u);
+}
+
+TEST_F(BlockObserverBpfTest, FullStartMapIsCounted) {
+  ASSERT_TRUE(obs_->Watch(kDevA).ok());
+  for (uint64_t i = 0; i < VKICK_BLOCKOBS_MAX_STARTS; ++i) ASSERT_EQ(Issue(kDevA, i, 1'000), static_cast<int>(i + 1));
+  // One more: still a request (at its depth), but its start is lost.
+  EXPECT_EQ(Issue(kDevA, VKICK_BLOCKOBS_MAX_STARTS, 2'000), VKICK_BLOCKOBS_MAX_STARTS + 1);
+  EXPECT_EQ(Inflight(kDevA), VKICK_BLOCKOBS_MAX_STARTS);
+  EXPECT_EQ(Complete(kDevA, VKICK_BLOCKOBS_MAX_STARTS, 3'000), 0);
+  for (uint64_t i = 0; i < VKICK_BLOCKOBS_MAX_STARTS; ++i) ASSERT_EQ(Complete(kDevA, i, 3'000), 1);
+  EXPECT_EQ(Inflight(kDevA), 0);
+  DiskSnapshot s = Read();
+  EXPECT_EQ(s.map_full, 1u);
+  EXPECT_EQ(s.missing_start, 1u);
+  EXPECT_EQ(s.disks[kDevA].requests, VKICK_BLOCKOBS_MAX_STARTS + 1u);
+  EXPECT_EQ(s.disks[kDevA].completions, uint64_t{VKICK_BLOCKOBS_MAX_STARTS});
+  EXPECT_EQ(s.disks[kDevA].depth_hist[9], VKICK_BLOCKOBS_MAX_STARTS + 1u - 511);
+  // The map has room again.
+  EXPECT_EQ(Issue(kDevA, 1, 4'000), 1);
+}
+
+TEST_F(BlockObserverBpfTest, UnwatchDropsTheDiskAndWatchStartsFresh) {
+  ASSERT_TRUE(obs_->Watch(kDevA).ok());
+  ASSERT_TRUE(obs_->Watch(kDevB).ok());
+  EXPECT_EQ(Issue(kDevA, 1, 1'000), 1);
+  EXPECT_EQ(Issue(kDevB, 1, 1'000), 1);
+  obs_->Unwatch(kDevA);
+  EXPECT_EQ(Inflight(kDevA), -1);
+  DiskSnapshot s = Read();
+  EXPECT_EQ(s.disks.count(kDevA), 0u);
+  EXPECT_EQ(s.disks[kDevB].requests, 1u);
+  ASSERT_TRUE(obs_->Watch(kDevA).ok());
+  EXPECT_EQ(Complete(kDevA, 1, 2'000), 0);  // its start went with the Unwatch
+  EXPECT_EQ(Inflight(kDevA), 0);
+  s = Read();
+  EXPECT_EQ(s.disks[kDevA], QueueTotals{});
+  EXPECT_EQ(s.missing_start, 1u);
+  EXPECT_EQ(Complete(kDevB, 1, 2'000), 1);  // the other disk unaffected
+
+  for (uint32_t i = 3; obs_->Watch(KernelDev(4095, i)).ok(); ++i) ASSERT_LE(i, 100u);
+  EXPECT_TRUE(absl::IsResourceExhausted(obs_->Watch(KernelDev(4094, 0))));
+}
+
+// ---- the real tracepoints on a loop device ----------------------------------
+
+std::string Sh(const std::string& cmd, int* rc) {
+  std::string out;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) {
+    *rc = -1;
+    return out;
+  }
+  char buf[256];
+  while (fgets(buf, sizeof(buf), p) != nullptr) out += buf;
+  *rc = pclose(p);
+  return std::string(absl::StripAsciiWhitespace(out));
+}
+
+class BlockObserverTracepointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (geteuid() != 0) GTEST_SKIP() << "not root: BPF and losetup need root";
+    if (access("/sys/kernel/tracing/events/block/block_rq_issue", F_OK) != 0 &&
+        access("/sys/kernel/debug/tracing/events/block/block_rq_issue", F_OK) != 0)
+      GTEST_SKIP() << "no block:block_rq_issue tracepoint in tracefs (run scripts/host-prep.sh)";
+    auto p = BlockObserver::Create();
+    if (!p.ok() && (absl::IsPermissionDenied(p.status()) || absl::IsNotFound(p.status())))
+      GTEST_SKIP() << "block tracepoints cannot be attached: " << p.status();
+    ASSERT_TRUE(p.ok()) << p.status();
+    obs_ = *std::move(p);
+
+    char tmpl[] = "/tmp/vkick-blockobs-XXXXXX";
+    const int fd = mkstemp(tmpl);
+    ASSERT_GE(fd, 0);
+    file_ = tmpl;
+    ASSERT_EQ(ftruncate(fd, 8 << 20), 0);
+    close(fd);
+    int rc = 0;
+    loop_ = Sh("losetup --find --show " + file_ + " 2>&1", &rc);
+    if (rc != 0 || loop_.rfind("/dev/loop", 0) != 0) {
+      loop_.clear();
+      GTEST_SKIP() << "no loop device: losetup --find --show failed";
+    }
+    struct stat st;
+    ASSERT_EQ(stat(loop_.c_str(), &st), 0);
+    kdev_ = KernelDev(major(st.st_rdev), minor(st.st_rdev));
+    // udev may still probe the new device; let it finish before counting.
+    (void)Sh("command -v udevadm >/dev/null && udevadm settle -t 5 2>/dev/null", &rc);
+  }
+  void TearDown() override {
+    if (dfd_ >= 0) close(dfd_);
+    obs_.reset();
+    int rc;
+    if (!loop_.empty()) (void)Sh("losetup -d " + loop_ + " 2>&1", &rc);
+    if (!file_.empty()) unlink(file_.c_str());
+  }
+  std::unique_ptr<BlockObserver> obs_;
+  std::string file_, loop_;
+  uint32_t kdev_ = 0;
+  int dfd_ = -1;
+};
+
+TEST_F(BlockObserverTracepointTest, CountsEveryDirectRequestOnALoopDevice) {
+  ASSERT_TRUE(obs_->Watch(kdev_).ok());
+  dfd_ = open(loop_.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+  ASSERT_GE(dfd_, 0) << loop_ << ": " << strerror(errno);
+  void* buf = nullptr;
+  ASSERT_EQ(posix_memalign(&buf, 4096, 4096), 0);
+  std::unique_ptr<void, decltype(&free)> hold(buf, &free);
+  memset(buf, 0x5a, 4096);
+  constexpr int kEach = 100;
+  // Depth 1: each call returns after its request completed.
+  for (int i = 0; i < kEach; ++i) ASSERT_EQ(pwrite(dfd_, buf, 4096, off_t{i} * 4096), 4096) << strerror(errno);
+  for (int i = 0; i < kEach; ++i) ASSERT_EQ(pread(dfd_, buf, 4096, off_t{i} * 4096), 4096) << strerror(errno);
+
+  DiskSnapshot s;
+  for (int i = 0; i < 50; ++i) {  // settle: completions of anything else in flight
+    auto r = obs_->Read();
+    ASSERT_TRUE(r.ok()) << r.status();
+    s = *r;
+    if (s.disks[kdev_].completions == s.disks[kdev_].requests) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const QueueTotals& t = s.disks[kdev_];
+  EXPECT_GE(t.requests, uint64_t{2 * kEach});
+  EXPECT_EQ(t.completions, t.requests);
+  uint64_t dsum = 0, lsum = 0;
+  for (uint64_t v : t.depth_hist) dsum += v;
+  for (uint64_t v : t.latency_hist) lsum += v;
+  EXPECT_EQ(dsum, t.requests);
+  EXPECT_EQ(lsum, t.completions);
+  EXPECT_GE(t.depth_sum, t.requests);  // depth >= 1 each
+  EXPECT_GT(t.latency_sum_ns, 0u);
+  EXPECT_EQ(s.map_full, 0u);
+  EXPECT_EQ(s.underflow, 0u);
+  vkick_blockobs_test_ctx c{};
+  c.op = VKICK_BLOCKOBS_TEST_INFLIGHT;
+  c.dev = kdev_;
+  auto inflight = obs_->TestRun(c);
+  ASSERT_TRUE(inflight.ok());
+  EXPECT_EQ(*inflight, 0);
+  std::printf("loop %s: requests %llu completions %llu depth_sum %llu latency_sum %llu ns missing_start %llu\n",
+              loop_.c_str(), static_cast<unsigned long long>(t.requests),
+              static_cast<unsigned long long>(t.completions), static_cast<unsigned long long>(t.depth_sum),
+              static_cast<unsigned long long>(t.latency_sum_ns), static_cast<unsigned long long>(s.missing_start));
+}
+
+}  // namespace
+}  // namespace vkick::agent
