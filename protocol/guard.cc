@@ -90,7 +90,14 @@ ConnectionGuard::Verdict ConnectionGuard::Admit(const DecodeResult& frame, int64
     case MsgType::kAck:
       return hello_seen_ ? Verdict::kAccept : Reject(Rejection::kUnexpectedType, now_ns);
     case MsgType::kError:
+      return Verdict::kAccept;
     case MsgType::kBye:
+      // The announcement ends (see announcements()): the mapping and the
+      // sample sequence go with it; the budgets stay.
+      hello_seen_ = false;
+      bindings_.clear();
+      last_seq_.reset();
+      unmapped_devices_ = 0;
       return Verdict::kAccept;
     case MsgType::kPolicy:  // host -> guest only
       break;
@@ -99,14 +106,15 @@ ConnectionGuard::Verdict ConnectionGuard::Admit(const DecodeResult& frame, int64
 }
 
 ConnectionGuard::Verdict ConnectionGuard::OnHello(const Hello& h, int64_t now_ns) {
-  // One hello per connection: the queue map is fixed for its lifetime, so a
-  // guest cannot grow host state by re-announcing.
+  // One hello per announcement: the queue map is fixed until a bye, so a
+  // guest cannot grow host state by re-announcing (a new hello replaces it).
   if (hello_seen_) return Reject(Rejection::kUnexpectedType, now_ns);
   uint32_t queues = 0;
   for (const GuestDevice& d : h.devices) queues += d.num_queues;
   if (queues > config_.max_queues) return Reject(Rejection::kTooManyQueues, now_ns);
 
   hello_seen_ = true;
+  ++announcements_;
   std::vector<bool> taken(known_.size(), false);
   bindings_.reserve(h.devices.size());
   for (const GuestDevice& d : h.devices) {

@@ -91,6 +91,13 @@ class ConnectionGuard {
   uint64_t total_rejections() const;
   bool dropped() const { return dropped_; }
   bool hello_seen() const { return hello_seen_; }
+  // Announcements (hellos) accepted so far. A bye ends one: the next frame
+  // must be a new hello, whose device list replaces the old mapping. A
+  // virtio-serial port is one host stream for the VM's life: the agent's
+  // close/reopen of the port to re-announce (driver set changed) does not
+  // close it. Rate limit and rejection window carry over, so bye + hello
+  // cannot launder a flood.
+  uint64_t announcements() const { return announcements_; }
   size_t mapped_queues() const;
   // Devices from the hello that matched nothing discovery found.
   uint32_t unmapped_devices() const { return unmapped_devices_; }
@@ -107,6 +114,7 @@ class ConnectionGuard {
   std::array<uint64_t, kRejectionCount> counts_{};
   bool dropped_ = false;
   bool hello_seen_ = false;
+  uint64_t announcements_ = 0;
   std::optional<uint64_t> last_seq_;
   // Per hello device: its queue count and the known device it maps onto.
   struct Binding {

@@ -224,9 +224,12 @@ AgentServer::Collected AgentServer::Collect() {
     for (uint64_t g : c->session->TakeAcks())
       for (const QueueKey& k : qs) out.acks.emplace_back(k, g);
     out.connected_queues.insert(qs.begin(), qs.end());
+    // A connection's announcements are told apart too (virtio-serial: one
+    // stream, a new hello after each bye).
+    const uint64_t announcement = (c->id << 20) | (c->session->announcements() & 0xfffff);
     for (const QueueKey& k : qs) {
       uint64_t& id = out.connection_of[k];
-      id = std::max(id, c->id);  // two live connections naming one queue: the newer
+      id = std::max(id, announcement);  // two live connections naming one queue: the newer
     }
     const std::set<QueueKey>& obs = c->session->ObservedOnly();
     out.observed_only.insert(obs.begin(), obs.end());

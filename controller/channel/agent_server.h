@@ -73,9 +73,10 @@ class AgentServer {
     std::vector<std::pair<QueueKey, uint64_t>> acks;
     std::set<QueueKey> connected_queues;  // reported on by a live agent
     std::set<QueueKey> observed_only;     // of those, run by the guest kernel's driver
-    // The connection (1, 2, ...: never reused) reporting on each connected
-    // queue. An agent re-announces on a new connection when its driver set
-    // changes, so a new id means the queue may have a new driver.
+    // The announcement (connection id, and hello count on it: never reused)
+    // reporting on each connected queue. An agent re-announces (bye, hello)
+    // when its driver set changes, so a new value means the queue may have a
+    // new driver.
     std::map<QueueKey, uint64_t> connection_of;
     // The host's notification total when a sample's latest part arrived
     // (only for samples that were stamped: see AgentServerOptions::host_totals).

@@ -92,8 +92,15 @@ void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
     }
   } else if (auto* a = std::get_if<proto::Ack>(&*r.message)) {
     if (acks_.size() < 64) acks_.push_back(a->generation);
+  } else if (std::holds_alternative<proto::Bye>(*r.message)) {
+    // The announcement ended (the guard dropped its mapping): the queues it
+    // named are no longer reported on. A unix-socket agent closes next; a
+    // virtio-serial one re-announces on the same stream. Samples already
+    // taken in stay (host keys, valid when they came).
+    refs_.clear();
+    observed_only_.clear();
   }
-  // error / bye: nothing to do (bye: the peer closes next).
+  // error: nothing to do.
 }
 
 std::vector<QueueKey> AgentSession::Queues() const {

@@ -46,6 +46,8 @@ class AgentSession {
   void Finish(int64_t now_ns);
 
   bool hello_seen() const { return guard_.hello_seen(); }
+  // Hellos accepted on this stream (a bye ends one; the next hello remaps).
+  uint64_t announcements() const { return guard_.announcements(); }
   bool dropped() const { return guard_.dropped(); }
   // Host queues this agent reports on (bound at hello).
   std::vector<QueueKey> Queues() const;

@@ -135,7 +135,7 @@ krun() {
   echo "=== VKICK-DONE $n ==="
 }
 %s
-[ -f /tmp/vkick-agent.log ] && { echo "=== AGENT LOG ==="; tail -5 /tmp/vkick-agent.log; }
+[ -f /tmp/vkick-agent.log ] && { echo "=== AGENT LOG ==="; tail -40 /tmp/vkick-agent.log; }
 echo "=== VKICK-WAIT-QUIT ==="
 waitfor q
 exit $rc
@@ -245,7 +245,14 @@ def check_kernel_run(name, text, vk, admin):
         m = vk.metrics()
         n = m.value("vkick_virtqueue_requests_total", **lab)
         return m if n is not None and n >= KERNEL_REQUESTS else None
-    m = wait_until(settled, 20, "observe-only requests of %s queue 0" % KERNEL_DEVICE, interval=0.5)
+    try:
+        m = wait_until(settled, 20, "observe-only requests of %s queue 0" % KERNEL_DEVICE,
+                       interval=0.5)
+    except AssertionError:
+        r = subprocess.run([vkickctl, "--socket=%s" % admin, "status", "--json"],
+                           capture_output=True, text=True, timeout=20)
+        log("vkickctl status: %s" % r.stdout)
+        raise
     time.sleep(1.0)  # one more agent interval: nothing late
     m = vk.metrics()
     req = m.value("vkick_virtqueue_requests_total", **lab)

@@ -157,6 +157,36 @@ TEST(AgentSessionTest, KernelDriverDevicesAreObservedOnlyAndNeverSentAPolicy) {
   EXPECT_FALSE(s.EncodePolicies({p}).empty());
 }
 
+// Over virtio-serial the agent re-announces on the same stream: bye, then a
+// hello whose device list differs. The queues of the old announcement are
+// no longer reported on, and the new one maps afresh.
+TEST(AgentSessionTest, ByeThenHelloOnTheSameStreamRemaps) {
+  AgentSession s({}, Devices(), 0);
+  proto::Hello h = MakeHello();
+  h.devices.resize(1);  // blk0 (2 host queues)
+  ASSERT_TRUE(s.Feed(Enc(h), kMs));
+  EXPECT_EQ(s.Queues().size(), 2u);
+  EXPECT_EQ(s.announcements(), 1u);
+  proto::GuestDevice k;
+  k.serial = "blk1";
+  k.pci_devfn = 2;
+  k.num_queues = 1;
+  k.driver = proto::DriverKind::kKernel;
+  std::vector<uint8_t> bytes = Enc(proto::Bye{});
+  std::vector<uint8_t> hello2 = Enc(proto::Hello{.agent_id = "agent-1", .kernel = "", .devices = {k}});
+  bytes.insert(bytes.end(), hello2.begin(), hello2.end());  // one read() may carry both
+  ASSERT_TRUE(s.Feed(bytes, 2 * kMs));
+  EXPECT_EQ(s.announcements(), 2u);
+  const QueueKey kq{"vhost-user", "blk1", 0};
+  EXPECT_EQ(s.Queues(), (std::vector<QueueKey>{kq}));
+  EXPECT_EQ(s.ObservedOnly(), (std::set<QueueKey>{kq}));
+  // (0, 0) is now the kernel disk: its sample lands on blk1, not blk0.
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{1, {Qs(0, 0)}}), 3 * kMs));
+  auto samples = s.TakeSamples();
+  EXPECT_EQ(samples.size(), 1u);
+  EXPECT_TRUE(samples.count(kq));
+}
+
 TEST(AgentSessionTest, MapsOnlyDeclaredQueuesByHostLabels) {
   AgentSession s({}, Devices(), 0);
   ASSERT_TRUE(s.Feed(Enc(MakeHello()), kMs));

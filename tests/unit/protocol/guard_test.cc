@@ -130,6 +130,43 @@ TEST(ConnectionGuard, SampleSequenceAndDeclaredQueues) {
   EXPECT_EQ(g.Admit(Ok(MakeSample(6)), 0), Verdict::kAccept);
 }
 
+// A bye ends the announcement: the next hello remaps (the agent's driver set
+// changed; over virtio-serial it is the same stream), the sample sequence
+// restarts; budgets and rejection counts carry over.
+TEST(ConnectionGuard, ByeEndsTheAnnouncementAndANewHelloRemaps) {
+  ConnectionGuard g({.burst = 10}, Known(), 0);
+  ASSERT_EQ(g.Admit(Ok(MakeHello()), 0), Verdict::kAccept);
+  EXPECT_EQ(g.announcements(), 1u);
+  EXPECT_EQ(g.Admit(Ok(MakeSample(9)), 0), Verdict::kAccept);
+  ASSERT_TRUE(g.Resolve({0, 1}).has_value());
+  EXPECT_EQ(g.Admit(Ok(Bye{}), 0), Verdict::kAccept);
+  EXPECT_FALSE(g.hello_seen());
+  EXPECT_FALSE(g.Resolve({0, 1}).has_value()) << "the old mapping is gone";
+  EXPECT_EQ(g.Admit(Ok(MakeSample(10)), 0), Verdict::kReject);  // between announcements
+  EXPECT_EQ(g.rejections(Rejection::kUnexpectedType), 1u);
+  // The new hello: only the second device (01:02.1), now at index 0.
+  Hello h = MakeHello();
+  h.devices.erase(h.devices.begin());
+  ASSERT_EQ(g.Admit(Ok(h), 0), Verdict::kAccept);
+  EXPECT_EQ(g.announcements(), 2u);
+  auto q = g.Resolve({0, 1});
+  ASSERT_TRUE(q.has_value());
+  EXPECT_EQ(q->device_id, 11);
+  EXPECT_FALSE(g.Resolve({1, 0}).has_value());
+  EXPECT_EQ(g.Admit(Ok(MakeSample(1)), 0), Verdict::kReject)  // queue (0,0)+(1,x) of the old layout
+      << "MakeSample names device 1, which this hello did not declare";
+  Sample s;
+  s.seq = 1;  // the sequence restarted with the announcement
+  s.queues.push_back(MakeQueueSample(0, 0));
+  EXPECT_EQ(g.Admit(Ok(s), 0), Verdict::kAccept);
+  // Budgets carry over: the bucket (burst 10) is spent by now.
+  int rate_limited = 0;
+  for (int i = 0; i < 10; ++i)
+    if (g.Admit(Ok(Bye{}), 0) == Verdict::kReject) ++rate_limited;
+  EXPECT_GT(rate_limited, 0);
+  EXPECT_GT(g.rejections(Rejection::kRateLimited), 0u);
+}
+
 TEST(ConnectionGuard, QueueCapRejectsHello) {
   ConnectionGuard g({.max_queues = 4}, Known(), 0);
   EXPECT_EQ(g.Admit(Ok(MakeHello()), 0), Verdict::kReject);  // 2 + 4 queues > 4
