@@ -504,15 +504,23 @@ void Agent::Tick(uint64_t now) {
       // Lost starts, underflows and bad slots mean wrong numbers: logged when
       // they change. Missing starts also happen in normal operation
       // (requests in flight when a disk is first watched): --json only.
+      // Stale/expired starts and program misses are completions (or
+      // issues) the handlers never saw: logged too.
       if (dsnap->map_full != disk_errors_.map_full || dsnap->underflow != disk_errors_.underflow ||
-          dsnap->bad_slot != disk_errors_.bad_slot)
+          dsnap->bad_slot != disk_errors_.bad_slot || dsnap->stale_start != disk_errors_.stale_start ||
+          dsnap->expired_start != disk_errors_.expired_start || dsnap->prog_misses != disk_errors_.prog_misses)
         Log(absl::StrCat("kernel disk probe errors: map_full=", dsnap->map_full, " underflow=", dsnap->underflow,
-                         " bad_slot=", dsnap->bad_slot, " missing_start=", dsnap->missing_start));
+                         " bad_slot=", dsnap->bad_slot, " missing_start=", dsnap->missing_start,
+                         " stale_start=", dsnap->stale_start, " expired_start=", dsnap->expired_start,
+                         " prog_misses=", dsnap->prog_misses));
       disk_errors_.map_full = dsnap->map_full;
       disk_errors_.missing_start = dsnap->missing_start;
       disk_errors_.underflow = dsnap->underflow;
       disk_errors_.bad_slot = dsnap->bad_slot;
       disk_errors_.reissue = dsnap->reissue;
+      disk_errors_.stale_start = dsnap->stale_start;
+      disk_errors_.expired_start = dsnap->expired_start;
+      disk_errors_.prog_misses = dsnap->prog_misses;
     }
     for (auto& [kdev, k] : kernel_disks_) {
       auto it = dsnap->disks.find(kdev);
@@ -554,7 +562,10 @@ void Agent::Tick(uint64_t now) {
                             {"missing_start", disk_errors_.missing_start},
                             {"underflow", disk_errors_.underflow},
                             {"bad_slot", disk_errors_.bad_slot},
-                            {"reissue", disk_errors_.reissue}}}}},
+                            {"reissue", disk_errors_.reissue},
+                            {"stale_start", disk_errors_.stale_start},
+                            {"expired_start", disk_errors_.expired_start},
+                            {"prog_misses", disk_errors_.prog_misses}}}}},
                         {"registry_rejected", registry_rejected_},
                         {"channel",
                          {{"connects", connects_},

@@ -2,10 +2,7 @@
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
-#include <sys/mount.h>
-#include <sys/stat.h>
-#include <sys/vfs.h>
-#include <unistd.h>
+#include <time.h>
 
 #include <cerrno>
 #include <cstdarg>
@@ -22,11 +19,8 @@ static_assert(VKICK_BLOCKOBS_DEPTH_BUCKETS == proto::kDepthBuckets);
 static_assert(VKICK_BLOCKOBS_LATENCY_BUCKETS == proto::kLatencyBuckets);
 static_assert(VKICK_BLOCKOBS_MAX_DISKS >= proto::kMaxDevices, "every announceable disk needs a slot");
 static_assert(sizeof(vkick_blockobs_counters) % 8 == 0);
-static_assert(sizeof(vkick_blockobs_start_key) == 16);
-static_assert(sizeof(vkick_blockobs_disk) == 16);
-
-constexpr uint32_t kTracefsMagic = 0x74726163;  // TRACEFS_MAGIC
-
+static_assert(sizeof(vkick_blockobs_start) == 32);
+static_assert(sizeof(vkick_blockobs_disk) == 8);
 
 int QuietLibbpf(enum libbpf_print_level level, const char* fmt, va_list args) {
   if (level == LIBBPF_DEBUG) return 0;
@@ -35,15 +29,14 @@ int QuietLibbpf(enum libbpf_print_level level, const char* fmt, va_list args) {
 
 int SilentLibbpf(enum libbpf_print_level, const char*, va_list) { return 0; }
 
-bool IsTracefs(const std::string& path) {
-  struct statfs fs;
-  return statfs(path.c_str(), &fs) == 0 && static_cast<uint32_t>(fs.f_type) == kTracefsMagic;
+uint64_t MonotonicNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // bpf_ktime_get_ns's clock
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ULL + static_cast<uint64_t>(ts.tv_nsec);
 }
 
-// libbpf looks a tracepoint's id up under /sys/kernel/tracing, then
-// /sys/kernel/debug/tracing: either one mounted is enough.
-bool TracefsMounted() {
-  return IsTracefs("/sys/kernel/tracing") || access("/sys/kernel/debug/tracing/events", F_OK) == 0;
+bool Expired(const vkick_blockobs_start& v, uint64_t now_ns) {
+  return now_ns > v.issue_ns && now_ns - v.issue_ns >= VKICK_BLOCKOBS_START_EXPIRE_NS;
 }
 
 }  // namespace
@@ -56,9 +49,13 @@ absl::StatusOr<std::unique_ptr<BlockObserver>> BlockObserver::Create(const Optio
   if (skel == nullptr) return BpfErrnoStatus(errno, "opening the vkick_blockobs BPF object");
   if (int err = vkick_blockobs__load(skel); err != 0) {
     vkick_blockobs__destroy(skel);
-    return BpfErrnoStatus(err, "loading the vkick_blockobs BPF object (needs kernel BTF and BPF atomics, >= 5.12)");
+    // libbpf: -ESRCH when the kernel's BTF has no btf_trace_block_rq_* (no
+    // such tracepoint), -ENOENT without kernel BTF at all.
+    if (err == -ESRCH) err = -ENOENT;
+    return BpfErrnoStatus(err, "loading the vkick_blockobs BPF object (needs kernel BTF, the block_rq_issue/"
+                               "block_rq_complete tracepoints and BPF atomics, >= 5.12)");
   }
-  std::unique_ptr<BlockObserver> o(new BlockObserver(skel, ncpu));
+  std::unique_ptr<BlockObserver> o(new BlockObserver(skel, ncpu, opts.clock ? opts.clock : MonotonicNs));
   for (uint32_t s = VKICK_BLOCKOBS_MAX_DISKS; s > 0; --s) o->free_slots_.push_back(s - 1);
   if (opts.attach) {
     if (absl::Status s = o->Attach(opts); !s.ok()) return s;
@@ -66,28 +63,14 @@ absl::StatusOr<std::unique_ptr<BlockObserver>> BlockObserver::Create(const Optio
   return o;
 }
 
-absl::Status BlockObserver::Attach(const Options& opts) {
-  // libbpf resolves a tracepoint's id through tracefs: a minimal guest init
-  // may not have mounted it. Mount it first (once, logged) rather than let
-  // the attach fail.
-  std::string mount_error;
-  if (!opts.tracefs_mount.empty() && !TracefsMounted()) {
-    if (mount("tracefs", opts.tracefs_mount.c_str(), "tracefs", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) == 0) {
-      if (opts.log) opts.log(absl::StrCat("tracefs was not mounted: mounted it at ", opts.tracefs_mount));
-    } else {
-      mount_error = absl::StrCat("; tracefs is not mounted and mounting it at ", opts.tracefs_mount,
-                                 " failed: ", std::strerror(errno));
-    }
-  }
+absl::Status BlockObserver::Attach(const Options&) {
+  // BTF raw tracepoints: attached by BTF id through a BPF link, no tracefs.
   // libbpf's own lines would only repeat the one the caller logs.
   const libbpf_print_fn_t prev = libbpf_set_print(SilentLibbpf);
   const int rc = vkick_blockobs__attach(skel_);
   const int err = errno;
   libbpf_set_print(prev);
-  if (rc != 0) {
-    absl::Status s = BpfErrnoStatus(err, "attaching block:block_rq_issue/block_rq_complete");
-    return absl::Status(s.code(), absl::StrCat(s.message(), mount_error));
-  }
+  if (rc != 0) return BpfErrnoStatus(err, "attaching tp_btf/block_rq_issue and tp_btf/block_rq_complete");
   return absl::OkStatus();
 }
 
@@ -107,6 +90,7 @@ absl::Status BlockObserver::Watch(uint32_t kdev) {
   // Fresh counters before the disk enters the filter: the handlers start
   // counting into the slot as soon as the `disks` entry exists.
   ZeroSlot(slot);
+  __atomic_store_n(&skel_->bss->inflight[slot], 0, __ATOMIC_RELEASE);
   vkick_blockobs_disk d{};
   d.slot = slot;
   if (bpf_map_update_elem(bpf_map__fd(skel_->maps.disks), &kdev, &d, BPF_ANY) != 0)
@@ -121,22 +105,101 @@ void BlockObserver::Unwatch(uint32_t kdev) {
   if (it == slots_.end()) return;
   bpf_map_delete_elem(bpf_map__fd(skel_->maps.disks), &kdev);
   // The disk's requests still in flight: their starts would otherwise stay
-  // until a new Watch of the same disk matched them.
+  // until they expired (and, keyed by the struct request, be taken for a
+  // stale start if a new Watch of the disk reused the struct).
   const int fd = bpf_map__fd(skel_->maps.starts);
-  std::vector<vkick_blockobs_start_key> doomed;
-  vkick_blockobs_start_key k{}, next{};
-  const vkick_blockobs_start_key* prev = nullptr;
-  while (bpf_map_get_next_key(fd, prev, &next) == 0) {
-    if (next.dev == kdev) doomed.push_back(next);
+  std::vector<uint64_t> doomed;
+  uint64_t k = 0, next = 0;
+  const uint64_t* prev = nullptr;
+  // Bounded: a key deleted by the BPF side meanwhile restarts the walk.
+  for (int n = 0; n < 4 * VKICK_BLOCKOBS_MAX_STARTS && bpf_map_get_next_key(fd, prev, &next) == 0; ++n) {
+    vkick_blockobs_start v{};
+    if (bpf_map_lookup_elem(fd, &next, &v) == 0 && v.dev == kdev) doomed.push_back(next);
     k = next;
     prev = &k;
   }
-  for (const vkick_blockobs_start_key& d : doomed) bpf_map_delete_elem(fd, &d);
+  for (const uint64_t& d : doomed) bpf_map_delete_elem(fd, &d);
   free_slots_.push_back(it->second);
   slots_.erase(it);
 }
 
+// Design: only the one that deletes a start (the complete handler, the issue
+// handler replacing a stale one, or this sweep) gives its +1 in flight back,
+// so each start is given back exactly once. The count itself lives in .bss
+// (`inflight[slot]`), which the skeleton mmaps: the BPF side changes it with
+// atomic fetch-and-add, this side with a compare-and-swap on the same word,
+// so no update of either side is lost. The sweep never takes it below 0 (an
+// Unwatch + Watch reset the slot meanwhile): the shortfall is counted as an
+// underflow.
+//
+// Race, accepted: a start expired here at the very moment its struct request
+// is handed to the driver again (a new request on the same tag, or a requeue
+// after 30 s) may take the new request's start with it; lookup-and-delete
+// returns what was deleted, and a start that turned out fresh is put back,
+// so the window is the two syscalls'. Worst case one missing_start and the
+// in-flight count still balances (its complete then finds no start and does
+// not give back).
+uint64_t BlockObserver::Sweep(uint64_t now_ns) {
+  const int fd = bpf_map__fd(skel_->maps.starts);
+  std::vector<uint64_t> old;
+  uint64_t k = 0, next = 0;
+  const uint64_t* prev = nullptr;
+  for (int n = 0; n < 4 * VKICK_BLOCKOBS_MAX_STARTS && bpf_map_get_next_key(fd, prev, &next) == 0; ++n) {
+    vkick_blockobs_start v{};
+    if (bpf_map_lookup_elem(fd, &next, &v) == 0 && Expired(v, now_ns)) old.push_back(next);
+    k = next;
+    prev = &k;
+  }
+  if (old.empty()) return 0;
+
+  std::map<uint32_t, int64_t> give_back;  // dev -> expired starts
+  uint64_t expired = 0;
+  for (const uint64_t& key : old) {
+    vkick_blockobs_start v{};
+    if (bpf_map_lookup_and_delete_elem(fd, &key, &v) != 0) continue;  // completed meanwhile
+    if (!Expired(v, now_ns)) {
+      // Reissued meanwhile: not ours to drop.
+      bpf_map_update_elem(fd, &key, &v, BPF_NOEXIST);
+      continue;
+    }
+    ++expired;
+    ++give_back[v.dev];
+  }
+  for (const auto& [dev, n] : give_back) {
+    auto it = slots_.find(dev);
+    if (it == slots_.end()) continue;  // unwatched: its count went with it
+    __s64* const p = &skel_->bss->inflight[it->second];
+    __s64 cur = __atomic_load_n(p, __ATOMIC_ACQUIRE), want;
+    do {
+      want = cur > n ? cur - n : 0;
+    } while (!__atomic_compare_exchange_n(p, &cur, want, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    sweep_underflow_ += static_cast<uint64_t>(n - (cur - want));
+  }
+  if (expired > 0) {
+    // Userspace is the only writer of this index: a plain read-modify-write.
+    const int efd = bpf_map__fd(skel_->maps.errors);
+    const uint32_t idx = VKICK_BLOCKOBS_ERR_EXPIRED_START;
+    std::vector<uint64_t> ev(static_cast<size_t>(num_cpus_));
+    if (bpf_map_lookup_elem(efd, &idx, ev.data()) == 0) {
+      ev[0] += expired;
+      bpf_map_update_elem(efd, &idx, ev.data(), BPF_ANY);
+    }
+  }
+  return expired;
+}
+
+uint64_t BlockObserver::ProgMisses() const {
+  uint64_t misses = 0;
+  for (const bpf_program* p : {skel_->progs.vkick_rq_issue, skel_->progs.vkick_rq_complete}) {
+    bpf_prog_info info{};
+    uint32_t len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(bpf_program__fd(p), &info, &len) == 0) misses += info.recursion_misses;
+  }
+  return misses;
+}
+
 absl::StatusOr<DiskSnapshot> BlockObserver::Read() {
+  Sweep(clock_());
   DiskSnapshot snap;
   // Close the max-depth interval: issues from now on start a new maximum.
   const uint32_t closed = CloseDepthEpoch(&skel_->bss->epoch);
@@ -151,8 +214,11 @@ absl::StatusOr<DiskSnapshot> BlockObserver::Read() {
     snap.disks[kdev] = t;
   }
   uint64_t* const outs[VKICK_BLOCKOBS_ERR_COUNT] = {&snap.map_full, &snap.missing_start, &snap.underflow,
-                                                    &snap.bad_slot, &snap.reissue};
+                                                    &snap.bad_slot,  &snap.reissue,       &snap.stale_start,
+                                                    &snap.expired_start};
   SumPerCpuErrors(bpf_map__fd(skel_->maps.errors), num_cpus_, outs);
+  snap.underflow += sweep_underflow_;
+  snap.prog_misses = ProgMisses();
   return snap;
 }
 

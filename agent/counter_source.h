@@ -33,7 +33,7 @@ class CounterSource {
   virtual absl::StatusOr<CounterSnapshot> Read() = 0;
 };
 
-// The kernel's own virtio_blk disks, observed from the block tracepoints
+// The kernel's own virtio_blk disks, observed from the block raw tracepoints
 // (BlockObserver implements it). Disks are named by the kernel's dev_t as the
 // tracepoints report it: (major << 20) | minor (KernelDev()).
 struct DiskSnapshot {
@@ -46,6 +46,11 @@ struct DiskSnapshot {
   uint64_t underflow = 0;      // in-flight kept from going below 0
   uint64_t bad_slot = 0;       // a filter entry naming no counter slot (a bug)
   uint64_t reissue = 0;        // requeued requests handed to the driver again
+  uint64_t stale_start = 0;    // starts of requests whose completion was never seen, replaced
+                               // when their struct request was issued again
+  uint64_t expired_start = 0;  // such starts older than 30 s, dropped by the observer's sweep
+  uint64_t prog_misses = 0;    // the kernel's recursion_misses of the two handlers (each a
+                               // request or completion not seen)
 };
 
 class DiskCounterSource {

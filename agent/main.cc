@@ -116,14 +116,12 @@ int Main() {
     Log(absl::StrCat("probing every process of ", b));
   }
 
-  // Kernel virtio_blk disks: optional. Without the block tracepoints (no
-  // tracefs and it cannot be mounted, an old kernel) the agent runs on, with
-  // vkick-blk sampling only.
+  // Kernel virtio_blk disks: optional. Without the block tracepoints as BTF
+  // raw tracepoints (a kernel without BTF or older than 5.12) the agent runs
+  // on, with vkick-blk sampling only.
   std::unique_ptr<vkick::agent::BlockObserver> block_observer;
   if (absl::GetFlag(FLAGS_observe_kernel_disks)) {
-    vkick::agent::BlockObserver::Options bo;
-    bo.log = Log;
-    auto b = vkick::agent::BlockObserver::Create(bo);
+    auto b = vkick::agent::BlockObserver::Create();
     if (b.ok()) {
       block_observer = *std::move(b);
     } else {

@@ -2,9 +2,9 @@
  * (agent/block_observer).
  *
  * vkick-agent observes the guest kernel's own virtio_blk disks (observe
- * only: no policy is ever applied to them) from the block tracepoints
- * block:block_rq_issue (request handed to the driver) and
- * block:block_rq_complete, per disk. The single definition of every map
+ * only: no policy is ever applied to them) from the block raw tracepoints
+ * block_rq_issue (request handed to the driver) and block_rq_complete
+ * (SEC("tp_btf/...")), per disk. The single definition of every map
  * key/value and bound: the BPF object and userspace include this same file.
  * Only fixed-width __uN types, explicit padding, no pointers.
  *
@@ -20,7 +20,9 @@
 /* Bounds. `disks` (the filter) and `disk_stats` are written by userspace
  * only, so they cannot fill from the BPF side; `starts` is a preallocated
  * hash filled by the issue handler: an insert into the full map is counted
- * (VKICK_BLOCKOBS_ERR_MAP_FULL), never silently lost. */
+ * (VKICK_BLOCKOBS_ERR_MAP_FULL), never silently lost, and entries whose
+ * completion was never seen are dropped (ERR_STALE_START, ERR_EXPIRED_START)
+ * so it cannot fill up with them. */
 #define VKICK_BLOCKOBS_MAX_DISKS 64     /* watched disks (slots of disk_stats) */
 #define VKICK_BLOCKOBS_MAX_STARTS 16384 /* requests in flight over all watched disks */
 
@@ -33,32 +35,55 @@
 #define VKICK_BLOCKOBS_DEPTH_BUCKETS 10
 #define VKICK_BLOCKOBS_LATENCY_BUCKETS 16
 
+/* How old a `starts` entry may get before userspace (BlockObserver::Sweep,
+ * at every Read) drops it as a request whose completion was never seen, and
+ * gives its disk's in-flight count back. Completions are lost when a handler
+ * does not run (a kernel whose raw tracepoints lack per-program recursion
+ * protection, or a bucket lock busy under a nested handler: the delete fails)
+ * and each such loss would otherwise pin one start and +1 in flight for the
+ * agent's life. 30 s is far above any real request: blk-mq's own request
+ * timeout (virtio_blk, SCSI) is 30 s, after which the driver either completes
+ * or aborts the request -- both are completions. */
+#define VKICK_BLOCKOBS_START_EXPIRE_NS (30ULL * 1000 * 1000 * 1000)
+
 /* Indices of the per-CPU errors array. */
 enum vkick_blockobs_error {
-  VKICK_BLOCKOBS_ERR_MAP_FULL = 0,      /* `starts` insert failed: that request's latency is lost */
+  VKICK_BLOCKOBS_ERR_MAP_FULL = 0,      /* `starts` insert failed (full, or its bucket busy): that
+                                           request's latency is lost, its depth still counted */
   VKICK_BLOCKOBS_ERR_MISSING_START = 1, /* complete without a recorded issue (issued before the
-                                           disk was watched, map full, or a (dev, sector) collision) */
+                                           disk was watched, map full, or its start expired) */
   VKICK_BLOCKOBS_ERR_UNDERFLOW = 2,     /* in-flight would have gone below 0 (kept at 0) */
   VKICK_BLOCKOBS_ERR_BAD_SLOT = 3,      /* a `disks` entry with slot >= MAX_DISKS (userspace bug) */
-  VKICK_BLOCKOBS_ERR_REISSUE = 4,       /* issue of a (dev, sector) already in flight: a requeued
+  VKICK_BLOCKOBS_ERR_REISSUE = 4,       /* issue of a request already in flight: a requeued
                                            request handed to the driver again (not a new request) */
-  VKICK_BLOCKOBS_ERR_COUNT = 5,
+  VKICK_BLOCKOBS_ERR_STALE_START = 5,   /* issue found its struct request's start left by an
+                                           EARLIER request (other sector or allocation time):
+                                           that one's completion was never seen; replaced, its
+                                           in-flight given back */
+  VKICK_BLOCKOBS_ERR_EXPIRED_START = 6, /* starts older than VKICK_BLOCKOBS_START_EXPIRE_NS
+                                           dropped by userspace's sweep (the only writer of this
+                                           index: CPU 0's slot), in-flight given back */
+  VKICK_BLOCKOBS_ERR_COUNT = 7,
 };
 
-/* `disks` key: the kernel's dev_t as the tracepoints report it,
- * (major << 20) | minor (not glibc's st_rdev encoding). Value: */
+/* `disks` key: the kernel's dev_t of the request's disk, (major << 20) |
+ * first_minor of rq->q->disk (what the block tracepoints report as `dev`;
+ * not glibc's st_rdev encoding). Value: */
 struct vkick_blockobs_disk {
-  __s64 inflight; /* issued and not completed; atomic, shared by all CPUs */
-  __u32 slot;     /* index into disk_stats, chosen by userspace */
+  __u32 slot; /* index into disk_stats and `inflight` (.bss), chosen by userspace */
   __u32 pad;
 };
 
-/* `starts` key: one request in flight. The value is its issue time
- * (bpf_ktime_get_ns, CLOCK_MONOTONIC). */
-struct vkick_blockobs_start_key {
-  __u32 dev;
+/* `starts` key: the struct request pointer (unique while the request is in
+ * flight; blk-mq reuses the struct for later requests of the same tag).
+ * Value: */
+struct vkick_blockobs_start {
+  __u64 issue_ns; /* last hand-over to the driver (bpf_ktime_get_ns, CLOCK_MONOTONIC) */
+  __u64 sector;   /* rq->__sector and ...                                   */
+  __u64 alloc_ns; /* ... rq->start_time_ns: which request this is, to tell a requeue of the
+                     same request (both equal) from a later request reusing the struct */
+  __u32 dev;      /* the `disks` key whose in-flight count this start holds */
   __u32 pad;
-  __u64 sector;
 };
 
 /* Per-CPU value of disk_stats[slot]; userspace sums the counters over CPUs. */
@@ -77,11 +102,14 @@ struct vkick_blockobs_counters {
 };
 
 /* Context of the SEC("syscall") test program run through BPF_PROG_TEST_RUN:
- * the same inline counting code as the tracepoint handlers, with the device,
- * sector and time from here instead of the tracepoint record and the clock. */
+ * the same inline counting code as the tp_btf handlers, with the device,
+ * request id (any nonzero u64 standing for the struct request pointer), its
+ * identity and the time from here instead of the struct request and the
+ * clock. */
 enum vkick_blockobs_test_op {
-  VKICK_BLOCKOBS_TEST_ISSUE = 0,    /* dev, sector, now_ns; returns the depth counted (0: not counted) */
-  VKICK_BLOCKOBS_TEST_COMPLETE = 1, /* dev, sector, now_ns; returns 1 if counted */
+  VKICK_BLOCKOBS_TEST_ISSUE = 0,    /* dev, rq, sector, alloc_ns, now_ns; returns the depth
+                                       counted (0: not counted) */
+  VKICK_BLOCKOBS_TEST_COMPLETE = 1, /* dev, rq, now_ns; returns 1 if counted */
   VKICK_BLOCKOBS_TEST_BUCKETS = 2,  /* a = depth, b = latency ns; returns
                                        depth_bucket | latency_bucket << 8 */
   VKICK_BLOCKOBS_TEST_INFLIGHT = 3, /* dev; returns its in-flight count (-1: not watched) */
@@ -90,7 +118,9 @@ enum vkick_blockobs_test_op {
 struct vkick_blockobs_test_ctx {
   __u32 op;
   __u32 dev;
+  __u64 rq;
   __u64 sector;
+  __u64 alloc_ns;
   __u64 now_ns;
   __s64 a;
   __s64 b;
