@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -384,6 +385,26 @@ class BlockObserverTracepointTest : public ::testing::Test {
     if (!loop_.empty()) (void)Sh("losetup -d " + loop_ + " 2>&1", &rc);
     if (!file_.empty()) unlink(file_.c_str());
   }
+  // Reads until the disk's completions reach `done(t)` (up to 5 s), then
+  // its in-flight count.
+  DiskSnapshot Settle(const std::function<bool(const QueueTotals&)>& done, int* inflight) {
+    DiskSnapshot s;
+    for (int i = 0; i < 50; ++i) {  // completions of anything still in flight
+      auto r = obs_->Read();
+      EXPECT_TRUE(r.ok()) << r.status();
+      if (!r.ok()) break;
+      s = *r;
+      if (done(s.disks[kdev_])) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    vkick_blockobs_test_ctx c{};
+    c.op = VKICK_BLOCKOBS_TEST_INFLIGHT;
+    c.dev = kdev_;
+    auto n = obs_->TestRun(c);
+    EXPECT_TRUE(n.ok()) << n.status();
+    *inflight = n.ok() ? *n : -1;
+    return s;
+  }
   std::unique_ptr<BlockObserver> obs_;
   std::string file_, loop_;
   uint32_t kdev_ = 0;
@@ -403,24 +424,14 @@ TEST_F(BlockObserverTracepointTest, CountsEveryDirectRequestOnALoopDevice) {
   for (int i = 0; i < kEach; ++i) ASSERT_EQ(pwrite(dfd_, buf, 4096, off_t{i} * 4096), 4096) << strerror(errno);
   for (int i = 0; i < kEach; ++i) ASSERT_EQ(pread(dfd_, buf, 4096, off_t{i} * 4096), 4096) << strerror(errno);
 
-  DiskSnapshot s;
-  for (int i = 0; i < 50; ++i) {  // settle: completions of anything else in flight
-    auto r = obs_->Read();
-    ASSERT_TRUE(r.ok()) << r.status();
-    s = *r;
-    if (s.disks[kdev_].completions == s.disks[kdev_].requests) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  int inflight = -1;
+  DiskSnapshot s = Settle([](const QueueTotals& t) { return t.completions == t.requests; }, &inflight);
   const QueueTotals& t = s.disks[kdev_];
-  vkick_blockobs_test_ctx c{};
-  c.op = VKICK_BLOCKOBS_TEST_INFLIGHT;
-  c.dev = kdev_;
-  auto inflight = obs_->TestRun(c);
-  ASSERT_TRUE(inflight.ok());
+  ASSERT_GE(inflight, 0);
   EXPECT_GE(t.requests, uint64_t{2 * kEach});
   // Completions the kernel never traced (rare on this host, see
   // CountsConcurrentReadersExactly) are accounted as stale or in flight.
-  EXPECT_EQ(t.completions + s.stale_start + static_cast<uint64_t>(std::max(*inflight, 0)), t.requests);
+  EXPECT_EQ(t.completions + s.stale_start + static_cast<uint64_t>(inflight), t.requests);
   uint64_t dsum = 0, lsum = 0;
   for (uint64_t v : t.depth_hist) dsum += v;
   for (uint64_t v : t.latency_hist) lsum += v;
@@ -431,7 +442,7 @@ TEST_F(BlockObserverTracepointTest, CountsEveryDirectRequestOnALoopDevice) {
   EXPECT_EQ(s.map_full, 0u);
   EXPECT_EQ(s.underflow, 0u);
   EXPECT_EQ(s.expired_start + s.prog_misses + s.missing_start, 0u);
-  EXPECT_GE(*inflight, 0);
+  EXPECT_GE(inflight, 0);
   std::printf("loop %s: requests %llu completions %llu depth_sum %llu latency_sum %llu ns missing_start %llu\n",
               loop_.c_str(), static_cast<unsigned long long>(t.requests),
               static_cast<unsigned long long>(t.completions), static_cast<unsigned long long>(t.depth_sum),
@@ -476,20 +487,12 @@ TEST_F(BlockObserverTracepointTest, CountsConcurrentReadersExactly) {
   for (int fd : fds) close(fd);
   for (int th = 0; th < kThreads; ++th) ASSERT_EQ(failed[th], 0) << "thread " << th;
 
-  DiskSnapshot s;
-  for (int i = 0; i < 50; ++i) {  // settle
-    auto r = obs_->Read();
-    ASSERT_TRUE(r.ok()) << r.status();
-    s = *r;
-    if (s.disks[kdev_].completions >= s.disks[kdev_].requests) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  int inflight = -1;
+  DiskSnapshot s = Settle([](const QueueTotals& t) { return t.completions >= t.requests; }, &inflight);
   const QueueTotals& t = s.disks[kdev_];
   vkick_blockobs_test_ctx c{};
   c.op = VKICK_BLOCKOBS_TEST_INFLIGHT;
   c.dev = kdev_;
-  auto inflight = obs_->TestRun(c);
-  ASSERT_TRUE(inflight.ok());
   // Every request issued once, every traced completion paired, none skipped
   // by the BPF side (the kernel's own miss counter), nothing unmatched.
   EXPECT_EQ(t.requests, uint64_t{kThreads * kEach});
@@ -502,20 +505,20 @@ TEST_F(BlockObserverTracepointTest, CountsConcurrentReadersExactly) {
   // count missing, so it is not a BPF skip. Such a request's start is
   // replaced at its struct's next issue (stale_start) or left in flight:
   // the accounting must still be exact, and the sweep must heal it.
-  const uint64_t lost = s.stale_start + static_cast<uint64_t>(std::max(*inflight, 0));
+  const uint64_t lost = s.stale_start + static_cast<uint64_t>(std::max(inflight, 0));
   EXPECT_EQ(t.completions + lost, uint64_t{kThreads * kEach});
-  EXPECT_GE(*inflight, 0);
+  EXPECT_GE(inflight, 0);
   if (lost > 0) {
     std::printf("NOTE: the kernel traced no completion for %llu of the requests (stale_start %llu, left in "
                 "flight %d)\n",
-                static_cast<unsigned long long>(lost), static_cast<unsigned long long>(s.stale_start), *inflight);
-    EXPECT_EQ(obs_->Sweep(UINT64_MAX / 2), static_cast<uint64_t>(*inflight));  // expires what is left
+                static_cast<unsigned long long>(lost), static_cast<unsigned long long>(s.stale_start), inflight);
+    EXPECT_EQ(obs_->Sweep(UINT64_MAX / 2), static_cast<uint64_t>(inflight));  // expires what is left
     auto after = obs_->TestRun(c);
     ASSERT_TRUE(after.ok());
     EXPECT_EQ(*after, 0);
   } else {
     EXPECT_EQ(t.completions, uint64_t{kThreads * kEach});
-    EXPECT_EQ(*inflight, 0);
+    EXPECT_EQ(inflight, 0);
   }
   uint64_t dsum = 0, lsum = 0;
   for (uint64_t v : t.depth_hist) dsum += v;
