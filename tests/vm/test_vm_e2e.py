@@ -27,7 +27,7 @@ request (host-counted) than immediate at QD 32.
 The last run closes the loop over virtio-serial: vkick-agent in the guest,
 vkickd --default-policy=adaptive on the host, vkick-blk --policy=adaptive,
 and switches the policy live from the host with vkickctl while the driver
-runs (adaptive -> static:8,50us -> adaptive). Checked: the agent is connected
+runs verify I/O (adaptive -> static:8,50us -> adaptive). Checked: the agent is connected
 (vkick_agent_connected), each policy is in force and acknowledged on both
 queues (vkick_queue_policy_info / _acked) before the driver ends, B = 8 after
 the static switch, the driver mapped the control block and made the
@@ -84,8 +84,10 @@ RUNS = [
     # The closed loop over virtio-serial: vkick-agent (started in the guest
     # just before) samples the driver, vkickd (--default-policy=adaptive)
     # answers with policies, the agent writes the control block the driver
-    # reads. Not verify: it must run long enough for hello + a few intervals.
-    ("qd32-adaptive", "--rw=randread --queues=2 --qd=32 --runtime=16 --policy=adaptive"),
+    # reads. Verify passes (each a new pattern) repeated for 16 s: long enough
+    # for hello + a few intervals, and every live switch happens under verify I/O.
+    ("qd32-adaptive", "--rw=verify --queues=2 --qd=32 --verify_size=4m --verify_passes=0 "
+                      "--runtime=16 --policy=adaptive"),
     # With the agent still running and adaptive in force (the last live
     # switch): a fresh driver at QD 32 (B must rise: notifications per request
     # far below immediate's), then QD 1 under adaptive and under immediate,
@@ -197,7 +199,7 @@ def check_run(name, flags, text, base, host, unknown):
     assert nm, "%s: no pci-notifies line from the PCI transport:\n%s" % (name, out)
     notifies = {int(q): int(n) for q, n in re.findall(r"q(\d+)=(\d+)", nm.group(1))}
 
-    # randread runs (adaptive) have no patterns: lost/errors/completions still count.
+    # randread runs have no patterns: lost/errors/completions still count.
     assert res["lost"] == 0 and res["errors"] == 0 and res["verify_mismatches"] == 0, res
     assert res["completions"] == res["requests"] > 0, res
     assert not res["transport_failed"], res
@@ -427,6 +429,8 @@ def main():
                 # -> static -> adaptive, unless adaptive's B/T equalled the last).
                 assert res.get("policy_changes", 0) >= len(LIVE_SWITCHES), res
                 assert res["kicks_by_why"].get("batch-full", 0) > 0, res
+                # The switches happened under verify I/O: whole passes read back intact.
+                assert res.get("verify_passes", 0) >= 1 and res.get("verify_reads", 0) > 0, res
         wait_marker("=== VKICK-WAIT-QUIT ===", 30)
         ctlport.sendall(b"q")
         rc = vm.wait(60)
