@@ -36,6 +36,16 @@ int main(int argc, char** argv) {
     session.insert(session.end(), b.begin(), b.end());
   }
   Write(dir + "/session", 31, session);
+  // Re-announcement on one stream (virtio-serial): bye, a hello with other
+  // devices, samples again from seq 1: the guard's remap path.
+  std::vector<uint8_t> reannounce = session;
+  Hello second = testing::MakeHello();
+  second.devices.erase(second.devices.begin());
+  for (const Message& m : std::vector<Message>{Bye{}, second, testing::MakeSample(1)}) {
+    const auto b = testing::Frame(m);
+    reannounce.insert(reannounce.end(), b.begin(), b.end());
+  }
+  Write(dir + "/reannounce", 31, reannounce);
   auto truncated = testing::Frame(testing::MakePolicy());
   truncated.resize(truncated.size() - 3);
   Write(dir + "/truncated", 63, truncated);

@@ -36,6 +36,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     Check(r.message.has_value() == (r.error == Rejection::kNone));
     now += 1'000'000;
     guard.Admit(r, now);
+    // Whatever the announcements, the guest maps at most what discovery knows.
+    Check(guard.mapped_queues() <= 2);
     if (!r.message) return;
     Check(Validate(*r.message) == Rejection::kNone);
 #ifdef VKICK_FUZZ_CANARY
