@@ -403,8 +403,7 @@ Daemon::Health Daemon::CheckHealth() {
   return {true, "ok"};
 }
 
-std::optional<std::map<std::tuple<uint32_t, uint16_t, uint16_t>, uint64_t>>
-Daemon::NotificationTotals() {
+std::optional<std::map<ProbeQueueId, uint64_t>> Daemon::NotificationTotals() {
   if (probes_ == nullptr) return std::nullopt;
   absl::StatusOr<CounterSnapshot> c;
   {
@@ -416,9 +415,7 @@ Daemon::NotificationTotals() {
     ++probe_errors_.read_counters;
     return std::nullopt;
   }
-  std::map<std::tuple<uint32_t, uint16_t, uint16_t>, uint64_t> out;
-  for (const NotificationCount& n : c->notifications) out[{n.vm_id, n.device_id, n.queue}] += n.count;
-  return out;
+  return vkick::NotificationTotals(*c);
 }
 
 DaemonSnapshot Daemon::Scrape() {

@@ -25,7 +25,6 @@
 #include <set>
 #include <string>
 #include <thread>
-#include <tuple>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -160,7 +159,7 @@ class Daemon {
   // Only the notification totals by (vm_id, device_id, queue), for stamping
   // an agent's sample when it arrives; nullopt without probes or on a read
   // error (counted like a scrape's). Takes backend_mu_ only.
-  std::optional<std::map<std::tuple<uint32_t, uint16_t, uint16_t>, uint64_t>> NotificationTotals();
+  std::optional<std::map<ProbeQueueId, uint64_t>> NotificationTotals();
 
  private:
   class Attachment;

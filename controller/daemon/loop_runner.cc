@@ -194,14 +194,10 @@ void LoopRunner::StepOnce() {
   AgentServer::Collected col;
   if (server_ != nullptr) col = server_->Collect();
 
-  // Host totals by (vm_id, device_id, queue).
-  std::map<std::tuple<uint32_t, uint16_t, uint16_t>, uint64_t> host;
-  if (snap.counters) {
-    for (const NotificationCount& n : snap.counters->notifications)
-      host[{n.vm_id, n.device_id, n.queue}] += n.count;
-  }
+  const std::map<ProbeQueueId, uint64_t> host =
+      snap.counters ? NotificationTotals(*snap.counters) : std::map<ProbeQueueId, uint64_t>{};
   std::vector<QueueInput> inputs;
-  std::map<QueueKey, std::tuple<uint32_t, uint16_t, uint16_t>> counted_ids;
+  std::map<QueueKey, ProbeQueueId> counted_ids;
   std::set<std::string> names;
   for (const AttachedVm& vm : snap.vms) {
     // The exporter's naming (a repeated -name is told apart by pid).
@@ -271,7 +267,7 @@ void LoopRunner::StepOnce() {
 }
 
 std::map<QueueKey, uint64_t> LoopRunner::HostTotalsNow() {
-  std::map<QueueKey, std::tuple<uint32_t, uint16_t, uint16_t>> ids;
+  std::map<QueueKey, ProbeQueueId> ids;
   {
     absl::MutexLock l(&ids_mu_);
     ids = counted_ids_;

@@ -116,7 +116,7 @@ class LoopRunner {
   // Host-counted queues of the last step -> their probe ids (a leaf lock:
   // HostTotalsNow runs on agent reader threads).
   absl::Mutex ids_mu_;
-  std::map<QueueKey, std::tuple<uint32_t, uint16_t, uint16_t>> counted_ids_ ABSL_GUARDED_BY(ids_mu_);
+  std::map<QueueKey, ProbeQueueId> counted_ids_ ABSL_GUARDED_BY(ids_mu_);
 
   absl::Mutex wake_mu_;
   bool wake_ ABSL_GUARDED_BY(wake_mu_) = false;

@@ -10,6 +10,8 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <tuple>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -99,6 +101,17 @@ struct CounterSnapshot {
   std::vector<FrontendInfo> frontends;
   ProbeErrors errors;
 };
+
+// A queue as the probes name it: (vm_id, device_id, queue).
+using ProbeQueueId = std::tuple<uint32_t, uint16_t, uint16_t>;
+
+// The snapshot's notification counts summed per queue (a queue's count may
+// come in several entries, e.g. one per notify address).
+inline std::map<ProbeQueueId, uint64_t> NotificationTotals(const CounterSnapshot& c) {
+  std::map<ProbeQueueId, uint64_t> out;
+  for (const NotificationCount& n : c.notifications) out[{n.vm_id, n.device_id, n.queue}] += n.count;
+  return out;
+}
 
 class ProbeBackend {
  public:
