@@ -100,6 +100,17 @@ absl::Status BlockObserver::Watch(uint32_t kdev) {
   return absl::OkStatus();
 }
 
+std::vector<uint64_t> BlockObserver::StartsWhere(
+    const std::function<bool(const vkick_blockobs_start&)>& pick) const {
+  const int fd = bpf_map__fd(skel_->maps.starts);
+  std::vector<uint64_t> out;
+  for (const uint64_t& key : MapKeys<uint64_t>(fd, 4 * VKICK_BLOCKOBS_MAX_STARTS)) {
+    vkick_blockobs_start v{};
+    if (bpf_map_lookup_elem(fd, &key, &v) == 0 && pick(v)) out.push_back(key);
+  }
+  return out;
+}
+
 void BlockObserver::Unwatch(uint32_t kdev) {
   auto it = slots_.find(kdev);
   if (it == slots_.end()) return;
@@ -108,17 +119,8 @@ void BlockObserver::Unwatch(uint32_t kdev) {
   // until they expired (and, keyed by the struct request, be taken for a
   // stale start if a new Watch of the disk reused the struct).
   const int fd = bpf_map__fd(skel_->maps.starts);
-  std::vector<uint64_t> doomed;
-  uint64_t k = 0, next = 0;
-  const uint64_t* prev = nullptr;
-  // Bounded: a key deleted by the BPF side meanwhile restarts the walk.
-  for (int n = 0; n < 4 * VKICK_BLOCKOBS_MAX_STARTS && bpf_map_get_next_key(fd, prev, &next) == 0; ++n) {
-    vkick_blockobs_start v{};
-    if (bpf_map_lookup_elem(fd, &next, &v) == 0 && v.dev == kdev) doomed.push_back(next);
-    k = next;
-    prev = &k;
-  }
-  for (const uint64_t& d : doomed) bpf_map_delete_elem(fd, &d);
+  for (const uint64_t& d : StartsWhere([kdev](const vkick_blockobs_start& v) { return v.dev == kdev; }))
+    bpf_map_delete_elem(fd, &d);
   free_slots_.push_back(it->second);
   slots_.erase(it);
 }
@@ -141,15 +143,8 @@ void BlockObserver::Unwatch(uint32_t kdev) {
 // not give back).
 uint64_t BlockObserver::Sweep(uint64_t now_ns) {
   const int fd = bpf_map__fd(skel_->maps.starts);
-  std::vector<uint64_t> old;
-  uint64_t k = 0, next = 0;
-  const uint64_t* prev = nullptr;
-  for (int n = 0; n < 4 * VKICK_BLOCKOBS_MAX_STARTS && bpf_map_get_next_key(fd, prev, &next) == 0; ++n) {
-    vkick_blockobs_start v{};
-    if (bpf_map_lookup_elem(fd, &next, &v) == 0 && Expired(v, now_ns)) old.push_back(next);
-    k = next;
-    prev = &k;
-  }
+  const std::vector<uint64_t> old =
+      StartsWhere([now_ns](const vkick_blockobs_start& v) { return Expired(v, now_ns); });
   if (old.empty()) return 0;
 
   std::map<uint32_t, int64_t> give_back;  // dev -> expired starts
@@ -223,11 +218,7 @@ absl::StatusOr<DiskSnapshot> BlockObserver::Read() {
 }
 
 absl::StatusOr<int> BlockObserver::TestRun(const vkick_blockobs_test_ctx& ctx) {
-  vkick_blockobs_test_ctx copy = ctx;
-  LIBBPF_OPTS(bpf_test_run_opts, opts, .ctx_in = &copy, .ctx_size_in = static_cast<__u32>(sizeof(copy)));
-  if (bpf_prog_test_run_opts(bpf_program__fd(skel_->progs.test_blockobs), &opts) != 0)
-    return BpfErrnoStatus(errno, "BPF_PROG_TEST_RUN of test_blockobs");
-  return static_cast<int>(opts.retval);
+  return RunTestProgram(skel_->progs.test_blockobs, ctx);
 }
 
 }  // namespace vkick::agent

@@ -61,6 +61,8 @@ class BlockObserver final : public DiskCounterSource {
   absl::Status Attach(const Options& opts);
   void ZeroSlot(uint32_t slot);
   uint64_t ProgMisses() const;
+  // Keys of the `starts` entries `pick` selects (bounded walk).
+  std::vector<uint64_t> StartsWhere(const std::function<bool(const vkick_blockobs_start&)>& pick) const;
 
   vkick_blockobs* skel_;
   int num_cpus_;

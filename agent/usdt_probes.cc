@@ -122,18 +122,9 @@ absl::StatusOr<CounterSnapshot> UsdtProbes::Read() {
   const uint32_t closed = CloseDepthEpoch(&skel_->bss->epoch);
 
   const int fd = bpf_map__fd(skel_->maps.queue_stats);
-  std::vector<vkick_agent_key> keys;
-  vkick_agent_key k{}, next{};
-  const vkick_agent_key* prev = nullptr;
-  while (true) {
-    if (bpf_map_get_next_key(fd, prev, &next) != 0) {
-      if (errno == ENOENT) break;
-      return BpfErrnoStatus(errno, "iterating queue_stats");
-    }
-    keys.push_back(next);
-    k = next;
-    prev = &k;
-  }
+  int err = 0;
+  const std::vector<vkick_agent_key> keys = MapKeys<vkick_agent_key>(fd, SIZE_MAX, &err);
+  if (err != 0) return BpfErrnoStatus(err, "iterating queue_stats");
   std::vector<vkick_agent_counters> vals(static_cast<size_t>(num_cpus_));
   for (const vkick_agent_key& key : keys) {
     if (bpf_map_lookup_elem(fd, &key, vals.data()) != 0) continue;  // deleted meanwhile
@@ -151,11 +142,7 @@ absl::StatusOr<CounterSnapshot> UsdtProbes::Read() {
 }
 
 absl::StatusOr<int> UsdtProbes::TestRun(const vkick_agent_test_ctx& ctx) {
-  vkick_agent_test_ctx copy = ctx;
-  LIBBPF_OPTS(bpf_test_run_opts, opts, .ctx_in = &copy, .ctx_size_in = static_cast<__u32>(sizeof(copy)));
-  if (bpf_prog_test_run_opts(bpf_program__fd(skel_->progs.test_probe), &opts) != 0)
-    return BpfErrnoStatus(errno, "BPF_PROG_TEST_RUN of test_probe");
-  return static_cast<int>(opts.retval);
+  return RunTestProgram(skel_->progs.test_probe, ctx);
 }
 
 }  // namespace vkick::agent
