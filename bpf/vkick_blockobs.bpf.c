@@ -122,9 +122,10 @@ static __always_inline void release_inflight(__u32 dev) {
   }
 }
 
-/* A request handed to the driver. Returns the depth counted, 0 if not. */
-static __always_inline __u64 count_issue(__u32 dev, __u64 rq, __u64 sector, __u64 alloc_ns, __u64 now) {
-  __s64 s = disk_slot(dev);
+/* A request of watched disk `dev` (slot `s`, from disk_slot()) handed to the
+ * driver. Returns the depth counted, 0 if not. */
+static __always_inline __u64 count_issue(__s64 s, __u32 dev, __u64 rq, __u64 sector, __u64 alloc_ns,
+                                         __u64 now) {
   if (s < 0 || s >= VKICK_BLOCKOBS_MAX_DISKS) return 0;
   struct vkick_blockobs_start v = {};
   v.issue_ns = now;
@@ -216,12 +217,16 @@ static __always_inline __u32 rq_dev(struct request* rq) {
   return (major << 20) | (minor & 0xFFFFF);
 }
 
-/* The filter first: reading the request's identity is for watched disks only. */
+/* The filter first (one lookup): reading the request's identity is for
+ * watched disks only. */
 SEC("tp_btf/block_rq_issue")
 int BPF_PROG(vkick_rq_issue, struct request* rq) {
   __u32 dev = rq_dev(rq);
-  if (!dev || !bpf_map_lookup_elem(&disks, &dev)) return 0;
-  count_issue(dev, (__u64)rq, BPF_CORE_READ(rq, __sector), BPF_CORE_READ(rq, start_time_ns), bpf_ktime_get_ns());
+  if (!dev) return 0;
+  __s64 s = disk_slot(dev);
+  if (s < 0) return 0;
+  count_issue(s, dev, (__u64)rq, BPF_CORE_READ(rq, __sector), BPF_CORE_READ(rq, start_time_ns),
+              bpf_ktime_get_ns());
   return 0;
 }
 
@@ -238,7 +243,7 @@ SEC("syscall")
 int test_blockobs(struct vkick_blockobs_test_ctx* ctx) {
   switch (ctx->op) {
     case VKICK_BLOCKOBS_TEST_ISSUE:
-      return (int)count_issue(ctx->dev, ctx->rq, ctx->sector, ctx->alloc_ns, ctx->now_ns);
+      return (int)count_issue(disk_slot(ctx->dev), ctx->dev, ctx->rq, ctx->sector, ctx->alloc_ns, ctx->now_ns);
     case VKICK_BLOCKOBS_TEST_COMPLETE:
       return count_complete(ctx->dev, ctx->rq, ctx->now_ns);
     case VKICK_BLOCKOBS_TEST_BUCKETS: {
