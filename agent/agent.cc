@@ -467,22 +467,32 @@ void Agent::Tick(uint64_t now) {
 
   proto::Sample sample;
   sample.seq = ++seq_;
+  // One queue of this interval (a vkick-blk queue or a kernel disk): the
+  // delta from its previous cumulative read (`found`: this read's, if it has
+  // one), the sample built from it (sent when the hello announced the queue),
+  // and its --json entry (null without --json).
+  auto add_queue = [&](QueueTotals& prev, const QueueTotals* found, int device_index, uint16_t q,
+                       const AppliedState& applied) {
+    QueueTotals cur = found != nullptr ? *found : prev;
+    if (found == nullptr) cur.interval_max_depth = 0;
+    const QueueTotals delta = Delta(prev, cur);
+    prev = cur;
+    const proto::QueueRef ref{static_cast<uint16_t>(device_index >= 0 ? device_index : 0), q};
+    BuiltSample b = BuildQueueSample(ref, delta, interval, applied);
+    if (!b.ok) ++skipped_queues_;
+    if (device_index >= 0 && b.ok) sample.queues.push_back(b.sample);
+    return opts_.json ? queue_json(q, b.sample, cur) : nlohmann::json();
+  };
   nlohmann::json jdrivers = nlohmann::json::array();
   for (auto& [pid, d] : drivers_) {
     auto di = device_index.find(pid);
     nlohmann::json jq = nlohmann::json::array();
     for (uint16_t q = 0; q < d.entry.queues; ++q) {
       auto it = snap->queues.find({pid, q});
-      QueueTotals cur = it != snap->queues.end() ? it->second : d.prev[q];
-      if (it == snap->queues.end()) cur.interval_max_depth = 0;
-      const QueueTotals delta = Delta(d.prev[q], cur);
-      d.prev[q] = cur;
-      const AppliedState applied = policy_.StateOf(pid, q, now);
-      const proto::QueueRef ref{static_cast<uint16_t>(di != device_index.end() ? di->second : 0), q};
-      BuiltSample b = BuildQueueSample(ref, delta, interval, applied);
-      if (!b.ok) ++skipped_queues_;
-      if (di != device_index.end() && b.ok) sample.queues.push_back(b.sample);
-      if (opts_.json) jq.push_back(queue_json(q, b.sample, cur));
+      nlohmann::json j = add_queue(d.prev[q], it != snap->queues.end() ? &it->second : nullptr,
+                                   di != device_index.end() ? di->second : -1, q,
+                                   policy_.StateOf(pid, q, now));
+      if (opts_.json) jq.push_back(std::move(j));
     }
     if (opts_.json)
       jdrivers.push_back({{"pid", pid},
@@ -513,33 +523,21 @@ void Agent::Tick(uint64_t now) {
                          " bad_slot=", dsnap->bad_slot, " missing_start=", dsnap->missing_start,
                          " stale_start=", dsnap->stale_start, " expired_start=", dsnap->expired_start,
                          " prog_misses=", dsnap->prog_misses));
-      disk_errors_.map_full = dsnap->map_full;
-      disk_errors_.missing_start = dsnap->missing_start;
-      disk_errors_.underflow = dsnap->underflow;
-      disk_errors_.bad_slot = dsnap->bad_slot;
-      disk_errors_.reissue = dsnap->reissue;
-      disk_errors_.stale_start = dsnap->stale_start;
-      disk_errors_.expired_start = dsnap->expired_start;
-      disk_errors_.prog_misses = dsnap->prog_misses;
+      disk_errors_ = *dsnap;
+      disk_errors_.disks.clear();  // the error counters only
     }
     for (auto& [kdev, k] : kernel_disks_) {
       auto it = dsnap->disks.find(kdev);
-      QueueTotals cur = it != dsnap->disks.end() ? it->second : k.prev;
-      if (it == dsnap->disks.end()) cur.interval_max_depth = 0;
-      const QueueTotals delta = Delta(k.prev, cur);
-      k.prev = cur;
       auto di = disk_index.find(kdev);
-      const proto::QueueRef ref{static_cast<uint16_t>(di != disk_index.end() ? di->second : 0), 0};
-      BuiltSample b = BuildQueueSample(ref, delta, interval, AppliedState{});
-      if (!b.ok) ++skipped_queues_;
-      if (di != disk_index.end() && b.ok) sample.queues.push_back(b.sample);
+      nlohmann::json j = add_queue(k.prev, it != dsnap->disks.end() ? &it->second : nullptr,
+                                   di != disk_index.end() ? di->second : -1, 0, AppliedState{});
       if (opts_.json)
         jdisks.push_back({{"name", k.disk.name},
                           {"dev", absl::StrCat(k.disk.major, ":", k.disk.minor)},
                           {"pci", k.disk.pci},
                           {"serial", k.disk.serial},
                           {"device_index", di != disk_index.end() ? di->second : -1},
-                          {"queues", nlohmann::json::array({queue_json(0, b.sample, cur)})}});
+                          {"queues", nlohmann::json::array({std::move(j)})}});
     }
   }
   if (conn_ && !announced_.empty()) {
