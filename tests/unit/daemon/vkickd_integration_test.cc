@@ -5,7 +5,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
+#include <filesystem>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -133,8 +137,25 @@ TEST(VkickdIntegrationTest, BadListenIsAClearStartupError) {
 
 TEST(VkickdIntegrationTest, WithoutRootProbesFailWithAHint) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to drop to uid nobody for this check";
+  // uid nobody must reach the binary: the build tree may sit under a 0700
+  // directory (a mktemp -d clone), so run a copy from a 0755 one.
+  char dir[] = "/tmp/vkickd-nobody-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir), nullptr);
+  ASSERT_EQ(::chmod(dir, 0755), 0);
+  const std::string bin = absl::StrCat(dir, "/vkickd");
+  std::error_code ec;
+  std::filesystem::copy_file(VKICKD_BINARY, bin, ec);
+  ASSERT_FALSE(ec) << ec.message();
+  ASSERT_EQ(::chmod(bin.c_str(), 0755), 0);
+  struct Cleanup {
+    std::string dir, bin;
+    ~Cleanup() {
+      ::unlink(bin.c_str());
+      ::rmdir(dir.c_str());
+    }
+  } cleanup{dir, bin};
   VkickdProcess vk;
-  ASSERT_TRUE(vk.Start(VKICKD_BINARY, {"--listen=127.0.0.1:0"}, /*run_as=*/65534).ok());
+  ASSERT_TRUE(vk.Start(bin, {"--listen=127.0.0.1:0"}, /*run_as=*/65534).ok());
   auto st = vk.Wait();
   ASSERT_TRUE(st.ok()) << st.status();
   ASSERT_TRUE(WIFEXITED(*st));
