@@ -159,8 +159,15 @@ LawOutput AdaptiveLaw::Step(const LawInput& in) {
   }
 
   // 3. Did the last grow pay (Linux DIM: keep a step only if it improved by
-  //    more than 10%)? Judged on the first interval run with the new B.
-  if (eval_) {
+  //    more than 10%)? Judged on the first interval run entirely with the new
+  //    B: the first sample that reports it ran the old B for part of its
+  //    window (the policy arrives at a step, at any point of the agent's
+  //    interval), so its notifications per request may not show the gain:
+  //    judged, a good grow was reverted (seen in CI: B 1 -> 8 -> 1, then held
+  //    at 1 by the ceiling).
+  if (eval_ && b == eval_->to_b && !eval_->first_window_seen) {
+    eval_->first_window_seen = true;
+  } else if (eval_) {
     if (b == eval_->to_b) {
       const GrowEval e = *eval_;
       eval_.reset();
@@ -208,7 +215,7 @@ LawOutput AdaptiveLaw::Step(const LawInput& in) {
     if (++pending_grow_ < c_.grow_confirm) return Finish(in, b, LawAction::kPendingGrow, npr);
     const uint32_t nb = pending_level_;
     pending_grow_ = 0;
-    eval_ = GrowEval{b, nb, npr, in.p99_ns, 0};
+    eval_ = GrowEval{b, nb, npr, in.p99_ns, 0, false};
     return Finish(in, nb, LawAction::kGrow, npr);
   }
   pending_grow_ = 0;

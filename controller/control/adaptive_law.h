@@ -121,6 +121,9 @@ class AdaptiveLaw {
     double npr_before;
     uint64_t p99_before;
     uint32_t waited;
+    // The first sample reporting to_b ran partly under from_b (the policy
+    // took effect somewhere inside its window): not judged, the next is.
+    bool first_window_seen;
   };
   std::optional<GrowEval> eval_;
 };

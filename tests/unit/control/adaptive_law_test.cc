@@ -231,6 +231,10 @@ TEST(AdaptiveLaw, GrowThatDoesNotPayIsRevertedAndCapped) {
   LawInput after = Steady(16, 32);
   after.kicks = after.requests;
   after.host_notifications = after.requests;
+  // The first window that reports B = 16 ran partly under B = 1: not judged.
+  LawOutput first = law.Step(after);
+  EXPECT_NE(first.action, LawAction::kRevert);
+  EXPECT_EQ(first.b, 16u);
   LawOutput r = law.Step(after);
   EXPECT_EQ(r.action, LawAction::kRevert);
   EXPECT_EQ(r.b, 1u);
@@ -243,7 +247,25 @@ TEST(AdaptiveLaw, GrowThatHurtsP99IsReverted) {
   ASSERT_EQ(law.Step(Steady(1, 32)).b, 16u);
   LawInput after = Steady(16, 32);
   after.p99_ns = 4'000'000;  // from 128 us: far beyond +10% + T
+  EXPECT_NE(law.Step(after).action, LawAction::kRevert);  // partly under B = 1: not judged
   EXPECT_EQ(law.Step(after).action, LawAction::kRevert);
+}
+
+// The policy takes effect somewhere inside the agent's interval: the first
+// sample reporting the grown B mixes both. Judged, a grow that pays would be
+// reverted whenever it landed late in the window; it is judged on the next.
+TEST(AdaptiveLaw, AGrowIsJudgedOnAWholeWindowNotTheFirstPartialOne) {
+  AdaptiveLaw law;
+  law.Step(Steady(1, 32));
+  ASSERT_EQ(law.Step(Steady(1, 32)).b, 16u);
+  LawInput partial = Steady(16, 32);  // 90 % of the window still at B = 1
+  partial.kicks = partial.requests * 9 / 10 + partial.requests / 10 / 16;
+  partial.host_notifications = partial.kicks;
+  LawOutput p = law.Step(partial);
+  EXPECT_EQ(p.b, 16u) << LawActionName(p.action);
+  LawOutput whole = law.Step(Steady(16, 32));  // pays: kept
+  EXPECT_EQ(whole.b, 16u) << LawActionName(whole.action);
+  EXPECT_NE(whole.action, LawAction::kRevert);
 }
 
 TEST(AdaptiveLaw, OscillatingLoadParksGrowth) {
