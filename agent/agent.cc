@@ -131,7 +131,7 @@ bool Agent::RescanRegistry() {
     auto f = attach_failed_until_.find(e.pid);
     if (f != attach_failed_until_.end() && now < f->second) continue;
     const std::string exe = ReadExe(opts_.proc_root, e.pid);
-    if (absl::Status s = probes_->Track(e.pid, exe); !s.ok()) {
+    if (absl::Status s = probes_->Track({e.pid, exe, e.stats_block}); !s.ok()) {
       if (f == attach_failed_until_.end())
         Log(absl::StrCat("driver pid ", e.pid, ": cannot attach probes: ", s.message(), " (retrying every 5 s)"));
       attach_failed_until_[e.pid] = now + 5'000'000'000ull;
@@ -430,10 +430,12 @@ void Agent::Tick(uint64_t now) {
   }
   const uint64_t interval = now - last_read_ns_;
   last_read_ns_ = now;
-  if (snap->map_full != map_full_ || snap->bad_queue != bad_queue_) {
-    Log(absl::StrCat("probe errors: map_full=", snap->map_full, " bad_queue=", snap->bad_queue));
+  if (snap->map_full != map_full_ || snap->bad_queue != bad_queue_ || snap->unreadable != unreadable_) {
+    Log(absl::StrCat("probe errors: map_full=", snap->map_full, " bad_queue=", snap->bad_queue,
+                     " stats_unreadable=", snap->unreadable));
     map_full_ = snap->map_full;
     bad_queue_ = snap->bad_queue;
+    unreadable_ = snap->unreadable;
   }
   std::map<int32_t, int> device_index;
   std::map<uint32_t, int> disk_index;
@@ -553,6 +555,7 @@ void Agent::Tick(uint64_t now) {
                         {"errors",
                          {{"map_full", map_full_},
                           {"bad_queue", bad_queue_},
+                          {"stats_unreadable", unreadable_},
                           {"skipped_queues", skipped_queues_},
                           {"kernel_disks",
                            {{"observed", disks_ != nullptr},

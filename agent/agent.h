@@ -126,6 +126,7 @@ class Agent {
   uint64_t connects_ = 0, disconnects_ = 0, policies_ = 0, acks_ = 0, samples_sent_ = 0;
   uint64_t rejected_from_host_ = 0, skipped_queues_ = 0, unknown_queue_refs_ = 0;
   uint64_t map_full_ = 0, bad_queue_ = 0;
+  uint64_t unreadable_ = 0;
   uint64_t kernel_policy_ignored_ = 0;  // policy queues naming a kernel disk (observe only)
 };
 

@@ -1,5 +1,7 @@
-// The agent's view of the probes: an interface so the loop does not depend
-// on the BPF skeleton (UsdtProbes implements it).
+// The agent's view of the drivers' counters: an interface so the loop does
+// not depend on where they come from. StatsSource (the default) reads each
+// driver's stats block once per interval; UsdtProbes counts its USDT probes
+// with eBPF uprobes (a trap per request: --observe=usdt).
 #pragma once
 
 #include <array>
@@ -20,13 +22,21 @@ struct CounterSnapshot {
   std::map<QueueKey, QueueTotals> queues;  // cumulative; interval_max_depth per interval
   uint64_t map_full = 0;    // events lost: queue_stats was full
   uint64_t bad_queue = 0;   // probe queue argument out of range
+  uint64_t unreadable = 0;  // stats blocks not read (gone, invalid, another writer)
+};
+
+// A registered driver process, as a counter source needs to find it.
+struct TrackedDriver {
+  int32_t pid = 0;
+  std::string binary;       // its executable (USDT note lookup)
+  std::string stats_block;  // its stats block file; empty: none
 };
 
 class CounterSource {
  public:
   virtual ~CounterSource() = default;
-  // Start counting `pid` (binary: its executable, for USDT note lookup).
-  virtual absl::Status Track(int32_t pid, const std::string& binary) = 0;
+  // Start counting the driver.
+  virtual absl::Status Track(const TrackedDriver& d) = 0;
   // Stop counting `pid` and drop its counters.
   virtual void Untrack(int32_t pid) = 0;
   // Reads all counters and closes the max-depth interval.

@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #include "absl/time/time.h"
 #include "agent/agent.h"
 #include "agent/block_observer.h"
+#include "agent/stats_source.h"
 #include "agent/usdt_probes.h"
 
 ABSL_FLAG(std::string, connect, "", "vkickd's agent unix socket (vhost-user drivers on the host)");
@@ -29,8 +31,12 @@ ABSL_FLAG(std::string, run_dir, "", "driver registry root (<run_dir>/drivers/<pi
 ABSL_FLAG(std::string, control_dir, "/dev/shm/vkick",
           "the only directory control blocks may live in (registry entries naming others are ignored)");
 ABSL_FLAG(std::string, agent_id, "", "agent id sent in hello ([A-Za-z0-9._:-], <= 64); default: hostname");
+ABSL_FLAG(std::string, observe, "stats",
+          "how vkick-blk drivers are observed: stats (read each driver's stats block once per interval: "
+          "nothing per request) or usdt (eBPF uprobes on its USDT probes: a trap per request, for tracing)");
 ABSL_FLAG(std::vector<std::string>, driver_binary, {},
-          "vkick-blk executables to probe in every process, from start (no event missed before registration)");
+          "--observe=usdt: vkick-blk executables to probe in every process, from start (no event missed "
+          "before registration)");
 ABSL_FLAG(bool, json, false, "print one JSON line per interval on stdout (without --connect: local only, no channel)");
 ABSL_FLAG(bool, once, false, "sample one interval, print it as JSON and exit (no channel)");
 ABSL_FLAG(int32_t, intervals, 0, "exit after this many intervals (0 = run until SIGINT/SIGTERM)");
@@ -46,6 +52,26 @@ uint64_t MonotonicNs() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// The drivers' counters: their stats blocks (default), or USDT uprobes.
+absl::StatusOr<std::unique_ptr<vkick::agent::CounterSource>> MakeCounterSource(
+    const std::string& observe, const std::vector<std::string>& binaries) {
+  if (observe == "stats") {
+    if (!binaries.empty()) vkick::agent::Log("--driver_binary is for --observe=usdt: ignored");
+    return std::make_unique<vkick::agent::StatsSource>();
+  }
+  if (observe != "usdt") return absl::InvalidArgumentError("--observe must be stats or usdt");
+  auto probes = vkick::agent::UsdtProbes::Create();
+  if (!probes.ok()) return absl::Status(probes.status().code(), absl::StrCat("cannot load the BPF probes: ", probes.status().message()));
+  for (const std::string& b : binaries) {
+    if (b.empty()) continue;
+    if (absl::Status s = (*probes)->AttachBinary(b); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("--driver_binary ", b, ": ", s.message()));
+    }
+    vkick::agent::Log(absl::StrCat("probing every process of ", b));
+  }
+  return std::unique_ptr<vkick::agent::CounterSource>(*std::move(probes));
 }
 
 std::string SanitizeId(std::string s) {
@@ -102,18 +128,10 @@ int Main() {
   o.port_name = (o.connect_path.empty() && !o.json) ? absl::GetFlag(FLAGS_port_name) : "";
   if (once) o.connect_path.clear();
 
-  auto probes = vkick::agent::UsdtProbes::Create();
-  if (!probes.ok()) {
-    Log(absl::StrCat("cannot load the BPF probes: ", probes.status().ToString()));
-    return 1;
-  }
-  for (const std::string& b : absl::GetFlag(FLAGS_driver_binary)) {
-    if (b.empty()) continue;
-    if (absl::Status s = (*probes)->AttachBinary(b); !s.ok()) {
-      Log(absl::StrCat("--driver_binary ", b, ": ", s.ToString()));
-      return 1;
-    }
-    Log(absl::StrCat("probing every process of ", b));
+  auto counters = MakeCounterSource(absl::GetFlag(FLAGS_observe), absl::GetFlag(FLAGS_driver_binary));
+  if (!counters.ok()) {
+    Log(counters.status().ToString());
+    return counters.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
 
   // Kernel virtio_blk disks: optional. Without the block tracepoints as BTF
@@ -150,7 +168,7 @@ int Main() {
                    !o.connect_path.empty() ? "unix:" + o.connect_path
                    : !o.port_name.empty() ? "virtio-serial:" + o.port_name
                                           : "none (local JSON)"));
-  vkick::agent::Agent agent(o, probes->get(), MonotonicNs, &std::cout, block_observer.get());
+  vkick::agent::Agent agent(o, counters->get(), MonotonicNs, &std::cout, block_observer.get());
   return agent.Run(&g_stop, &run_mask);
 }
 
@@ -158,8 +176,9 @@ int Main() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "vkick-agent: samples vkick-blk's queues with eBPF (USDT) and applies the host's kick policies;\n"
-      "observes the kernel's own virtio_blk disks (block tracepoints, no policy).\n"
+      "vkick-agent: samples vkick-blk's queues (their stats blocks, once per interval; --observe=usdt:\n"
+      "eBPF on its USDT probes) and applies the host's kick policies; observes the kernel's own\n"
+      "virtio_blk disks (eBPF on block tracepoints, no policy).\n"
       "  vkick-agent                                 # in a VM: virtio-serial port org.vkick.agent.0\n"
       "  vkick-agent --connect=/run/vkick/agent.sock # on the host, next to vhost-user drivers\n"
       "  vkick-agent --once                          # one interval as JSON, no host\n"

@@ -40,6 +40,14 @@ bool GetInt(const Json& j, const char* key, int64_t lo, int64_t hi, int64_t* out
   return true;
 }
 
+// `path` is <dir>/<name>, name without '/' and not "." or "..".
+bool DirectlyInside(const std::string& path, absl::string_view dir) {
+  const std::string prefix = absl::StrCat(dir, "/");
+  if (path.rfind(prefix, 0) != 0) return false;
+  const std::string name = path.substr(prefix.size());
+  return !name.empty() && name.size() <= 255 && name.find('/') == std::string::npos && name != "." && name != "..";
+}
+
 }  // namespace
 
 bool ParsePciAddress(absl::string_view text, uint16_t* domain, uint8_t* bus, uint8_t* devfn) {
@@ -97,13 +105,16 @@ absl::StatusOr<DriverEntry> ParseDriverEntry(absl::string_view json, absl::strin
   if (!GetInt(j, "queue_size", 1, proto::kMaxQueueSize, &v)) return Bad("bad_queue_size");
   e.queue_size = static_cast<uint16_t>(v);
   if (!GetString(j, "control_block", 4096, &e.control_block)) return Bad("bad_control_block");
-  // The control block must be <control_dir>/<name>, name without '/' or "..":
-  // the agent (root) creates and writes it.
-  const std::string prefix = absl::StrCat(control_dir, "/");
-  if (e.control_block.rfind(prefix, 0) != 0) return Bad("control_block_outside_dir");
-  const std::string name = e.control_block.substr(prefix.size());
-  if (name.empty() || name.size() > 255 || name.find('/') != std::string::npos || name == "." || name == "..")
-    return Bad("control_block_outside_dir");
+  // The control block must be <control_dir>/<name>: the agent (root) creates
+  // and writes it.
+  if (!DirectlyInside(e.control_block, control_dir)) return Bad("control_block_outside_dir");
+  // The stats block (optional: older drivers and --stats_block= have none):
+  // the agent only reads it, but a path anywhere would let a driver make
+  // root open any file; same rule.
+  if (j.contains("stats_block")) {
+    if (!GetString(j, "stats_block", 4096, &e.stats_block)) return Bad("bad_stats_block");
+    if (!e.stats_block.empty() && !DirectlyInside(e.stats_block, control_dir)) return Bad("stats_block_outside_dir");
+  }
   return e;
 }
 

@@ -34,6 +34,7 @@ struct DriverEntry {
   uint16_t queues = 1;        // 1..kMaxQueuesPerDevice
   uint16_t queue_size = 256;  // 1..kMaxQueueSize
   std::string control_block;  // absolute path, directly inside the control dir
+  std::string stats_block;    // the driver's counters: same rule; empty: none
   friend bool operator==(const DriverEntry&, const DriverEntry&) = default;
 };
 

@@ -31,7 +31,8 @@ uint64_t Sum(const std::array<uint64_t, N>& a) {
 QueueTotals Delta(const QueueTotals& prev, const QueueTotals& cur) {
   const bool reset = cur.requests < prev.requests || cur.kicks < prev.kicks ||
                      cur.completions < prev.completions || cur.depth_sum < prev.depth_sum ||
-                     cur.latency_sum_ns < prev.latency_sum_ns || AnyBackwards(prev.kicks_by_why, cur.kicks_by_why) ||
+                     cur.latency_sum_ns < prev.latency_sum_ns || cur.asks < prev.asks ||
+                     cur.suppressed < prev.suppressed || AnyBackwards(prev.kicks_by_why, cur.kicks_by_why) ||
                      AnyBackwards(prev.depth_hist, cur.depth_hist) ||
                      AnyBackwards(prev.latency_hist, cur.latency_hist);
   if (reset) return cur;
@@ -41,6 +42,8 @@ QueueTotals Delta(const QueueTotals& prev, const QueueTotals& cur) {
   d.completions = cur.completions - prev.completions;
   d.depth_sum = cur.depth_sum - prev.depth_sum;
   d.latency_sum_ns = cur.latency_sum_ns - prev.latency_sum_ns;
+  d.asks = cur.asks - prev.asks;
+  d.suppressed = cur.suppressed - prev.suppressed;
   d.kicks_by_why = Sub(prev.kicks_by_why, cur.kicks_by_why);
   d.depth_hist = Sub(prev.depth_hist, cur.depth_hist);
   d.latency_hist = Sub(prev.latency_hist, cur.latency_hist);
@@ -60,6 +63,8 @@ BuiltSample BuildQueueSample(proto::QueueRef ref, const QueueTotals& d, uint64_t
   q.completed = Sum(d.latency_hist);
   q.kicks = d.kicks;
   q.timer_kicks = std::min(d.kicks_by_why[kWhyTimer], q.kicks);
+  q.asks = std::min(d.asks, q.requests);
+  q.suppressed = std::min(d.suppressed, q.asks);
   const uint64_t max_events = q.interval_ns / proto::kMinNsPerEvent;
   if (q.requests > max_events || q.completed > max_events || q.kicks > max_events) {
     out.ok = false;

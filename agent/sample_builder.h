@@ -21,6 +21,8 @@ struct QueueTotals {
   uint64_t completions = 0;
   uint64_t depth_sum = 0;
   uint64_t latency_sum_ns = 0;
+  uint64_t asks = 0;        // event-idx decisions put to the device
+  uint64_t suppressed = 0;  // of those, the device wanted no kick
   std::array<uint64_t, kWhySlots> kicks_by_why{};
   std::array<uint64_t, proto::kDepthBuckets> depth_hist{};
   std::array<uint64_t, proto::kLatencyBuckets> latency_hist{};

@@ -86,7 +86,9 @@ absl::Status UsdtProbes::AttachBinary(const std::string& binary) {
   return absl::OkStatus();
 }
 
-absl::Status UsdtProbes::Track(int32_t pid, const std::string& binary) {
+absl::Status UsdtProbes::Track(const TrackedDriver& d) {
+  const int32_t pid = d.pid;
+  const std::string& binary = d.binary;
   if (pid_links_.count(pid)) return absl::OkStatus();
   if (binary_inodes_.count(InodeKey(binary))) {
     pid_links_[pid] = {};  // covered by a whole-binary attachment

@@ -34,7 +34,7 @@ class UsdtProbes final : public CounterSource {
 
   // CounterSource. Track attaches per pid unless the pid's executable is
   // already covered by AttachBinary.
-  absl::Status Track(int32_t pid, const std::string& binary) override;
+  absl::Status Track(const TrackedDriver& d) override;
   void Untrack(int32_t pid) override;
   absl::StatusOr<CounterSnapshot> Read() override;
 

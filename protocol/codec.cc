@@ -85,6 +85,7 @@ Rejection ValidateQueueSample(const QueueSample& q) {
   if (q.requests > max_events || q.kicks > max_events || q.completed > max_events)
     return Rejection::kFieldOutOfRange;
   if (q.timer_kicks > q.kicks) return Rejection::kFieldOutOfRange;
+  if (q.asks > q.requests || q.suppressed > q.asks) return Rejection::kFieldOutOfRange;
   if (q.max_depth > kMaxQueueSize) return Rejection::kFieldOutOfRange;
   if (static_cast<uint8_t>(q.lease) > kMaxLeaseState) return Rejection::kFieldOutOfRange;
   if (static_cast<uint8_t>(q.applied_mode) > kMaxKickMode) return Rejection::kFieldOutOfRange;
@@ -121,7 +122,7 @@ Rejection ValidateSample(const Sample& s) {
 Rejection ValidateQueuePolicy(const QueuePolicy& p) {
   if (!RefInRange(p.ref)) return Rejection::kFieldOutOfRange;
   if (static_cast<uint8_t>(p.mode) > kMaxKickMode) return Rejection::kFieldOutOfRange;
-  if (p.mode == KickMode::kImmediate || p.mode == KickMode::kEventIdx) {
+  if (p.mode == KickMode::kImmediate) {
     if (p.batch != 1 || p.defer_ns != 0) return Rejection::kFieldOutOfRange;
   } else {
     if (p.batch < 1 || p.batch > kMaxBatch) return Rejection::kFieldOutOfRange;
@@ -235,6 +236,8 @@ void EncodeBody(const Sample& s, Writer& w) {
     w.Put<uint64_t>(q.kicks);
     w.Put<uint64_t>(q.timer_kicks);
     w.Put<uint64_t>(q.completed);
+    w.Put<uint64_t>(q.asks);
+    w.Put<uint64_t>(q.suppressed);
     for (uint64_t c : q.depth_hist) w.Put<uint64_t>(c);
     for (uint64_t c : q.latency_hist) w.Put<uint64_t>(c);
     w.Put<uint32_t>(q.mean_depth_milli);
@@ -311,6 +314,8 @@ Rejection DecodeBody(Reader& r, Sample& s) {
     q.kicks = r.Get<uint64_t>();
     q.timer_kicks = r.Get<uint64_t>();
     q.completed = r.Get<uint64_t>();
+    q.asks = r.Get<uint64_t>();
+    q.suppressed = r.Get<uint64_t>();
     for (uint64_t& c : q.depth_hist) c = r.Get<uint64_t>();
     for (uint64_t& c : q.latency_hist) c = r.Get<uint64_t>();
     q.mean_depth_milli = r.Get<uint32_t>();

@@ -23,7 +23,9 @@ namespace vkick::proto {
 // payload length u32. 12 bytes, then `length` payload bytes.
 inline constexpr std::array<uint8_t, 4> kMagic = {'V', 'K', 'C', 'K'};
 // v2: hello devices carry `driver` (v1 had none; a v1 frame is bad_version).
-inline constexpr uint16_t kVersion = 2;
+// v3: samples carry `asks` and `suppressed` (event-idx decisions); policies
+// may batch under event-idx (mode event-idx with B > 1).
+inline constexpr uint16_t kVersion = 3;
 inline constexpr size_t kHeaderSize = 12;
 
 enum class MsgType : uint16_t {
@@ -125,6 +127,11 @@ struct QueueSample {
   uint64_t kicks = 0;         // notify writes actually performed
   uint64_t timer_kicks = 0;   // of those, kicks fired by the deferral timer T
   uint64_t completed = 0;
+  // Event-idx decisions put to the device (a batch closed, or a request under
+  // plain event-idx), and of those the ones where it wanted no kick: a
+  // device that polls suppresses most, one that sleeps few.
+  uint64_t asks = 0;        // <= requests
+  uint64_t suppressed = 0;  // <= asks
   std::array<uint64_t, kDepthBuckets> depth_hist{};    // sums to requests
   std::array<uint64_t, kLatencyBuckets> latency_hist{};  // sums to completed
   uint32_t mean_depth_milli = 0;  // mean depth x 1000; 0 iff requests == 0
@@ -146,8 +153,8 @@ struct Sample {
 struct QueuePolicy {
   QueueRef ref;
   KickMode mode = KickMode::kImmediate;
-  uint16_t batch = 1;        // immediate/event-idx: 1; else 1..kMaxBatch
-  uint32_t defer_ns = 0;     // batch 1: 0..kMaxDeferNs; batch > 1: kMinDeferNs..kMaxDeferNs
+  uint16_t batch = 1;        // immediate: 1; static, event-idx: 1..kMaxBatch
+  uint32_t defer_ns = 0;     // batch 1: 0; batch > 1: kMinDeferNs..kMaxDeferNs
   uint64_t lease_ns = 0;     // kMinLeaseNs..kMaxLeaseNs
   uint64_t generation = 0;   // >= 1, increases with every change
   friend bool operator==(const QueuePolicy&, const QueuePolicy&) = default;
@@ -225,7 +232,7 @@ inline constexpr size_t kGuestDeviceMaxWire = 2 + 1 + 1 + 1 + kMaxSerialLen + 2 
 inline constexpr size_t kHelloMaxPayload =
     1 + kMaxAgentIdLen + 1 + kMaxKernelLen + 2 + kMaxDevices * kGuestDeviceMaxWire;
 inline constexpr size_t kQueueSampleWire =
-    2 + 2 + 5 * 8 + kDepthBuckets * 8 + kLatencyBuckets * 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 8;
+    2 + 2 + 7 * 8 + kDepthBuckets * 8 + kLatencyBuckets * 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 8;
 inline constexpr size_t kSampleMaxPayload = 8 + 2 + 2 + kMaxQueues * kQueueSampleWire;
 inline constexpr size_t kQueuePolicyWire = 2 + 2 + 1 + 1 + 2 + 4 + 8 + 8;
 inline constexpr size_t kPolicyMaxPayload = 2 + 2 + kMaxQueues * kQueuePolicyWire;
@@ -235,8 +242,8 @@ inline constexpr size_t kByePayload = 2;
 // The largest frame of any type; a decoder never buffers more than this.
 inline constexpr size_t kMaxPayload = kSampleMaxPayload;
 inline constexpr size_t kMaxFrame = kHeaderSize + kMaxPayload;
-static_assert(kQueueSampleWire == 276);
-static_assert(kMaxFrame == 17688, "update docs/protocol.md when the bounds change");
+static_assert(kQueueSampleWire == 292);
+static_assert(kMaxFrame == 18712, "update docs/protocol.md when the bounds change");
 
 // The maximum payload for a known type; 0 for an unknown one.
 size_t MaxPayload(uint16_t type);

@@ -25,6 +25,7 @@ absl::Status ValidateLawConfig(const LawConfig& c) {
   if (c.park_reversals < 1 || c.park_window <= c.park_reversals)
     return bad("park_reversals >= 1 and < park_window");
   if (!(c.distrust_tolerance >= 0 && c.distrust_tolerance < 1)) return bad("distrust_tolerance in [0, 1)");
+  if (!(c.polled_fraction > 0 && c.polled_fraction <= 1)) return bad("polled_fraction in (0, 1]");
   if (c.distrust_limit < 1) return bad("distrust_limit >= 1");
   return absl::OkStatus();
 }
@@ -41,9 +42,10 @@ LawInput LawInputFromSample(const proto::QueueSample& s,
   in.max_depth = s.max_depth;
   in.p50_ns = proto::LatencyQuantileNs(s.latency_hist, 0.50);
   in.p99_ns = proto::LatencyQuantileNs(s.latency_hist, 0.99);
-  // Immediate and event-idx kick per request: B = 1 whatever the fields say.
-  const bool batching =
-      s.applied_mode == proto::KickMode::kStatic || s.applied_mode == proto::KickMode::kAdaptive;
+  in.asks = s.asks;
+  in.suppressed = s.suppressed;
+  // Immediate decides per request: B = 1 whatever the fields say.
+  const bool batching = s.applied_mode != proto::KickMode::kImmediate && s.applied_batch > 1;
   in.b = batching ? s.applied_batch : 1;
   in.t_ns = batching ? s.applied_defer_ns : 0;
   return in;
@@ -60,6 +62,7 @@ std::string_view LawActionName(LawAction a) {
     case LawAction::kParked: return "parked";
     case LawAction::kIdle: return "idle";
     case LawAction::kDistrusted: return "distrusted";
+    case LawAction::kPolled: return "polled";
   }
   return "unknown";
 }
@@ -111,6 +114,7 @@ LawOutput AdaptiveLaw::Finish(const LawInput& in, uint32_t b, LawAction action, 
   if (b < cur || action == LawAction::kIdle || action == LawAction::kDistrusted)
     pending_grow_ = 0;
   LawOutput out;
+  out.event_idx = c_.event_idx && !(action == LawAction::kDistrusted && distrust_streak_ >= c_.distrust_limit);
   out.b = b;
   out.t_ns = (action == LawAction::kDistrusted && b == cur && b > 1)
                  ? std::clamp<uint64_t>(in.t_ns, proto::kMinDeferNs, c_.t_max_ns)
@@ -186,6 +190,17 @@ LawOutput AdaptiveLaw::Step(const LawInput& in) {
     }
   }
 
+  // 4. The device polls: it declined most asks, so kicks are already rare and
+  //    a batch could only add latency (QEMU's AIO polling turns guest kicks
+  //    off while it polls; a sleeping backend asks for nearly every one).
+  //    Needs event-idx in force (asks > 0) and enough of them to judge.
+  if (c_.event_idx && in.asks >= c_.min_requests / 4 &&
+      static_cast<double>(in.suppressed) >= c_.polled_fraction * static_cast<double>(in.asks)) {
+    pending_grow_ = 0;
+    if (b > 1) eval_.reset();
+    return Finish(in, 1, LawAction::kPolled, npr);
+  }
+
   // 5. Follow the depth: straight down (safe direction, fast), up only when
   //    confirmed over grow_confirm intervals and not parked.
   //    The depth a submission sees under batching B is biased low: a closed
@@ -198,7 +213,7 @@ LawOutput AdaptiveLaw::Step(const LawInput& in) {
   const uint32_t level = LevelFor(depth);
   const bool depth_says_shrink = level < b && c_.depth_fraction * depth < c_.shrink_band * b;
 
-  // 4. Batches closed by the timer: B is too large for the arrival rate.
+  // 6. Batches closed by the timer: B is too large for the arrival rate.
   //    Halve (KVM halt-polling's shrink), or go lower if the depth says so.
   if (b > 1 && in.kicks >= 8 &&
       static_cast<double>(in.timer_kicks) > c_.timer_kick_limit * static_cast<double>(in.kicks)) {

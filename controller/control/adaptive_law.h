@@ -16,6 +16,14 @@
 namespace vkick {
 
 struct LawConfig {
+  // Gate every kick with the device's own suppression (the driver asks
+  // vring_need_event when a batch closes, or at each request with B = 1).
+  // Off: the law batches with plain kicks (the action space before v3).
+  bool event_idx = true;
+  // The device declined at least this share of the asks in an interval: it
+  // polls the ring, batching cannot remove kicks it does not get, so B = 1
+  // (event-idx alone: no deferral, no added latency).
+  double polled_fraction = 0.8;
   uint32_t b_max = 64;                 // 1..proto::kMaxBatch
   uint64_t t_max_ns = 1'000'000;       // <= proto::kMaxDeferNs
   // B tracks this fraction of the requests outstanding in the driver: the
@@ -65,6 +73,9 @@ struct LawInput {
   uint32_t max_depth = 0;
   uint64_t p50_ns = 0;
   uint64_t p99_ns = 0;
+  // Event-idx decisions put to the device, and of those declined.
+  uint64_t asks = 0;
+  uint64_t suppressed = 0;
   // The (B, T) in effect during the interval (the sample's applied values).
   uint32_t b = 1;
   uint64_t t_ns = 0;
@@ -82,10 +93,14 @@ enum class LawAction : uint8_t {
   kParked,       // a grow was wanted but B oscillated recently
   kIdle,         // too few requests to batch: B = 1
   kDistrusted,   // the guest's kick count disagrees with the host's
+  kPolled,       // the device polls (declines most asks): B = 1, event-idx alone
 };
 std::string_view LawActionName(LawAction a);
 
 struct LawOutput {
+  // Kicks gated by event-idx (mode event-idx with B, T); false: plain kicks
+  // (mode adaptive = static B, T), as after a persistent distrust.
+  bool event_idx = true;
   uint32_t b = 1;
   uint64_t t_ns = 0;  // 0 iff b == 1; else proto::kMinDeferNs..t_max_ns
   LawAction action = LawAction::kHold;

@@ -58,9 +58,8 @@ double LatencyMidSeconds(size_t bucket) {
   return bucket + 1 == proto::kLatencyBuckets ? 2 * lo * 0.75 : lo * 1.5;
 }
 
-bool Batching(proto::KickMode m) {
-  return m == proto::KickMode::kStatic || m == proto::KickMode::kAdaptive;
-}
+// Modes whose B and T the driver applies (event-idx batches when B > 1).
+bool Batching(proto::KickMode m) { return m != proto::KickMode::kImmediate; }
 
 }  // namespace
 
@@ -98,7 +97,7 @@ std::vector<PolicyOut> ControlLoop::Step(const PolicyTable& table,
     if (!v.agent_connected || v.observe_only) continue;
     PolicyOut p;
     p.key = key;
-    p.mode = v.spec.mode;
+    p.mode = v.mode;
     p.batch = static_cast<uint16_t>(v.b);
     p.defer_ns = static_cast<uint32_t>(v.t_ns);
     p.lease_ns = config_.lease_ns;
@@ -177,6 +176,7 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
   }
 
   // (mode, B, T) to be in force.
+  proto::KickMode mode = spec.mode;
   uint32_t b = 1;
   uint64_t t = 0;
   std::string action;
@@ -198,9 +198,11 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
         st.law = std::make_unique<AdaptiveLaw>(config_.law);
         b = spec.batch;
         t = spec.defer_ns;
+        mode = config_.law.event_idx ? proto::KickMode::kEventIdx : proto::KickMode::kAdaptive;
       } else {
         b = v.b;
         t = v.t_ns;
+        mode = v.mode;
       }
       if (in.sample) {
         LawInput li = LawInputFromSample(*in.sample, host_delta);
@@ -209,6 +211,7 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
         LawOutput o = st.law->Step(li);
         b = o.b;
         t = o.t_ns;
+        mode = o.event_idx ? proto::KickMode::kEventIdx : proto::KickMode::kAdaptive;
         action = std::string(LawActionName(o.action));
       } else {
         action = v.last_action;
@@ -219,9 +222,10 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
     b = 1;
     if (spec.mode != proto::KickMode::kStatic) t = 0;
   }
-  const bool changed = !st.initialised || mode_changed || b != v.b || t != v.t_ns;
+  const bool changed = !st.initialised || mode_changed || mode != v.mode || b != v.b || t != v.t_ns;
   if (st.initialised && mode_changed) ++v.policy_switches;
   v.spec = spec;
+  v.mode = mode;
   v.source = source;
   v.b = b;
   v.t_ns = t;

@@ -70,6 +70,10 @@ struct QueueView {
   QueueKey key;
   PolicySpec spec;  // the resolved policy (mode and static/start values)
   PolicySource source = PolicySource::kDefault;
+  // The mode sent: the spec's, except adaptive, which the law runs as
+  // event-idx with (B, T) (or, event-idx off or distrusted, as adaptive: plain
+  // kicks with (B, T)).
+  proto::KickMode mode = proto::KickMode::kImmediate;
   uint32_t b = 1;
   uint64_t t_ns = 0;
   uint64_t generation = 0;        // of the (mode, B, T) now in force; 0: none yet

@@ -2,10 +2,14 @@
 
 #include <sys/sdt.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
-// USDT probes, provider "vkick" (see docs/kick-policies.md). The guest agent
-// reads queue depth and batch sizes from them with eBPF uprobes.
+// USDT probes, provider "vkick" (see docs/kick-policies.md): single no-op
+// instructions until a tracer attaches. The agent's default observer reads
+// the stats block instead (a uprobe is a trap per request); `vkick-agent
+// --observe=usdt` and ad-hoc tracing still use them.
 #define VKICK_PROBE_SUBMIT(q, depth) DTRACE_PROBE2(vkick, submit, q, depth)
 #define VKICK_PROBE_KICK(q, batch, why) DTRACE_PROBE3(vkick, kick, q, batch, why)
 #define VKICK_PROBE_COMPLETE(q, depth, lat) DTRACE_PROBE3(vkick, complete, q, depth, lat)
@@ -72,7 +76,8 @@ BlkQueue::BlkQueue(const BlkQueueOptions& o, Virtqueue vq, SlotMeta* meta, uint8
       submit_ns_(o.slots),
       sector_(o.slots),
       op_(o.slots),
-      busy_(o.slots, false) {
+      busy_(o.slots, false),
+      shared_(o.shared_stats != nullptr ? o.shared_stats : &own_shared_) {
   if (o.policy.mode == KickMode::kAdaptive) adaptive_.emplace(o.control, o.index, o.queue_size);
 }
 
@@ -83,7 +88,25 @@ void BlkQueue::Kick(KickWhy why) {
   sched_.Kicked();
   ++stats_.kicks;
   ++stats_.kicks_by_why[static_cast<size_t>(why)];
+  StatsAdd(shared_->kicks, 1);
+  StatsAdd(shared_->kicks_by_why[std::min<size_t>(static_cast<size_t>(why), kStatsWhySlots - 1)], 1);
   VKICK_PROBE_KICK(opts_.index, batch, static_cast<int>(why));
+}
+
+void BlkQueue::CountSubmit(uint32_t depth) {
+  ++stats_.requests;
+  StatsAdd(shared_->requests, 1);
+  StatsAdd(shared_->depth_sum, depth);
+  StatsAdd(shared_->depth_hist[StatsDepthBucket(depth)], 1);
+  VKICK_PROBE_SUBMIT(opts_.index, depth);
+}
+
+void BlkQueue::CountCompletion(uint64_t latency_ns) {
+  ++stats_.completions;
+  StatsAdd(shared_->completions, 1);
+  StatsAdd(shared_->latency_sum_ns, latency_ns);
+  StatsAdd(shared_->latency_hist[StatsLatencyBucket(latency_ns)], 1);
+  VKICK_PROBE_COMPLETE(opts_.index, vq_.in_flight(), latency_ns);
 }
 
 void BlkQueue::Apply(KickScheduler::Decision d) {
@@ -94,9 +117,13 @@ void BlkQueue::Apply(KickScheduler::Decision d) {
       Kick(d.why);
       return;
     case KickScheduler::Action::kAskDevice:
+      ++stats_.asks;
+      StatsAdd(shared_->asks, 1);
       if (vq_.NeedsNotify()) {
-        Kick(KickWhy::kEventIdx);
+        Kick(d.why);
       } else {
+        ++stats_.suppressed;
+        StatsAdd(shared_->suppressed, 1);
         sched_.Suppressed();
       }
       return;
@@ -159,8 +186,7 @@ absl::Status BlkQueue::Submit(uint32_t slot, BlkOp op, uint64_t sector, uint32_t
   submit_ns_[slot] = now;
   sector_[slot] = sector;
   op_[slot] = op;
-  ++stats_.requests;
-  VKICK_PROBE_SUBMIT(opts_.index, vq_.in_flight());
+  CountSubmit(vq_.in_flight());
   Apply(sched_.OnSubmit(now));
   return absl::OkStatus();
 }
@@ -179,9 +205,8 @@ int BlkQueue::Poll(const CompletionFn& fn) {
     const uint64_t done = clock_->NowNs();
     c.latency_ns = done - submit_ns_[slot];
     busy_[slot] = false;
-    ++stats_.completions;
     if (!c.status.ok()) ++stats_.errors;
-    VKICK_PROBE_COMPLETE(opts_.index, vq_.in_flight(), c.latency_ns);
+    CountCompletion(c.latency_ns);
     fn(c);
   });
 }
@@ -193,8 +218,8 @@ void BlkQueue::FailAll(const absl::Status& why, const CompletionFn& fn) {
     const uint32_t slot = static_cast<uint32_t>(token);
     BlkCompletion c{slot, op_[slot], sector_[slot], why, now - submit_ns_[slot]};
     busy_[slot] = false;
-    ++stats_.completions;
     ++stats_.errors;
+    CountCompletion(c.latency_ns);
     fn(c);
   });
 }

@@ -20,6 +20,7 @@
 #include "guest-policy/core/clock.h"
 #include "guest-policy/core/control_block.h"
 #include "guest-policy/core/kick_scheduler.h"
+#include "guest-policy/core/stats_block.h"
 #include "guest-policy/core/virtqueue.h"
 
 namespace vkick {
@@ -53,6 +54,9 @@ struct BlkQueueOptions {
   uint32_t max_io_bytes = 4096;    // per request data buffer
   KickPolicy policy;               // kAdaptive: read `control`
   const ControlBlock* control = nullptr;
+  // Where the queue keeps the counters the agent reads (the driver's stats
+  // block, stats_block.h); nullptr: a private copy nobody reads.
+  StatsQueue* shared_stats = nullptr;
 };
 
 struct BlkCompletion {
@@ -69,6 +73,8 @@ struct BlkQueueStats {
   uint64_t errors = 0;
   uint64_t kicks = 0;
   std::array<uint64_t, 6> kicks_by_why{};  // indexed by KickWhy
+  uint64_t asks = 0;        // event-idx: batches put to the device
+  uint64_t suppressed = 0;  // of those, the device wanted no kick
   uint64_t notify_failures = 0;
   uint64_t policy_changes = 0;  // effective policy switched (live or adaptive)
 };
@@ -137,6 +143,8 @@ class BlkQueue {
            const DmaSpace* dma, Notifier* n, const Clock* c, const BlkConfig& cfg);
   void Apply(KickScheduler::Decision d);
   void Kick(KickWhy why);
+  void CountSubmit(uint32_t depth);
+  void CountCompletion(uint64_t latency_ns);
   void RefreshAdaptive(uint64_t now);
   void SwitchTo(const KickPolicy& p);
 
@@ -156,6 +164,8 @@ class BlkQueue {
   std::vector<BlkOp> op_;
   std::vector<bool> busy_;
   BlkQueueStats stats_;
+  StatsQueue own_shared_{};  // shared_ when no stats block was given
+  StatsQueue* shared_;
 };
 
 }  // namespace vkick

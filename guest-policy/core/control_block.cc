@@ -60,7 +60,7 @@ ControlReadResult ReadControlBlock(const ControlBlock* cb, uint16_t queue, uint3
     // would ever fire), a T beyond 1 ms is the bound the design promises.
     s.batch = std::clamp<uint32_t>(e.batch, 1, std::max<uint32_t>(queue_size, 1));
     s.defer_ns = std::min<uint64_t>(e.defer_ns, kControlMaxDeferNs);
-    if (s.mode == ControlMode::kImmediate || s.mode == ControlMode::kEventIdx) {
+    if (s.mode == ControlMode::kImmediate || s.batch == 1) {
       s.batch = 1;
       s.defer_ns = 0;
     }

@@ -27,8 +27,8 @@ enum class ControlMode : uint8_t { kImmediate = 0, kEventIdx = 1, kStatic = 2, k
 struct ControlEntry {          // 24 bytes
   uint8_t mode;                // ControlMode; kAdaptive here means kStatic
   uint8_t reserved0;
-  uint16_t batch;              // B: clamped to 1..queue size
-  uint32_t defer_ns;           // T: clamped to <= 1 ms
+  uint16_t batch;              // B (static, event-idx): clamped to 1..queue size
+  uint32_t defer_ns;           // T (static, event-idx): clamped to <= 1 ms
   uint64_t lease_expiry_ns;    // CLOCK_MONOTONIC; 0 or past = expired
   uint64_t reserved1;
 };

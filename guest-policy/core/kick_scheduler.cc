@@ -4,6 +4,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 
 namespace vkick {
@@ -30,17 +31,14 @@ const char* KickWhyName(KickWhy w) {
   return "?";
 }
 
-absl::StatusOr<KickPolicy> ParseKickPolicy(absl::string_view text, uint32_t queue_size) {
-  if (text == "immediate") return KickPolicy{KickMode::kImmediate, 1, 0};
-  if (text == "event-idx") return KickPolicy{KickMode::kEventIdx, 1, 0};
-  if (text == "adaptive") return KickPolicy{KickMode::kAdaptive, 1, 0};
-  constexpr absl::string_view kStatic = "static:";
-  if (text.substr(0, kStatic.size()) != kStatic) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown policy '", text,
-                                                   "' (want immediate|event-idx|static:B,T|adaptive)"));
+namespace {
+// "B,T" of static:B,T and event-idx:B,T.
+absl::StatusOr<KickPolicy> ParseBatch(KickMode mode, absl::string_view text, absl::string_view args,
+                                      uint32_t queue_size) {
+  std::vector<absl::string_view> parts = absl::StrSplit(args, ',');
+  if (parts.size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat("policy '", text, "': want ", KickModeName(mode), ":B,T"));
   }
-  std::vector<absl::string_view> parts = absl::StrSplit(text.substr(kStatic.size()), ',');
-  if (parts.size() != 2) return absl::InvalidArgumentError(absl::StrCat("policy '", text, "': want static:B,T"));
   uint32_t b = 0;
   if (!absl::SimpleAtoi(parts[0], &b) || b < 1 || b > queue_size) {
     return absl::InvalidArgumentError(absl::StrCat("policy '", text, "': B must be 1..", queue_size));
@@ -54,11 +52,27 @@ absl::StatusOr<KickPolicy> ParseKickPolicy(absl::string_view text, uint32_t queu
   if (!absl::SimpleAtoi(t, &tv) || tv > kMaxDeferNs / mult || tv * mult > kMaxDeferNs) {
     return absl::InvalidArgumentError(absl::StrCat("policy '", text, "': T must be a duration <= 1ms"));
   }
-  return KickPolicy{KickMode::kStatic, b, tv * mult};
+  if (b == 1) tv = 0;  // nothing ever waits for a batch of one
+  return KickPolicy{mode, b, tv * mult};
+}
+}  // namespace
+
+absl::StatusOr<KickPolicy> ParseKickPolicy(absl::string_view text, uint32_t queue_size) {
+  if (text == "immediate") return KickPolicy{KickMode::kImmediate, 1, 0};
+  if (text == "event-idx") return KickPolicy{KickMode::kEventIdx, 1, 0};
+  if (text == "adaptive") return KickPolicy{KickMode::kAdaptive, 1, 0};
+  for (KickMode m : {KickMode::kStatic, KickMode::kEventIdx}) {
+    const std::string prefix = absl::StrCat(KickModeName(m), ":");
+    if (absl::StartsWith(text, prefix)) return ParseBatch(m, text, text.substr(prefix.size()), queue_size);
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown policy '", text, "' (want immediate|event-idx|static:B,T|event-idx:B,T|adaptive)"));
 }
 
 std::string FormatKickPolicy(const KickPolicy& p) {
-  if (p.mode == KickMode::kStatic) return absl::StrCat("static:", p.batch, ",", p.defer_ns, "ns");
+  if (p.mode == KickMode::kStatic || (p.mode == KickMode::kEventIdx && p.batch > 1)) {
+    return absl::StrCat(KickModeName(p.mode), ":", p.batch, ",", p.defer_ns, "ns");
+  }
   return KickModeName(p.mode);
 }
 
@@ -70,10 +84,11 @@ KickScheduler::Decision KickScheduler::OnSubmit(uint64_t now_ns) {
     case KickMode::kAdaptive:  // never configured directly; be safe
       return {Action::kKick, KickWhy::kImmediate};
     case KickMode::kEventIdx:
-      return {Action::kAskDevice, KickWhy::kEventIdx};
+      if (policy_.batch <= 1) return {Action::kAskDevice, KickWhy::kEventIdx};
+      [[fallthrough]];
     case KickMode::kStatic:
-      if (pending_ >= policy_.batch) return {Action::kKick, KickWhy::kBatchFull};
-      if (now_ns - oldest_ns_ >= policy_.defer_ns) return {Action::kKick, KickWhy::kTimer};
+      if (pending_ >= policy_.batch) return Close(KickWhy::kBatchFull);
+      if (now_ns - oldest_ns_ >= policy_.defer_ns) return Close(KickWhy::kTimer);
       return {};
   }
   return {Action::kKick, KickWhy::kImmediate};
@@ -81,12 +96,16 @@ KickScheduler::Decision KickScheduler::OnSubmit(uint64_t now_ns) {
 
 KickScheduler::Decision KickScheduler::OnPoll(uint64_t now_ns) {
   if (pending_ == 0) return {};
-  if (policy_.mode != KickMode::kStatic) {
+  if (!policy_.Defers()) {
     // Other modes resolve at submit; anything left (should not happen) goes now.
     return {Action::kKick, KickWhy::kImmediate};
   }
-  if (now_ns - oldest_ns_ >= policy_.defer_ns) return {Action::kKick, KickWhy::kTimer};
+  if (now_ns - oldest_ns_ >= policy_.defer_ns) return Close(KickWhy::kTimer);
   return {};
+}
+
+KickScheduler::Decision KickScheduler::Close(KickWhy why) const {
+  return {policy_.mode == KickMode::kEventIdx ? Action::kAskDevice : Action::kKick, why};
 }
 
 KickScheduler::Decision KickScheduler::SetPolicy(const KickPolicy& p) {
@@ -107,7 +126,7 @@ void KickScheduler::Suppressed() { pending_ = 0; }
 
 std::optional<uint64_t> KickScheduler::deadline_ns() const {
   if (pending_ == 0) return std::nullopt;
-  if (policy_.mode != KickMode::kStatic) return oldest_ns_;
+  if (!policy_.Defers()) return oldest_ns_;
   return oldest_ns_ + policy_.defer_ns;
 }
 
@@ -124,7 +143,7 @@ KickPolicy AdaptiveSource::Effective(uint64_t now_ns) {
   leased_ = ok;
   if (!ok) return {KickMode::kImmediate, 1, 0};
   switch (last_good_->mode) {
-    case ControlMode::kEventIdx: return {KickMode::kEventIdx, 1, 0};
+    case ControlMode::kEventIdx: return {KickMode::kEventIdx, last_good_->batch, last_good_->defer_ns};
     case ControlMode::kStatic:
     case ControlMode::kAdaptive: return {KickMode::kStatic, last_good_->batch, last_good_->defer_ns};
     case ControlMode::kImmediate: break;

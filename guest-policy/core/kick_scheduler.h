@@ -1,18 +1,26 @@
 // The kick path as a policy (the seed's "defer the kick to a taskqueue").
 // Pure: time comes in as arguments (from a Clock), the caller does the kick.
 //
-//   immediate   kick after every submit (the baseline: one kick per request)
-//   event-idx   ask the ring: kick iff vring_need_event(avail_event, new, old)
-//   static:B,T  kick when B requests are pending since the last kick, or when
-//               the oldest pending one is T old, whichever first. The T kick
-//               is deferred: it is issued by OnPoll() on the queue's poller
-//               loop (the "taskqueue"), so no submitter ever waits for it.
-//   adaptive    B and T from the control block with a lease (AdaptiveSource);
-//               expired, absent or invalid: immediate.
+//   immediate        kick after every submit (one kick per request)
+//   event-idx        ask the ring: kick iff vring_need_event(avail_event, new,
+//                    old), or the used ring's NO_NOTIFY flag without EVENT_IDX
+//   static:B,T       kick when B requests are pending since the last kick, or
+//                    when the oldest pending one is T old, whichever first. The
+//                    T kick is deferred: it is issued by OnPoll() on the
+//                    queue's poller loop (the "taskqueue"), so no submitter
+//                    ever waits for it.
+//   event-idx:B,T    both: a batch closes as in static:B,T, and then the
+//                    device is asked, as in event-idx. A polling backend
+//                    that wants no kicks gets none; a sleeping one gets one
+//                    per batch.
+//   adaptive         the mode, B and T from the control block with a lease
+//                    (AdaptiveSource); expired, absent or invalid: immediate.
 //
 // Invariant (tested): with polls at most P apart, no request stays pending
-// (published, not kicked) longer than T + P; a policy change kicks what is
-// pending at once, so nothing is stranded by a switch.
+// (published, neither kicked nor put to the device) longer than T + P; a
+// policy change kicks what is pending at once, so nothing is stranded by a
+// switch. A request the device declined to be told about is its promise
+// (virtio 1.2, 2.7.10) to look by itself.
 #pragma once
 
 #include <cstdint>
@@ -41,16 +49,18 @@ const char* KickWhyName(KickWhy w);
 
 struct KickPolicy {
   KickMode mode = KickMode::kImmediate;
-  uint32_t batch = 1;     // static/adaptive: B
-  uint64_t defer_ns = 0;  // static/adaptive: T
+  uint32_t batch = 1;     // static, event-idx: B (1 = no batching)
+  uint64_t defer_ns = 0;  // static, event-idx: T
+  // Requests wait for a batch to close (B > 1) before their kick.
+  bool Defers() const { return (mode == KickMode::kStatic || mode == KickMode::kEventIdx) && batch > 1; }
   friend bool operator==(const KickPolicy&, const KickPolicy&) = default;
 };
 
 inline constexpr uint64_t kMaxDeferNs = kControlMaxDeferNs;  // 1 ms
 
-// "immediate", "event-idx", "adaptive", "static:B,T" where T is a number with
-// an optional unit ns|us|ms (default us), e.g. "static:32,50us".
-// B must be 1..queue_size, T <= 1 ms.
+// "immediate", "event-idx", "adaptive", "static:B,T", "event-idx:B,T" where
+// T is a number with an optional unit ns|us|ms (default us), e.g.
+// "static:32,50us". B must be 1..queue_size, T <= 1 ms.
 absl::StatusOr<KickPolicy> ParseKickPolicy(absl::string_view text, uint32_t queue_size);
 std::string FormatKickPolicy(const KickPolicy& p);
 
@@ -84,6 +94,9 @@ class KickScheduler {
   const KickPolicy& policy() const { return policy_; }
 
  private:
+  // A batch closed: kick it, or ask the device first (event-idx).
+  Decision Close(KickWhy why) const;
+
   KickPolicy policy_;
   uint32_t pending_ = 0;
   uint64_t oldest_ns_ = 0;

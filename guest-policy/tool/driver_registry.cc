@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -19,10 +20,14 @@ namespace {
 // The registry path for the signal handler: a fixed buffer, because the
 // handler may only call async-signal-safe functions (unlink, raise).
 char g_registry_path[4096];
+char g_stats_path[4096];  // empty: none
 std::atomic<bool> g_registered{false};
 
 void OnFatalSignal(int sig) {
-  if (g_registered.load()) unlink(g_registry_path);
+  if (g_registered.load()) {
+    unlink(g_registry_path);
+    if (g_stats_path[0] != '\0') unlink(g_stats_path);
+  }
   signal(sig, SIG_DFL);
   raise(sig);
 }
@@ -52,6 +57,7 @@ std::string DriverInfoJson(const DriverInfo& d) {
   j["queues"] = d.queues;
   j["queue_size"] = d.queue_size;
   j["control_block"] = d.control_block;
+  if (!d.stats_block.empty()) j["stats_block"] = d.stats_block;
   return j.dump() + "\n";
 }
 
@@ -100,6 +106,39 @@ std::string ResolveRunDir(absl::string_view flag) {
 }
 
 std::string DefaultControlBlockPath(int pid) { return absl::StrCat("/dev/shm/vkick/control-", pid); }
+std::string DefaultStatsBlockPath(int pid) { return absl::StrCat("/dev/shm/vkick/stats-", pid); }
+
+absl::StatusOr<StatsFile> StatsFile::Create(const std::string& path, uint16_t num_queues) {
+  const size_t slash = path.rfind('/');
+  if (slash != std::string::npos && slash > 0) {
+    if (absl::Status st = MkdirP(path.substr(0, slash)); !st.ok()) return st;
+  }
+  unlink(path.c_str());  // a dead driver's leftover of our pid: never reuse its counters
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", path));
+  if (ftruncate(fd, sizeof(StatsBlock)) != 0) {
+    const int e = errno;
+    close(fd);
+    unlink(path.c_str());
+    return absl::ErrnoToStatus(e, absl::StrCat("size ", path));
+  }
+  void* p = mmap(nullptr, sizeof(StatsBlock), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  const int e = errno;
+  close(fd);
+  if (p == MAP_FAILED) {
+    unlink(path.c_str());
+    return absl::ErrnoToStatus(e, absl::StrCat("map ", path));
+  }
+  auto* b = static_cast<StatsBlock*>(p);
+  InitStatsBlock(b, num_queues, static_cast<uint64_t>(getpid()));
+  return StatsFile(path, b);
+}
+
+StatsFile::~StatsFile() {
+  if (block_ == nullptr) return;
+  unlink(path_.c_str());
+  munmap(block_, sizeof(StatsBlock));
+}
 
 absl::StatusOr<DriverRegistration> DriverRegistration::Create(const std::string& run_dir, const DriverInfo& d) {
   const std::string dir = run_dir + "/drivers";
@@ -123,6 +162,7 @@ absl::StatusOr<DriverRegistration> DriverRegistration::Create(const std::string&
     return absl::ErrnoToStatus(e, absl::StrCat("rename to ", path));
   }
   std::memcpy(g_registry_path, path.c_str(), path.size() + 1);
+  if (d.stats_block.size() < sizeof(g_stats_path)) std::memcpy(g_stats_path, d.stats_block.c_str(), d.stats_block.size() + 1);
   g_registered.store(true);
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
     struct sigaction sa {};

@@ -4,7 +4,8 @@
 //   $VKICK_RUN_DIR/drivers/<pid>.json   (VKICK_RUN_DIR default /run/vkick)
 //   {"pid":int, "transport":"vhost-user"|"pci", "socket":"...", "pci":"...",
 //    "serial":"<=20 printable chars", "queues":int, "queue_size":int,
-//    "control_block":"/dev/shm/vkick/control-<pid>"}
+//    "control_block":"/dev/shm/vkick/control-<pid>",
+//    "stats_block":"/dev/shm/vkick/stats-<pid>"}   (absent: no stats block)
 //
 // Written atomically (tmp file + rename, so a reader never sees half a file)
 // and removed on exit, also on error exits and on SIGINT/SIGTERM/SIGHUP. A
@@ -17,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "guest-policy/core/stats_block.h"
 
 namespace vkick {
 
@@ -29,6 +31,7 @@ struct DriverInfo {
   uint32_t queues = 0;
   uint32_t queue_size = 0;
   std::string control_block;
+  std::string stats_block;  // empty: the driver keeps no stats block
 };
 
 // Pure helpers (unit-tested).
@@ -46,6 +49,25 @@ std::string SerialFromSocketPath(absl::string_view path);
 // $VKICK_RUN_DIR, else /run/vkick; a non-empty `flag` wins over both.
 std::string ResolveRunDir(absl::string_view flag);
 std::string DefaultControlBlockPath(int pid);  // /dev/shm/vkick/control-<pid>
+std::string DefaultStatsBlockPath(int pid);    // /dev/shm/vkick/stats-<pid>
+
+// The driver's stats block (guest-policy/core/stats_block.h): created, sized
+// and mapped shared by the driver, which alone writes it; removed with the
+// object (and by DriverRegistration's signal handler when it names it).
+class StatsFile {
+ public:
+  static absl::StatusOr<StatsFile> Create(const std::string& path, uint16_t num_queues);
+  StatsFile(StatsFile&& o) noexcept : path_(std::move(o.path_)), block_(o.block_) { o.block_ = nullptr; }
+  StatsFile& operator=(StatsFile&&) = delete;
+  ~StatsFile();
+  StatsBlock* block() const { return block_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  StatsFile(std::string path, StatsBlock* b) : path_(std::move(path)), block_(b) {}
+  std::string path_;
+  StatsBlock* block_ = nullptr;
+};
 
 // The registration of this process; the file goes away with the object.
 class DriverRegistration {

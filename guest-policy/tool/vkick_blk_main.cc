@@ -39,9 +39,14 @@ ABSL_FLAG(double, rate, 0, "open loop: Poisson arrivals per second per queue (0 
 ABSL_FLAG(double, runtime, 5, "seconds of I/O (verify: only with --verify_passes=0)");
 ABSL_FLAG(uint32_t, queues, 1, "number of virtqueues (one poller thread each)");
 ABSL_FLAG(uint32_t, queue_size, 256, "virtqueue size (power of two)");
-ABSL_FLAG(std::string, policy, "immediate", "kick policy: immediate|event-idx|static:B,T|adaptive (T in us, or ns/us/ms)");
+ABSL_FLAG(std::string, policy, "immediate",
+          "kick policy: immediate|event-idx|static:B,T|event-idx:B,T|adaptive (T in us, or ns/us/ms); "
+          "event-idx:B,T closes a batch as static:B,T does, then kicks only if the device asked");
 ABSL_FLAG(std::string, control, "",
           "adaptive: control block file written by vkick-agent (default /dev/shm/vkick/control-<pid>)");
+ABSL_FLAG(std::string, stats_block, "default",
+          "file of per-queue counters the agent reads each interval (default /dev/shm/vkick/stats-<pid>; "
+          "empty: none)");
 ABSL_FLAG(std::string, run_dir, "",
           "where the driver registers itself as drivers/<pid>.json (default $VKICK_RUN_DIR, else /run/vkick)");
 ABSL_FLAG(std::string, serial, "",
@@ -139,8 +144,22 @@ int Main() {
     o.control_path = control_path;
   }
 
+  // The counters the agent reads each interval. Without them the driver
+  // still runs; only the loop cannot observe it (unless --observe=usdt).
+  std::optional<StatsFile> stats;
+  if (const std::string path = absl::GetFlag(FLAGS_stats_block); !path.empty()) {
+    auto sf = StatsFile::Create(path == "default" ? DefaultStatsBlockPath(pid) : path, o.queues);
+    if (sf.ok()) {
+      stats.emplace(*std::move(sf));
+      o.stats = stats->block();
+    } else {
+      std::fprintf(stderr, "vkick-blk: warning: no stats block: %s\n", std::string(sf.status().message()).c_str());
+    }
+  }
+
   DriverInfo info;
   info.pid = pid;
+  info.stats_block = stats ? stats->path() : "";
   info.transport = socket.empty() ? "pci" : "vhost-user";
   info.socket = socket;
   info.pci = pci;
@@ -212,6 +231,8 @@ int Main() {
     j["lat_p99_us"] = r->lat_p99_us;
     j["lat_p999_us"] = r->lat_p999_us;
     j["kicks_per_request"] = r->kicks_per_request;
+    j["asks"] = r->asks;
+    j["suppressed"] = r->suppressed;
     j["cpu_us_per_request"] = r->cpu_us_per_request;
     j["errors"] = r->errors;
     j["verify_mismatches"] = r->verify_mismatches;

@@ -83,6 +83,7 @@ class Runner {
       auto c = std::make_unique<QueueCtx>();
       c->index = i;
       qo.index = i;
+      qo.shared_stats = o_.stats != nullptr && i < kStatsBlockMaxQueues ? &o_.stats->queues[i] : nullptr;
       auto q = BlkQueue::Create(qo, *mem + per_queue * i, t_.dma(), &t_, &clock_, cfg);
       if (!q.ok()) return q.status();
       c->q = *std::move(q);
@@ -139,6 +140,8 @@ class Runner {
       r.completions += s.completions;
       r.kicks += s.kicks;
       for (size_t i = 0; i < r.kicks_by_why.size(); ++i) r.kicks_by_why[i] += s.kicks_by_why[i];
+      r.asks += s.asks;
+      r.suppressed += s.suppressed;
       r.errors += c->errors + c->mismatches;
       r.verify_mismatches += c->mismatches;
       r.lost += c->lost;

@@ -12,6 +12,7 @@
 #include "guest-policy/core/control_block.h"
 #include "guest-policy/core/kick_scheduler.h"
 #include "guest-policy/core/load_model.h"
+#include "guest-policy/core/stats_block.h"
 #include "guest-policy/transport/transport.h"
 
 namespace vkick {
@@ -36,6 +37,9 @@ struct WorkloadOptions {
   std::string control_path;
   uint64_t control_retry_ns = 100'000'000;
   bool interrupts = false;
+  // The driver's stats block (queue i keeps its counters in queues[i]);
+  // nullptr: none.
+  StatsBlock* stats = nullptr;
   uint64_t seed = 1;
   uint64_t verify_bytes = 64ull << 20;  // verify: region written then read back
   // verify: write+read-back passes; 0 = repeat until runtime_s has elapsed.
@@ -50,6 +54,8 @@ struct WorkloadResult {
   uint64_t completions = 0;
   uint64_t kicks = 0;
   std::array<uint64_t, 6> kicks_by_why{};
+  uint64_t asks = 0;        // event-idx decisions put to the device
+  uint64_t suppressed = 0;  // of those, the device wanted no kick
   uint64_t errors = 0;           // failed requests, mismatches and lost ones
   uint64_t verify_mismatches = 0;
   uint64_t lost = 0;

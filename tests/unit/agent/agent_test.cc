@@ -37,9 +37,9 @@ using std::chrono::milliseconds;
 
 class FakeCounters : public CounterSource {
  public:
-  absl::Status Track(int32_t pid, const std::string&) override {
+  absl::Status Track(const TrackedDriver& d) override {
     std::lock_guard<std::mutex> l(mu_);
-    tracked_.push_back(pid);
+    tracked_.push_back(d.pid);
     return absl::OkStatus();
   }
   void Untrack(int32_t) override {}

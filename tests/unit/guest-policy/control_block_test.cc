@@ -21,8 +21,9 @@ ControlEntry Entry(ControlMode m, uint16_t b, uint32_t t, uint64_t lease) {
 TEST(ControlBlock, RoundTripAndPerQueueEntries) {
   ControlBlock cb;
   InitControlBlock(&cb, 1);
-  ControlEntry es[2] = {Entry(ControlMode::kStatic, 16, 40000, 99), Entry(ControlMode::kEventIdx, 4, 5, 77)};
-  WriteControlEntries(&cb, es, 2);
+  ControlEntry es[3] = {Entry(ControlMode::kStatic, 16, 40000, 99), Entry(ControlMode::kEventIdx, 4, 5000, 77),
+                        Entry(ControlMode::kImmediate, 4, 5000, 77)};
+  WriteControlEntries(&cb, es, 3);
   auto r0 = ReadControlBlock(&cb, 0, 256);
   ASSERT_TRUE(r0.snapshot.has_value());
   EXPECT_EQ(r0.snapshot->mode, ControlMode::kStatic);
@@ -32,7 +33,12 @@ TEST(ControlBlock, RoundTripAndPerQueueEntries) {
   auto r1 = ReadControlBlock(&cb, 1, 256);
   ASSERT_TRUE(r1.snapshot.has_value());
   EXPECT_EQ(r1.snapshot->mode, ControlMode::kEventIdx);
-  EXPECT_EQ(r1.snapshot->batch, 1u);  // forced for event-idx
+  EXPECT_EQ(r1.snapshot->batch, 4u);  // event-idx batches too: a batch closes, then the device is asked
+  EXPECT_EQ(r1.snapshot->defer_ns, 5000u);
+  auto r2 = ReadControlBlock(&cb, 2, 256);
+  ASSERT_TRUE(r2.snapshot.has_value());
+  EXPECT_EQ(r2.snapshot->batch, 1u);  // forced for immediate
+  EXPECT_EQ(r2.snapshot->defer_ns, 0u);
   auto r5 = ReadControlBlock(&cb, 5, 256);  // beyond num_entries: entry 0
   EXPECT_EQ(r5.snapshot->batch, 16u);
 }

@@ -68,7 +68,7 @@ TEST(ProtocolCodec, HeaderLayoutIsLittleEndianVkck) {
   const auto b = Frame(Ack{.generation = 0x0102030405060708});
   ASSERT_EQ(b.size(), kHeaderSize + 8);
   EXPECT_EQ(std::string(b.begin(), b.begin() + 4), "VKCK");
-  EXPECT_EQ(b[4], 2);  // version (v2)
+  EXPECT_EQ(b[4], 3);  // version (v3)
   EXPECT_EQ(b[6], static_cast<uint8_t>(MsgType::kAck));
   EXPECT_EQ(b[8], 8);  // length
   EXPECT_EQ(b[12], 0x08);
@@ -201,6 +201,8 @@ TEST(ProtocolCodec, FieldOutOfRange) {
   EXPECT_EQ(bad([](QueueSample& q) { q.interval_ns = kMaxIntervalNs + 1; }),
             Rejection::kFieldOutOfRange);
   EXPECT_EQ(bad([](QueueSample& q) { q.timer_kicks = q.kicks + 1; }), Rejection::kFieldOutOfRange);
+  EXPECT_EQ(bad([](QueueSample& q) { q.asks = q.requests + 1; }), Rejection::kFieldOutOfRange);
+  EXPECT_EQ(bad([](QueueSample& q) { q.suppressed = q.asks + 1; }), Rejection::kFieldOutOfRange);
   EXPECT_EQ(bad([](QueueSample& q) { q.kicks = q.interval_ns; }), Rejection::kFieldOutOfRange);
   EXPECT_EQ(bad([](QueueSample& q) { q.ref.queue_index = kMaxQueuesPerDevice; }),
             Rejection::kFieldOutOfRange);
@@ -264,7 +266,7 @@ TEST(ProtocolCodec, FieldOutOfRange) {
   b[kHeaderSize + 2] = 1;  // reserved
   EXPECT_EQ(DecodeOne(b), Rejection::kFieldOutOfRange);
   b = Frame(MakeSample());
-  b[kHeaderSize + 12 + 262] = 1;  // first entry's reserved u16
+  b[kHeaderSize + 12 + 278] = 1;  // first entry's reserved u16
   EXPECT_EQ(DecodeOne(b), Rejection::kFieldOutOfRange);
 }
 
@@ -349,6 +351,7 @@ TEST(ProtocolCodec, Inconsistent) {
   EXPECT_EQ(bad([](QueueSample& q) { q.lease = LeaseState::kNone; }), Rejection::kInconsistent);
   EXPECT_EQ(bad([](QueueSample& q) {
               q.requests = 0;
+              q.asks = q.suppressed = 0;
               q.depth_hist = {};
             }),
             Rejection::kInconsistent);  // max/mean depth without requests

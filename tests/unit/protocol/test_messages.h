@@ -43,6 +43,8 @@ inline QueueSample MakeQueueSample(uint16_t dev, uint16_t q, uint64_t requests =
   s.requests = requests;
   s.kicks = requests / 16;
   s.timer_kicks = s.kicks / 4;
+  s.asks = s.kicks * 2;
+  s.suppressed = s.kicks;
   s.completed = requests;
   if (requests) {
     s.depth_hist[DepthBucket(depth)] = requests;

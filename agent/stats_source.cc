@@ -1,0 +1,71 @@
+#include "agent/stats_source.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace vkick::agent {
+
+static_assert(kStatsDepthBuckets == proto::kDepthBuckets);
+static_assert(kStatsLatencyBuckets == proto::kLatencyBuckets);
+static_assert(kStatsWhySlots == kWhySlots);
+
+namespace {
+
+// Cumulative totals of one queue; the histograms are copied as they are.
+QueueTotals ToTotals(const StatsQueue& q) {
+  QueueTotals t;
+  t.requests = q.requests;
+  t.completions = q.completions;
+  t.kicks = q.kicks;
+  t.asks = q.asks;
+  t.suppressed = q.suppressed;
+  t.depth_sum = q.depth_sum;
+  t.latency_sum_ns = q.latency_sum_ns;
+  std::copy(std::begin(q.kicks_by_why), std::end(q.kicks_by_why), t.kicks_by_why.begin());
+  std::copy(std::begin(q.depth_hist), std::end(q.depth_hist), t.depth_hist.begin());
+  std::copy(std::begin(q.latency_hist), std::end(q.latency_hist), t.latency_hist.begin());
+  return t;
+}
+
+}  // namespace
+
+void AddStatsQueues(int32_t pid, const StatsView& v, CounterSnapshot* snap) {
+  for (uint16_t i = 0; i < v.num_queues; ++i) {
+    QueueTotals t = ToTotals(v.queues[i]);
+    size_t top = 0;
+    for (size_t b = 0; b < t.depth_hist.size(); ++b)
+      if (t.depth_hist[b] != 0) top = b;
+    t.interval_max_depth = top == 0 ? 1 : static_cast<uint32_t>((uint64_t{2} << top) - 1);
+    if (t.requests == 0) t.interval_max_depth = 0;
+    snap->queues[{pid, i}] = t;
+  }
+}
+
+absl::Status StatsSource::Track(const TrackedDriver& d) {
+  if (d.stats_block.empty()) {
+    return absl::FailedPreconditionError(
+        "the driver keeps no stats block (vkick-blk --stats_block=, or an older vkick-blk); "
+        "--observe=usdt observes it with uprobes");
+  }
+  paths_[d.pid] = d.stats_block;
+  return absl::OkStatus();
+}
+
+void StatsSource::Untrack(int32_t pid) { paths_.erase(pid); }
+
+absl::StatusOr<CounterSnapshot> StatsSource::Read() {
+  CounterSnapshot snap;
+  for (const auto& [pid, path] : paths_) {
+    absl::StatusOr<StatsView> v = ReadStatsBlockFile(path, &buf_);
+    if (!v.ok() || v->writer_pid != static_cast<uint64_t>(pid)) {
+      ++unreadable_;  // gone, replaced, or not the driver's own: skip this interval
+      continue;
+    }
+    AddStatsQueues(pid, *v, &snap);
+  }
+  snap.unreadable = unreadable_;
+  return snap;
+}
+
+}  // namespace vkick::agent
