@@ -1,5 +1,7 @@
 #include "agent/stats_source.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -36,7 +38,9 @@ void AddStatsQueues(int32_t pid, const StatsView& v, CounterSnapshot* snap) {
     size_t top = 0;
     for (size_t b = 0; b < t.depth_hist.size(); ++b)
       if (t.depth_hist[b] != 0) top = b;
-    t.interval_max_depth = top == 0 ? 1 : static_cast<uint32_t>((uint64_t{2} << top) - 1);
+    const uint64_t edge = top == 0 ? 1 : (uint64_t{2} << top) - 1;
+    const uint64_t limit = v.queues[i].depth_limit;
+    t.interval_max_depth = static_cast<uint32_t>(std::min<uint64_t>(limit > 0 ? std::min(edge, limit) : edge, UINT32_MAX));
     if (t.requests == 0) t.interval_max_depth = 0;
     snap->queues[{pid, i}] = t;
   }
@@ -48,18 +52,36 @@ absl::Status StatsSource::Track(const TrackedDriver& d) {
         "the driver keeps no stats block (vkick-blk --stats_block=, or an older vkick-blk); "
         "--observe=usdt observes it with uprobes");
   }
-  paths_[d.pid] = d.stats_block;
+  if (!tracked_.count(d.pid)) tracked_[d.pid] = Tracked{d.stats_block, -1};
   return absl::OkStatus();
 }
 
-void StatsSource::Untrack(int32_t pid) { paths_.erase(pid); }
+void StatsSource::Untrack(int32_t pid) {
+  auto it = tracked_.find(pid);
+  if (it == tracked_.end()) return;
+  if (it->second.fd >= 0) close(it->second.fd);
+  tracked_.erase(it);
+}
+
+StatsSource::~StatsSource() {
+  for (auto& [pid, t] : tracked_)
+    if (t.fd >= 0) close(t.fd);
+}
 
 absl::StatusOr<CounterSnapshot> StatsSource::Read() {
   CounterSnapshot snap;
-  for (const auto& [pid, path] : paths_) {
-    absl::StatusOr<StatsView> v = ReadStatsBlockFile(path, &buf_);
+  for (auto& [pid, t] : tracked_) {
+    if (t.fd < 0) {
+      absl::StatusOr<int> fd = OpenStatsBlockFile(t.path);
+      if (!fd.ok()) {
+        ++unreadable_;
+        continue;
+      }
+      t.fd = *fd;
+    }
+    absl::StatusOr<StatsView> v = ReadStatsBlock(t.fd, &buf_);
     if (!v.ok() || v->writer_pid != static_cast<uint64_t>(pid)) {
-      ++unreadable_;  // gone, replaced, or not the driver's own: skip this interval
+      ++unreadable_;  // invalid, or not the driver's own: skip this interval
       continue;
     }
     AddStatsQueues(pid, *v, &snap);

@@ -29,17 +29,24 @@ class StatsSource final : public CounterSource {
   absl::Status Track(const TrackedDriver& d) override;
   void Untrack(int32_t pid) override;
   absl::StatusOr<CounterSnapshot> Read() override;
+  ~StatsSource() override;
 
  private:
-  std::map<int32_t, std::string> paths_;
+  // pid -> the block's fd, opened at the first successful read and kept, so
+  // the last read after the driver's exit still sees its final counters.
+  struct Tracked {
+    std::string path;
+    int fd = -1;
+  };
+  std::map<int32_t, Tracked> tracked_;
   StatsBlock buf_{};
   uint64_t unreadable_ = 0;
 };
 
 // One block's queues in the agent's shape. The interval's maximum depth is
-// the top edge of the highest non-empty depth bucket (the driver keeps no
-// per-interval maximum the agent would have to reset); BuildQueueSample
-// clamps it to what the histogram allows.
+// the top edge of the highest non-empty depth bucket, capped by the queue's
+// depth limit (the driver keeps no per-interval maximum the agent would have
+// to reset); BuildQueueSample clamps it to what the histogram allows.
 void AddStatsQueues(int32_t pid, const StatsView& v, CounterSnapshot* snap);
 
 }  // namespace vkick::agent

@@ -144,8 +144,8 @@ def main():
         check_alive()
         procs.append(Proc("vkick-agent", [
             os.path.join(bindir, "vkick-agent"), "--connect=" + agent_sock, "--run-dir=" + rundir,
-            "--driver-binary=" + os.path.join(bindir, "vkick-blk"), "--interval=1s"], tmp))
-        time.sleep(1.0)  # the agent attaches its USDT probes to the binary first
+            "--interval=1s"], tmp))
+        time.sleep(1.0)  # the agent connects and announces before the driver starts
         check_alive()
         sched = ",".join("%d:%g" % s for s in SCHEDULE)
         procs.append(Proc("vkick-blk", [

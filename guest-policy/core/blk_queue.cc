@@ -79,6 +79,7 @@ BlkQueue::BlkQueue(const BlkQueueOptions& o, Virtqueue vq, SlotMeta* meta, uint8
       busy_(o.slots, false),
       shared_(o.shared_stats != nullptr ? o.shared_stats : &own_shared_) {
   if (o.policy.mode == KickMode::kAdaptive) adaptive_.emplace(o.control, o.index, o.queue_size);
+  std::atomic_ref<uint64_t>(shared_->depth_limit).store(o.slots, std::memory_order_relaxed);
 }
 
 void BlkQueue::Kick(KickWhy why) {

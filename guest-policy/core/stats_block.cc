@@ -37,8 +37,7 @@ absl::StatusOr<StatsView> ParseStatsBlock(const StatsBlock& copy, size_t bytes_r
   return StatsView{copy.num_queues, copy.writer_pid, copy.queues};
 }
 
-absl::StatusOr<StatsView> ReadStatsBlockFile(const std::string& path, StatsBlock* buf) {
-  // O_NOFOLLOW: the path comes from an untrusted registry entry.
+absl::StatusOr<int> OpenStatsBlockFile(const std::string& path) {
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
   if (fd < 0) return absl::NotFoundError(absl::StrCat(path, ": ", std::strerror(errno)));
   struct stat st;
@@ -46,11 +45,21 @@ absl::StatusOr<StatsView> ReadStatsBlockFile(const std::string& path, StatsBlock
     close(fd);
     return absl::FailedPreconditionError(absl::StrCat(path, ": not a regular file"));
   }
+  return fd;
+}
+
+absl::StatusOr<StatsView> ReadStatsBlock(int fd, StatsBlock* buf) {
   const ssize_t n = pread(fd, buf, sizeof(*buf), 0);
-  const int err = errno;
-  close(fd);
-  if (n < 0) return absl::UnavailableError(absl::StrCat(path, ": ", std::strerror(err)));
+  if (n < 0) return absl::UnavailableError(absl::StrCat("stats block: ", std::strerror(errno)));
   return ParseStatsBlock(*buf, static_cast<size_t>(n));
+}
+
+absl::StatusOr<StatsView> ReadStatsBlockFile(const std::string& path, StatsBlock* buf) {
+  absl::StatusOr<int> fd = OpenStatsBlockFile(path);
+  if (!fd.ok()) return fd.status();
+  absl::StatusOr<StatsView> v = ReadStatsBlock(*fd, buf);
+  close(*fd);
+  return v;
 }
 
 }  // namespace vkick

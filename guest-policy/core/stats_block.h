@@ -36,7 +36,8 @@ inline constexpr size_t kStatsLatencyBuckets = 16;
 inline constexpr size_t kStatsWhySlots = 8;
 
 // One queue's counters, cumulative since the driver started.
-struct StatsQueue {                      // 41 x 8 = 328 bytes
+struct StatsQueue {                      // 42 x 8 = 336 bytes
+  uint64_t depth_limit;                  // requests in flight at most (set once)
   uint64_t requests;                     // published in the avail ring
   uint64_t completions;                  // reaped from the used ring
   uint64_t kicks;                        // notifications performed
@@ -48,9 +49,9 @@ struct StatsQueue {                      // 41 x 8 = 328 bytes
   uint64_t depth_hist[kStatsDepthBuckets];      // proto::DepthBucket
   uint64_t latency_hist[kStatsLatencyBuckets];  // proto::LatencyBucket
 };
-static_assert(sizeof(StatsQueue) == 328);
+static_assert(sizeof(StatsQueue) == 336);
 
-struct StatsBlock {           // 64 + 16 x 328 = 5312 bytes
+struct StatsBlock {           // 64 + 16 x 336 = 5440 bytes
   uint32_t magic;             // kStatsBlockMagic, stored last (release)
   uint16_t version;           // kStatsBlockVersion
   uint16_t num_queues;        // 1..kStatsBlockMaxQueues
@@ -60,7 +61,7 @@ struct StatsBlock {           // 64 + 16 x 328 = 5312 bytes
   uint64_t reserved[5];
   StatsQueue queues[kStatsBlockMaxQueues];
 };
-static_assert(sizeof(StatsBlock) == 5312);
+static_assert(sizeof(StatsBlock) == 5440);
 static_assert(offsetof(StatsBlock, queues) == 64);
 
 // Writer side: the header once (magic last, so a reader never sees a valid
@@ -98,8 +99,15 @@ struct StatsView {
 };
 absl::StatusOr<StatsView> ParseStatsBlock(const StatsBlock& copy, size_t bytes_read);
 
-// Reads the block at `path` with one pread() into `buf` (no mapping: a writer
-// that truncates its file cannot SIGBUS the reader) and validates it.
+// Opens the block at `path` for reading: a regular file, no symlink
+// followed (the path comes from an untrusted registry entry). The caller
+// keeps the fd: reads through it still see the final counters after the
+// driver exits and removes the file.
+absl::StatusOr<int> OpenStatsBlockFile(const std::string& path);
+// Reads the block with one pread() into `buf` (no mapping: a writer that
+// truncates its file cannot SIGBUS the reader) and validates it.
+absl::StatusOr<StatsView> ReadStatsBlock(int fd, StatsBlock* buf);
+// Both, for one-off readers (tests, tools).
 absl::StatusOr<StatsView> ReadStatsBlockFile(const std::string& path, StatsBlock* buf);
 
 }  // namespace vkick

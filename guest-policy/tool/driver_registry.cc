@@ -106,7 +106,11 @@ std::string ResolveRunDir(absl::string_view flag) {
 }
 
 std::string DefaultControlBlockPath(int pid) { return absl::StrCat("/dev/shm/vkick/control-", pid); }
-std::string DefaultStatsBlockPath(int pid) { return absl::StrCat("/dev/shm/vkick/stats-", pid); }
+std::string StatsBlockPathBeside(absl::string_view control_path, int pid) {
+  const size_t slash = control_path.rfind('/');
+  const absl::string_view dir = slash == absl::string_view::npos ? "." : control_path.substr(0, slash);
+  return absl::StrCat(dir, "/stats-", pid);
+}
 
 absl::StatusOr<StatsFile> StatsFile::Create(const std::string& path, uint16_t num_queues) {
   const size_t slash = path.rfind('/');

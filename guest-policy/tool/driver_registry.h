@@ -49,7 +49,9 @@ std::string SerialFromSocketPath(absl::string_view path);
 // $VKICK_RUN_DIR, else /run/vkick; a non-empty `flag` wins over both.
 std::string ResolveRunDir(absl::string_view flag);
 std::string DefaultControlBlockPath(int pid);  // /dev/shm/vkick/control-<pid>
-std::string DefaultStatsBlockPath(int pid);    // /dev/shm/vkick/stats-<pid>
+// stats-<pid> in the directory of `control_path` (the agent accepts both
+// blocks only inside its control directory).
+std::string StatsBlockPathBeside(absl::string_view control_path, int pid);
 
 // The driver's stats block (guest-policy/core/stats_block.h): created, sized
 // and mapped shared by the driver, which alone writes it; removed with the

@@ -45,8 +45,8 @@ ABSL_FLAG(std::string, policy, "immediate",
 ABSL_FLAG(std::string, control, "",
           "adaptive: control block file written by vkick-agent (default /dev/shm/vkick/control-<pid>)");
 ABSL_FLAG(std::string, stats_block, "default",
-          "file of per-queue counters the agent reads each interval (default /dev/shm/vkick/stats-<pid>; "
-          "empty: none)");
+          "file of per-queue counters the agent reads each interval (default: stats-<pid> in the control "
+          "block's directory, /dev/shm/vkick/stats-<pid>; empty: none)");
 ABSL_FLAG(std::string, run_dir, "",
           "where the driver registers itself as drivers/<pid>.json (default $VKICK_RUN_DIR, else /run/vkick)");
 ABSL_FLAG(std::string, serial, "",
@@ -148,7 +148,7 @@ int Main() {
   // still runs; only the loop cannot observe it (unless --observe=usdt).
   std::optional<StatsFile> stats;
   if (const std::string path = absl::GetFlag(FLAGS_stats_block); !path.empty()) {
-    auto sf = StatsFile::Create(path == "default" ? DefaultStatsBlockPath(pid) : path, o.queues);
+    auto sf = StatsFile::Create(path == "default" ? StatsBlockPathBeside(control_path, pid) : path, o.queues);
     if (sf.ok()) {
       stats.emplace(*std::move(sf));
       o.stats = stats->block();

@@ -267,10 +267,10 @@ class AgentLoopTest : public ::testing::Test {
 };
 
 // The agent's counts equal vkick-blk's own, exactly: requests, kicks and
-// timer kicks summed over queues, from the agent that attached to the binary
-// before the driver started. A second agent attaching per pid from the
-// registry sees a subset (it starts counting when it sees the entry); it is
-// the static build when there is one (what the VM image ships).
+// timer kicks summed over queues. The driver keeps them in its stats block
+// from its start, and the agent's last read goes through the fd it kept
+// after the driver removed the file. A second agent (the static build when
+// there is one: what the VM image ships) reads the same block: never more.
 TEST_F(AgentLoopTest, CountsEqualTheDriversOwn) {
   Child exact(AgentArgs({"--json", "--interval=300ms", std::string("--driver_binary=") + VKICK_BLK_BIN}),
               dir_ + "/agent.out", dir_ + "/agent.err");

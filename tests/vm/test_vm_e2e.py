@@ -446,7 +446,7 @@ def main():
     if "qd32-immediate" in results and "qd32-adaptive-steady" in monitored:
         imm = results["qd32-immediate"]["host"] / results["qd32-immediate"]["requests"]
         rows = [r for r in monitored["qd32-adaptive-steady"] if r["agent"] and r["has_sample"]
-                and r["requests_per_s"] > 0 and r["applied_mode"] == "adaptive"]
+                and r["requests_per_s"] > 0 and r["applied_mode"] == "event-idx"]
         assert rows, "qd32-adaptive-steady: no adaptive sample seen: %r" % (
             monitored["qd32-adaptive-steady"][-4:],)
         ada = sum(r["notifications_per_request"] for r in rows) / len(rows)
@@ -461,7 +461,7 @@ def main():
         # Rows of this driver only: until the agent announces it, the status
         # row still shows the previous run's last sample and B (agent false).
         rows = [r for r in monitored.get("qd1-adaptive", []) if r["agent"] and r["has_sample"]
-                and r["requests_per_s"] > 0 and r["applied_mode"] == "adaptive"]
+                and r["requests_per_s"] > 0 and r["applied_mode"] == "event-idx"]
         bs = sorted({r["batch"] for r in rows})
         a, i = results["qd1-adaptive"]["json"], results["qd1-immediate-read"]["json"]
         log("QD 1 randread: adaptive p50 %.0fus p99 %.0fus iops %.0f (B seen %s) vs immediate "

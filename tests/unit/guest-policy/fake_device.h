@@ -57,7 +57,11 @@ class FakeDevice {
       ++n;
     }
     if (event_idx_) {
-      __atomic_store_n(AvailEvent(), last_avail_, __ATOMIC_RELAXED);
+      // A polling device never wants a notification: it publishes an
+      // avail_event half the index space ahead, which no driver with at most
+      // a ring's worth outstanding can cross before the device looks again.
+      __atomic_store_n(AvailEvent(), polling_ ? static_cast<uint16_t>(last_avail_ + 0x8000) : last_avail_,
+                       __ATOMIC_RELAXED);
       std::atomic_thread_fence(std::memory_order_seq_cst);
     }
     if (!defer_complete) Complete(pending_.size(), status);
@@ -96,6 +100,19 @@ class FakeDevice {
   }
 
   void SetNoNotify(bool on) { *UsedFlags() = on ? kVringUsedFNoNotify : 0; }
+  // A device that polls the ring (QEMU's AIO polling, an SPDK reactor): it
+  // declines every notification (avail_event out of reach with EVENT_IDX,
+  // VRING_USED_F_NO_NOTIFY without) and finds requests by calling Consume().
+  void SetPolling(bool on) {
+    polling_ = on;
+    if (event_idx_) {
+      __atomic_store_n(AvailEvent(), on ? static_cast<uint16_t>(last_avail_ + 0x8000) : last_avail_,
+                       __ATOMIC_RELAXED);
+    } else {
+      SetNoNotify(on);
+    }
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
   uint16_t UsedEvent() const { return *reinterpret_cast<uint16_t*>(ring_ + layout_.avail_offset + 4 + 2 * size_); }
   uint16_t AvailFlags() const { return *reinterpret_cast<uint16_t*>(ring_ + layout_.avail_offset); }
   size_t outstanding() const { return pending_.size(); }
@@ -116,6 +133,7 @@ class FakeDevice {
   uint8_t* ring_;
   uint16_t size_;
   bool event_idx_;
+  bool polling_ = false;
   uint16_t last_avail_ = 0;
   uint16_t used_idx_ = 0;
   std::vector<SeenRequest> pending_;

@@ -85,6 +85,97 @@ TEST(KickScheduler, EventIdxAsksTheDevice) {
   EXPECT_EQ(s.pending(), 0u);
 }
 
+TEST(ParseKickPolicy, EventIdxTakesABatchAndADeferralBound) {
+  EXPECT_EQ(*ParseKickPolicy("event-idx:8,50us", 256), (KickPolicy{KickMode::kEventIdx, 8, 50000}));
+  EXPECT_EQ(*ParseKickPolicy("event-idx:256,1ms", 256), (KickPolicy{KickMode::kEventIdx, 256, 1000000}));
+  EXPECT_EQ(*ParseKickPolicy("event-idx:4,700ns", 256), (KickPolicy{KickMode::kEventIdx, 4, 700}));
+}
+
+TEST(ParseKickPolicy, EventIdxBatchOfOneDropsTheDeferral) {
+  // Nothing ever waits for a batch of one: plain event-idx.
+  EXPECT_EQ(*ParseKickPolicy("event-idx:1,50us", 256), (KickPolicy{KickMode::kEventIdx, 1, 0}));
+  EXPECT_EQ(*ParseKickPolicy("event-idx:1,50us", 256), *ParseKickPolicy("event-idx", 256));
+}
+
+TEST(ParseKickPolicy, EventIdxRejectsBadBatchesAndDeferrals) {
+  for (const char* bad : {"event-idx:0,5", "event-idx:8", "event-idx:8,2ms", "event-idx:8,1001us",
+                          "event-idx:257,5", "event-idx:", "event-idx:8,5,5", "event-idx:x,5",
+                          "event-idx:8,5s", "event-idx8,5", "event-idx:-1,5"}) {
+    EXPECT_FALSE(ParseKickPolicy(bad, 256).ok()) << bad;
+  }
+}
+
+TEST(FormatKickPolicy, RoundTripsThroughParse) {
+  for (const char* text : {"immediate", "event-idx", "adaptive", "static:32,50us", "static:4,0",
+                           "event-idx:8,50us", "event-idx:64,1ms", "event-idx:2,1ns", "event-idx:1,50us"}) {
+    auto p = ParseKickPolicy(text, 256);
+    ASSERT_TRUE(p.ok()) << text << ": " << p.status();
+    auto again = ParseKickPolicy(FormatKickPolicy(*p), 256);
+    ASSERT_TRUE(again.ok()) << text << " -> " << FormatKickPolicy(*p) << ": " << again.status();
+    EXPECT_EQ(*again, *p) << text << " -> " << FormatKickPolicy(*p);
+  }
+  EXPECT_EQ(FormatKickPolicy({KickMode::kEventIdx, 8, 50000}), "event-idx:8,50000ns");
+  EXPECT_EQ(FormatKickPolicy({KickMode::kEventIdx, 1, 0}), "event-idx");
+}
+
+TEST(KickScheduler, EventIdxBatchAsksTheDeviceWhenTheBatchFills) {
+  KickScheduler s({KickMode::kEventIdx, 4, 50000});
+  for (uint64_t i = 0; i < 3; ++i) EXPECT_EQ(s.OnSubmit(100 + i).action, Action::kNone) << i;
+  const auto d = s.OnSubmit(103);
+  EXPECT_EQ(d.action, Action::kAskDevice);
+  EXPECT_EQ(d.why, KickWhy::kBatchFull);
+  s.Suppressed();
+  EXPECT_EQ(s.pending(), 0u);
+  EXPECT_FALSE(s.deadline_ns().has_value());
+  // The next batch starts from zero.
+  for (uint64_t i = 0; i < 3; ++i) EXPECT_EQ(s.OnSubmit(200 + i).action, Action::kNone) << i;
+  EXPECT_EQ(s.OnSubmit(203).action, Action::kAskDevice);
+}
+
+TEST(KickScheduler, EventIdxPartialBatchAsksAtTheDeadline) {
+  KickScheduler s({KickMode::kEventIdx, 4, 50000});
+  EXPECT_EQ(s.OnSubmit(1000).action, Action::kNone);
+  EXPECT_EQ(s.OnSubmit(2000).action, Action::kNone);
+  ASSERT_TRUE(s.deadline_ns().has_value());
+  EXPECT_EQ(*s.deadline_ns(), 1000u + 50000u) << "oldest + T";
+  EXPECT_EQ(s.OnPoll(50999).action, Action::kNone);
+  const auto d = s.OnPoll(51000);
+  EXPECT_EQ(d.action, Action::kAskDevice);
+  EXPECT_EQ(d.why, KickWhy::kTimer);
+  s.Kicked();
+  EXPECT_EQ(s.OnPoll(200000).action, Action::kNone) << "nothing pending";
+  // A submit that finds the oldest overdue asks at once, also for the timer.
+  s.OnSubmit(300000);
+  const auto late = s.OnSubmit(350000);
+  EXPECT_EQ(late.action, Action::kAskDevice);
+  EXPECT_EQ(late.why, KickWhy::kTimer);
+}
+
+TEST(KickScheduler, EventIdxRingFullAndPolicyChangeKickWithoutAsking) {
+  KickScheduler s({KickMode::kEventIdx, 4, 50000});
+  s.OnSubmit(0);
+  auto d = s.OnRingFull();
+  EXPECT_EQ(d.action, Action::kKick);
+  EXPECT_EQ(d.why, KickWhy::kRingFull);
+  s.Kicked();
+  s.OnSubmit(10);
+  d = s.SetPolicy({KickMode::kStatic, 4, 50000});
+  EXPECT_EQ(d.action, Action::kKick);
+  EXPECT_EQ(d.why, KickWhy::kPolicyChange);
+}
+
+TEST(KickScheduler, EventIdxBatchOfOneAsksAtEverySubmit) {
+  KickScheduler s({KickMode::kEventIdx, 1, 0});
+  for (uint64_t i = 0; i < 5; ++i) {
+    const auto d = s.OnSubmit(100 * i);
+    EXPECT_EQ(d.action, Action::kAskDevice) << i;
+    EXPECT_EQ(d.why, KickWhy::kEventIdx) << i;
+    if (i % 2) s.Kicked(); else s.Suppressed();
+    EXPECT_EQ(s.pending(), 0u);
+    EXPECT_EQ(s.OnPoll(100 * i + 1'000'000).action, Action::kNone);
+  }
+}
+
 // ---- property tests over the real BlkQueue -------------------------------
 
 class KickRecorder final : public Notifier {
@@ -146,7 +237,18 @@ struct Harness {
       return false;
     }
     ++requests;
+    NoteAsks();
     return true;
+  }
+  // An ask (event-idx) puts every pending request to the device: kicked, or
+  // declined, which is the device's promise to look by itself. Either way
+  // none is the driver's to kick any more.
+  void NoteAsks() {
+    const uint64_t a = queue->stats().asks;
+    if (a == asks_seen) return;
+    asks_seen = a;
+    for (auto& [slot, t] : unkicked) max_wait = std::max(max_wait, clock.NowNs() - t);
+    unkicked.clear();
   }
   void PollOnce() {
     in_poll = true;
@@ -156,6 +258,7 @@ struct Harness {
       ++completions;
       free_slots.push_back(c.slot);
     });
+    NoteAsks();
     in_poll = false;
   }
 
@@ -168,6 +271,7 @@ struct Harness {
   std::unique_ptr<BlkQueue> queue;
   std::map<uint32_t, uint64_t> unkicked;  // slot -> submit time, not yet covered by a kick
   uint64_t max_wait = 0;
+  uint64_t asks_seen = 0;
   uint64_t requests = 0, completions = 0;
   std::map<uint32_t, uint64_t> completed;
   std::vector<uint32_t> free_slots;
@@ -186,14 +290,21 @@ struct PropertyReport {
   uint64_t kicks = 0, stats_kicks = 0, stats_completions = 0, in_flight_after = 0;
   uint64_t max_pending_ns = 0;  // oldest published-but-unheard request, at any poll or kick
   uint64_t dropped = 0;
+  uint64_t asks = 0, suppressed = 0;  // BlkQueue::stats()
+  std::array<uint64_t, 6> kicks_by_why{};
 };
 
 enum class Fault { kNone, kDropPollerKicks };
 
+// The device's habit. kSleeps: it looks at the ring only when kicked and
+// wants every kick (avail_event = its last_avail_idx, or no NO_NOTIFY flag).
+// kPolls: it looks at every step by itself and declines every notification.
+enum class Device { kSleeps, kPolls };
+
 // Random submits between polls that are at most P apart; the device completes
 // a random share of what it has seen. Then drains: no submits, polls go on.
 PropertyReport Explore(KickPolicy policy, bool event_idx, const Schedule& s, Fault fault = Fault::kNone,
-                       int steps = 4000) {
+                       int steps = 4000, Device device = Device::kSleeps) {
   BlkQueueOptions o;
   o.queue_size = 64;
   o.slots = 32;
@@ -201,6 +312,7 @@ PropertyReport Explore(KickPolicy policy, bool event_idx, const Schedule& s, Fau
   o.policy = policy;
   Harness h(o);
   if (fault == Fault::kDropPollerKicks) h.rec->drop = [&h] { return h.in_poll; };
+  if (device == Device::kPolls) h.dev->SetPolling(true);
   for (uint32_t i = 0; i < o.slots; ++i) h.free_slots.push_back(i);
   std::mt19937_64 rng(s.seed);
   uint64_t next_id = 0;
@@ -220,12 +332,14 @@ PropertyReport Explore(KickPolicy policy, bool event_idx, const Schedule& s, Fau
       h.clock.Advance(rng() % (s.poll_period_ns / 4 + 1));
     }
     h.clock.Advance(rng() % (s.poll_period_ns / 2 + 1));
+    if (device == Device::kPolls) h.dev->Consume(/*defer_complete=*/true);
     h.dev->Complete(rng() % 4);
     h.PollOnce();
     note_pending();
   }
   for (int i = 0; i < 10000 && h.completions < h.requests; ++i) {
     h.clock.Advance(s.poll_period_ns);
+    if (device == Device::kPolls) h.dev->Consume(/*defer_complete=*/true);
     h.dev->Complete(8);
     h.PollOnce();
     note_pending();
@@ -239,6 +353,9 @@ PropertyReport Explore(KickPolicy policy, bool event_idx, const Schedule& s, Fau
   r.stats_completions = h.queue->stats().completions;
   r.in_flight_after = h.queue->in_flight();
   r.max_pending_ns = std::max(r.max_pending_ns, h.max_wait);
+  r.asks = h.queue->stats().asks;
+  r.suppressed = h.queue->stats().suppressed;
+  r.kicks_by_why = h.queue->stats().kicks_by_why;
   return r;
 }
 
@@ -257,6 +374,13 @@ PropertyReport Explore(KickPolicy policy, bool event_idx, const Schedule& s, Fau
   }
   if (r.kicks > r.requests || r.kicks != r.stats_kicks) {
     return ::testing::AssertionFailure() << r.kicks << " kicks for " << r.requests << " requests";
+  }
+  if (r.suppressed > r.asks || r.asks > r.requests) {
+    return ::testing::AssertionFailure() << r.suppressed << " suppressed of " << r.asks << " asks for " << r.requests
+                                         << " requests";
+  }
+  if (p.mode != KickMode::kEventIdx && r.asks != 0) {
+    return ::testing::AssertionFailure() << r.asks << " asks under " << FormatKickPolicy(p);
   }
   return ::testing::AssertionSuccess();
 }
