@@ -81,7 +81,11 @@ absl::StatusOr<CounterSnapshot> StatsSource::Read() {
     }
     absl::StatusOr<StatsView> v = ReadStatsBlock(t.fd, &buf_);
     if (!v.ok() || v->writer_pid != static_cast<uint64_t>(pid)) {
-      ++unreadable_;  // invalid, or not the driver's own: skip this interval
+      // Invalid, or not the driver's own: skip this interval and open the
+      // path again next time (the driver's own block may replace it).
+      ++unreadable_;
+      close(t.fd);
+      t.fd = -1;
       continue;
     }
     AddStatsQueues(pid, *v, &snap);

@@ -135,7 +135,7 @@ def main():
 
         vkickd = Proc("vkickd", [
             os.path.join(bindir, "vkickd"), "--listen=" + args.listen,
-            "--agent-socket=" + agent_sock, "--vhost-user=disk0=" + sock,
+            "--agent-socket=" + agent_sock, "--vhost-user-kicks", "--vhost-user=disk0=" + sock,
             "--state-dir=" + os.path.join(tmp, "state"), "--admin-socket=" + admin,
             "--default-policy=adaptive", "--control-interval=1s", "--lease=5s"], tmp)
         procs.append(vkickd)

@@ -215,8 +215,8 @@ void LoopRunner::StepOnce() {
         // frontend has a kick fd bound for it (one connected before vkickd
         // started is not, until it reconnects): otherwise the driver's own
         // kick count is believed.
-        const bool counted =
-            !vm.vhost_user_frontends || vm.bound_queues.count({d.device_id, q}) > 0;
+        const bool counted = (!d.vhost_user || options_.vhost_user_kicks_counted) &&
+                             (!vm.vhost_user_frontends || vm.bound_queues.count({d.device_id, q}) > 0);
         if (snap.counters && counted) {
           auto it = host.find({vm.vm_id, d.device_id, q});
           in.host_notifications_total = it == host.end() ? 0 : it->second;

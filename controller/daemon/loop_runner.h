@@ -48,6 +48,10 @@ struct LoopRunnerOptions {
   bool state_dir_required = false;  // given explicitly: failing to use it is fatal
   std::string vhost_user_vm = "vhost-user";
   std::vector<VhostUserDecl> vhost_user;
+  // The probes count kicks made by write() (--vhost_user_kicks). Off, a
+  // discovered vhost-user device's kicks are the guest's count: under TCG no
+  // probe would see them, and a zero host count would distrust every sample.
+  bool vhost_user_kicks_counted = false;
   LogSink log = LogToStderr;
 };
 

@@ -24,8 +24,10 @@
 
 namespace vkick {
 
-absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes() {
-  absl::StatusOr<std::unique_ptr<HostProbes>> p = HostProbes::Create();
+absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(bool vhost_user_kicks) {
+  HostProbes::Options o;
+  o.attach_vhost_user = vhost_user_kicks;
+  absl::StatusOr<std::unique_ptr<HostProbes>> p = HostProbes::Create(o);
   if (!p.ok()) return p.status();
   return std::unique_ptr<ProbeBackend>(std::move(*p));
 }

@@ -18,7 +18,10 @@
 namespace vkick {
 
 // Loads and attaches the host probes (needs CAP_BPF + CAP_PERFMON, tracefs).
-absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes();
+// The host probes; `vhost_user_kicks` also attaches the syscall tracepoints
+// that count kicks made by write() (--vhost_user_kicks: a cost on every
+// syscall of the host while attached).
+absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(bool vhost_user_kicks);
 
 // Connects to a QEMU QMP socket; every QMP exchange bounded by `timeout`.
 // With `agent_ports`, each VM's virtio-serial agent port is looked up too

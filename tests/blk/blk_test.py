@@ -271,7 +271,8 @@ def case_registry(tmp):
         check(os.path.exists(path), f"registry file {path} appears (VKICK_RUN_DIR honoured)")
         d = json.load(open(path))
         want = {"pid": p.pid, "transport": "vhost-user", "socket": q.sock, "pci": "", "serial": "disk-a",
-                "queues": 2, "queue_size": 128, "control_block": f"/dev/shm/vkick/control-{p.pid}"}
+                "queues": 2, "queue_size": 128, "control_block": f"/dev/shm/vkick/control-{p.pid}",
+                "stats_block": f"/dev/shm/vkick/stats-{p.pid}"}
         check(d == want, f"registry fields {d}")
         check(not [f for f in os.listdir(os.path.join(run, "drivers")) if f.endswith(".tmp")], "no tmp file left")
         out, err = p.communicate(timeout=30)

@@ -50,7 +50,7 @@ def main():
                          "addr.path=%s,num-queues=1,writable=on" % sock])
         wait_until(lambda: os.path.exists(sock), 15, "qsd socket")
         vk = Vkickd(tb, [], extra=[
-            "--agent-socket=" + tb.path("agent.sock"), "--vhost-user=disk0=" + sock,
+            "--agent-socket=" + tb.path("agent.sock"), "--vhost-user-kicks", "--vhost-user=disk0=" + sock,
             "--state-dir=" + tb.path("state"), "--admin-socket=" + tb.path("admin.sock"),
             "--default-policy=static:8:50", "--control-interval=" + INTERVAL, "--lease=3s"])
         prom = Prometheus(tb, ["127.0.0.1:%d" % vk.port], scrape_interval="1s")

@@ -16,7 +16,7 @@ T_HELLO, T_SAMPLE, T_POLICY, T_ACK, T_ERROR, T_BYE = 1, 2, 3, 4, 5, 6
 MODES = {0: "immediate", 1: "event-idx", 2: "static", 3: "adaptive"}
 
 
-VERSION = 2  # protocol/messages.h kVersion
+VERSION = 3  # protocol/messages.h kVersion
 
 
 def frame(mtype, payload, version=VERSION, length=None):
@@ -48,28 +48,31 @@ def depth_bucket(d):
 
 
 def queue_sample(dev, q, depth, requests, applied, interval_ns=500_000_000, **override):
-    """One 276-byte queue sample at constant depth; kicks = requests / B."""
+    """One 292-byte queue sample at constant depth; kicks = requests / B
+    (event-idx: every batch is put to the device, which wants a kick for
+    each, as a device that sleeps would)."""
     mode, batch, defer, gen = applied
-    batch = batch if mode in (2, 3) else 1
+    batch = batch if mode in (1, 2, 3) else 1
     kicks = (requests + batch - 1) // batch if requests else 0
     dh = [0] * 10
     lh = [0] * 16
     if requests:
         dh[depth_bucket(depth)] = requests
         lh[7] = requests  # 64..128 us
+    asks = kicks if mode == 1 else 0
     f = dict(interval_ns=interval_ns, requests=requests, kicks=kicks, timer_kicks=0,
-             completed=requests, mean_milli=depth * 1000 if requests else 0,
+             completed=requests, asks=asks, suppressed=0, mean_milli=depth * 1000 if requests else 0,
              max_depth=depth if requests else 0, lease=1 if gen else 0,
              mode=mode if gen else 0, batch=batch if gen else 1, defer=defer if gen else 0,
              gen=gen)
     f.update(override)
     b = struct.pack("<HH", dev, q)
-    b += struct.pack("<5Q", f["interval_ns"], f["requests"], f["kicks"], f["timer_kicks"],
-                     f["completed"])
+    b += struct.pack("<7Q", f["interval_ns"], f["requests"], f["kicks"], f["timer_kicks"],
+                     f["completed"], f["asks"], f["suppressed"])
     b += struct.pack("<10Q", *dh) + struct.pack("<16Q", *lh)
     b += struct.pack("<IHBBHHIQ", f["mean_milli"], f["max_depth"], f["lease"], f["mode"],
                      f["batch"], 0, f["defer"], f["gen"])
-    assert len(b) == 276
+    assert len(b) == 292
     return b
 
 

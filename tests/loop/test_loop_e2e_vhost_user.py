@@ -80,7 +80,7 @@ def main():
         def start_vkickd():
             return Vkickd(tb, [], extra=[
                 "--agent-socket=" + tb.path("agent.sock"),
-                "--vhost-user=blk0=" + tb.path("blk0.sock"), "--state-dir=" + tb.path("state"),
+                "--vhost-user-kicks", "--vhost-user=blk0=" + tb.path("blk0.sock"), "--state-dir=" + tb.path("state"),
                 "--admin-socket=" + admin, "--control-interval=%dms" % int(INTERVAL * 1000),
                 "--lease=3s"])
 

@@ -64,7 +64,7 @@ def queue_row(st, q=0):
 
 def start_vkickd(tb, name_suffix=""):
     args = ["--no-probes", "--agent-socket=" + tb.path("agent.sock"),
-            "--vhost-user=blk0=" + tb.path("blk0.sock"),
+            "--vhost-user-kicks", "--vhost-user=blk0=" + tb.path("blk0.sock"),
             "--state-dir=" + tb.path("state"), "--admin-socket=" + tb.path("admin.sock"),
             "--control-interval=%dms" % int(INTERVAL * 1000), "--lease=3s"]
     return Vkickd(tb, [], extra=args)
@@ -139,7 +139,7 @@ def main():
         agent.depth = 32
         agent.rate = 40000
         ctl(admin, "policy", "set", "--vm", "vhost-user", "--device", "blk0", "adaptive")
-        wait_policy(agent, lambda p: p["mode"] == "adaptive", "adaptive at the agent",
+        wait_policy(agent, lambda p: p["mode"] == "event-idx", "adaptive (event-idx + B) at the agent",
                     INTERVAL + 1.0)
         wait_policy(agent, lambda p: p["batch"] == 16 and p["defer_ns"] >= 1000,
                     "adaptive B=16 at QD 32", 15)
@@ -170,14 +170,14 @@ def main():
         vk.proc.kill()
         log("vkickd killed (pid %d)" % vk.proc.pid)
         time.sleep(1.0)
-        assert agent.policy()["mode"] == "adaptive"  # the agent keeps it (lease runs)
+        assert agent.policy()["mode"] == "event-idx"  # the agent keeps it (lease runs)
         vk = start_vkickd(tb)
         wait_until(lambda: agent.connects > connects, 10, "the agent reconnects")
         row = wait_until(lambda: (lambda r: r if r and r["agent"] else None)(
             queue_row(status(admin))), 10, "restarted vkickd sees the agent")
         assert row["mode"] == "adaptive" and row["source"] == "device", row
         gen_before = agent.policy()["generation"]
-        wait_policy(agent, lambda p: p["generation"] > gen_before and p["mode"] == "adaptive",
+        wait_policy(agent, lambda p: p["generation"] > gen_before and p["mode"] == "event-idx",
                     "restored adaptive policy sent by the new vkickd", 5)
         assert "restored 1 policy entries" in vk.proc.output(), vk.proc.tail()
 

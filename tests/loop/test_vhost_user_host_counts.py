@@ -63,7 +63,7 @@ def main():
                          "addr.path=%s,num-queues=1" % sock])
         wait_until(lambda: os.path.exists(sock), 15, "qsd socket")
         vk = Vkickd(tb, [], extra=[
-            "--agent-socket=" + tb.path("agent.sock"), "--vhost-user=disk0=" + sock,
+            "--agent-socket=" + tb.path("agent.sock"), "--vhost-user-kicks", "--vhost-user=disk0=" + sock,
             "--state-dir=" + tb.path("state"), "--admin-socket=" + tb.path("admin.sock"),
             "--control-interval=200ms", "--lease=3s"])
         # Declared: the series exists at 0 before any driver ran.

@@ -112,6 +112,64 @@ TEST(Registry, RejectsMalformedEntries) {
   }
 }
 
+std::string WithStats(const std::string& stats_json_value) {
+  return absl::StrCat(R"({"pid":123,"transport":"vhost-user","queues":1,"queue_size":8,)"
+                      R"("control_block":"/dev/shm/vkick/control-123","stats_block":)",
+                      stats_json_value, "}");
+}
+
+TEST(Registry, StatsBlockInsideTheControlDirIsParsed) {
+  auto e = ParseDriverEntry(WithStats(R"("/dev/shm/vkick/stats-123")"), "123.json", kDir);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->stats_block, "/dev/shm/vkick/stats-123");
+  EXPECT_EQ(e->control_block, "/dev/shm/vkick/control-123");
+}
+
+TEST(Registry, AbsentOrEmptyStatsBlockIsAcceptedAsNone) {
+  auto e = ParseDriverEntry(Good(), "123.json", kDir);  // an older driver: no key
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_TRUE(e->stats_block.empty());
+  e = ParseDriverEntry(WithStats(R"("")"), "123.json", kDir);  // vkick-blk --stats_block=
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_TRUE(e->stats_block.empty());
+}
+
+TEST(Registry, StatsBlockOutsideTheControlDirIsRejected) {
+  // The agent (root) opens it: never a path a driver could aim anywhere.
+  for (const char* path : {"/etc/passwd", "/dev/shm/vkick/../x", "/dev/shm/vkick/a/b", "/dev/shm/vkick/",
+                           "/dev/shm/vkick/..", "/dev/shm/vkick/.", "/dev/shm/vkickX/stats", "/dev/shm/vkick",
+                           "dev/shm/vkick/stats", "stats-123"}) {
+    auto e = ParseDriverEntry(WithStats(absl::StrCat("\"", path, "\"")), "123.json", kDir);
+    ASSERT_FALSE(e.ok()) << path;
+    EXPECT_EQ(e.status().message(), "stats_block_outside_dir") << path;
+  }
+  const std::string long_name = absl::StrCat("\"/dev/shm/vkick/", std::string(256, 'n'), "\"");
+  auto e = ParseDriverEntry(WithStats(long_name), "123.json", kDir);
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().message(), "stats_block_outside_dir");
+}
+
+TEST(Registry, StatsBlockOfTheWrongTypeIsRejected) {
+  for (const char* v : {"42", "null", "[\"/dev/shm/vkick/s\"]", "{}", "true"}) {
+    auto e = ParseDriverEntry(WithStats(v), "123.json", kDir);
+    ASSERT_FALSE(e.ok()) << v;
+    EXPECT_EQ(e.status().message(), "bad_stats_block") << v;
+  }
+}
+
+TEST(Registry, StatsBlockDirIsTheConfiguredControlDir) {
+  auto e = ParseDriverEntry(WithStats(R"("/run/other/stats-123")"), "123.json", "/run/other");
+  // The control block is checked first, against the same directory.
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().message(), "control_block_outside_dir");
+  e = ParseDriverEntry(
+      R"({"pid":123,"transport":"vhost-user","queues":1,"queue_size":8,"control_block":"/run/other/c",)"
+      R"("stats_block":"/run/other/stats-123"})",
+      "123.json", "/run/other");
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->stats_block, "/run/other/stats-123");
+}
+
 class ScanTest : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -56,6 +56,92 @@ TEST(SampleBuilder, CounterGoingBackwardsIsAReset) {
   EXPECT_EQ(Delta(a, b), b);
 }
 
+TEST(SampleBuilder, DeltaCarriesAsksAndSuppressed) {
+  QueueTotals a = FromEvents({1, 2, 3}, {500}, 2, 0);
+  a.asks = 3;
+  a.suppressed = 1;
+  QueueTotals b = FromEvents({1, 2, 3, 4, 4, 4, 4}, {500, 900}, 3, 0);
+  b.asks = 10;
+  b.suppressed = 6;
+  QueueTotals d = Delta(a, b);
+  EXPECT_EQ(d.requests, 4u);
+  EXPECT_EQ(d.asks, 7u);
+  EXPECT_EQ(d.suppressed, 5u);
+}
+
+TEST(SampleBuilder, AsksGoingBackwardsIsAReset) {
+  QueueTotals a = FromEvents({1, 2, 3, 4}, {}, 1, 0);
+  a.asks = 4;
+  a.suppressed = 2;
+  QueueTotals b = a;  // every other counter equal or ahead
+  b.asks = 3;
+  EXPECT_EQ(Delta(a, b), b);
+  QueueTotals c = a;
+  c.suppressed = 1;
+  EXPECT_EQ(Delta(a, c), c);
+  QueueTotals same = a;
+  QueueTotals zero = Delta(a, same);
+  EXPECT_EQ(zero.asks, 0u);
+  EXPECT_EQ(zero.suppressed, 0u);
+}
+
+TEST(SampleBuilder, SampleCarriesAsksAndSuppressed) {
+  QueueTotals d = FromEvents({8, 8, 8, 8, 8, 8, 8, 8}, {5000, 5000}, 1, 0);
+  d.asks = 2;
+  d.suppressed = 1;
+  AppliedState applied{proto::LeaseState::kActive, proto::KickMode::kEventIdx, 4, 50000, 3};
+  BuiltSample b = BuildQueueSample({0, 1}, d, 1'000'000'000, applied);
+  ASSERT_TRUE(b.ok);
+  EXPECT_EQ(b.sample.asks, 2u);
+  EXPECT_EQ(b.sample.suppressed, 1u);
+  EXPECT_EQ(b.sample.applied_mode, proto::KickMode::kEventIdx);
+  EXPECT_EQ(b.sample.applied_batch, 4u);
+  EXPECT_EQ(b.sample.applied_defer_ns, 50000u);
+  EXPECT_EQ(ValidateOne(b.sample), proto::Rejection::kNone);
+}
+
+TEST(SampleBuilder, AsksAndSuppressedAreClampedIntoValidity) {
+  // Torn reads: more asks than requests in the histogram, more declined
+  // than asked.
+  QueueTotals d = FromEvents({2, 2, 2}, {}, 0, 0);
+  d.asks = 10;
+  d.suppressed = 20;
+  BuiltSample b = BuildQueueSample({0, 0}, d, 1'000'000'000, AppliedState{});
+  ASSERT_TRUE(b.ok);
+  EXPECT_EQ(b.sample.asks, 3u) << "asks <= requests";
+  EXPECT_EQ(b.sample.suppressed, 3u) << "suppressed <= asks";
+  EXPECT_EQ(ValidateOne(b.sample), proto::Rejection::kNone);
+  d.asks = 2;
+  b = BuildQueueSample({0, 0}, d, 1'000'000'000, AppliedState{});
+  EXPECT_EQ(b.sample.asks, 2u);
+  EXPECT_EQ(b.sample.suppressed, 2u);
+  EXPECT_EQ(ValidateOne(b.sample), proto::Rejection::kNone);
+  // No requests at all: nothing can have been asked.
+  QueueTotals none;
+  none.asks = 5;
+  none.suppressed = 5;
+  b = BuildQueueSample({0, 0}, none, 1'000'000'000, AppliedState{});
+  EXPECT_EQ(b.sample.asks, 0u);
+  EXPECT_EQ(b.sample.suppressed, 0u);
+  EXPECT_EQ(ValidateOne(b.sample), proto::Rejection::kNone);
+}
+
+TEST(SampleBuilder, RandomAsksAlwaysValidate) {
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 5000; ++i) {
+    QueueTotals d;
+    for (auto& v : d.depth_hist) v = rng() % 3 == 0 ? rng() % 1000 : 0;
+    d.asks = rng() % 12000;
+    d.suppressed = rng() % 12000;
+    d.kicks = rng() % 5000;
+    d.depth_sum = rng() % 10'000'000;
+    BuiltSample b = BuildQueueSample({0, 0}, d, 1'000'000'000, AppliedState{});
+    ASSERT_LE(b.sample.suppressed, b.sample.asks);
+    ASSERT_LE(b.sample.asks, b.sample.requests);
+    ASSERT_EQ(ValidateOne(b.sample), proto::Rejection::kNone) << "iteration " << i;
+  }
+}
+
 TEST(SampleBuilder, SampleIsConsistentAndValid) {
   QueueTotals d = FromEvents({1, 2, 3, 16, 16, 40}, {500, 1500, 3000, 3000}, 3, 1);
   AppliedState applied{proto::LeaseState::kActive, proto::KickMode::kStatic, 16, 50000, 7};

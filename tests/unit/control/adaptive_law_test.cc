@@ -5,7 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <optional>
 #include <random>
+#include <string>
 
 #include "protocol/codec.h"
 #include "tests/unit/control/plant.h"
@@ -161,6 +164,83 @@ TEST(AdaptiveLawPlant, OversizedStaticStartShrinksAtOnce) {
   ExpectWaitBoundedByT(tr);
 }
 
+// ---- event-idx: the device's own suppression ---------------------------------
+
+// A device that polls the ring (QEMU's AIO polling) declines every ask: the
+// guest's kicks are already gone, a batch could only add latency. The loop
+// settles on B = 1 (event-idx alone) and stays there, from any start.
+TEST(AdaptiveLawPlant, PollingDeviceConvergesToBOne) {
+  for (uint32_t b0 : {1u, 16u, 64u}) {
+    SCOPED_TRACE("start B = " + std::to_string(b0));
+    Plant plant({.closed_loop = true, .qd = 32, .event_idx = true, .polling = true});
+    AdaptiveLaw law;
+    Trace tr = RunLoop(plant, law, 20, [](int) {}, b0, b0 > 1 ? 100'000 : 0);
+    for (size_t i = 0; i < tr.b.size(); ++i) {
+      EXPECT_EQ(tr.b[i], 1u) << "interval " << i;
+      EXPECT_EQ(tr.t[i], 0u) << "interval " << i;
+      EXPECT_EQ(tr.action[i], LawAction::kPolled) << "interval " << i << ": " << LawActionName(tr.action[i]);
+      EXPECT_EQ(tr.npr[i], 0.0) << "a polling device gets no kick";
+    }
+  }
+}
+
+// A device that sleeps wants every kick: event-idx suppresses nothing, so
+// the law batches as with plain kicks (B = half the depth at QD 32).
+TEST(AdaptiveLawPlant, SleepingDeviceAtDepth32GrowsB) {
+  Plant plant({.closed_loop = true, .qd = 32, .event_idx = true, .polling = false});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 40);
+  for (size_t i = 3; i < tr.npr.size(); ++i) EXPECT_LT(tr.npr[i], 0.1) << "interval " << i;
+  EXPECT_EQ(tr.b.back(), 16u);
+  EXPECT_EQ(Changes(tr.b, 3, tr.b.size()), 0);
+  for (size_t i = 0; i < tr.action.size(); ++i) EXPECT_NE(tr.action[i], LawAction::kPolled) << i;
+  ExpectWaitBoundedByT(tr);
+}
+
+// The same plant says which device it is: a sleeping one is asked and kicked
+// per batch, a polling one is asked and declines.
+TEST(AdaptiveLawPlant, PlantReportsAsksAndSuppressed) {
+  Plant sleeping({.closed_loop = true, .qd = 32, .event_idx = true});
+  const sim::IntervalResult a = sleeping.Run(8, 100'000);
+  EXPECT_GT(a.sample.asks, 0u);
+  EXPECT_EQ(a.sample.suppressed, 0u);
+  EXPECT_EQ(a.sample.kicks, a.sample.asks);
+  EXPECT_EQ(a.sample.applied_mode, proto::KickMode::kEventIdx);
+  Plant polling({.closed_loop = true, .qd = 32, .event_idx = true, .polling = true});
+  const sim::IntervalResult b = polling.Run(8, 100'000);
+  EXPECT_GT(b.sample.asks, 0u);
+  EXPECT_EQ(b.sample.suppressed, b.sample.asks);
+  EXPECT_EQ(b.sample.kicks, 0u);
+  EXPECT_EQ(b.max_added_ns, 0u) << "the device had each request at its submission";
+  EXPECT_GT(b.sample.completed, a.sample.completed / 2);
+  EXPECT_EQ(proto::Validate(proto::Sample{.seq = 1, .queues = {a.sample}}), proto::Rejection::kNone);
+  EXPECT_EQ(proto::Validate(proto::Sample{.seq = 1, .queues = {b.sample}}), proto::Rejection::kNone);
+}
+
+// Load changes device habits: polled at QD 32 (B = 1), then the device
+// sleeps (a polling backend stops polling): B grows to follow the depth.
+TEST(AdaptiveLawPlant, DeviceThatStopsPollingGetsBatches) {
+  Plant polling({.closed_loop = true, .qd = 32, .event_idx = true, .polling = true});
+  Plant sleeping({.closed_loop = true, .qd = 32, .event_idx = true, .polling = false});
+  AdaptiveLaw law;
+  uint32_t b = 1;
+  uint64_t t = 0;
+  for (int i = 0; i < 10; ++i) {
+    const sim::IntervalResult r = polling.Run(b, t);
+    const LawOutput o = law.Step(LawInputFromSample(r.sample, r.host_notifications));
+    b = o.b;
+    t = o.t_ns;
+  }
+  EXPECT_EQ(b, 1u);
+  for (int i = 0; i < 10; ++i) {
+    const sim::IntervalResult r = sleeping.Run(b, t);
+    const LawOutput o = law.Step(LawInputFromSample(r.sample, r.host_notifications));
+    b = o.b;
+    t = o.t_ns;
+  }
+  EXPECT_EQ(b, 16u);
+}
+
 // ---- crafted inputs -------------------------------------------------------------
 
 LawInput Steady(uint32_t b, double depth, uint64_t requests = 10'000) {
@@ -314,6 +394,213 @@ TEST(AdaptiveLaw, OutputsAlwaysPassTheProtocol) {
     b = out.b;
     t = out.t_ns;
   }
+}
+
+// A device that declined this share of the asks polls.
+LawInput Polled(uint32_t b, double depth, double declined) {
+  LawInput in = Steady(b, depth);
+  in.asks = in.requests / b;  // one ask per batch
+  in.suppressed = static_cast<uint64_t>(std::ceil(declined * static_cast<double>(in.asks)));
+  in.kicks = in.asks - in.suppressed;
+  in.host_notifications = in.kicks;
+  return in;
+}
+
+TEST(AdaptiveLaw, ADeviceThatDeclinesMostAsksGetsBOne) {
+  AdaptiveLaw law;
+  LawOutput out = law.Step(Polled(1, 32, 0.95));
+  EXPECT_EQ(out.action, LawAction::kPolled);
+  EXPECT_EQ(out.b, 1u);
+  EXPECT_EQ(out.t_ns, 0u);
+  EXPECT_TRUE(out.event_idx);
+  // And it stays there, though the depth alone would grow B.
+  for (int i = 0; i < 5; ++i) {
+    out = law.Step(Polled(1, 32, 0.95));
+    EXPECT_EQ(out.b, 1u) << i;
+    EXPECT_EQ(out.action, LawAction::kPolled) << i;
+  }
+}
+
+TEST(AdaptiveLaw, APolledQueueDropsFromAnyBToOne) {
+  for (uint32_t b : {2u, 16u, 64u}) {
+    AdaptiveLaw law;
+    const LawOutput out = law.Step(Polled(b, 32, 0.8));  // exactly the threshold
+    EXPECT_EQ(out.action, LawAction::kPolled) << b;
+    EXPECT_EQ(out.b, 1u) << b;
+    EXPECT_EQ(out.t_ns, 0u) << b;
+    EXPECT_TRUE(out.event_idx) << b;
+  }
+}
+
+TEST(AdaptiveLaw, BelowThePolledFractionTheDepthRules) {
+  AdaptiveLaw law;
+  LawOutput out = law.Step(Polled(16, 32, 0.7));
+  EXPECT_NE(out.action, LawAction::kPolled);
+  EXPECT_EQ(out.b, 16u);
+  EXPECT_TRUE(out.event_idx);
+}
+
+TEST(AdaptiveLaw, TooFewAsksToJudgeAreNotPolled) {
+  AdaptiveLaw law;
+  LawInput in = Steady(16, 32, 40);  // 40 requests: not idle
+  in.asks = 3;                        // < min_requests / 4
+  in.suppressed = 3;
+  in.kicks = 0;
+  in.host_notifications = 0;
+  EXPECT_NE(law.Step(in).action, LawAction::kPolled);
+}
+
+// A device that wants every kick (asks = batches, none declined) is batched
+// as with plain kicks: the grow of GrowThatDoesNotPay..., kept because it pays.
+TEST(AdaptiveLaw, ASleepingDeviceAtDepth32GrowsBWithEventIdx) {
+  AdaptiveLaw law;
+  auto sleeping = [](uint32_t b) {
+    LawInput in = Steady(b, 32);
+    in.asks = in.kicks;  // one ask per batch, each wanted
+    in.suppressed = 0;
+    return in;
+  };
+  EXPECT_EQ(law.Step(sleeping(1)).action, LawAction::kPendingGrow);
+  const LawOutput g = law.Step(sleeping(1));
+  ASSERT_EQ(g.action, LawAction::kGrow);
+  EXPECT_GT(g.b, 1u);
+  EXPECT_EQ(g.b, 16u);
+  EXPECT_TRUE(g.event_idx);
+  EXPECT_GE(g.t_ns, proto::kMinDeferNs);
+  for (int i = 0; i < 4; ++i) {
+    const LawOutput o = law.Step(sleeping(16));
+    EXPECT_EQ(o.b, 16u) << i << ": " << LawActionName(o.action);
+    EXPECT_TRUE(o.event_idx);
+  }
+}
+
+TEST(AdaptiveLaw, InputFromSampleTakesTheEventIdxBatch) {
+  proto::QueueSample s;
+  s.interval_ns = 1'000'000'000;
+  s.requests = 800;
+  s.kicks = 20;
+  s.asks = 100;
+  s.suppressed = 80;
+  s.applied_mode = proto::KickMode::kEventIdx;
+  s.applied_batch = 8;
+  s.applied_defer_ns = 50'000;
+  LawInput in = LawInputFromSample(s, 25);
+  EXPECT_EQ(in.b, 8u);
+  EXPECT_EQ(in.t_ns, 50'000u);
+  EXPECT_EQ(in.asks, 100u);
+  EXPECT_EQ(in.suppressed, 80u);
+  EXPECT_EQ(in.host_notifications, 25u);
+  EXPECT_EQ(in.kicks, 20u);
+  // Plain event-idx (B = 1): no deferral whatever the field says.
+  s.applied_batch = 1;
+  in = LawInputFromSample(s, std::nullopt);
+  EXPECT_EQ(in.b, 1u);
+  EXPECT_EQ(in.t_ns, 0u);
+  // Immediate decides per request: B = 1 whatever the fields say.
+  s.applied_mode = proto::KickMode::kImmediate;
+  s.applied_batch = 8;
+  in = LawInputFromSample(s, std::nullopt);
+  EXPECT_EQ(in.b, 1u);
+  EXPECT_EQ(in.t_ns, 0u);
+  EXPECT_EQ(in.asks, 100u);
+  // Static and adaptive keep theirs.
+  for (proto::KickMode m : {proto::KickMode::kStatic, proto::KickMode::kAdaptive}) {
+    s.applied_mode = m;
+    in = LawInputFromSample(s, std::nullopt);
+    EXPECT_EQ(in.b, 8u);
+    EXPECT_EQ(in.t_ns, 50'000u);
+  }
+}
+
+TEST(AdaptiveLaw, PersistentDistrustFallsBackToPlainKicks) {
+  AdaptiveLaw law;  // distrust_limit 3
+  LawInput in = Steady(16, 32);
+  in.host_notifications = in.kicks * 4;
+  LawOutput a = law.Step(in);
+  EXPECT_TRUE(a.event_idx) << "one bad interval: hold, still event-idx";
+  EXPECT_EQ(a.b, 16u);
+  LawOutput b = law.Step(in);
+  EXPECT_TRUE(b.event_idx);
+  LawOutput c = law.Step(in);
+  EXPECT_EQ(c.action, LawAction::kDistrusted);
+  EXPECT_FALSE(c.event_idx) << "distrust_limit reached: plain kicks";
+  EXPECT_EQ(c.b, 1u);
+  EXPECT_EQ(c.t_ns, 0u);
+  LawOutput d = law.Step(in);
+  EXPECT_FALSE(d.event_idx);
+  EXPECT_EQ(d.b, 1u);
+  // Trusted again: back to event-idx.
+  LawOutput e = law.Step(Steady(1, 32));
+  EXPECT_TRUE(e.sample_trusted);
+  EXPECT_TRUE(e.event_idx);
+}
+
+TEST(AdaptiveLaw, DistrustLimitOneFallsBackAtOnce) {
+  AdaptiveLaw law({.distrust_limit = 1});
+  LawInput in = Steady(16, 32);
+  in.host_notifications = in.kicks * 4;
+  const LawOutput out = law.Step(in);
+  EXPECT_FALSE(out.event_idx);
+  EXPECT_EQ(out.b, 1u);
+}
+
+TEST(AdaptiveLaw, WithoutEventIdxNothingIsPolled) {
+  AdaptiveLaw law({.event_idx = false});
+  for (uint32_t b : {1u, 16u}) {
+    const LawOutput out = law.Step(Polled(b, 32, 1.0));
+    EXPECT_NE(out.action, LawAction::kPolled) << b;
+    EXPECT_FALSE(out.event_idx) << b;
+  }
+  // The depth rules, as before v3: QD 32 grows to 16 with plain kicks.
+  AdaptiveLaw plain({.event_idx = false});
+  plain.Step(Steady(1, 32));
+  const LawOutput g = plain.Step(Steady(1, 32));
+  EXPECT_EQ(g.b, 16u);
+  EXPECT_FALSE(g.event_idx);
+  // Also in closed loop with a polling device (it gets every plain kick).
+  Plant plant({.closed_loop = true, .qd = 32, .event_idx = false, .polling = true});
+  AdaptiveLaw law2({.event_idx = false});
+  Trace tr = RunLoop(plant, law2, 10);
+  for (LawAction a : tr.action) EXPECT_NE(a, LawAction::kPolled);
+  EXPECT_EQ(tr.b.back(), 16u);
+}
+
+TEST(AdaptiveLaw, EventIdxOutputsPassTheProtocol) {
+  AdaptiveLaw law;
+  std::mt19937_64 rng(17);
+  uint32_t b = 1;
+  uint64_t t = 0;
+  for (int i = 0; i < 5000; ++i) {
+    LawInput in = Steady(b, static_cast<double>(rng() % 600), rng() % 100'000);
+    in.t_ns = t;
+    in.asks = in.requests ? rng() % (in.requests + 1) : 0;
+    in.suppressed = in.asks ? rng() % (in.asks + 1) : 0;
+    const LawOutput out = law.Step(in);
+    proto::QueuePolicy p{.ref = {0, 0},
+                         .mode = out.event_idx ? proto::KickMode::kEventIdx : proto::KickMode::kAdaptive,
+                         .batch = static_cast<uint16_t>(out.b),
+                         .defer_ns = static_cast<uint32_t>(out.t_ns),
+                         .lease_ns = 1'000'000'000,
+                         .generation = 1};
+    ASSERT_EQ(proto::Validate(proto::Policy{.queues = {p}}), proto::Rejection::kNone)
+        << "b=" << out.b << " t=" << out.t_ns << " " << LawActionName(out.action);
+    if (out.action == LawAction::kPolled) {
+      ASSERT_EQ(out.b, 1u);
+    }
+    b = out.b;
+    t = out.t_ns;
+  }
+}
+
+TEST(AdaptiveLaw, PolledFractionIsValidated) {
+  EXPECT_FALSE(ValidateLawConfig({.polled_fraction = 0}).ok());
+  EXPECT_FALSE(ValidateLawConfig({.polled_fraction = 1.5}).ok());
+  EXPECT_FALSE(ValidateLawConfig({.polled_fraction = -0.1}).ok());
+  EXPECT_FALSE(ValidateLawConfig({.polled_fraction = std::nan("")}).ok());
+  EXPECT_TRUE(ValidateLawConfig({.polled_fraction = 1.0}).ok());
+  EXPECT_TRUE(ValidateLawConfig({.polled_fraction = 0.5}).ok());
+  EXPECT_TRUE(ValidateLawConfig({.event_idx = false}).ok());
+  EXPECT_EQ(LawActionName(LawAction::kPolled), "polled");
 }
 
 TEST(AdaptiveLaw, ConfigValidation) {

@@ -6,8 +6,16 @@
 // lambda. Each kick costs the submitting vCPU `kick_cost_ns` (the VM exit),
 // during which it cannot submit; requests reach the device when the kick's
 // exit is handled. Produces exactly the agent's per-interval QueueSample.
+//
+// With `event_idx` the driver runs event-idx:B,T: when a batch closes it asks
+// the device (asks, suppressed in the sample). A sleeping device wants every
+// kick; a `polling` one sees each request at its submission by itself (the
+// avail ring is published at once) and declines every ask, so it gets no
+// kick. Without event_idx a polling device still gets (and pays for) every
+// plain kick.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <queue>
@@ -27,6 +35,8 @@ struct PlantConfig {
   uint64_t submit_cost_ns = 500;    // vCPU time per submission
   uint64_t interval_ns = 20'000'000;
   uint64_t seed = 1;
+  bool event_idx = false;  // the driver asks the device when a batch closes
+  bool polling = false;    // the device polls the ring: declines every ask
 };
 
 struct IntervalResult {
@@ -105,15 +115,21 @@ class Plant {
         ++s.depth_hist[proto::DepthBucket(static_cast<uint32_t>(outstanding_))];
         if (pending_.empty()) timer_at_ = cpu_free_ + t_ns_;
         pending_.push_back(cpu_free_);
+        // A polling device finds it in the avail ring without a kick.
+        if (c_.polling) completions_.push({cpu_free_ + c_.service_ns, cpu_free_});
         if (pending_.size() >= b_ || b_ <= 1) Kick(s, r, /*timer=*/false);
       }
     }
     now_ = end;
+    // A batch asked at the interval's start was submitted in the previous
+    // one: clamped as the agent's BuildQueueSample does.
+    s.asks = std::min(s.asks, s.requests);
+    s.suppressed = std::min(s.suppressed, s.asks);
     if (s.requests) s.mean_depth_milli = static_cast<uint32_t>(depth_sum * 1000 / s.requests);
     r.host_notifications = s.kicks;
     r.mean_latency_ns = s.completed ? lat_sum / static_cast<double>(s.completed) : 0;
     s.lease = proto::LeaseState::kActive;
-    s.applied_mode = proto::KickMode::kAdaptive;
+    s.applied_mode = c_.event_idx ? proto::KickMode::kEventIdx : proto::KickMode::kAdaptive;
     s.applied_batch = static_cast<uint16_t>(b);
     s.applied_defer_ns = static_cast<uint32_t>(t_ns);
     s.applied_generation = 1;
@@ -131,11 +147,21 @@ class Plant {
   }
   void Kick(proto::QueueSample& s, IntervalResult& r, bool timer) {
     if (pending_.empty()) return;
+    if (c_.event_idx) {
+      ++s.asks;  // the batch is put to the device
+      if (c_.polling) {  // declined: it already has them
+        ++s.suppressed;
+        pending_.clear();
+        timer_at_ = UINT64_MAX;
+        return;
+      }
+    }
     const uint64_t at = std::max(now_, cpu_free_);
     cpu_free_ = at + c_.kick_cost_ns;
     ++s.kicks;
     if (timer) ++s.timer_kicks;
     for (uint64_t submitted : pending_) {
+      if (c_.polling) continue;  // at the device since its submission
       r.max_added_ns = std::max(r.max_added_ns, at - submitted);
       completions_.push({cpu_free_ + c_.service_ns, submitted});
     }

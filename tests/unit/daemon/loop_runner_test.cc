@@ -225,6 +225,7 @@ TEST(LoopRunnerTest, VhostUserFrontendsAreHostCountedWhileBound) {
   LoopRunnerOptions ro = RunnerOptions(dir.path(), log);
   ro.vhost_user_vm = "host";
   ro.interval = absl::Milliseconds(100);
+  ro.vhost_user_kicks_counted = true;  // --vhost_user_kicks
   LoopRunner r(ro, d);
   ASSERT_TRUE(r.Init().ok());
   // Counts but no live binding (e.g. the adopted pid 4242 announced its

@@ -3,7 +3,9 @@
 #include "guest-policy/tool/driver_registry.h"
 
 #include <stdlib.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -70,7 +72,7 @@ TEST(DriverRegistry, RunDirFromFlagThenEnvThenDefault) {
 TEST(DriverRegistry, WritesTheDocumentedJsonAndRemovesItWithTheObject) {
   TempDir tmp;
   const std::string dir = tmp.path + "/nested/run";  // created on demand
-  DriverInfo d{1234, "pci", "", "0000:00:04.0", "serial-x", 2, 256, "/dev/shm/vkick/control-1234"};
+  DriverInfo d{1234, "pci", "", "0000:00:04.0", "serial-x", 2, 256, "/dev/shm/vkick/control-1234", ""};
   std::string path;
   {
     auto reg = DriverRegistration::Create(dir, d);
@@ -93,6 +95,161 @@ TEST(DriverRegistry, WritesTheDocumentedJsonAndRemovesItWithTheObject) {
 TEST(DriverRegistry, UnwritableRunDirIsAnError) {
   auto reg = DriverRegistration::Create("/proc/vkick-cannot-exist", DriverInfo{1, "vhost-user"});
   EXPECT_FALSE(reg.ok());
+}
+
+TEST(DriverRegistry, JsonNamesTheStatsBlockOnlyWhenThereIsOne) {
+  DriverInfo d{1234, "pci", "", "0000:00:04.0", "serial-x", 2, 256, "/dev/shm/vkick/control-1234", ""};
+  auto j = nlohmann::json::parse(DriverInfoJson(d));
+  EXPECT_FALSE(j.contains("stats_block")) << "an empty path is omitted, not written as \"\"";
+  d.stats_block = "/dev/shm/vkick/stats-1234";
+  j = nlohmann::json::parse(DriverInfoJson(d));
+  ASSERT_TRUE(j.contains("stats_block"));
+  EXPECT_EQ(j["stats_block"], "/dev/shm/vkick/stats-1234");
+  EXPECT_EQ(j["control_block"], "/dev/shm/vkick/control-1234");
+}
+
+TEST(DriverRegistry, StatsBlockGoesBesideTheControlBlock) {
+  EXPECT_EQ(StatsBlockPathBeside("/dev/shm/vkick/control-42", 42), "/dev/shm/vkick/stats-42");
+  EXPECT_EQ(StatsBlockPathBeside("/run/x/ctl", 7), "/run/x/stats-7");
+  EXPECT_EQ(StatsBlockPathBeside(DefaultControlBlockPath(9), 9), "/dev/shm/vkick/stats-9");
+}
+
+std::string StatsPath(const TempDir& tmp) { return tmp.path + "/shm/vkick/stats-" + std::to_string(getpid()); }
+
+TEST(StatsFile, CreatesAValidBlockOfTheRightSize) {
+  TempDir tmp;
+  const std::string path = StatsPath(tmp);  // directories created on demand
+  auto sf = StatsFile::Create(path, 3);
+  ASSERT_TRUE(sf.ok()) << sf.status();
+  EXPECT_EQ(sf->path(), path);
+  ASSERT_NE(sf->block(), nullptr);
+  EXPECT_EQ(std::filesystem::file_size(path), sizeof(StatsBlock));
+  StatsBlock buf{};
+  auto v = ReadStatsBlockFile(path, &buf);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->num_queues, 3);
+  EXPECT_EQ(v->writer_pid, static_cast<uint64_t>(getpid()));
+  EXPECT_EQ(v->queues[0].requests, 0u);
+}
+
+TEST(StatsFile, WritesThroughTheBlockAreVisibleToAReader) {
+  TempDir tmp;
+  const std::string path = StatsPath(tmp);
+  auto sf = StatsFile::Create(path, 2);
+  ASSERT_TRUE(sf.ok()) << sf.status();
+  StatsAdd(sf->block()->queues[1].requests, 17);
+  StatsAdd(sf->block()->queues[1].asks, 5);
+  sf->block()->queues[0].latency_hist[15] = 2;
+  StatsBlock buf{};
+  auto v = ReadStatsBlockFile(path, &buf);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->queues[1].requests, 17u);
+  EXPECT_EQ(v->queues[1].asks, 5u);
+  EXPECT_EQ(v->queues[0].latency_hist[15], 2u);
+}
+
+TEST(StatsFile, RemovedWithTheObjectButNotByAMovedFromOne) {
+  TempDir tmp;
+  const std::string path = StatsPath(tmp);
+  {
+    auto sf = StatsFile::Create(path, 1);
+    ASSERT_TRUE(sf.ok()) << sf.status();
+    StatsFile moved = *std::move(sf);
+    EXPECT_TRUE(std::filesystem::exists(path)) << "the moved-from object must not unlink";
+    EXPECT_EQ(moved.path(), path);
+    StatsAdd(moved.block()->queues[0].kicks, 1);  // still mapped
+  }
+  EXPECT_FALSE(std::filesystem::exists(path));
+}
+
+TEST(StatsFile, ALeftoverFileIsReplacedWithZeroCounters) {
+  TempDir tmp;
+  const std::string path = StatsPath(tmp);
+  std::filesystem::create_directories(tmp.path + "/shm/vkick");
+  // A dead driver's block of our pid, with counters.
+  StatsBlock old{};
+  InitStatsBlock(&old, 1, static_cast<uint64_t>(getpid()));
+  old.queues[0].requests = 999;
+  old.queues[0].kicks = 5;
+  {
+    std::ofstream f(path, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(&old), sizeof(old));
+  }
+  auto sf = StatsFile::Create(path, 1);
+  ASSERT_TRUE(sf.ok()) << sf.status();
+  StatsBlock buf{};
+  auto v = ReadStatsBlockFile(path, &buf);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->queues[0].requests, 0u);
+  EXPECT_EQ(v->queues[0].kicks, 0u);
+  EXPECT_EQ(sf->block()->queues[0].requests, 0u);
+}
+
+TEST(StatsFile, ALeftoverSymlinkIsReplacedAndItsTargetUntouched) {
+  TempDir tmp;
+  const std::string path = StatsPath(tmp);
+  std::filesystem::create_directories(tmp.path + "/shm/vkick");
+  const std::string victim = tmp.path + "/victim";
+  {
+    std::ofstream f(victim);
+    f << "precious";
+  }
+  ASSERT_EQ(symlink(victim.c_str(), path.c_str()), 0);
+  auto sf = StatsFile::Create(path, 1);
+  ASSERT_TRUE(sf.ok()) << sf.status();
+  EXPECT_FALSE(std::filesystem::is_symlink(path));
+  EXPECT_EQ(Slurp(victim), "precious");
+  EXPECT_EQ(std::filesystem::file_size(path), sizeof(StatsBlock));
+}
+
+TEST(StatsFile, QueueCountIsClampedIntoTheBlock) {
+  TempDir tmp;
+  auto sf = StatsFile::Create(tmp.path + "/a", 40);
+  ASSERT_TRUE(sf.ok()) << sf.status();
+  EXPECT_EQ(sf->block()->num_queues, kStatsBlockMaxQueues);
+  auto sf0 = StatsFile::Create(tmp.path + "/b", 0);
+  ASSERT_TRUE(sf0.ok()) << sf0.status();
+  EXPECT_EQ(sf0->block()->num_queues, 1);
+}
+
+TEST(StatsFile, AnUncreatableDirectoryIsAnError) {
+  EXPECT_FALSE(StatsFile::Create("/proc/vkick-cannot-exist/stats-1", 1).ok());
+}
+
+TEST(DriverRegistry, RegistrationWithAStatsBlockWritesItsPath) {
+  TempDir tmp;
+  DriverInfo d{4321, "vhost-user", "/tmp/vu.sock", "", "s", 1, 64, "/dev/shm/vkick/control-4321",
+               "/dev/shm/vkick/stats-4321"};
+  auto reg = DriverRegistration::Create(tmp.path, d);
+  ASSERT_TRUE(reg.ok()) << reg.status();
+  auto j = nlohmann::json::parse(Slurp(reg->path()));
+  EXPECT_EQ(j["stats_block"], "/dev/shm/vkick/stats-4321");
+}
+
+// Killed by a signal, the driver still removes its registry entry and its
+// stats block (the handler only has the paths it was given).
+TEST(DriverRegistry, AFatalSignalRemovesTheEntryAndTheStatsBlock) {
+  TempDir tmp;
+  const std::string stats = tmp.path + "/shm/stats-child";
+  const std::string run = tmp.path + "/run";
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto sf = StatsFile::Create(stats, 1);
+    if (!sf.ok()) _exit(2);
+    DriverInfo d{static_cast<int>(getpid()), "vhost-user", "", "", "", 1, 64, "/dev/shm/vkick/control-x", stats};
+    auto reg = DriverRegistration::Create(run, d);
+    if (!reg.ok()) _exit(3);
+    if (!std::filesystem::exists(stats) || !std::filesystem::exists(reg->path())) _exit(4);
+    raise(SIGTERM);
+    _exit(5);  // not reached
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "exit code " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+  EXPECT_EQ(WTERMSIG(status), SIGTERM);
+  EXPECT_FALSE(std::filesystem::exists(stats)) << "stats block left behind";
+  EXPECT_FALSE(std::filesystem::exists(run + "/drivers/" + std::to_string(child) + ".json"));
 }
 
 void WriteBlock(const std::string& path, uint16_t batch) {

@@ -5,10 +5,12 @@
 #include "guest-policy/core/kick_scheduler.h"
 
 #include <algorithm>
+#include <array>
 #include <functional>
 #include <map>
 #include <random>
 #include <set>
+#include <string>
 
 #include "gtest/gtest.h"
 #include "guest-policy/core/blk_queue.h"
@@ -256,6 +258,7 @@ struct Harness {
       EXPECT_TRUE(c.status.ok()) << c.status;
       ++completed[c.slot];
       ++completions;
+      latency_sum += c.latency_ns;
       free_slots.push_back(c.slot);
     });
     NoteAsks();
@@ -272,7 +275,7 @@ struct Harness {
   std::map<uint32_t, uint64_t> unkicked;  // slot -> submit time, not yet covered by a kick
   uint64_t max_wait = 0;
   uint64_t asks_seen = 0;
-  uint64_t requests = 0, completions = 0;
+  uint64_t requests = 0, completions = 0, latency_sum = 0;
   std::map<uint32_t, uint64_t> completed;
   std::vector<uint32_t> free_slots;
   bool in_poll = false;  // kicks issued now are the poller's deferred ones
@@ -417,6 +420,292 @@ TEST(KickProperty, NoRequestPendingLongerThanTPlusPollPeriod) {
   }
 }
 
+// event-idx:B,T in front of a device that wants every kick and one that
+// polls and wants none: every request completes exactly once, none waits for
+// its kick or its ask longer than T + P, and the counters say which device it
+// was (the polling one gets no kick at all).
+TEST(KickProperty, EventIdxBatchesBoundThePendingTimeForEveryDevice) {
+  const KickPolicy policies[] = {{KickMode::kEventIdx, 8, 50000}, {KickMode::kEventIdx, 32, 200000},
+                                 {KickMode::kEventIdx, 4, 1000},  {KickMode::kEventIdx, 64, 1000000},
+                                 {KickMode::kEventIdx, 1, 0}};
+  for (const KickPolicy& p : policies) {
+    for (bool ei : {false, true}) {
+      for (Device device : {Device::kSleeps, Device::kPolls}) {
+        for (uint64_t seed = 1; seed <= 3; ++seed) {
+          SCOPED_TRACE(FormatKickPolicy(p) + (ei ? " event_idx" : " no_notify_flag") +
+                       (device == Device::kPolls ? " polling device" : " sleeping device") + " seed " +
+                       std::to_string(seed));
+          const Schedule sch{seed, 20000 * seed};
+          const PropertyReport r = Explore(p, ei, sch, Fault::kNone, 4000, device);
+          EXPECT_TRUE(Holds(r, p, sch.poll_period_ns));
+          ASSERT_GT(r.requests, 200u);
+          ASSERT_GT(r.asks, 0u);
+          if (device == Device::kPolls) {
+            EXPECT_EQ(r.suppressed, r.asks) << "the polling device declines every ask";
+            EXPECT_EQ(r.kicks, 0u);
+          } else {
+            EXPECT_EQ(r.suppressed, 0u) << "the sleeping device wants every ask";
+            EXPECT_EQ(r.kicks, r.asks);
+          }
+          if (p.batch == 1) {
+            EXPECT_EQ(r.asks, r.requests) << "plain event-idx asks at every request";
+            EXPECT_EQ(r.kicks_by_why[static_cast<size_t>(KickWhy::kEventIdx)], r.kicks);
+          } else {
+            EXPECT_LT(r.asks, r.requests) << "a batch is one ask";
+            // A kick after an ask says why the batch closed.
+            EXPECT_EQ(r.kicks_by_why[static_cast<size_t>(KickWhy::kBatchFull)] +
+                          r.kicks_by_why[static_cast<size_t>(KickWhy::kTimer)],
+                      r.kicks);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The same harness sees a device that declines an ask and then never looks:
+// requests never complete, and Holds() says so (the test can fail).
+TEST(KickProperty, CatchesADeviceThatDeclinesAndNeverLooks) {
+  BlkQueueOptions o;
+  o.queue_size = 64;
+  o.slots = 8;
+  o.event_idx = true;
+  o.policy = {KickMode::kEventIdx, 4, 50000};
+  Harness h(o);
+  h.dev->SetPolling(true);  // declines, but nobody calls Consume()
+  for (uint32_t i = 0; i < 8; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
+  for (int i = 0; i < 100; ++i) {
+    h.clock.Advance(20000);
+    h.dev->Complete(8);
+    h.PollOnce();
+  }
+  PropertyReport r;
+  r.requests = h.requests;
+  r.completions = h.completions;
+  r.in_flight_after = h.queue->in_flight();
+  EXPECT_EQ(h.queue->stats().suppressed, 2u);
+  EXPECT_FALSE(Holds(r, o.policy, 20000));
+}
+
+// ---- BlkQueue's counters -------------------------------------------------
+
+TEST(BlkQueueStats, APollingDeviceDeclinesEveryAskAndGetsNoKick) {
+  BlkQueueOptions o;
+  o.queue_size = 64;
+  o.slots = 32;
+  o.event_idx = true;
+  o.policy = {KickMode::kEventIdx, 4, 50000};
+  Harness h(o);
+  h.dev->SetPolling(true);
+  for (uint32_t i = 0; i < 8; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
+  EXPECT_EQ(h.queue->stats().asks, 2u) << "two full batches";
+  EXPECT_EQ(h.queue->stats().suppressed, 2u);
+  EXPECT_EQ(h.queue->stats().kicks, 0u);
+  EXPECT_EQ(h.rec->kicks, 0u);
+  EXPECT_TRUE(h.unkicked.empty()) << "asked: the device promised to look";
+  EXPECT_EQ(h.dev->Consume(), 8) << "it finds them by itself";
+  h.PollOnce();
+  EXPECT_EQ(h.completions, 8u);
+  // A partial batch: put to the device at its deadline, declined as well.
+  for (uint32_t i = 0; i < 3; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
+  EXPECT_EQ(h.queue->stats().asks, 2u);
+  h.clock.Advance(50000);
+  h.PollOnce();
+  EXPECT_EQ(h.queue->stats().asks, 3u);
+  EXPECT_EQ(h.queue->stats().suppressed, 3u);
+  EXPECT_EQ(h.queue->stats().kicks, 0u);
+  EXPECT_FALSE(h.queue->NextDeadlineNs().has_value()) << "nothing pending after a declined ask";
+}
+
+TEST(BlkQueueStats, ASleepingDeviceWantsEveryAskAndTheKickSaysWhy) {
+  BlkQueueOptions o;
+  o.queue_size = 64;
+  o.slots = 32;
+  o.event_idx = true;
+  o.policy = {KickMode::kEventIdx, 4, 50000};
+  Harness h(o);
+  for (uint32_t i = 0; i < 8; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
+  EXPECT_EQ(h.queue->stats().asks, 2u);
+  EXPECT_EQ(h.queue->stats().suppressed, 0u);
+  EXPECT_EQ(h.queue->stats().kicks, 2u);
+  EXPECT_EQ(h.rec->kicks, 2u);
+  EXPECT_EQ(h.queue->stats().kicks_by_why[static_cast<size_t>(KickWhy::kBatchFull)], 2u);
+  ASSERT_TRUE(h.SubmitOne(8, 8));
+  h.clock.Advance(50000);
+  h.PollOnce();
+  EXPECT_EQ(h.queue->stats().asks, 3u);
+  EXPECT_EQ(h.queue->stats().kicks, 3u);
+  EXPECT_EQ(h.queue->stats().kicks_by_why[static_cast<size_t>(KickWhy::kTimer)], 1u);
+  EXPECT_EQ(h.dev->last_avail(), 9);
+}
+
+TEST(BlkQueueStats, WithoutEventIdxTheAskFollowsTheNoNotifyFlag) {
+  BlkQueueOptions o;
+  o.queue_size = 64;
+  o.slots = 32;
+  o.event_idx = false;
+  o.policy = {KickMode::kEventIdx, 1, 0};
+  Harness h(o);
+  h.dev->SetPolling(true);  // VRING_USED_F_NO_NOTIFY
+  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
+  EXPECT_EQ(h.queue->stats().asks, 5u) << "B = 1: one ask per request";
+  EXPECT_EQ(h.queue->stats().suppressed, 5u);
+  EXPECT_EQ(h.rec->kicks, 0u);
+  h.dev->SetPolling(false);
+  ASSERT_TRUE(h.SubmitOne(5, 5));
+  EXPECT_EQ(h.queue->stats().asks, 6u);
+  EXPECT_EQ(h.queue->stats().suppressed, 5u);
+  EXPECT_EQ(h.rec->kicks, 1u);
+  EXPECT_EQ(h.queue->stats().kicks_by_why[static_cast<size_t>(KickWhy::kEventIdx)], 1u);
+}
+
+TEST(BlkQueueStats, StaticAndImmediateNeverAsk) {
+  for (KickPolicy p : {KickPolicy{KickMode::kImmediate, 1, 0}, KickPolicy{KickMode::kStatic, 4, 50000}}) {
+    BlkQueueOptions o;
+    o.queue_size = 64;
+    o.slots = 32;
+    o.event_idx = true;
+    o.policy = p;
+    Harness h(o);
+    h.dev->SetPolling(true);  // plain kicks ignore what the device wants
+    for (uint32_t i = 0; i < 8; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
+    EXPECT_EQ(h.queue->stats().asks, 0u) << FormatKickPolicy(p);
+    EXPECT_EQ(h.queue->stats().suppressed, 0u) << FormatKickPolicy(p);
+    EXPECT_EQ(h.rec->kicks, p.mode == KickMode::kImmediate ? 8u : 2u) << FormatKickPolicy(p);
+  }
+}
+
+uint64_t SumOf(const uint64_t* a, size_t n) {
+  uint64_t s = 0;
+  for (size_t i = 0; i < n; ++i) s += a[i];
+  return s;
+}
+
+TEST(BlkQueueSharedStats, CountsRequestsDepthAndLatencyExactly) {
+  StatsQueue shared{};
+  BlkQueueOptions o;
+  o.queue_size = 64;
+  o.slots = 8;
+  o.policy = {KickMode::kImmediate, 1, 0};
+  o.shared_stats = &shared;
+  Harness h(o);
+  for (uint32_t i = 0; i < 10; ++i) {
+    ASSERT_TRUE(h.SubmitOne(0, i));
+    h.clock.Advance(5000);
+    ASSERT_EQ(h.dev->Complete(1), 1);
+    h.PollOnce();
+  }
+  EXPECT_EQ(shared.depth_limit, 8u) << "the queue's slots";
+  EXPECT_EQ(shared.requests, 10u);
+  EXPECT_EQ(shared.completions, 10u);
+  EXPECT_EQ(shared.depth_sum, 10u) << "depth 1 at every submit";
+  EXPECT_EQ(shared.depth_hist[0], 10u);
+  EXPECT_EQ(shared.latency_sum_ns, 50000u);
+  EXPECT_EQ(shared.latency_hist[3], 10u) << "5 us is in [4, 8) us";
+  EXPECT_EQ(shared.kicks, 10u);
+  EXPECT_EQ(shared.kicks_by_why[static_cast<size_t>(KickWhy::kImmediate)], 10u);
+  EXPECT_EQ(shared.asks, 0u);
+  EXPECT_EQ(shared.suppressed, 0u);
+  // The queue's own counters are kept as before.
+  EXPECT_EQ(h.queue->stats().requests, 10u);
+  EXPECT_EQ(h.queue->stats().completions, 10u);
+}
+
+// N requests through the fake device under each kind of policy and device:
+// the shared block agrees with the queue's own counters and with itself.
+TEST(BlkQueueSharedStats, AgreeWithTheQueuesCountersUnderRandomLoad) {
+  struct Case {
+    KickPolicy p;
+    Device device;
+  } cases[] = {{{KickMode::kEventIdx, 8, 50000}, Device::kPolls},
+               {{KickMode::kEventIdx, 8, 50000}, Device::kSleeps},
+               {{KickMode::kEventIdx, 1, 0}, Device::kPolls},
+               {{KickMode::kStatic, 8, 50000}, Device::kSleeps},
+               {{KickMode::kImmediate, 1, 0}, Device::kSleeps}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(FormatKickPolicy(c.p) + (c.device == Device::kPolls ? " polling" : " sleeping"));
+    StatsQueue shared{};
+    BlkQueueOptions o;
+    o.queue_size = 64;
+    o.slots = 32;
+    o.event_idx = true;
+    o.policy = c.p;
+    o.shared_stats = &shared;
+    Harness h(o);
+    if (c.device == Device::kPolls) h.dev->SetPolling(true);
+    for (uint32_t i = 0; i < o.slots; ++i) h.free_slots.push_back(i);
+    std::mt19937_64 rng(11);
+    uint64_t depth_sum = 0;
+    std::array<uint64_t, kStatsDepthBuckets> depth_hist{};
+    auto step = [&] {
+      h.clock.Advance(rng() % 10000);
+      if (c.device == Device::kPolls) h.dev->Consume(/*defer_complete=*/true);
+      h.dev->Complete(rng() % 6);
+      h.PollOnce();
+    };
+    for (int i = 0; i < 2000; ++i) {
+      for (int burst = static_cast<int>(rng() % 6); burst > 0 && !h.free_slots.empty(); --burst) {
+        const uint32_t slot = h.free_slots.back();
+        h.free_slots.pop_back();
+        ASSERT_TRUE(h.SubmitOne(slot, i));
+        const uint32_t depth = h.queue->in_flight();
+        depth_sum += depth;
+        ++depth_hist[std::min<size_t>(depth <= 1 ? 0 : 31 - __builtin_clz(depth), kStatsDepthBuckets - 1)];
+        h.clock.Advance(rng() % 3000);
+      }
+      step();
+    }
+    for (int i = 0; i < 1000 && h.completions < h.requests; ++i) step();
+    const uint64_t n = h.requests;
+    ASSERT_GT(n, 1000u);
+    ASSERT_EQ(h.completions, n);
+    const BlkQueueStats& st = h.queue->stats();
+    EXPECT_EQ(shared.depth_limit, o.slots);
+    EXPECT_EQ(shared.requests, n);
+    EXPECT_EQ(shared.completions, n);
+    EXPECT_EQ(SumOf(shared.depth_hist, kStatsDepthBuckets), n);
+    EXPECT_EQ(SumOf(shared.latency_hist, kStatsLatencyBuckets), n);
+    EXPECT_EQ(shared.depth_sum, depth_sum);
+    for (size_t b = 0; b < kStatsDepthBuckets; ++b) EXPECT_EQ(shared.depth_hist[b], depth_hist[b]) << "bucket " << b;
+    EXPECT_EQ(shared.latency_sum_ns, h.latency_sum);
+    EXPECT_EQ(shared.kicks, st.kicks);
+    EXPECT_EQ(shared.kicks, h.rec->kicks);
+    EXPECT_EQ(SumOf(shared.kicks_by_why, kStatsWhySlots), shared.kicks);
+    for (size_t w = 0; w < st.kicks_by_why.size(); ++w) EXPECT_EQ(shared.kicks_by_why[w], st.kicks_by_why[w]) << w;
+    EXPECT_EQ(shared.kicks_by_why[6], 0u);
+    EXPECT_EQ(shared.kicks_by_why[7], 0u);
+    EXPECT_EQ(shared.asks, st.asks);
+    EXPECT_EQ(shared.suppressed, st.suppressed);
+    EXPECT_LE(shared.suppressed, shared.asks);
+    if (c.p.mode == KickMode::kEventIdx) {
+      EXPECT_GT(shared.asks, 0u);
+      EXPECT_EQ(shared.kicks + shared.suppressed, shared.asks) << "every ask is a kick or declined";
+    }
+    if (c.device == Device::kPolls) {
+      EXPECT_EQ(shared.kicks, 0u);
+    }
+  }
+}
+
+TEST(BlkQueueSharedStats, FailAllCountsItsCompletions) {
+  StatsQueue shared{};
+  BlkQueueOptions o;
+  o.queue_size = 16;
+  o.slots = 8;
+  o.policy = {KickMode::kImmediate, 1, 0};
+  o.shared_stats = &shared;
+  Harness h(o);
+  for (uint32_t i = 0; i < 3; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
+  h.clock.Advance(2000);
+  int failed = 0;
+  h.queue->FailAll(absl::UnavailableError("backend gone"), [&](const BlkCompletion&) { ++failed; });
+  EXPECT_EQ(failed, 3);
+  EXPECT_EQ(shared.requests, 3u);
+  EXPECT_EQ(shared.completions, 3u);
+  EXPECT_EQ(SumOf(shared.latency_hist, kStatsLatencyBuckets), 3u);
+  EXPECT_EQ(shared.depth_sum, 1u + 2u + 3u);
+}
+
 // The test would catch a lost kick: a scheduler that drops the timer kick
 // leaves requests pending beyond T + P (checked by the same harness).
 TEST(KickProperty, HarnessDetectsAStrandedRequest) {
@@ -497,6 +786,40 @@ TEST(KickProperty, AdaptiveFollowsControlBlockAndFallsBackWhenLeaseExpires) {
   h.clock.Advance(1'000'000);
   h.PollOnce();
   EXPECT_EQ(h.rec->kicks, 5u);
+  EXPECT_TRUE(h.unkicked.empty());
+}
+
+// The agent's event-idx entry reaches the driver with its B and T (adaptive
+// runs every queue as event-idx:B,T); a lost lease falls back to immediate.
+TEST(KickProperty, AdaptiveRunsTheControlBlocksEventIdxBatch) {
+  ControlBlock cb;
+  InitControlBlock(&cb, 1);
+  BlkQueueOptions o;
+  o.queue_size = 64;
+  o.slots = 32;
+  o.event_idx = true;
+  o.policy = {KickMode::kAdaptive, 1, 0};
+  Harness h(o, &cb);
+  h.dev->SetPolling(true);
+  ControlEntry e{};
+  e.mode = static_cast<uint8_t>(ControlMode::kEventIdx);
+  e.batch = 4;
+  e.defer_ns = 50000;
+  e.lease_expiry_ns = h.clock.NowNs() + 10'000'000;
+  WriteControlEntries(&cb, &e, 1);
+  for (uint32_t i = 0; i < 8; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
+  EXPECT_EQ(h.queue->scheduler().policy(), (KickPolicy{KickMode::kEventIdx, 4, 50000}));
+  EXPECT_EQ(h.queue->stats().asks, 2u) << "B = 4 from the control block";
+  EXPECT_EQ(h.queue->stats().suppressed, 2u);
+  EXPECT_EQ(h.rec->kicks, 0u);
+  ASSERT_TRUE(h.SubmitOne(8, 8));
+  h.clock.Advance(10'000'000);  // lease over: pending kicked at the switch, then immediate
+  h.PollOnce();
+  EXPECT_EQ(h.queue->scheduler().policy().mode, KickMode::kImmediate);
+  EXPECT_EQ(h.rec->kicks, 1u);
+  EXPECT_EQ(h.queue->stats().kicks_by_why[static_cast<size_t>(KickWhy::kPolicyChange)], 1u);
+  ASSERT_TRUE(h.SubmitOne(9, 9));
+  EXPECT_EQ(h.rec->kicks, 2u);
   EXPECT_TRUE(h.unkicked.empty());
 }
 

@@ -341,6 +341,168 @@ TEST(ControlLoopTest, ANewAgentConnectionRestartsTheLawFromTheSpec) {
   EXPECT_EQ(q.applied.batch, 16);  // and it converges again
 }
 
+// ---- adaptive runs as event-idx with the law's (B, T) ------------------------
+
+// What the agent would send back for a policy: valid on the wire.
+proto::Rejection ValidateOut(const PolicyOut& o) {
+  proto::QueuePolicy p{.ref = {0, 0}, .mode = o.mode, .batch = o.batch, .defer_ns = o.defer_ns,
+                       .lease_ns = o.lease_ns, .generation = o.generation};
+  return proto::Validate(proto::Policy{.queues = {p}});
+}
+
+// FakeQueue with the device's habit: a sleeping device wants every ask (one
+// kick per batch), a polling one declines every ask (no kick at all).
+struct EventIdxQueue : FakeQueue {
+  bool polling = false;
+  QueueInput Next() {
+    QueueInput in = FakeQueue::Next();
+    if (in.sample && applied.generation && applied.mode == proto::KickMode::kEventIdx) {
+      proto::QueueSample& s = *in.sample;
+      s.asks = s.kicks;  // one ask per batch (per request at B = 1)
+      if (polling) {
+        host_total -= s.kicks;
+        s.suppressed = s.asks;
+        s.kicks = 0;
+        in.host_notifications_total = host_total;
+      }
+      EXPECT_EQ(proto::Validate(proto::Sample{1, {s}}), proto::Rejection::kNone);
+    }
+    return in;
+  }
+};
+
+TEST(ControlLoopTest, AdaptiveSendsEventIdxWithTheLawsB) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ControlLoop loop({}, 0);
+  EventIdxQueue q;
+  q.depth = 32;
+  q.rate = 100'000;
+  for (int i = 0; i < 10; ++i) {
+    auto out = loop.Step(table, {q.Next()}, (i + 1) * kSec);
+    ASSERT_EQ(out.size(), 1u);
+    EXPECT_EQ(out[0].mode, proto::KickMode::kEventIdx) << "interval " << i;
+    EXPECT_EQ(ValidateOut(out[0]), proto::Rejection::kNone) << "interval " << i;
+    q.applied = out[0];
+  }
+  EXPECT_EQ(q.applied.batch, 16);
+  EXPECT_GE(q.applied.defer_ns, proto::kMinDeferNs);
+  const QueueView v = loop.View().at(0);
+  EXPECT_EQ(v.mode, proto::KickMode::kEventIdx);
+  EXPECT_EQ(v.spec.mode, proto::KickMode::kAdaptive) << "the spec stays what the user set";
+  EXPECT_EQ(v.b, 16u);
+  EXPECT_EQ(v.applied_mode, proto::KickMode::kEventIdx);
+}
+
+TEST(ControlLoopTest, AdaptiveFirstPolicyIsEventIdxFromTheSpecsStart) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ControlLoop loop({}, 0);
+  EventIdxQueue q;
+  q.connected = true;
+  QueueInput in = q.Next();
+  in.sample.reset();  // connected, nothing sampled yet
+  auto out = loop.Step(table, {in}, kSec);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].mode, proto::KickMode::kEventIdx);
+  EXPECT_EQ(out[0].batch, 1);
+  EXPECT_EQ(out[0].defer_ns, 0u);
+}
+
+TEST(ControlLoopTest, AdaptiveOnAPollingDeviceSendsEventIdxAlone) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ControlLoop loop({}, 0);
+  EventIdxQueue q;
+  q.depth = 32;
+  q.rate = 100'000;
+  q.polling = true;
+  for (int i = 0; i < 10; ++i) {
+    auto out = loop.Step(table, {q.Next()}, (i + 1) * kSec);
+    ASSERT_EQ(out.size(), 1u);
+    EXPECT_EQ(out[0].mode, proto::KickMode::kEventIdx) << i;
+    EXPECT_EQ(out[0].batch, 1) << i;
+    EXPECT_EQ(out[0].defer_ns, 0u) << i;
+    q.applied = out[0];
+  }
+  EXPECT_EQ(loop.View().at(0).last_action, "polled");
+}
+
+TEST(ControlLoopTest, AdaptiveWithoutEventIdxSendsPlainAdaptive) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  LoopConfig config;
+  config.law.event_idx = false;
+  ControlLoop loop(config, 0);
+  FakeQueue q;
+  q.depth = 32;
+  q.rate = 100'000;
+  for (int i = 0; i < 10; ++i) {
+    auto out = loop.Step(table, {q.Next()}, (i + 1) * kSec);
+    ASSERT_EQ(out.size(), 1u);
+    EXPECT_EQ(out[0].mode, proto::KickMode::kAdaptive) << i;
+    q.applied = out[0];
+  }
+  EXPECT_EQ(q.applied.batch, 16);
+}
+
+TEST(ControlLoopTest, StaticAndEventIdxSpecsAreSentAsTheyAre) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ASSERT_TRUE(table.Set({"vm1", "disk0", 0}, {proto::KickMode::kStatic, 8, 50'000}).ok());
+  ASSERT_TRUE(table.Set({"vm1", "disk0", 1}, {proto::KickMode::kEventIdx, 1, 0}).ok());
+  ControlLoop loop({}, 0);
+  FakeQueue q0, q1, q2;
+  q0.depth = q1.depth = q2.depth = 32;
+  q1.key.queue = 1;
+  q2.key.queue = 2;  // the adaptive default
+  for (int i = 0; i < 4; ++i) {
+    auto out = loop.Step(table, {q0.Next(), q1.Next(), q2.Next()}, (i + 1) * kSec);
+    ASSERT_EQ(out.size(), 3u);
+    for (const PolicyOut& o : out) {
+      if (o.key.queue == 0) {
+        EXPECT_EQ(o.mode, proto::KickMode::kStatic);
+        EXPECT_EQ(o.batch, 8);
+        EXPECT_EQ(o.defer_ns, 50'000u);
+        q0.applied = o;
+      } else if (o.key.queue == 1) {
+        EXPECT_EQ(o.mode, proto::KickMode::kEventIdx);
+        EXPECT_EQ(o.batch, 1);
+        EXPECT_EQ(o.defer_ns, 0u);
+        q1.applied = o;
+      } else {
+        EXPECT_EQ(o.mode, proto::KickMode::kEventIdx);
+        q2.applied = o;
+      }
+      EXPECT_EQ(ValidateOut(o), proto::Rejection::kNone);
+    }
+  }
+}
+
+// A guest whose kick count the host keeps contradicting: after
+// distrust_limit intervals the loop sends plain kicks (mode adaptive, B = 1),
+// a new generation even where B was already 1.
+TEST(ControlLoopTest, PersistentDistrustSwitchesToPlainKicksWithANewGeneration) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  q.depth = 1;
+  q.rate = 10'000;
+  auto out = loop.Step(table, {q.Next()}, kSec);
+  q.applied = out.at(0);
+  ASSERT_EQ(q.applied.mode, proto::KickMode::kEventIdx);
+  ASSERT_EQ(q.applied.batch, 1);
+  const uint64_t gen = q.applied.generation;
+  for (int i = 0; i < 3; ++i) {
+    QueueInput in = q.Next();
+    q.host_total += 4 * q.rate;  // the host saw 5x the guest's kicks
+    in.host_notifications_total = q.host_total;
+    out = loop.Step(table, {in}, (i + 2) * kSec);
+    q.applied = out.at(0);
+  }
+  EXPECT_EQ(loop.View().at(0).last_action, "distrusted");
+  EXPECT_EQ(q.applied.mode, proto::KickMode::kAdaptive);
+  EXPECT_EQ(q.applied.batch, 1);
+  EXPECT_EQ(q.applied.defer_ns, 0u);
+  EXPECT_GT(q.applied.generation, gen) << "a change of mode is a change";
+  EXPECT_EQ(ValidateOut(q.applied), proto::Rejection::kNone);
+}
+
 TEST(ControlLoopTest, BucketBoundsMatchProtocol) {
   const auto& d = DepthBucketBounds();
   ASSERT_EQ(d.size(), proto::kDepthBuckets - 1);

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <variant>
 
 #include "tests/unit/protocol/test_messages.h"
 
@@ -62,6 +63,98 @@ TEST(ProtocolCodec, RoundTripsEveryMessageType) {
     ASSERT_EQ(out[0].error, Rejection::kNone) << RejectionName(out[0].error);
     EXPECT_TRUE(*out[0].message == m);
   }
+}
+
+// Round trip of one message through the encoder and the decoder.
+Message RoundTrip(const Message& m) {
+  const auto enc = Encode(m);
+  EXPECT_EQ(enc.error, Rejection::kNone) << RejectionName(enc.error);
+  auto out = DecodeAll(enc.bytes);
+  EXPECT_EQ(out.size(), 1u);
+  if (out.empty() || out[0].error != Rejection::kNone) {
+    ADD_FAILURE() << "decode: " << (out.empty() ? "nothing" : RejectionName(out[0].error));
+    return Ack{.generation = 0};
+  }
+  return *out[0].message;
+}
+
+TEST(ProtocolCodec, SampleAsksAndSuppressedRoundTrip) {
+  Sample s = MakeSample();
+  s.queues[0].asks = 600;
+  s.queues[0].suppressed = 599;
+  s.queues[0].applied_mode = KickMode::kEventIdx;
+  s.queues[0].applied_batch = 8;
+  s.queues[0].applied_defer_ns = 50'000;
+  ASSERT_EQ(Validate(s), Rejection::kNone);
+  const Message back = RoundTrip(s);
+  ASSERT_TRUE(std::holds_alternative<Sample>(back));
+  const Sample& got = std::get<Sample>(back);
+  ASSERT_EQ(got.queues.size(), 2u);
+  EXPECT_EQ(got.queues[0].asks, 600u);
+  EXPECT_EQ(got.queues[0].suppressed, 599u);
+  EXPECT_EQ(got.queues[0].applied_mode, KickMode::kEventIdx);
+  EXPECT_EQ(got, s);
+  // asks and suppressed are distinct wire fields (not swapped, not aliased).
+  s.queues[0].asks = 1000;
+  s.queues[0].suppressed = 1;
+  EXPECT_EQ(std::get<Sample>(RoundTrip(s)), s);
+}
+
+TEST(ProtocolCodec, AsksAndSuppressedMayBeAtTheirBounds) {
+  auto v = [](uint64_t asks, uint64_t suppressed) {
+    Sample s = MakeSample();
+    s.queues[0].asks = asks;
+    s.queues[0].suppressed = suppressed;
+    return Validate(s);
+  };
+  const uint64_t n = MakeSample().queues[0].requests;
+  EXPECT_EQ(v(0, 0), Rejection::kNone);
+  EXPECT_EQ(v(n, n), Rejection::kNone) << "every request asked and declined (polling, B = 1)";
+  EXPECT_EQ(v(n, 0), Rejection::kNone);
+  EXPECT_EQ(v(n + 1, 0), Rejection::kFieldOutOfRange);
+  EXPECT_EQ(v(5, 6), Rejection::kFieldOutOfRange);
+  EXPECT_EQ(v(0, 1), Rejection::kFieldOutOfRange);
+}
+
+QueuePolicy EventIdxPolicy(uint16_t batch, uint32_t defer_ns) {
+  return {.ref = {0, 0}, .mode = KickMode::kEventIdx, .batch = batch, .defer_ns = defer_ns,
+          .lease_ns = 5'000'000'000, .generation = 3};
+}
+
+TEST(ProtocolCodec, EventIdxPolicyWithABatchRoundTrips) {
+  const Policy p{.queues = {EventIdxPolicy(8, 50'000)}};
+  ASSERT_EQ(Validate(p), Rejection::kNone) << "v3: event-idx may batch";
+  const Message back = RoundTrip(p);
+  ASSERT_TRUE(std::holds_alternative<Policy>(back));
+  const QueuePolicy& q = std::get<Policy>(back).queues.at(0);
+  EXPECT_EQ(q.mode, KickMode::kEventIdx);
+  EXPECT_EQ(q.batch, 8);
+  EXPECT_EQ(q.defer_ns, 50'000u);
+  EXPECT_EQ(std::get<Policy>(back), p);
+}
+
+TEST(ProtocolCodec, EventIdxPolicyBounds) {
+  auto v = [](uint16_t b, uint32_t t) { return Validate(Policy{.queues = {EventIdxPolicy(b, t)}}); };
+  EXPECT_EQ(v(1, 0), Rejection::kNone) << "plain event-idx";
+  EXPECT_EQ(v(8, kMinDeferNs), Rejection::kNone);
+  EXPECT_EQ(v(kMaxBatch, kMaxDeferNs), Rejection::kNone);
+  EXPECT_EQ(v(8, kMinDeferNs - 1), Rejection::kFieldOutOfRange) << "a batch without a timer could strand";
+  EXPECT_EQ(v(8, 0), Rejection::kFieldOutOfRange);
+  EXPECT_EQ(v(8, kMaxDeferNs + 1), Rejection::kFieldOutOfRange);
+  EXPECT_EQ(v(0, 0), Rejection::kFieldOutOfRange);
+  EXPECT_EQ(v(kMaxBatch + 1, 50'000), Rejection::kFieldOutOfRange);
+  // Immediate still admits only B = 1, T = 0.
+  QueuePolicy imm = EventIdxPolicy(8, 50'000);
+  imm.mode = KickMode::kImmediate;
+  EXPECT_EQ(Validate(Policy{.queues = {imm}}), Rejection::kFieldOutOfRange);
+  // On the wire too: an event-idx batch with T below the minimum is refused
+  // by the decoder, not only the encoder.
+  auto b = Frame(Policy{.queues = {EventIdxPolicy(8, 50'000)}});
+  ASSERT_EQ(DecodeOne(b), Rejection::kNone);
+  // Policy payload: count u16, reserved u16, then ref (2 + 2), mode u8,
+  // reserved u8, batch u16, defer_ns u32.
+  PutU32(b, kHeaderSize + 4 + 4 + 1 + 1 + 2, kMinDeferNs - 1);
+  EXPECT_EQ(DecodeOne(b), Rejection::kFieldOutOfRange);
 }
 
 TEST(ProtocolCodec, HeaderLayoutIsLittleEndianVkck) {
