@@ -21,8 +21,8 @@ struct LawConfig {
   // Off: the law batches with plain kicks (the action space before v3).
   bool event_idx = true;
   // The device declined at least this share of the asks in an interval: it
-  // polls the ring, batching cannot remove kicks it does not get, so B = 1
-  // (event-idx alone: no deferral, no added latency).
+  // polls the ring (or never runs dry), so a grow cannot remove kicks and is
+  // judged on requests per second instead (step 3).
   double polled_fraction = 0.8;
   uint32_t b_max = 64;                 // 1..proto::kMaxBatch
   uint64_t t_max_ns = 1'000'000;       // <= proto::kMaxDeferNs
@@ -40,7 +40,8 @@ struct LawConfig {
   // More than this share of kicks fired by the timer: batches do not fill.
   double timer_kick_limit = 0.5;
   // A grow is kept only if notifications per request fell by more than this
-  // (Linux DIM's 10% rule) and p99 stayed within one histogram bucket of
+  // (Linux DIM's 10% rule; requests per second rose by more than this when
+  // the device polled) and p99 stayed within one histogram bucket of
   // (p99 before + T).
   double min_gain = 0.10;
   // After a shrink for timers or a reverted grow, growth is capped at the
@@ -93,7 +94,6 @@ enum class LawAction : uint8_t {
   kParked,       // a grow was wanted but B oscillated recently
   kIdle,         // too few requests to batch: B = 1
   kDistrusted,   // the guest's kick count disagrees with the host's
-  kPolled,       // the device polls (declines most asks): B = 1, event-idx alone
 };
 std::string_view LawActionName(LawAction a);
 
@@ -118,6 +118,8 @@ class AdaptiveLaw {
  private:
   uint32_t LevelFor(double depth) const;
   uint64_t DeferFor(uint32_t b, const LawInput& in) const;
+  static double RateOf(const LawInput& in);  // requests per second
+  bool Polled(const LawInput& in) const;
   LawOutput Finish(const LawInput& in, uint32_t b, LawAction action, double npr);
   void RecordChange(int dir);
 
@@ -135,6 +137,8 @@ class AdaptiveLaw {
     uint32_t from_b, to_b;
     double npr_before;
     uint64_t p99_before;
+    double rate_before;  // requests per second
+    bool polled;         // the device declined most asks before the grow
     uint32_t waited;
     // The first sample reporting to_b ran partly under from_b (the policy
     // took effect somewhere inside its window): not judged, the next is.

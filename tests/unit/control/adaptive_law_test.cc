@@ -166,22 +166,39 @@ TEST(AdaptiveLawPlant, OversizedStaticStartShrinksAtOnce) {
 
 // ---- event-idx: the device's own suppression ---------------------------------
 
-// A device that polls the ring (QEMU's AIO polling) declines every ask: the
-// guest's kicks are already gone, a batch could only add latency. The loop
-// settles on B = 1 (event-idx alone) and stays there, from any start.
-TEST(AdaptiveLawPlant, PollingDeviceConvergesToBOne) {
-  for (uint32_t b0 : {1u, 16u, 64u}) {
-    SCOPED_TRACE("start B = " + std::to_string(b0));
-    Plant plant({.closed_loop = true, .qd = 32, .event_idx = true, .polling = true});
-    AdaptiveLaw law;
-    Trace tr = RunLoop(plant, law, 20, [](int) {}, b0, b0 > 1 ? 100'000 : 0);
-    for (size_t i = 0; i < tr.b.size(); ++i) {
-      EXPECT_EQ(tr.b[i], 1u) << "interval " << i;
-      EXPECT_EQ(tr.t[i], 0u) << "interval " << i;
-      EXPECT_EQ(tr.action[i], LawAction::kPolled) << "interval " << i << ": " << LawActionName(tr.action[i]);
-      EXPECT_EQ(tr.npr[i], 0.0) << "a polling device gets no kick";
-    }
+// A device that polls the ring (or never runs dry) declines every ask: the
+// guest's kicks are gone whatever B is. The depth still decides B (a batch
+// makes the asks rarer, and the device already has every request, so it adds
+// no wait): from B = 16 the loop holds 16 with no kick at all.
+TEST(AdaptiveLawPlant, PollingDeviceKeepsTheBatchTheDepthSupports) {
+  Plant plant({.closed_loop = true, .qd = 32, .event_idx = true, .polling = true});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 20, [](int) {}, 16, 100'000);
+  for (size_t i = 0; i < tr.b.size(); ++i) {
+    EXPECT_EQ(tr.b[i], 16u) << "interval " << i << ": " << LawActionName(tr.action[i]);
+    EXPECT_EQ(tr.npr[i], 0.0) << "a polling device gets no kick";
   }
+  ExpectWaitBoundedByT(tr);
+}
+
+// From B = 1 against a polling device the depth wants 16; the grow cannot
+// remove kicks (there are none), so it is judged on requests per second. In
+// this plant the device is an infinite server (asks cost the vCPU nothing),
+// so the rate does not rise: the grow is reverted, never kept for kicks it
+// did not remove.
+TEST(AdaptiveLawPlant, PollingDeviceGrowIsJudgedOnTheRequestRate) {
+  Plant plant({.closed_loop = true, .qd = 32, .event_idx = true, .polling = true});
+  AdaptiveLaw law;
+  Trace tr = RunLoop(plant, law, 12);
+  size_t grow = tr.action.size();
+  for (size_t i = 0; i < tr.action.size(); ++i)
+    if (tr.action[i] == LawAction::kGrow) { grow = i; break; }
+  ASSERT_LT(grow, tr.action.size()) << "the depth asks for a grow";
+  bool reverted = false;
+  for (size_t i = grow + 1; i < tr.action.size(); ++i) reverted |= tr.action[i] == LawAction::kRevert;
+  EXPECT_TRUE(reverted) << "no rate gain: the grow is not kept";
+  for (double npr : tr.npr) EXPECT_EQ(npr, 0.0);
+  ExpectWaitBoundedByT(tr);
 }
 
 // A device that sleeps wants every kick: event-idx suppresses nothing, so
@@ -193,7 +210,6 @@ TEST(AdaptiveLawPlant, SleepingDeviceAtDepth32GrowsB) {
   for (size_t i = 3; i < tr.npr.size(); ++i) EXPECT_LT(tr.npr[i], 0.1) << "interval " << i;
   EXPECT_EQ(tr.b.back(), 16u);
   EXPECT_EQ(Changes(tr.b, 3, tr.b.size()), 0);
-  for (size_t i = 0; i < tr.action.size(); ++i) EXPECT_NE(tr.action[i], LawAction::kPolled) << i;
   ExpectWaitBoundedByT(tr);
 }
 
@@ -217,8 +233,8 @@ TEST(AdaptiveLawPlant, PlantReportsAsksAndSuppressed) {
   EXPECT_EQ(proto::Validate(proto::Sample{.seq = 1, .queues = {b.sample}}), proto::Rejection::kNone);
 }
 
-// Load changes device habits: polled at QD 32 (B = 1), then the device
-// sleeps (a polling backend stops polling): B grows to follow the depth.
+// Load changes device habits: polled at QD 32, then the device sleeps (a
+// polling backend stops polling): B ends where the depth puts it.
 TEST(AdaptiveLawPlant, DeviceThatStopsPollingGetsBatches) {
   Plant polling({.closed_loop = true, .qd = 32, .event_idx = true, .polling = true});
   Plant sleeping({.closed_loop = true, .qd = 32, .event_idx = true, .polling = false});
@@ -231,7 +247,6 @@ TEST(AdaptiveLawPlant, DeviceThatStopsPollingGetsBatches) {
     b = o.b;
     t = o.t_ns;
   }
-  EXPECT_EQ(b, 1u);
   for (int i = 0; i < 10; ++i) {
     const sim::IntervalResult r = sleeping.Run(b, t);
     const LawOutput o = law.Step(LawInputFromSample(r.sample, r.host_notifications));
@@ -406,48 +421,53 @@ LawInput Polled(uint32_t b, double depth, double declined) {
   return in;
 }
 
-TEST(AdaptiveLaw, ADeviceThatDeclinesMostAsksGetsBOne) {
+// With a polling device the depth still rules: QD 32 grows to 16.
+TEST(AdaptiveLaw, APollingDeviceIsBatchedByDepth) {
   AdaptiveLaw law;
-  LawOutput out = law.Step(Polled(1, 32, 0.95));
-  EXPECT_EQ(out.action, LawAction::kPolled);
-  EXPECT_EQ(out.b, 1u);
-  EXPECT_EQ(out.t_ns, 0u);
-  EXPECT_TRUE(out.event_idx);
-  // And it stays there, though the depth alone would grow B.
-  for (int i = 0; i < 5; ++i) {
-    out = law.Step(Polled(1, 32, 0.95));
-    EXPECT_EQ(out.b, 1u) << i;
-    EXPECT_EQ(out.action, LawAction::kPolled) << i;
-  }
-}
-
-TEST(AdaptiveLaw, APolledQueueDropsFromAnyBToOne) {
-  for (uint32_t b : {2u, 16u, 64u}) {
-    AdaptiveLaw law;
-    const LawOutput out = law.Step(Polled(b, 32, 0.8));  // exactly the threshold
-    EXPECT_EQ(out.action, LawAction::kPolled) << b;
-    EXPECT_EQ(out.b, 1u) << b;
-    EXPECT_EQ(out.t_ns, 0u) << b;
-    EXPECT_TRUE(out.event_idx) << b;
-  }
-}
-
-TEST(AdaptiveLaw, BelowThePolledFractionTheDepthRules) {
-  AdaptiveLaw law;
-  LawOutput out = law.Step(Polled(16, 32, 0.7));
-  EXPECT_NE(out.action, LawAction::kPolled);
+  law.Step(Polled(1, 32, 0.95));
+  const LawOutput out = law.Step(Polled(1, 32, 0.95));
+  EXPECT_EQ(out.action, LawAction::kGrow);
   EXPECT_EQ(out.b, 16u);
   EXPECT_TRUE(out.event_idx);
 }
 
-TEST(AdaptiveLaw, TooFewAsksToJudgeAreNotPolled) {
+// The grow from a polled window is judged on requests per second: kept when
+// the rate rose by more than 10 %, although notifications per request (about
+// zero before and after) could not fall.
+TEST(AdaptiveLaw, APolledGrowIsKeptWhenTheRateRises) {
   AdaptiveLaw law;
-  LawInput in = Steady(16, 32, 40);  // 40 requests: not idle
-  in.asks = 3;                        // < min_requests / 4
-  in.suppressed = 3;
-  in.kicks = 0;
-  in.host_notifications = 0;
-  EXPECT_NE(law.Step(in).action, LawAction::kPolled);
+  law.Step(Polled(1, 32, 0.95));
+  ASSERT_EQ(law.Step(Polled(1, 32, 0.95)).b, 16u);
+  law.Step(Polled(16, 32, 1.0));  // partly the old B: not judged
+  LawInput faster = Polled(16, 32, 1.0);
+  faster.requests = faster.requests * 13 / 10;
+  faster.asks = faster.requests / 16;
+  faster.suppressed = faster.asks;
+  const LawOutput out = law.Step(faster);
+  EXPECT_NE(out.action, LawAction::kRevert);
+  EXPECT_EQ(out.b, 16u);
+}
+
+TEST(AdaptiveLaw, APolledGrowWithoutARateGainIsReverted) {
+  AdaptiveLaw law;
+  law.Step(Polled(1, 32, 0.95));
+  ASSERT_EQ(law.Step(Polled(1, 32, 0.95)).b, 16u);
+  law.Step(Polled(16, 32, 1.0));
+  const LawOutput out = law.Step(Polled(16, 32, 1.0));  // same rate, no kicks to remove
+  EXPECT_EQ(out.action, LawAction::kRevert);
+  EXPECT_EQ(out.b, 1u);
+}
+
+// Below the polled fraction a grow is judged on notifications, as before:
+// the kicks fell from 5 % of requests to 1/16 of 0.3: kept.
+TEST(AdaptiveLaw, BelowThePolledFractionNotificationsJudge) {
+  AdaptiveLaw law;
+  law.Step(Polled(1, 32, 0.5));
+  ASSERT_EQ(law.Step(Polled(1, 32, 0.5)).b, 16u);
+  law.Step(Polled(16, 32, 0.5));
+  const LawOutput out = law.Step(Polled(16, 32, 0.5));  // same rate, 1/16 of the kicks
+  EXPECT_NE(out.action, LawAction::kRevert);
+  EXPECT_EQ(out.b, 16u);
 }
 
 // A device that wants every kick (asks = batches, none declined) is batched
@@ -544,13 +564,9 @@ TEST(AdaptiveLaw, DistrustLimitOneFallsBackAtOnce) {
   EXPECT_EQ(out.b, 1u);
 }
 
-TEST(AdaptiveLaw, WithoutEventIdxNothingIsPolled) {
+TEST(AdaptiveLaw, WithoutEventIdxPlainKicks) {
   AdaptiveLaw law({.event_idx = false});
-  for (uint32_t b : {1u, 16u}) {
-    const LawOutput out = law.Step(Polled(b, 32, 1.0));
-    EXPECT_NE(out.action, LawAction::kPolled) << b;
-    EXPECT_FALSE(out.event_idx) << b;
-  }
+  for (uint32_t b : {1u, 16u}) EXPECT_FALSE(law.Step(Polled(b, 32, 1.0)).event_idx) << b;
   // The depth rules, as before v3: QD 32 grows to 16 with plain kicks.
   AdaptiveLaw plain({.event_idx = false});
   plain.Step(Steady(1, 32));
@@ -561,7 +577,6 @@ TEST(AdaptiveLaw, WithoutEventIdxNothingIsPolled) {
   Plant plant({.closed_loop = true, .qd = 32, .event_idx = false, .polling = true});
   AdaptiveLaw law2({.event_idx = false});
   Trace tr = RunLoop(plant, law2, 10);
-  for (LawAction a : tr.action) EXPECT_NE(a, LawAction::kPolled);
   EXPECT_EQ(tr.b.back(), 16u);
 }
 
@@ -584,9 +599,6 @@ TEST(AdaptiveLaw, EventIdxOutputsPassTheProtocol) {
                          .generation = 1};
     ASSERT_EQ(proto::Validate(proto::Policy{.queues = {p}}), proto::Rejection::kNone)
         << "b=" << out.b << " t=" << out.t_ns << " " << LawActionName(out.action);
-    if (out.action == LawAction::kPolled) {
-      ASSERT_EQ(out.b, 1u);
-    }
     b = out.b;
     t = out.t_ns;
   }
@@ -600,7 +612,6 @@ TEST(AdaptiveLaw, PolledFractionIsValidated) {
   EXPECT_TRUE(ValidateLawConfig({.polled_fraction = 1.0}).ok());
   EXPECT_TRUE(ValidateLawConfig({.polled_fraction = 0.5}).ok());
   EXPECT_TRUE(ValidateLawConfig({.event_idx = false}).ok());
-  EXPECT_EQ(LawActionName(LawAction::kPolled), "polled");
 }
 
 TEST(AdaptiveLaw, ConfigValidation) {
