@@ -22,7 +22,7 @@ struct LawConfig {
   bool event_idx = true;
   // The device declined at least this share of the asks in an interval: it
   // polls the ring (or never runs dry), so a grow cannot remove kicks and is
-  // judged on requests per second instead (step 3).
+  // judged on latency alone (step 3).
   double polled_fraction = 0.8;
   uint32_t b_max = 64;                 // 1..proto::kMaxBatch
   uint64_t t_max_ns = 1'000'000;       // <= proto::kMaxDeferNs
@@ -40,9 +40,8 @@ struct LawConfig {
   // More than this share of kicks fired by the timer: batches do not fill.
   double timer_kick_limit = 0.5;
   // A grow is kept only if notifications per request fell by more than this
-  // (Linux DIM's 10% rule; requests per second rose by more than this when
-  // the device polled) and p99 stayed within one histogram bucket of
-  // (p99 before + T).
+  // (Linux DIM's 10% rule; not asked of a device that polled) and p99 stayed
+  // within one histogram bucket of (p99 before + T).
   double min_gain = 0.10;
   // After a shrink for timers or a reverted grow, growth is capped at the
   // shrunk value for this many intervals.
@@ -118,7 +117,6 @@ class AdaptiveLaw {
  private:
   uint32_t LevelFor(double depth) const;
   uint64_t DeferFor(uint32_t b, const LawInput& in) const;
-  static double RateOf(const LawInput& in);  // requests per second
   bool Polled(const LawInput& in) const;
   LawOutput Finish(const LawInput& in, uint32_t b, LawAction action, double npr);
   void RecordChange(int dir);
@@ -126,7 +124,6 @@ class AdaptiveLaw {
   LawConfig c_;
   uint64_t interval_ = 0;
   uint32_t pending_grow_ = 0;     // consecutive intervals wanting a higher level
-  uint32_t pending_level_ = 0;    // the lowest level wanted during them
   uint32_t distrust_streak_ = 0;
   uint32_t ceiling_ = 0;          // 0: none
   uint64_t ceiling_until_ = 0;
@@ -137,7 +134,6 @@ class AdaptiveLaw {
     uint32_t from_b, to_b;
     double npr_before;
     uint64_t p99_before;
-    double rate_before;  // requests per second
     bool polled;         // the device declined most asks before the grow
     uint32_t waited;
     // The first sample reporting to_b ran partly under from_b (the policy

@@ -37,6 +37,9 @@ ABSL_FLAG(std::string, qd_schedule, "",
           "closed loop: depth changing over time, QD:SECONDS,... cycled (e.g. 1:5,32:5,128:5); overrides --qd");
 ABSL_FLAG(double, rate, 0, "open loop: Poisson arrivals per second per queue (0 = closed loop)");
 ABSL_FLAG(double, runtime, 5, "seconds of I/O (verify: only with --verify_passes=0)");
+ABSL_FLAG(double, warmup, 0,
+          "seconds of I/O before the measured --runtime, left out of every figure (e.g. while "
+          "--policy=adaptive finds its B); not with --rw=verify");
 ABSL_FLAG(uint32_t, queues, 1, "number of virtqueues (one poller thread each)");
 ABSL_FLAG(uint32_t, queue_size, 256, "virtqueue size (power of two)");
 ABSL_FLAG(std::string, policy, "immediate",
@@ -116,6 +119,9 @@ int Main() {
   }
   o.runtime_s = absl::GetFlag(FLAGS_runtime);
   if (o.runtime_s <= 0 || o.runtime_s > 3600) return Fail("--runtime must be in (0, 3600] seconds", 2);
+  o.warmup_s = absl::GetFlag(FLAGS_warmup);
+  if (o.warmup_s < 0 || o.warmup_s > 3600) return Fail("--warmup must be in [0, 3600] seconds", 2);
+  if (o.warmup_s > 0 && absl::GetFlag(FLAGS_rw) == "verify") return Fail("--warmup is not for --rw=verify", 2);
   const uint32_t queues = absl::GetFlag(FLAGS_queues);
   if (queues == 0 || queues > 16) return Fail("--queues must be 1..16", 2);
   o.queues = static_cast<uint16_t>(queues);
@@ -241,6 +247,7 @@ int Main() {
     j["lost"] = r->lost;
     j["transport_failed"] = r->transport_failed;
     j["elapsed_s"] = r->elapsed_s;
+    j["warmup_s"] = o.warmup_s;
     j["event_idx"] = (t->features() & kVirtioFRingEventIdx) != 0;
     j["indirect"] = (t->features() & kVirtioFRingIndirectDesc) != 0;
     j["adaptive_fallbacks"] = r->adaptive_fallbacks;

@@ -45,6 +45,7 @@ struct QueueCtx {
   uint16_t index = 0;
   std::unique_ptr<BlkQueue> q;
   LatencyRecorder lat;
+  BlkQueueStats base;  // the queue's counters when the measured part began
   uint64_t errors = 0, mismatches = 0, zero_mismatches = 0, lost = 0;
   uint64_t control_maps = 0, control_unmaps = 0;
   bool control_mapped = false;
@@ -131,17 +132,26 @@ class Runner {
     for (auto& th : threads) th.join();
   }
 
+  // The warm-up is over: counters and latencies from here on are the result.
+  void StartMeasuring() {
+    for (auto& c : queues_) {
+      c->base = c->q->stats();
+      c->lat = LatencyRecorder();
+    }
+  }
+
   WorkloadResult Collect(double elapsed, double cpu) {
     WorkloadResult r;
     LatencyRecorder all;
     for (auto& c : queues_) {
       const BlkQueueStats& s = c->q->stats();
-      r.requests += s.requests;
-      r.completions += s.completions;
-      r.kicks += s.kicks;
-      for (size_t i = 0; i < r.kicks_by_why.size(); ++i) r.kicks_by_why[i] += s.kicks_by_why[i];
-      r.asks += s.asks;
-      r.suppressed += s.suppressed;
+      const BlkQueueStats& b = c->base;
+      r.requests += s.requests - b.requests;
+      r.completions += s.completions - b.completions;
+      r.kicks += s.kicks - b.kicks;
+      for (size_t i = 0; i < r.kicks_by_why.size(); ++i) r.kicks_by_why[i] += s.kicks_by_why[i] - b.kicks_by_why[i];
+      r.asks += s.asks - b.asks;
+      r.suppressed += s.suppressed - b.suppressed;
       r.errors += c->errors + c->mismatches;
       r.verify_mismatches += c->mismatches;
       r.lost += c->lost;
@@ -349,6 +359,16 @@ absl::StatusOr<WorkloadResult> RunWorkload(BlkTransport& t, const WorkloadOption
       return gid;
     }
     if (o.on_ready) o.on_ready(id);
+  }
+  if (o.warmup_s > 0 && o.rw != RwMode::kVerify) {
+    // Not measured: e.g. the adaptive loop finding its B. Drained at the end
+    // like any phase, so the measured part starts with nothing in flight.
+    Phase w;
+    w.op = (o.rw == RwMode::kRandWrite || o.rw == RwMode::kWrite) ? BlkOp::kWrite : BlkOp::kRead;
+    w.random = o.rw == RwMode::kRandRead || o.rw == RwMode::kRandWrite;
+    w.end_ns = r.Now() + static_cast<uint64_t>(o.warmup_s * 1e9);
+    r.RunPhase(w);
+    r.StartMeasuring();
   }
   const double cpu0 = CpuSeconds();
   const uint64_t t0 = r.Now();

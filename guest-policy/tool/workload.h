@@ -28,6 +28,8 @@ struct WorkloadOptions {
   std::optional<DepthSchedule> depth_schedule;
   double rate = 0;               // per queue, requests/s; 0 = closed loop
   double runtime_s = 5;
+  // Closed and open loop: run this long first, unmeasured (not verify).
+  double warmup_s = 0;
   uint16_t queues = 1;
   uint16_t queue_size = 256;
   KickPolicy policy;

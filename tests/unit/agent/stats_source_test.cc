@@ -1,6 +1,7 @@
 // The agent's default counter source: each tracked driver's stats block read
 // from a real file in a temp dir; and the driver's bucketing (stats_block.h),
 // which repeats the protocol's, checked against it on every edge.
+#include "tests/unit/temp_dir.h"
 #include "agent/stats_source.h"
 
 #include <fcntl.h>
@@ -69,15 +70,8 @@ TEST(StatsBuckets, LayoutMatchesTheProtocol) {
 
 // ---- StatsSource -------------------------------------------------------------
 
-struct TempDir {
-  TempDir() {
-    char tmpl[] = "/tmp/vkick-stats-source-test-XXXXXX";
-    const char* d = mkdtemp(tmpl);
-    EXPECT_NE(d, nullptr);
-    path = d ? d : "/tmp/vkick-stats-source-test-failed";
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string path;
+struct TempDir : vkick::testing::TempDir {
+  TempDir() : vkick::testing::TempDir("vkick-stats-source-test") {}
 };
 
 void WriteBlock(const std::string& path, const StatsBlock& b) {
@@ -123,7 +117,7 @@ TEST(StatsSource, TrackWithoutAStatsBlockIsAFailedPrecondition) {
 
 TEST(StatsSource, ReadsTheTotalsOfATrackedDriver) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats-4242";
+  const std::string path = tmp.path() + "/stats-4242";
   WriteBlock(path, *BusyBlock());
   StatsSource s;
   ASSERT_TRUE(s.Track({kPid, "", path}).ok());
@@ -152,7 +146,7 @@ TEST(StatsSource, ReadsTheTotalsOfATrackedDriver) {
 
 TEST(StatsSource, EveryQueueOfTheBlockIsReported) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   auto b = BusyBlock(3);
   b->queues[2].requests = 1;
   b->queues[2].depth_hist[0] = 1;
@@ -198,7 +192,7 @@ void UpdateInPlace(const std::string& path, const StatsBlock& b) {
 
 TEST(StatsSource, AnotherWritersBlockIsSkippedAndCounted) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   WriteBlock(path, *BusyBlock(1, kPid + 1));  // a block of another process
   StatsSource s;
   ASSERT_TRUE(s.Track({kPid, "", path}).ok());
@@ -213,7 +207,7 @@ TEST(StatsSource, AnotherWritersBlockIsSkippedAndCounted) {
 
 TEST(StatsSource, AnInvalidBlockFixedInPlaceIsReadAtTheNextInterval) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   auto bad = BusyBlock();
   bad->magic = 0;  // header not written yet
   WriteBlock(path, *bad);
@@ -234,7 +228,7 @@ TEST(StatsSource, AnInvalidBlockFixedInPlaceIsReadAtTheNextInterval) {
 // the driver's own block, once at the path, is observed.
 TEST(StatsSource, ABlockSkippedOnceIsReadOnceTheDriversOwnIsAtThePath) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   WriteBlock(path, *BusyBlock(1, kPid + 1));
   StatsSource s;
   ASSERT_TRUE(s.Track({kPid, "", path}).ok());
@@ -249,7 +243,7 @@ TEST(StatsSource, ABlockSkippedOnceIsReadOnceTheDriversOwnIsAtThePath) {
 
 TEST(StatsSource, ABlockRemovedAfterTheFirstReadStillGivesTheFinalCounters) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   WriteBlock(path, *BusyBlock());
   StatsSource s;
   ASSERT_TRUE(s.Track({kPid, "", path}).ok());
@@ -268,7 +262,7 @@ TEST(StatsSource, ABlockRemovedAfterTheFirstReadStillGivesTheFinalCounters) {
 
 TEST(StatsSource, ABlockMissingAtTheFirstReadIsCountedNotFatal) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   StatsSource s;
   ASSERT_TRUE(s.Track({kPid, "", path}).ok());  // not there yet: accepted
   auto snap = s.Read();
@@ -284,7 +278,7 @@ TEST(StatsSource, ABlockMissingAtTheFirstReadIsCountedNotFatal) {
 
 TEST(StatsSource, ASymlinkOrFifoAtThePathIsNeverRead) {
   TempDir tmp;
-  const std::string real = tmp.path + "/real", link = tmp.path + "/link", fifo = tmp.path + "/fifo";
+  const std::string real = tmp.path() + "/real", link = tmp.path() + "/link", fifo = tmp.path() + "/fifo";
   WriteBlock(real, *BusyBlock());
   ASSERT_EQ(symlink(real.c_str(), link.c_str()), 0);
   ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
@@ -314,7 +308,7 @@ TEST(StatsSource, MaxDepthIsCappedByTheQueuesDepthLimit) {
 
 TEST(StatsSource, UntrackStopsReading) {
   TempDir tmp;
-  const std::string a = tmp.path + "/a", b = tmp.path + "/b";
+  const std::string a = tmp.path() + "/a", b = tmp.path() + "/b";
   WriteBlock(a, *BusyBlock());
   WriteBlock(b, *BusyBlock(2, kPid + 1));
   StatsSource s;
@@ -345,7 +339,7 @@ size_t OpenFds() {
 
 TEST(StatsSource, KeptFdsAreClosedByUntrackAndTheDestructor) {
   TempDir tmp;
-  const std::string a = tmp.path + "/a", b = tmp.path + "/b";
+  const std::string a = tmp.path() + "/a", b = tmp.path() + "/b";
   WriteBlock(a, *BusyBlock());
   WriteBlock(b, *BusyBlock(1, kPid + 1));
   const size_t before = OpenFds();

@@ -7,6 +7,7 @@
 #include <set>
 #include <thread>
 
+#include "tests/unit/temp_dir.h"
 #include "controller/channel/agent_server.h"
 #include "controller/channel/agent_session.h"
 #include "gtest/gtest.h"
@@ -252,17 +253,8 @@ TEST(AgentSessionTest, FloodIsRateLimitedThenDropped) {
   EXPECT_GT(r[static_cast<size_t>(proto::Rejection::kRateLimited)], 0u);
 }
 
-class TempDir {
- public:
-  TempDir() {
-    char t[] = "/tmp/vkick-channel-XXXXXX";
-    path_ = mkdtemp(t);
-  }
-  ~TempDir() { std::system(("rm -rf " + path_).c_str()); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+struct TempDir : vkick::testing::TempDir {
+  TempDir() : vkick::testing::TempDir("vkick-channel") {}
 };
 
 int Connect(const std::string& path) {

@@ -182,21 +182,14 @@ TEST(AdaptiveLawPlant, PollingDeviceKeepsTheBatchTheDepthSupports) {
 }
 
 // From B = 1 against a polling device the depth wants 16; the grow cannot
-// remove kicks (there are none), so it is judged on requests per second. In
-// this plant the device is an infinite server (asks cost the vCPU nothing),
-// so the rate does not rise: the grow is reverted, never kept for kicks it
-// did not remove.
-TEST(AdaptiveLawPlant, PollingDeviceGrowIsJudgedOnTheRequestRate) {
+// remove kicks (there are none) and is judged on latency alone: kept, no
+// kick at any point, no wait beyond T.
+TEST(AdaptiveLawPlant, PollingDeviceGrowsToTheDepthsLevel) {
   Plant plant({.closed_loop = true, .qd = 32, .event_idx = true, .polling = true});
   AdaptiveLaw law;
   Trace tr = RunLoop(plant, law, 12);
-  size_t grow = tr.action.size();
-  for (size_t i = 0; i < tr.action.size(); ++i)
-    if (tr.action[i] == LawAction::kGrow) { grow = i; break; }
-  ASSERT_LT(grow, tr.action.size()) << "the depth asks for a grow";
-  bool reverted = false;
-  for (size_t i = grow + 1; i < tr.action.size(); ++i) reverted |= tr.action[i] == LawAction::kRevert;
-  EXPECT_TRUE(reverted) << "no rate gain: the grow is not kept";
+  EXPECT_EQ(tr.b.back(), 16u);
+  for (LawAction a : tr.action) EXPECT_NE(a, LawAction::kRevert);
   for (double npr : tr.npr) EXPECT_EQ(npr, 0.0);
   ExpectWaitBoundedByT(tr);
 }
@@ -431,31 +424,43 @@ TEST(AdaptiveLaw, APollingDeviceIsBatchedByDepth) {
   EXPECT_TRUE(out.event_idx);
 }
 
-// The grow from a polled window is judged on requests per second: kept when
-// the rate rose by more than 10 %, although notifications per request (about
-// zero before and after) could not fall.
-TEST(AdaptiveLaw, APolledGrowIsKeptWhenTheRateRises) {
+// The grow from a polled window is judged on latency alone: kept although
+// notifications per request (about zero before and after) could not fall...
+TEST(AdaptiveLaw, APolledGrowIsKeptWithoutFewerKicks) {
   AdaptiveLaw law;
   law.Step(Polled(1, 32, 0.95));
   ASSERT_EQ(law.Step(Polled(1, 32, 0.95)).b, 16u);
   law.Step(Polled(16, 32, 1.0));  // partly the old B: not judged
-  LawInput faster = Polled(16, 32, 1.0);
-  faster.requests = faster.requests * 13 / 10;
-  faster.asks = faster.requests / 16;
-  faster.suppressed = faster.asks;
-  const LawOutput out = law.Step(faster);
+  const LawOutput out = law.Step(Polled(16, 32, 1.0));
   EXPECT_NE(out.action, LawAction::kRevert);
   EXPECT_EQ(out.b, 16u);
 }
 
-TEST(AdaptiveLaw, APolledGrowWithoutARateGainIsReverted) {
+// ...and reverted when p99 went beyond one bucket of (p99 before + T).
+TEST(AdaptiveLaw, APolledGrowThatStarvesTheDeviceIsReverted) {
   AdaptiveLaw law;
   law.Step(Polled(1, 32, 0.95));
   ASSERT_EQ(law.Step(Polled(1, 32, 0.95)).b, 16u);
   law.Step(Polled(16, 32, 1.0));
-  const LawOutput out = law.Step(Polled(16, 32, 1.0));  // same rate, no kicks to remove
+  LawInput slow = Polled(16, 32, 1.0);
+  slow.p99_ns = 50'000'000;
+  const LawOutput out = law.Step(slow);
   EXPECT_EQ(out.action, LawAction::kRevert);
   EXPECT_EQ(out.b, 1u);
+}
+
+// A sleeping device's grow that removed no kicks is reverted (DIM's rule).
+TEST(AdaptiveLaw, ASleepingGrowWithoutFewerKicksIsReverted) {
+  AdaptiveLaw law;
+  law.Step(Polled(1, 32, 0.0));
+  ASSERT_EQ(law.Step(Polled(1, 32, 0.0)).b, 16u);
+  law.Step(Polled(16, 32, 0.0));
+  LawInput same = Polled(16, 32, 0.0);
+  same.kicks = same.requests;  // as many kicks as before the grow
+  same.asks = same.requests / 16;
+  same.suppressed = 0;
+  same.host_notifications = same.kicks;
+  EXPECT_EQ(law.Step(same).action, LawAction::kRevert);
 }
 
 // Below the polled fraction a grow is judged on notifications, as before:

@@ -1,4 +1,5 @@
 // Policy model (scopes, resolution, spec syntax) and PolicyStore persistence.
+#include "tests/unit/temp_dir.h"
 #include "controller/control/policy.h"
 
 #include <gtest/gtest.h>
@@ -16,17 +17,8 @@ namespace fs = std::filesystem;
 
 PolicySpec Static(uint32_t b, uint64_t us) { return {KickMode::kStatic, b, us * 1000}; }
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "vkick-policy-XXXXXX").string();
-    path_ = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+struct TempDir : vkick::testing::TempDir {
+  TempDir() : vkick::testing::TempDir("vkick-policy") {}
 };
 
 std::string ReadFile(const std::string& p) {

@@ -2,6 +2,7 @@
 // the host's counts drive the rates, admin changes persist and are restored
 // by a new runner (a vkickd restart), a gone VM's queues go, an unwritable
 // state dir refuses the change instead of losing it silently.
+#include "tests/unit/temp_dir.h"
 #include "controller/daemon/loop_runner.h"
 
 #include <stdlib.h>
@@ -28,17 +29,8 @@ using testing::LogCapture;
 using testing::QmpMode;
 using testing::TwoDiskVm;
 
-class TempDir {
- public:
-  TempDir() {
-    char t[] = "/tmp/vkick-runner-XXXXXX";
-    path_ = mkdtemp(t);
-  }
-  ~TempDir() { std::system(("rm -rf " + path_).c_str()); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+struct TempDir : vkick::testing::TempDir {
+  TempDir() : vkick::testing::TempDir("vkick-runner") {}
 };
 
 DaemonOptions Fast(std::vector<std::string> paths, LogCapture& log) {

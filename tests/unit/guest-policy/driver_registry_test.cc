@@ -1,5 +1,6 @@
 // vkick-blk's side of the agent contract: the driver registry file and the
 // control block watcher (docs/kick-policies.md). Real files in a temp dir.
+#include "tests/unit/temp_dir.h"
 #include "guest-policy/tool/driver_registry.h"
 
 #include <stdlib.h>
@@ -21,15 +22,8 @@ namespace vkick {
 namespace {
 
 // A fresh directory, removed with everything in it when the test ends.
-struct TempDir {
-  TempDir() {
-    char tmpl[] = "/tmp/vkick-registry-test-XXXXXX";
-    const char* d = mkdtemp(tmpl);
-    EXPECT_NE(d, nullptr);
-    path = d ? d : "/tmp/vkick-registry-test-failed";
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string path;
+struct TempDir : vkick::testing::TempDir {
+  TempDir() : vkick::testing::TempDir("vkick-registry-test") {}
 };
 
 std::string Slurp(const std::string& p) {
@@ -71,7 +65,7 @@ TEST(DriverRegistry, RunDirFromFlagThenEnvThenDefault) {
 
 TEST(DriverRegistry, WritesTheDocumentedJsonAndRemovesItWithTheObject) {
   TempDir tmp;
-  const std::string dir = tmp.path + "/nested/run";  // created on demand
+  const std::string dir = tmp.path() + "/nested/run";  // created on demand
   DriverInfo d{1234, "pci", "", "0000:00:04.0", "serial-x", 2, 256, "/dev/shm/vkick/control-1234", ""};
   std::string path;
   {
@@ -114,7 +108,7 @@ TEST(DriverRegistry, StatsBlockGoesBesideTheControlBlock) {
   EXPECT_EQ(StatsBlockPathBeside(DefaultControlBlockPath(9), 9), "/dev/shm/vkick/stats-9");
 }
 
-std::string StatsPath(const TempDir& tmp) { return tmp.path + "/shm/vkick/stats-" + std::to_string(getpid()); }
+std::string StatsPath(const TempDir& tmp) { return tmp.path() + "/shm/vkick/stats-" + std::to_string(getpid()); }
 
 TEST(StatsFile, CreatesAValidBlockOfTheRightSize) {
   TempDir tmp;
@@ -165,7 +159,7 @@ TEST(StatsFile, RemovedWithTheObjectButNotByAMovedFromOne) {
 TEST(StatsFile, ALeftoverFileIsReplacedWithZeroCounters) {
   TempDir tmp;
   const std::string path = StatsPath(tmp);
-  std::filesystem::create_directories(tmp.path + "/shm/vkick");
+  std::filesystem::create_directories(tmp.path() + "/shm/vkick");
   // A dead driver's block of our pid, with counters.
   StatsBlock old{};
   InitStatsBlock(&old, 1, static_cast<uint64_t>(getpid()));
@@ -188,8 +182,8 @@ TEST(StatsFile, ALeftoverFileIsReplacedWithZeroCounters) {
 TEST(StatsFile, ALeftoverSymlinkIsReplacedAndItsTargetUntouched) {
   TempDir tmp;
   const std::string path = StatsPath(tmp);
-  std::filesystem::create_directories(tmp.path + "/shm/vkick");
-  const std::string victim = tmp.path + "/victim";
+  std::filesystem::create_directories(tmp.path() + "/shm/vkick");
+  const std::string victim = tmp.path() + "/victim";
   {
     std::ofstream f(victim);
     f << "precious";
@@ -204,10 +198,10 @@ TEST(StatsFile, ALeftoverSymlinkIsReplacedAndItsTargetUntouched) {
 
 TEST(StatsFile, QueueCountIsClampedIntoTheBlock) {
   TempDir tmp;
-  auto sf = StatsFile::Create(tmp.path + "/a", 40);
+  auto sf = StatsFile::Create(tmp.path() + "/a", 40);
   ASSERT_TRUE(sf.ok()) << sf.status();
   EXPECT_EQ(sf->block()->num_queues, kStatsBlockMaxQueues);
-  auto sf0 = StatsFile::Create(tmp.path + "/b", 0);
+  auto sf0 = StatsFile::Create(tmp.path() + "/b", 0);
   ASSERT_TRUE(sf0.ok()) << sf0.status();
   EXPECT_EQ(sf0->block()->num_queues, 1);
 }
@@ -220,7 +214,7 @@ TEST(DriverRegistry, RegistrationWithAStatsBlockWritesItsPath) {
   TempDir tmp;
   DriverInfo d{4321, "vhost-user", "/tmp/vu.sock", "", "s", 1, 64, "/dev/shm/vkick/control-4321",
                "/dev/shm/vkick/stats-4321"};
-  auto reg = DriverRegistration::Create(tmp.path, d);
+  auto reg = DriverRegistration::Create(tmp.path(), d);
   ASSERT_TRUE(reg.ok()) << reg.status();
   auto j = nlohmann::json::parse(Slurp(reg->path()));
   EXPECT_EQ(j["stats_block"], "/dev/shm/vkick/stats-4321");
@@ -230,8 +224,8 @@ TEST(DriverRegistry, RegistrationWithAStatsBlockWritesItsPath) {
 // stats block (the handler only has the paths it was given).
 TEST(DriverRegistry, AFatalSignalRemovesTheEntryAndTheStatsBlock) {
   TempDir tmp;
-  const std::string stats = tmp.path + "/shm/stats-child";
-  const std::string run = tmp.path + "/run";
+  const std::string stats = tmp.path() + "/shm/stats-child";
+  const std::string run = tmp.path() + "/run";
   const pid_t child = fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
@@ -270,7 +264,7 @@ void WriteBlock(const std::string& path, uint16_t batch) {
 
 TEST(ControlWatcher, FollowsAppearReplaceRemoveAtMostOncePerPeriod) {
   TempDir tmp;
-  const std::string path = tmp.path + "/control";
+  const std::string path = tmp.path() + "/control";
   ControlWatcher w(path, 100);
   bool changed = true;
   EXPECT_EQ(w.Refresh(1000, &changed), nullptr);

@@ -209,6 +209,16 @@ class KickRecorder final : public Notifier {
   testing::FakeDevice* dev_;
 };
 
+// The queue most tests use: 64 entries, 32 requests in flight at most.
+BlkQueueOptions SmallQueue(KickPolicy policy, bool event_idx = true) {
+  BlkQueueOptions o;
+  o.queue_size = 64;
+  o.slots = 32;
+  o.event_idx = event_idx;
+  o.policy = policy;
+  return o;
+}
+
 struct Harness {
   explicit Harness(BlkQueueOptions o, const ControlBlock* cb = nullptr)
       : opts(std::move(o)),
@@ -490,11 +500,7 @@ TEST(KickProperty, CatchesADeviceThatDeclinesAndNeverLooks) {
 // ---- BlkQueue's counters -------------------------------------------------
 
 TEST(BlkQueueStats, APollingDeviceDeclinesEveryAskAndGetsNoKick) {
-  BlkQueueOptions o;
-  o.queue_size = 64;
-  o.slots = 32;
-  o.event_idx = true;
-  o.policy = {KickMode::kEventIdx, 4, 50000};
+  BlkQueueOptions o = SmallQueue({KickMode::kEventIdx, 4, 50000}, true);
   Harness h(o);
   h.dev->SetPolling(true);
   for (uint32_t i = 0; i < 8; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
@@ -518,11 +524,7 @@ TEST(BlkQueueStats, APollingDeviceDeclinesEveryAskAndGetsNoKick) {
 }
 
 TEST(BlkQueueStats, ASleepingDeviceWantsEveryAskAndTheKickSaysWhy) {
-  BlkQueueOptions o;
-  o.queue_size = 64;
-  o.slots = 32;
-  o.event_idx = true;
-  o.policy = {KickMode::kEventIdx, 4, 50000};
+  BlkQueueOptions o = SmallQueue({KickMode::kEventIdx, 4, 50000}, true);
   Harness h(o);
   for (uint32_t i = 0; i < 8; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
   EXPECT_EQ(h.queue->stats().asks, 2u);
@@ -540,11 +542,7 @@ TEST(BlkQueueStats, ASleepingDeviceWantsEveryAskAndTheKickSaysWhy) {
 }
 
 TEST(BlkQueueStats, WithoutEventIdxTheAskFollowsTheNoNotifyFlag) {
-  BlkQueueOptions o;
-  o.queue_size = 64;
-  o.slots = 32;
-  o.event_idx = false;
-  o.policy = {KickMode::kEventIdx, 1, 0};
+  BlkQueueOptions o = SmallQueue({KickMode::kEventIdx, 1, 0}, false);
   Harness h(o);
   h.dev->SetPolling(true);  // VRING_USED_F_NO_NOTIFY
   for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
@@ -724,11 +722,7 @@ TEST(KickProperty, HarnessDetectsAStrandedRequest) {
 }
 
 TEST(KickProperty, LivePolicySwitchNeverStrandsPending) {
-  BlkQueueOptions o;
-  o.queue_size = 64;
-  o.slots = 32;
-  o.event_idx = true;
-  o.policy = {KickMode::kStatic, 32, 1000000};
+  BlkQueueOptions o = SmallQueue({KickMode::kStatic, 32, 1000000}, true);
   Harness h(o);
   for (uint32_t i = 0; i < 10; ++i) ASSERT_TRUE(h.SubmitOne(i, i));
   EXPECT_EQ(h.rec->kicks, 0u);
@@ -794,11 +788,7 @@ TEST(KickProperty, AdaptiveFollowsControlBlockAndFallsBackWhenLeaseExpires) {
 TEST(KickProperty, AdaptiveRunsTheControlBlocksEventIdxBatch) {
   ControlBlock cb;
   InitControlBlock(&cb, 1);
-  BlkQueueOptions o;
-  o.queue_size = 64;
-  o.slots = 32;
-  o.event_idx = true;
-  o.policy = {KickMode::kAdaptive, 1, 0};
+  BlkQueueOptions o = SmallQueue({KickMode::kAdaptive, 1, 0}, true);
   Harness h(o, &cb);
   h.dev->SetPolling(true);
   ControlEntry e{};
@@ -895,11 +885,7 @@ TEST(KickProperty, RandomPolicyChangesMidFlightStrandNothing) {
 // only a kick wakes it, so a request whose kick was wrongly suppressed is
 // stranded for good and the drain below would not finish.
 TEST(KickProperty, EventIdxAcrossIndexWrapNeverStrands) {
-  BlkQueueOptions o;
-  o.queue_size = 64;
-  o.slots = 32;
-  o.event_idx = true;
-  o.policy = {KickMode::kEventIdx, 1, 0};
+  BlkQueueOptions o = SmallQueue({KickMode::kEventIdx, 1, 0}, true);
   Harness h(o);
   h.rec->sleepy = true;
   h.rec->awake = false;

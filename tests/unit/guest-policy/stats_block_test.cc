@@ -2,6 +2,7 @@
 // validation of a copy (ParseStatsBlock) and of a file (ReadStatsBlockFile),
 // on real files in a temp dir. The bucket functions' agreement with the
 // protocol is checked in tests/unit/agent (which links both).
+#include "tests/unit/temp_dir.h"
 #include "guest-policy/core/stats_block.h"
 
 #include <fcntl.h>
@@ -20,15 +21,8 @@
 namespace vkick {
 namespace {
 
-struct TempDir {
-  TempDir() {
-    char tmpl[] = "/tmp/vkick-stats-block-test-XXXXXX";
-    const char* d = mkdtemp(tmpl);
-    EXPECT_NE(d, nullptr);
-    path = d ? d : "/tmp/vkick-stats-block-test-failed";
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string path;
+struct TempDir : vkick::testing::TempDir {
+  TempDir() : vkick::testing::TempDir("vkick-stats-block-test") {}
 };
 
 // A heap block (5 KiB) initialised as a driver would.
@@ -130,7 +124,7 @@ TEST(ParseStatsBlock, RejectsABadHeader) {
 
 TEST(ReadStatsBlockFile, ReadsBackWhatWasWritten) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats-4242";
+  const std::string path = tmp.path() + "/stats-4242";
   auto b = Block(2, 4242);
   b->queues[0].requests = 100;
   b->queues[0].completions = 99;
@@ -154,13 +148,13 @@ TEST(ReadStatsBlockFile, ReadsBackWhatWasWritten) {
 TEST(ReadStatsBlockFile, AMissingFileIsNotFound) {
   TempDir tmp;
   StatsBlock buf{};
-  auto v = ReadStatsBlockFile(tmp.path + "/none", &buf);
+  auto v = ReadStatsBlockFile(tmp.path() + "/none", &buf);
   EXPECT_EQ(v.status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST(ReadStatsBlockFile, AFifoIsRefusedWithoutBlocking) {
   TempDir tmp;
-  const std::string path = tmp.path + "/fifo";
+  const std::string path = tmp.path() + "/fifo";
   ASSERT_EQ(mkfifo(path.c_str(), 0600), 0);
   StatsBlock buf{};
   auto v = ReadStatsBlockFile(path, &buf);  // no writer: a blocking open would hang here
@@ -170,14 +164,14 @@ TEST(ReadStatsBlockFile, AFifoIsRefusedWithoutBlocking) {
 TEST(ReadStatsBlockFile, ADirectoryIsRefused) {
   TempDir tmp;
   StatsBlock buf{};
-  EXPECT_FALSE(ReadStatsBlockFile(tmp.path, &buf).ok());
+  EXPECT_FALSE(ReadStatsBlockFile(tmp.path(), &buf).ok());
   EXPECT_FALSE(ReadStatsBlockFile("/dev/null", &buf).ok()) << "a character device";
 }
 
 TEST(ReadStatsBlockFile, ASymlinkIsNotFollowed) {
   TempDir tmp;
-  const std::string target = tmp.path + "/real";
-  const std::string link = tmp.path + "/link";
+  const std::string target = tmp.path() + "/real";
+  const std::string link = tmp.path() + "/link";
   auto b = Block();
   WriteFile(target, b.get(), sizeof(StatsBlock));
   ASSERT_EQ(symlink(target.c_str(), link.c_str()), 0);
@@ -188,7 +182,7 @@ TEST(ReadStatsBlockFile, ASymlinkIsNotFollowed) {
 
 TEST(ReadStatsBlockFile, ATruncatedFileIsRefused) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   auto b = Block();
   StatsBlock buf{};
   for (size_t n : {size_t{0}, size_t{10}, offsetof(StatsBlock, queues), sizeof(StatsBlock) - 1}) {
@@ -202,7 +196,7 @@ TEST(ReadStatsBlockFile, ATruncatedFileIsRefused) {
 // later, shorter file look valid (the tail of the buffer is stale).
 TEST(ReadStatsBlockFile, AStaleBufferDoesNotValidateAShortFile) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   auto b = Block();
   WriteFile(path, b.get(), sizeof(StatsBlock));
   StatsBlock buf{};
@@ -215,7 +209,7 @@ TEST(ReadStatsBlockFile, AStaleBufferDoesNotValidateAShortFile) {
 
 TEST(ReadStatsBlock, AKeptFdSeesUpdatesAndTheFinalCountersAfterRemoval) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   auto b = Block(1, 7);
   WriteFile(path, b.get(), sizeof(StatsBlock));
   auto fd = OpenStatsBlockFile(path);
@@ -236,15 +230,15 @@ TEST(ReadStatsBlock, AKeptFdSeesUpdatesAndTheFinalCountersAfterRemoval) {
 
 TEST(OpenStatsBlockFile, RefusesWhatIsNotARegularFile) {
   TempDir tmp;
-  const std::string fifo = tmp.path + "/fifo", link = tmp.path + "/link", real = tmp.path + "/real";
+  const std::string fifo = tmp.path() + "/fifo", link = tmp.path() + "/link", real = tmp.path() + "/real";
   ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
   auto b = Block();
   WriteFile(real, b.get(), sizeof(StatsBlock));
   ASSERT_EQ(symlink(real.c_str(), link.c_str()), 0);
   EXPECT_FALSE(OpenStatsBlockFile(fifo).ok());
   EXPECT_FALSE(OpenStatsBlockFile(link).ok());
-  EXPECT_FALSE(OpenStatsBlockFile(tmp.path).ok());
-  EXPECT_EQ(OpenStatsBlockFile(tmp.path + "/none").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(OpenStatsBlockFile(tmp.path()).ok());
+  EXPECT_EQ(OpenStatsBlockFile(tmp.path() + "/none").status().code(), absl::StatusCode::kNotFound);
   auto fd = OpenStatsBlockFile(real);
   ASSERT_TRUE(fd.ok());
   close(*fd);
@@ -257,7 +251,7 @@ TEST(ReadStatsBlock, ABadFdIsAnErrorNotACrash) {
 
 TEST(ReadStatsBlockFile, ALongerFileIsReadUpToTheBlock) {
   TempDir tmp;
-  const std::string path = tmp.path + "/stats";
+  const std::string path = tmp.path() + "/stats";
   std::string bytes(sizeof(StatsBlock) + 100, 'x');
   auto b = Block();
   std::memcpy(bytes.data(), b.get(), sizeof(StatsBlock));
