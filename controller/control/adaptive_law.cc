@@ -175,12 +175,11 @@ LawOutput AdaptiveLaw::Step(const LawInput& in) {
   //    at 1 by the ceiling).
   //    "Paid" is fewer notifications per request, unless the device was
   //    polling before the grow (it declined most asks): there were hardly
-  //    any kicks to remove, yet the batch pays by making the driver's ask
-  //    (a full barrier and a read of avail_event, a cache line the device
-  //    writes) rare, and the device already has every published request, so
-  //    the deferral adds no wait. Then only the latency check judges: the
-  //    request rate that would show the gain moved by +-50 % between 200 ms
-  //    windows at a fixed depth on the 2-CPU testbed, too noisy to judge.
+  //    any kicks to remove, the device already has every published request
+  //    (the deferral adds no wait) and the batch only makes the driver's ask
+  //    rarer. Then only the latency check judges: the request rate moved by
+  //    +-50 % between 200 ms windows at a fixed depth on the 2-CPU testbed,
+  //    too noisy to tell a grow that paid from one that did not.
   if (eval_ && b == eval_->to_b && !eval_->first_window_seen) {
     eval_->first_window_seen = true;
   } else if (eval_) {
