@@ -414,6 +414,14 @@ LawInput Polled(uint32_t b, double depth, double declined) {
   return in;
 }
 
+// Two windows at depth 32 (the grow to 16), then the first window that ran
+// partly under the old B (not judged): the next Step judges the grow.
+void GrowTo16(AdaptiveLaw& law, double declined) {
+  law.Step(Polled(1, 32, declined));
+  ASSERT_EQ(law.Step(Polled(1, 32, declined)).b, 16u);
+  law.Step(Polled(16, 32, declined));
+}
+
 // With a polling device the depth still rules: QD 32 grows to 16.
 TEST(AdaptiveLaw, APollingDeviceIsBatchedByDepth) {
   AdaptiveLaw law;
@@ -428,9 +436,7 @@ TEST(AdaptiveLaw, APollingDeviceIsBatchedByDepth) {
 // notifications per request (about zero before and after) could not fall...
 TEST(AdaptiveLaw, APolledGrowIsKeptWithoutFewerKicks) {
   AdaptiveLaw law;
-  law.Step(Polled(1, 32, 0.95));
-  ASSERT_EQ(law.Step(Polled(1, 32, 0.95)).b, 16u);
-  law.Step(Polled(16, 32, 1.0));  // partly the old B: not judged
+  GrowTo16(law, 0.95);
   const LawOutput out = law.Step(Polled(16, 32, 1.0));
   EXPECT_NE(out.action, LawAction::kRevert);
   EXPECT_EQ(out.b, 16u);
@@ -439,9 +445,7 @@ TEST(AdaptiveLaw, APolledGrowIsKeptWithoutFewerKicks) {
 // ...and reverted when p99 went beyond one bucket of (p99 before + T).
 TEST(AdaptiveLaw, APolledGrowThatStarvesTheDeviceIsReverted) {
   AdaptiveLaw law;
-  law.Step(Polled(1, 32, 0.95));
-  ASSERT_EQ(law.Step(Polled(1, 32, 0.95)).b, 16u);
-  law.Step(Polled(16, 32, 1.0));
+  GrowTo16(law, 0.95);
   LawInput slow = Polled(16, 32, 1.0);
   slow.p99_ns = 50'000'000;
   const LawOutput out = law.Step(slow);
@@ -452,9 +456,7 @@ TEST(AdaptiveLaw, APolledGrowThatStarvesTheDeviceIsReverted) {
 // A sleeping device's grow that removed no kicks is reverted (DIM's rule).
 TEST(AdaptiveLaw, ASleepingGrowWithoutFewerKicksIsReverted) {
   AdaptiveLaw law;
-  law.Step(Polled(1, 32, 0.0));
-  ASSERT_EQ(law.Step(Polled(1, 32, 0.0)).b, 16u);
-  law.Step(Polled(16, 32, 0.0));
+  GrowTo16(law, 0.0);
   LawInput same = Polled(16, 32, 0.0);
   same.kicks = same.requests;  // as many kicks as before the grow
   same.asks = same.requests / 16;
@@ -467,9 +469,7 @@ TEST(AdaptiveLaw, ASleepingGrowWithoutFewerKicksIsReverted) {
 // the kicks fell from 5 % of requests to 1/16 of 0.3: kept.
 TEST(AdaptiveLaw, BelowThePolledFractionNotificationsJudge) {
   AdaptiveLaw law;
-  law.Step(Polled(1, 32, 0.5));
-  ASSERT_EQ(law.Step(Polled(1, 32, 0.5)).b, 16u);
-  law.Step(Polled(16, 32, 0.5));
+  GrowTo16(law, 0.5);
   const LawOutput out = law.Step(Polled(16, 32, 0.5));  // same rate, 1/16 of the kicks
   EXPECT_NE(out.action, LawAction::kRevert);
   EXPECT_EQ(out.b, 16u);
