@@ -2,7 +2,10 @@
 # Build the VM testbed's guest initramfs from Debian packages (docs/testbed-vm.md):
 #   <build>/guest/initramfs.cpio.gz  busybox-static, the guest kernel's virtio/uio
 #                                    modules, vkick-blk (+ vkick-agent if built:
-#                                    bin/vkick-agent-static preferred),
+#                                    bin/vkick-agent-static preferred), Debian's
+#                                    fio, mke2fs (mkfs.ext4), e2fsck,
+#                                    vkick_virtio_blk.ko if built
+#                                    (/lib/modules/vkick/),
 #                                    /init = tests/vm/guest-init.sh
 #   <build>/guest/vmlinuz            Debian's kernel (scripts/fetch-guest-kernel.sh)
 #
@@ -17,7 +20,8 @@
 # libraries and the tool links them): its shared libraries (ldd) and the
 # dynamic loader are copied into /lib/vkick and /lib64 of the initramfs. This
 # keeps the guest binary identical to the host one (no second, static build).
-# A static binary (vkick-agent-static) is copied as it is.
+# A static binary (vkick-agent-static) is copied as it is. The host's fio,
+# mke2fs and e2fsck (Debian packages fio, e2fsprogs) go in the same way.
 #
 # Idempotent: an up-to-date image is left alone; otherwise the staging dir is
 # rebuilt from scratch. Fails loudly (set -e, every step checked).
@@ -36,7 +40,7 @@ while (($#)); do
     --kernel-dir) kernel_dir=$2; shift 2 ;;
     --kernel-dir=*) kernel_dir=${1#*=}; shift ;;
     --force) force=1; shift ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -62,6 +66,19 @@ agent=
 for a in "$build/bin/vkick-agent-static" "$build/bin/vkick-agent"; do
   if [[ -x $a ]]; then agent=$a; break; fi
 done
+# Debian's fio and e2fsprogs (scripts/setup.sh installs both): load and
+# filesystems on the kernel's disks. /usr/sbin is not on every user's PATH.
+host_tool() {
+  PATH=$PATH:/usr/sbin:/sbin command -v "$1" || die "$1 not found (apt-get install $2)"
+}
+fio=$(host_tool fio fio)
+mke2fs=$(host_tool mke2fs e2fsprogs)
+e2fsck=$(host_tool e2fsck e2fsprogs)
+mke2fs_conf=/etc/mke2fs.conf
+[[ -f $mke2fs_conf ]] || die "$mke2fs_conf missing (apt-get install --reinstall e2fsprogs)"
+# The in-kernel driver (guest-policy/kernel/), when it has been built.
+kmod=$build/guest-policy/kernel/vkick_virtio_blk.ko
+[[ -f $kmod ]] || kmod=
 
 if ! compgen -G "$kernel_dir/boot/vmlinuz-*" >/dev/null; then
   log "no guest kernel in $kernel_dir: fetching"
@@ -73,10 +90,21 @@ moddir=$kernel_dir/lib/modules/$kver
 [[ -d $moddir ]] || die "no modules for $kver in $moddir"
 init_src=$src/tests/vm/guest-init.sh
 
-# Up to date? (newer than every input)
-if ((!force)) && [[ -f $image && -f $out/vmlinuz ]]; then
+if [[ -n $kmod ]]; then
+  # A module for another kernel would only fail later, in the guest's insmod.
+  kmod_ver=$(modinfo -F vermagic "$kmod" 2>/dev/null | cut -d' ' -f1) || die "modinfo $kmod failed"
+  [[ $kmod_ver == "$kver" ]] ||
+    die "$kmod is built for kernel '$kmod_ver', the guest runs $kver: rebuild it against linux-headers-$kver"
+fi
+
+# Up to date? (newer than every input, and made from the same set of inputs:
+# an agent or module that appeared or went away since also rebuilds it)
+inputs=("$src/scripts/${0##*/}" "$init_src" "$blk" "$vmlinuz" ${agent:+"$agent"} "$fio" "$mke2fs" "$e2fsck" "$mke2fs_conf" ${kmod:+"$kmod"})
+inputs_list=$out/initramfs.inputs
+if ((!force)) && [[ -f $image && -f $out/vmlinuz && -f $inputs_list ]] &&
+    [[ $(printf '%s\n' "${inputs[@]}") == "$(cat "$inputs_list")" ]]; then
   stale=0
-  for f in "$0" "$init_src" "$blk" "$vmlinuz" $agent; do
+  for f in "${inputs[@]}"; do
     [[ $f -nt $image ]] && stale=1
   done
   if ((!stale)); then
@@ -136,15 +164,29 @@ done
 printf '%s\n' "${order[@]}" > "$stage/lib/modules/load.order"
 log "modules (load order): ${order[*]}"
 
-# vkick binaries + their shared libraries and the dynamic loader.
+# Binaries + their shared libraries and the dynamic loader.
+# copy_bin SRC DEST: DEST is the path in the image (/bin/vkick-blk). A busybox
+# applet of the same name elsewhere on the guest's PATH is removed, so the
+# real tool wins (busybox has its own, smaller mke2fs).
+dynamic_bins=()
+unshadow() {
+  local d
+  for d in bin sbin usr/bin usr/sbin; do
+    [[ /$d/$1 != "$2" && -L $stage/$d/$1 && $(readlink "$stage/$d/$1") == busybox ]] && rm -f "$stage/$d/$1"
+  done
+  return 0
+}
 copy_bin() {
-  local bin=$1 name=$2
-  cp "$bin" "$stage/bin/$name"
-  strip --strip-debug "$stage/bin/$name" 2>/dev/null || true
+  local bin=$1 dest=$2 name=${2##*/}
+  [[ ! -L $stage$dest ]] || rm -f "$stage$dest"   # never write through an applet link
+  cp "$bin" "$stage$dest"
+  strip --strip-debug "$stage$dest" 2>/dev/null || true
+  unshadow "$name" "$dest"
   if is_static "$bin"; then
     log "$name: static"
     return 0
   fi
+  dynamic_bins+=("$dest")
   local n=0 lib
   while read -r lib; do
     [[ -n $lib ]] || continue
@@ -158,22 +200,41 @@ copy_bin() {
   done < <(ldd "$bin" | awk '/=> \//{print $3} /^[ \t]*\/.*ld-linux/{print $1}')
   log "$name: dynamic, $n new shared libraries copied"
 }
-copy_bin "$blk" vkick-blk
+copy_bin "$blk" /bin/vkick-blk
+copy_bin "$fio" /usr/bin/fio
+copy_bin "$mke2fs" /usr/sbin/mke2fs
+ln -s mke2fs "$stage/usr/sbin/mkfs.ext4"   # mke2fs takes the fs type from its name
+unshadow mkfs.ext4 /usr/sbin/mkfs.ext4
+copy_bin "$e2fsck" /usr/sbin/e2fsck
+cp "$mke2fs_conf" "$stage/etc/mke2fs.conf"
+ln -s /proc/self/mounts "$stage/etc/mtab"     # e2fsprogs' "is it mounted?" check
 if [[ -n $agent ]]; then
-  copy_bin "$agent" vkick-agent
+  copy_bin "$agent" /bin/vkick-agent
 else
   # HOOK: vkick-agent (agent/) was not built in $build when this image was
   # made; rebuild the image after `ninja -C $build vkick-agent` to include it.
   log "vkick-agent not built in $build: image has no agent (rebuild after building it)"
 fi
+if [[ -n $kmod ]]; then
+  mkdir -p "$stage/lib/modules/vkick"
+  cp "$kmod" "$stage/lib/modules/vkick/vkick_virtio_blk.ko"
+  log "vkick_virtio_blk.ko: $kmod -> /lib/modules/vkick/ (vkick.kmod=1 loads it)"
+else
+  log "vkick_virtio_blk.ko not built ($build/guest-policy/kernel/): image has no vkick kernel module (vkick.kmod=1 will say so)"
+fi
 strip --strip-unneeded "$stage"/lib/vkick/*.so* 2>/dev/null || true
-# Smoke check: the copied loader + libraries resolve vkick-blk on the host.
-if ! is_static "$blk"; then
+log "shared libraries: $(ls "$stage/lib/vkick" | wc -l) in /lib/vkick ($(du -sh "$stage/lib/vkick" | cut -f1))"
+# Smoke check: the staged loader resolves every dynamic binary from the staged
+# libraries alone (the host's own library dirs would hide a missing one, so
+# every resolved path must be inside the staging dir).
+if ((${#dynamic_bins[@]})); then
   [[ -x $stage/lib64/ld-linux-x86-64.so.2 ]] || die "dynamic loader not staged"
-  if "$stage/lib64/ld-linux-x86-64.so.2" --library-path "$stage/lib/vkick" --list "$stage/bin/vkick-blk" 2>&1 |
-      grep -q 'not found'; then
-    die "vkick-blk has unresolved libraries in the staged image"
-  fi
+  for b in "${dynamic_bins[@]}"; do
+    resolved=$("$stage/lib64/ld-linux-x86-64.so.2" --library-path "$stage/lib/vkick" --list "$stage$b" 2>&1) ||
+      die "$b: the staged loader cannot list it: $resolved"
+    outside=$(awk -v s="$stage/" '/=>/ && index($3, s) != 1 {print $1 " => " $3 " " $4}' <<<"$resolved")
+    [[ -z $outside ]] || die "$b has libraries not in the staged image: $outside"
+  done
 fi
 
 install -m 0755 "$init_src" "$stage/init"
@@ -182,5 +243,6 @@ echo "vkick-guest $kver $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$stage/etc/vkick-imag
 mkdir -p "$out"
 (cd "$stage" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) | gzip -1 > "$image.tmp"
 mv "$image.tmp" "$image"
+printf '%s\n' "${inputs[@]}" > "$inputs_list"
 cp "$vmlinuz" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 log "ready: $image ($(du -h "$image" | cut -f1)), kernel $out/vmlinuz ($kver)"

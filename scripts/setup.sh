@@ -17,6 +17,8 @@ PACKAGES=(
   systemtap-sdt-dev
   # testbeds: QEMU (+KVM), qemu-storage-daemon, guest initramfs
   qemu-system-x86 qemu-system-common qemu-utils busybox-static cpio xz-utils kmod
+  # guest image tools (scripts/build-guest-image.sh copies the host's binaries in)
+  fio e2fsprogs
   # observability: real Prometheus server + promtool; plots for the study
   prometheus gnuplot-nox
   # misc tools used by tests and scripts

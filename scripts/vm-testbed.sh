@@ -7,6 +7,7 @@
 #   scripts/vm-testbed.sh [--accel tcg|kvm] [--build-dir DIR] [--run "CMD"]
 #                         [--run-file FILE] [--qmp PATH] [--keep] [--paused]
 #                         [--tmpdir DIR] [--queues N] [--timeout S] [--shell]
+#                         [--append ARGS]
 #
 #   --accel     tcg (default: what runs a 64-bit guest everywhere) or kvm (a real
 #               VMX/SVM host: -enable-kvm -cpu host)
@@ -25,13 +26,15 @@
 #   --queues    vhost-user-blk queues (default 2)
 #   --timeout   kill QEMU after this many seconds (default 900)
 #   --shell     serial console on this terminal, shell in the guest after the run
+#   --append    more kernel command line for the guest, e.g. 'vkick.kmod=1'
+#               (tests/vm/guest-init.sh lists the vkick.* options)
 #
 # Exit status: the guest run script's status (=== VKICK-RUN END rc=N ===), 1 when
 # the guest failed to set up or QEMU died, 124 on timeout. Processes started here
 # (qemu-storage-daemon, QEMU, the log follower) are stopped by PID on exit.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
-accel=tcg build=$src/build run='' qmp='' keep=0 paused=0 tmp='' queues=2 timeout=900 shell=0
+accel=tcg build=$src/build run='' qmp='' keep=0 paused=0 tmp='' queues=2 timeout=900 shell=0 extra_append=''
 log() { printf '[vm-testbed] %s\n' "$*" >&2; }
 die() { printf '[vm-testbed] ERROR: %s\n' "$*" >&2; exit 1; }
 while (($#)); do
@@ -55,7 +58,9 @@ while (($#)); do
     --timeout) timeout=$2; shift 2 ;;
     --timeout=*) timeout=${1#*=}; shift ;;
     --shell) shell=1; shift ;;
-    -h | --help) sed -n '2,33p' "$0"; exit 0 ;;
+    --append) extra_append=$2; shift 2 ;;
+    --append=*) extra_append=${1#*=}; shift ;;
+    -h | --help) sed -n '2,36p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -139,6 +144,7 @@ if [[ -n $run ]]; then
   initrd=$tmp/initrd.img
 fi
 ((shell)) && append+=" vkick.shell=1"
+[[ -n $extra_append ]] && append+=" $extra_append"
 
 if [[ $accel == kvm ]]; then
   accel_args=(-accel kvm -cpu host)

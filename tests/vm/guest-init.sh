@@ -12,6 +12,14 @@
 # it wins over vkick.run64). It runs in a subshell of /init, so it can call
 # vkick_step NAME CMD... (output between markers).
 #   vkick.shell=1            drop to a shell on ttyS0 instead of powering off
+#   vkick.kmod=1             after the virtio stack (virtio_blk first, so it
+#                            owns the disks), insmod
+#                            /lib/modules/vkick/vkick_virtio_blk.ko (in the
+#                            image when it was built; a missing one is logged)
+# Tools: busybox applets in /bin, vkick-blk (+ vkick-agent) in /bin, Debian's
+# fio in /usr/bin, mke2fs/mkfs.ext4/e2fsck in /usr/sbin (the image has no
+# busybox mke2fs applet); dynamic ones find their libraries in /lib/vkick
+# (LD_LIBRARY_PATH). /tmp is a tmpfs.
 # Output protocol on ttyS0 (parsed by tests/vm/test_vm_e2e.py):
 #   VKICK-GUEST: <progress line>
 #   === VKICK-STEP <name> BEGIN ===  ... output ...  === VKICK-STEP <name> END rc=<n> ===
@@ -41,7 +49,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm /dev/hugepages /tmp /sys/kernel/tracing /sys/fs/bpf /run
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o size=64m shm /dev/shm
-mount -t tmpfs tmpfs /tmp
+mount -t tmpfs -o mode=1777 tmpfs /tmp   # writable scratch (fio files); no size= : half of RAM
 mount -t tmpfs tmpfs /run
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || say "no tracefs"
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null || say "no bpffs"
@@ -51,15 +59,17 @@ pci=0000:00:04.0
 hugepages=64
 run64=
 shell=0
+kmod=0
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     vkick.pci=*) pci=${arg#vkick.pci=} ;;
     vkick.hugepages=*) hugepages=${arg#vkick.hugepages=} ;;
     vkick.run64=*) run64=${arg#vkick.run64=} ;;
     vkick.shell=*) shell=${arg#vkick.shell=} ;;
+    vkick.kmod=*) kmod=${arg#vkick.kmod=} ;;
   esac
 done
-say "up $(cut -d' ' -f1 /proc/uptime)s kernel $(uname -r) pci=$pci hugepages=$hugepages"
+say "up $(cut -d' ' -f1 /proc/uptime)s kernel $(uname -r) pci=$pci hugepages=$hugepages kmod=$kmod"
 
 # Modules in dependency order (build-guest-image.sh resolved them with modinfo).
 # uio_pci_generic first, and the device's driver_override set before virtio_pci
@@ -99,6 +109,20 @@ for b in /sys/block/vd*; do [ -e "$b" ] && say "kernel disk $(basename "$b") $(c
 for p in /sys/class/virtio-ports/*; do
   [ -e "$p/name" ] && say "virtio port $(basename "$p") name $(cat "$p/name")"
 done
+
+# vkick.kmod=1: the in-kernel driver (guest-policy/kernel/, docs/kernel-driver.md),
+# loaded after virtio_blk, so the stock driver owns every disk until one is moved.
+if [ "$kmod" = 1 ]; then
+  f=/lib/modules/vkick/vkick_virtio_blk.ko
+  if [ ! -f "$f" ]; then
+    say "vkick.kmod=1: $f MISSING (not built when the image was made): not loaded"
+  elif grep -q '^vkick_virtio_blk ' /proc/modules; then
+    say "vkick.kmod=1: vkick_virtio_blk already loaded"
+  else
+    insmod "$f" || die "vkick.kmod=1: insmod $f failed"
+    say "vkick.kmod=1: vkick_virtio_blk loaded"
+  fi
+fi
 
 echo "$hugepages" > /proc/sys/vm/nr_hugepages
 got=$(cat /proc/sys/vm/nr_hugepages)
