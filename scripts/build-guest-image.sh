@@ -126,8 +126,10 @@ done
 
 # Kernel modules, dependency-resolved with modinfo (the package ships no
 # modules.dep: depmod runs at install time). .ko.xz/.ko.zst are unpacked here.
+# ext4 (+ crc32c, which it asks the crypto API for) for the kernel driver's
+# filesystem tests.
 want=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
-      virtio_console uio uio_pci_generic)
+      virtio_console uio uio_pci_generic crc32c_generic ext4)
 declare -A modpath=() done_=()
 while IFS= read -r f; do
   n=${f##*/}; n=${n%%.ko*}

@@ -6,8 +6,8 @@
 #
 #   scripts/vm-testbed.sh [--accel tcg|kvm] [--build-dir DIR] [--run "CMD"]
 #                         [--run-file FILE] [--qmp PATH] [--keep] [--paused]
-#                         [--tmpdir DIR] [--queues N] [--timeout S] [--shell]
-#                         [--append ARGS]
+#                         [--tmpdir DIR] [--queues N] [--smp N] [--timeout S]
+#                         [--shell] [--append ARGS]
 #
 #   --accel     tcg (default: what runs a 64-bit guest everywhere) or kvm (a real
 #               VMX/SVM host: -enable-kvm -cpu host)
@@ -24,6 +24,8 @@
 #   --tmpdir    use this dir for sockets, disks and logs (kept afterwards)
 #   --keep      keep the temp dir (default: removed on exit)
 #   --queues    vhost-user-blk queues (default 2)
+#   --smp       guest vCPUs (default 1). Linux's virtio-blk drivers use at most
+#               one queue per vCPU; virtio-blk-pci's num-queues follows -smp
 #   --timeout   kill QEMU after this many seconds (default 900)
 #   --shell     serial console on this terminal, shell in the guest after the run
 #   --append    more kernel command line for the guest, e.g. 'vkick.kmod=1'
@@ -34,7 +36,7 @@
 # (qemu-storage-daemon, QEMU, the log follower) are stopped by PID on exit.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
-accel=tcg build=$src/build run='' qmp='' keep=0 paused=0 tmp='' queues=2 timeout=900 shell=0 extra_append=''
+accel=tcg build=$src/build run='' qmp='' keep=0 paused=0 tmp='' queues=2 smp=1 timeout=900 shell=0 extra_append=''
 log() { printf '[vm-testbed] %s\n' "$*" >&2; }
 die() { printf '[vm-testbed] ERROR: %s\n' "$*" >&2; exit 1; }
 while (($#)); do
@@ -55,17 +57,20 @@ while (($#)); do
     --tmpdir=*) tmp=${1#*=}; shift ;;
     --queues) queues=$2; shift 2 ;;
     --queues=*) queues=${1#*=}; shift ;;
+    --smp) smp=$2; shift 2 ;;
+    --smp=*) smp=${1#*=}; shift ;;
     --timeout) timeout=$2; shift 2 ;;
     --timeout=*) timeout=${1#*=}; shift ;;
     --shell) shell=1; shift ;;
     --append) extra_append=$2; shift 2 ;;
     --append=*) extra_append=${1#*=}; shift ;;
-    -h | --help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
 case "$accel" in tcg | kvm) ;; *) die "--accel must be tcg or kvm" ;; esac
 [[ $queues =~ ^[0-9]+$ ]] && ((queues >= 1 && queues <= 16)) || die "--queues must be 1..16"
+[[ $smp =~ ^[0-9]+$ ]] && ((smp >= 1 && smp <= 16)) || die "--smp must be 1..16"
 qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
 qsd=$(command -v qemu-storage-daemon) || die "qemu-storage-daemon not found (apt-get install qemu-system-common)"
 if [[ $accel == kvm ]]; then
@@ -125,6 +130,7 @@ truncate -s 64M "$tmp/vblk1.img"
   --export "type=vhost-user-blk,id=vkblk0exp,node-name=vkblk0disk,addr.type=unix,addr.path=$vu_sock,num-queues=$queues,writable=on" \
   > "$tmp/qsd.log" 2>&1 &
 qsd_pid=$!
+echo "$qsd_pid" > "$tmp/qsd.pid"
 for _ in $(seq 100); do
   [[ -S $vu_sock ]] && break
   kill -0 "$qsd_pid" 2>/dev/null || { cat "$tmp/qsd.log" >&2; die "qemu-storage-daemon exited"; }
@@ -158,7 +164,7 @@ else
 fi
 : > "$serial"
 # shellcheck disable=SC2054  # commas are QEMU option syntax
-argv=("$qemu" -name vkick-vm -machine pc "${accel_args[@]}" -smp 1
+argv=("$qemu" -name vkick-vm -machine pc "${accel_args[@]}" -smp "$smp"
   -m 512M -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem
   -nodefaults -display none -no-reboot -nic none "${serial_args[@]}"
   -kernel "$guest/vmlinuz" -initrd "$initrd" -append "$append"
@@ -192,7 +198,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 cat >&2 <<EOF
-[vm-testbed] QEMU pid $qemu_pid ($accel), qemu-storage-daemon pid $qsd_pid
+[vm-testbed] QEMU pid $qemu_pid ($accel, $smp vCPU), qemu-storage-daemon pid $qsd_pid
 [vm-testbed]   QMP (vkickd):  $qmp
 [vm-testbed]   QMP (control): $qmp_ctl
 [vm-testbed]   serial log:    $serial
