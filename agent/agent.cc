@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <ctime>
 #include <limits>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -50,13 +51,18 @@ void Log(const std::string& msg) {
 }
 
 Agent::Agent(AgentOptions opts, CounterSource* probes, Clock clock, std::ostream* out, DiskCounterSource* disks)
-    : opts_(std::move(opts)), probes_(probes), clock_(std::move(clock)), out_(out), disks_(disks) {}
+    : opts_(std::move(opts)),
+      probes_(probes),
+      clock_(std::move(clock)),
+      out_(out),
+      disks_(disks),
+      vkick_stats_(opts_.sysfs_root) {}
 
 bool Agent::RescanKernelDisks() {
-  if (disks_ == nullptr) return false;
   std::vector<KernelDisk> known;
   for (const auto& [kdev, k] : kernel_disks_) known.push_back(k.disk);
-  KernelDiskScan scan = DiscoverKernelDisks(opts_.sysfs_root, known);
+  // Stock virtio_blk disks need the block observer; the module's only sysfs.
+  KernelDiskScan scan = DiscoverKernelDisks(opts_.sysfs_root, known, disks_ != nullptr);
   if (scan.skipped != kernel_disks_skipped_) {
     for (const std::string& why : scan.skipped) Log(absl::StrCat("kernel disk ", why, " (not observed)"));
     kernel_disks_skipped_ = scan.skipped;
@@ -65,40 +71,65 @@ bool Agent::RescanKernelDisks() {
   for (KernelDisk& k : scan.disks) found.emplace(KernelDevOf(k), std::move(k));
   bool changed = false;
   for (auto it = kernel_disks_.begin(); it != kernel_disks_.end();) {
-    if (found.count(it->first)) {
+    // A disk rebound to the other driver is another disk: observed or
+    // steered the other way from now on.
+    auto f = found.find(it->first);
+    if (f != found.end() && f->second.driver == it->second.disk.driver) {
       ++it;
       continue;
     }
     Log(absl::StrCat("kernel disk ", it->second.disk.name, " went away"));
-    disks_->Unwatch(it->first);
-    it = kernel_disks_.erase(it);
+    it = ForgetKernelDisk(it);
     changed = true;
   }
   for (auto it = watch_failed_.begin(); it != watch_failed_.end();)
     it = found.count(*it) ? std::next(it) : watch_failed_.erase(it);
   for (auto& [kdev, k] : found) {
     auto it = kernel_disks_.find(kdev);
-    if (it != kernel_disks_.end()) {
+    if (it == kernel_disks_.end()) {
+      changed |= AddKernelDisk(kdev, k);
+    } else if (!(it->second.disk == k)) {
       // nr_requests or the serial can change under a running disk: the
       // hello must say what the host will see.
-      if (!(it->second.disk == k)) {
-        it->second.disk = k;
-        changed = true;
-      }
-      continue;
+      it->second.disk = k;
+      changed = true;
     }
+  }
+  return changed;
+}
+
+bool Agent::AddKernelDisk(uint32_t kdev, const KernelDisk& k) {
+  KernelDiskState st;
+  st.disk = k;
+  const std::string what = absl::StrCat("kernel disk ", k.name, " (", k.major, ":", k.minor, ") at pci ", k.pci,
+                                        " serial '", k.serial, "' nr_requests ", k.queue_size);
+  if (k.driver == proto::DriverKind::kVkickVirtioBlk) {
+    // Its counters run since the disk was bound: its first interval starts now.
+    st.prev = vkick_stats_.Read(k);
+    Log(absl::StrCat(what, ": steering (vkick_virtio_blk, ", k.num_queues, " queue(s), sysfs stats and steer)"));
+  } else {
     if (absl::Status s = disks_->Watch(kdev); !s.ok()) {
       if (watch_failed_.insert(kdev).second)
         Log(absl::StrCat("kernel disk ", k.name, ": cannot observe: ", s.message()));
-      continue;
+      return false;
     }
     watch_failed_.erase(kdev);
-    Log(absl::StrCat("kernel disk ", k.name, " (", k.major, ":", k.minor, ") at pci ", k.pci, " serial '", k.serial,
-                     "' nr_requests ", k.queue_size, ": observing (virtio_blk, block tracepoints, no policy)"));
-    kernel_disks_.emplace(kdev, KernelDiskState{k, QueueTotals{}});
-    changed = true;
+    Log(absl::StrCat(what, ": observing (virtio_blk, block tracepoints, no policy)"));
   }
-  return changed;
+  kernel_disks_.emplace(kdev, std::move(st));
+  return true;
+}
+
+std::map<uint32_t, Agent::KernelDiskState>::iterator Agent::ForgetKernelDisk(
+    std::map<uint32_t, KernelDiskState>::iterator it) {
+  const uint32_t kdev = it->first;
+  if (it->second.disk.driver == proto::DriverKind::kVkickVirtioBlk) {
+    vkick_stats_.Forget(kdev);
+    policy_.Forget({0, kdev});
+  } else if (disks_ != nullptr) {
+    disks_->Unwatch(kdev);
+  }
+  return kernel_disks_.erase(it);
 }
 
 bool Agent::RescanRegistry() {
@@ -211,27 +242,26 @@ std::vector<Agent::Announcement> Agent::Announceable(bool log) const {
     queues += dev.num_queues;
     out.push_back({AnnouncedDriver{pid, dev.num_queues}, std::move(dev)});
   }
-  // Kernel disks after the drivers: the devices the host can police come
-  // first when the bounds leave no room for all.
-  for (const auto& [kdev, k] : kernel_disks_) {
-    proto::GuestDevice dev = ToGuestDevice(k.disk);
-    const uint32_t pci = pci_of(dev);
-    if (out.size() >= proto::kMaxDevices || queues + dev.num_queues > proto::kMaxQueues ||
-        (!dev.serial.empty() && serials.count(dev.serial)) || used.count(pci)) {
-      if (log)
-        Log(absl::StrCat("hello: kernel disk ", k.disk.name,
-                         " not announced (over the protocol's bounds or duplicate)"));
-      continue;
+  // Kernel disks after the drivers, vkick_virtio_blk's before stock
+  // virtio_blk's: the devices the host can police come first when the
+  // bounds leave no room for all.
+  for (const bool observe_only : {false, true}) {
+    for (const auto& [kdev, k] : kernel_disks_) {
+      if (proto::IsObserveOnly(k.disk.driver) != observe_only) continue;
+      proto::GuestDevice dev = ToGuestDevice(k.disk);
+      const uint32_t pci = pci_of(dev);
+      if (out.size() >= proto::kMaxDevices || queues + dev.num_queues > proto::kMaxQueues ||
+          (!dev.serial.empty() && serials.count(dev.serial)) || used.count(pci)) {
+        if (log)
+          Log(absl::StrCat("hello: kernel disk ", k.disk.name,
+                           " not announced (over the protocol's bounds or duplicate)"));
+        continue;
+      }
+      if (!dev.serial.empty()) serials.insert(dev.serial);
+      used.insert(pci);
+      queues += dev.num_queues;
+      out.push_back({AnnouncedDriver{0, dev.num_queues, dev.driver, kdev}, std::move(dev)});
     }
-    if (!dev.serial.empty()) serials.insert(dev.serial);
-    used.insert(pci);
-    queues += dev.num_queues;
-    AnnouncedDriver who;
-    who.pid = 0;
-    who.queues = dev.num_queues;
-    who.kernel = true;
-    who.kdev = kdev;
-    out.push_back({who, std::move(dev)});
   }
   return out;
 }
@@ -332,6 +362,111 @@ void Agent::Disconnect(uint64_t now, const std::string& why, bool fast_retry) {
   next_connect_ns_ = now + backoff_ns_;
 }
 
+std::string Agent::NameOf(const AnnouncedDriver& who) const {
+  auto k = kernel_disks_.find(who.kdev);
+  if (!who.disk() || k == kernel_disks_.end()) return absl::StrCat("pid ", who.pid);
+  return k->second.disk.name;
+}
+
+bool Agent::HasControlBlock(int32_t pid) const {
+  auto d = drivers_.find(pid);
+  return d != drivers_.end() && d->second.control != nullptr;
+}
+
+bool Agent::Steer(uint32_t kdev, const proto::QueuePolicy& q) {
+  auto it = kernel_disks_.find(kdev);
+  if (it == kernel_disks_.end()) return false;  // went away since the hello
+  const absl::Status s = WriteSteer(opts_.sysfs_root, it->second.disk.name, q);
+  if (s.ok()) return true;
+  ++steer_errors_;
+  if (!std::exchange(it->second.steer_error_logged, true))
+    Log(absl::StrCat("kernel disk ", it->second.disk.name, ": steer: ", s.message(),
+                     " (policies for it are not applied; logged once)"));
+  return false;
+}
+
+Agent::PolicySplit Agent::SplitPolicy(const proto::Policy& p) {
+  PolicySplit out;
+  for (const proto::QueuePolicy& q : p.queues) {
+    if (q.ref.device_index >= announced_.size() || q.ref.queue_index >= announced_[q.ref.device_index].queues) {
+      out.applicable.queues.push_back(q);  // PolicyState counts it unknown
+      continue;
+    }
+    const AnnouncedDriver& who = announced_[q.ref.device_index];
+    // A stock virtio_blk disk is observed only: nothing there would read a
+    // policy. Ignored, counted.
+    if (proto::IsObserveOnly(who.driver)) {
+      ++out.observe_only;
+      continue;
+    }
+    // A vkick_virtio_blk queue is steered now (its lease starts at the
+    // write); a vkick-blk queue after Apply, through its control block. A
+    // queue that cannot be written is not applied (not recorded, not acked).
+    const bool writable = who.disk() ? Steer(who.kdev, q) : HasControlBlock(who.pid);
+    if (!writable) {
+      out.unwritten.push_back(who.disk() ? absl::StrCat(NameOf(who), " q", q.ref.queue_index) : NameOf(who));
+      continue;
+    }
+    out.applicable.queues.push_back(q);
+  }
+  return out;
+}
+
+void Agent::OnPolicy(const proto::Policy& p) {
+  ++policies_;
+  const uint64_t now = clock_();  // the lease starts when it is applied
+  PolicySplit split = SplitPolicy(p);
+  const proto::Policy& applicable = split.applicable;
+  // Renewals (same policy, same generation, lease still running) are the
+  // steady state: logged only when something changes.
+  std::vector<bool> news;
+  for (const proto::QueuePolicy& q : applicable.queues) {
+    bool changed = true;
+    if (q.ref.device_index < announced_.size()) {
+      const AppliedState a = policy_.StateOf(announced_[q.ref.device_index].target(), q.ref.queue_index, now);
+      changed = a.lease != proto::LeaseState::kActive || a.generation != q.generation || a.mode != q.mode ||
+                a.batch != q.batch || a.defer_ns != q.defer_ns;
+    }
+    news.push_back(changed);
+  }
+  if (split.observe_only > 0) {
+    kernel_policy_ignored_ += split.observe_only;
+    proto::Error e;
+    e.code = proto::ErrorCode::kUnsupported;
+    e.text = absl::StrCat(split.observe_only, " queue(s) of observe-only kernel virtio_blk disks: not applied");
+    Log(absl::StrCat("policy gen ", p.queues.front().generation, ": ", e.text));
+    Send(e);
+  }
+  PolicyState::ApplyResult res = policy_.Apply(applicable, announced_, now);
+  for (int32_t pid : res.changed_pids) WriteControl(pid, now);
+  for (size_t i = 0; i < applicable.queues.size(); ++i) {
+    const proto::QueuePolicy& q = applicable.queues[i];
+    if (news[i] && q.ref.device_index < announced_.size()) {
+      Log(absl::StrCat("policy gen ", q.generation, ": ", NameOf(announced_[q.ref.device_index]), " queue ",
+                       q.ref.queue_index, " ", std::string(proto::KickModeName(q.mode)), " B=", q.batch,
+                       " T=", q.defer_ns, "ns lease ", q.lease_ns / 1000000, " ms"));
+    }
+  }
+  if (res.unknown_queues > 0 || res.unsupported_queues > 0 || !split.unwritten.empty()) {
+    unknown_queue_refs_ += res.unknown_queues + res.unsupported_queues;
+    proto::Error e;
+    e.code = res.unknown_queues > 0       ? proto::ErrorCode::kUnknownQueue
+             : res.unsupported_queues > 0 ? proto::ErrorCode::kUnsupported
+                                          : proto::ErrorCode::kInternal;
+    e.text = absl::StrCat(res.unknown_queues, " unknown queue(s), ", res.unsupported_queues,
+                          " queue(s) beyond the control block's 16 entries, ", split.unwritten.size(),
+                          " queue(s) without a control block or whose steer write failed (",
+                          absl::StrJoin(split.unwritten, ","), ")");
+    if (e.text.size() > proto::kMaxErrorTextLen) e.text.resize(proto::kMaxErrorTextLen);
+    Log(absl::StrCat("policy not applied: ", e.text));
+    Send(e);
+  }
+  if (res.ack_generation > 0) {
+    Send(proto::Ack{res.ack_generation});
+    ++acks_;
+  }
+}
+
 void Agent::OnMessage(proto::DecodeResult&& r, uint64_t now) {
   conn_heard_ = true;
   if (r.error != proto::Rejection::kNone) {
@@ -341,77 +476,7 @@ void Agent::OnMessage(proto::DecodeResult&& r, uint64_t now) {
   }
   proto::Message& m = *r.message;
   if (auto* p = std::get_if<proto::Policy>(&m)) {
-    ++policies_;
-    now = clock_();  // the lease starts when it is applied
-    // Queues of a driver whose control block could not be opened cannot be
-    // applied: left out (not recorded, not acked), answered with an error.
-    proto::Policy applicable;
-    std::vector<std::string> no_control;
-    uint32_t observe_only = 0;
-    for (const proto::QueuePolicy& q : p->queues) {
-      // A kernel virtio_blk disk is observed only: there is no control
-      // block, and the kernel driver would not read one. Ignored, counted.
-      if (q.ref.device_index < announced_.size() && announced_[q.ref.device_index].kernel) {
-        ++observe_only;
-        continue;
-      }
-      if (q.ref.device_index < announced_.size()) {
-        const int32_t pid = announced_[q.ref.device_index].pid;
-        auto d = drivers_.find(pid);
-        if (d == drivers_.end() || !d->second.control) {
-          no_control.push_back(absl::StrCat(pid));
-          continue;
-        }
-      }
-      applicable.queues.push_back(q);
-    }
-    // Renewals (same policy, same generation, lease still running) are the
-    // steady state: logged only when something changes.
-    std::vector<bool> news;
-    for (const proto::QueuePolicy& q : applicable.queues) {
-      bool changed = true;
-      if (q.ref.device_index < announced_.size()) {
-        const AppliedState a = policy_.StateOf(announced_[q.ref.device_index].pid, q.ref.queue_index, now);
-        changed = a.lease != proto::LeaseState::kActive || a.generation != q.generation || a.mode != q.mode ||
-                  a.batch != q.batch || a.defer_ns != q.defer_ns;
-      }
-      news.push_back(changed);
-    }
-    if (observe_only > 0) {
-      kernel_policy_ignored_ += observe_only;
-      proto::Error e;
-      e.code = proto::ErrorCode::kUnsupported;
-      e.text = absl::StrCat(observe_only, " queue(s) of observe-only kernel virtio_blk disks: not applied");
-      Log(absl::StrCat("policy gen ", p->queues.front().generation, ": ", e.text));
-      Send(e);
-    }
-    PolicyState::ApplyResult res = policy_.Apply(applicable, announced_, now);
-    for (int32_t pid : res.changed_pids) WriteControl(pid, now);
-    for (size_t i = 0; i < applicable.queues.size(); ++i) {
-      const proto::QueuePolicy& q = applicable.queues[i];
-      if (news[i] && q.ref.device_index < announced_.size()) {
-        Log(absl::StrCat("policy gen ", q.generation, ": pid ", announced_[q.ref.device_index].pid, " queue ",
-                         q.ref.queue_index, " ", std::string(proto::KickModeName(q.mode)), " B=", q.batch,
-                         " T=", q.defer_ns, "ns lease ", q.lease_ns / 1000000, " ms"));
-      }
-    }
-    if (res.unknown_queues > 0 || res.unsupported_queues > 0 || !no_control.empty()) {
-      unknown_queue_refs_ += res.unknown_queues + res.unsupported_queues;
-      proto::Error e;
-      e.code = res.unknown_queues > 0       ? proto::ErrorCode::kUnknownQueue
-               : res.unsupported_queues > 0 ? proto::ErrorCode::kUnsupported
-                                            : proto::ErrorCode::kInternal;
-      e.text = absl::StrCat(res.unknown_queues, " unknown queue(s), ", res.unsupported_queues,
-                            " queue(s) beyond the control block's 16 entries, ", no_control.size(),
-                            " queue(s) without a control block (pid ", absl::StrJoin(no_control, ","), ")");
-      if (e.text.size() > proto::kMaxErrorTextLen) e.text.resize(proto::kMaxErrorTextLen);
-      Log(absl::StrCat("policy not applied: ", e.text));
-      Send(e);
-    }
-    if (res.ack_generation > 0) {
-      Send(proto::Ack{res.ack_generation});
-      ++acks_;
-    }
+    OnPolicy(*p);
   } else if (auto* e = std::get_if<proto::Error>(&m)) {
     Log(absl::StrCat("host error ", static_cast<int>(e->code), ": ", e->text));
   } else if (auto* b = std::get_if<proto::Bye>(&m)) {
@@ -420,6 +485,30 @@ void Agent::OnMessage(proto::DecodeResult&& r, uint64_t now) {
     ++rejected_from_host_;
     Log(absl::StrCat("channel: unexpected message type ", static_cast<int>(proto::TypeOf(m)), " from the host"));
   }
+}
+
+DiskSnapshot Agent::ReadStockDisks() {
+  if (disks_ == nullptr) return {};
+  absl::StatusOr<DiskSnapshot> dsnap = disks_->Read();
+  if (!dsnap.ok()) {
+    Log(absl::StrCat("reading kernel disk counters: ", dsnap.status().message()));
+    return {};
+  }
+  // Lost starts, underflows and bad slots mean wrong numbers: logged when
+  // they change. Missing starts also happen in normal operation (requests in
+  // flight when a disk is first watched): --json only. Stale/expired starts
+  // and program misses are completions (or issues) the handlers never saw:
+  // logged too.
+  if (dsnap->map_full != disk_errors_.map_full || dsnap->underflow != disk_errors_.underflow ||
+      dsnap->bad_slot != disk_errors_.bad_slot || dsnap->stale_start != disk_errors_.stale_start ||
+      dsnap->expired_start != disk_errors_.expired_start || dsnap->prog_misses != disk_errors_.prog_misses)
+    Log(absl::StrCat("kernel disk probe errors: map_full=", dsnap->map_full, " underflow=", dsnap->underflow,
+                     " bad_slot=", dsnap->bad_slot, " missing_start=", dsnap->missing_start,
+                     " stale_start=", dsnap->stale_start, " expired_start=", dsnap->expired_start,
+                     " prog_misses=", dsnap->prog_misses));
+  disk_errors_ = *dsnap;
+  disk_errors_.disks.clear();  // the error counters only
+  return *std::move(dsnap);
 }
 
 void Agent::Tick(uint64_t now) {
@@ -440,7 +529,7 @@ void Agent::Tick(uint64_t now) {
   std::map<int32_t, int> device_index;
   std::map<uint32_t, int> disk_index;
   for (size_t i = 0; i < announced_.size(); ++i) {
-    if (announced_[i].kernel) {
+    if (announced_[i].disk()) {
       disk_index[announced_[i].kdev] = static_cast<int>(i);
     } else {
       device_index[announced_[i].pid] = static_cast<int>(i);
@@ -493,7 +582,7 @@ void Agent::Tick(uint64_t now) {
       auto it = snap->queues.find({pid, q});
       nlohmann::json j = add_queue(d.prev[q], it != snap->queues.end() ? &it->second : nullptr,
                                    di != device_index.end() ? di->second : -1, q,
-                                   policy_.StateOf(pid, q, now));
+                                   policy_.StateOf({pid, 0}, q, now));
       if (opts_.json) jq.push_back(std::move(j));
     }
     if (opts_.json)
@@ -502,45 +591,39 @@ void Agent::Tick(uint64_t now) {
                           {"gone", d.gone},
                           {"queues", jq}});
   }
-  // Kernel virtio_blk disks: one queue each (queue 0 = the whole disk),
-  // built by the same pure code; kicks stay 0 (the guest cannot see the
-  // kernel driver's notify writes; the host counts them) and the applied
-  // state is the driver's own (no lease, immediate, batch 1).
+  // Kernel disks, built by the same pure code. Stock virtio_blk: one queue
+  // (queue 0 = the whole disk), kicks 0 (the guest cannot see the kernel
+  // driver's notify writes; the host counts them), the driver's own applied
+  // state (no lease, immediate, batch 1: no policy is ever recorded for it).
+  // vkick_virtio_blk: every hardware queue from its stats file, with the
+  // lease the agent gave it.
+  const DiskSnapshot dsnap = ReadStockDisks();
   nlohmann::json jdisks = nlohmann::json::array();
-  if (disks_ != nullptr) {
-    absl::StatusOr<DiskSnapshot> dsnap = disks_->Read();
-    if (!dsnap.ok()) {
-      Log(absl::StrCat("reading kernel disk counters: ", dsnap.status().message()));
-      dsnap = DiskSnapshot{};
-    } else {
-      // Lost starts, underflows and bad slots mean wrong numbers: logged when
-      // they change. Missing starts also happen in normal operation
-      // (requests in flight when a disk is first watched): --json only.
-      // Stale/expired starts and program misses are completions (or
-      // issues) the handlers never saw: logged too.
-      if (dsnap->map_full != disk_errors_.map_full || dsnap->underflow != disk_errors_.underflow ||
-          dsnap->bad_slot != disk_errors_.bad_slot || dsnap->stale_start != disk_errors_.stale_start ||
-          dsnap->expired_start != disk_errors_.expired_start || dsnap->prog_misses != disk_errors_.prog_misses)
-        Log(absl::StrCat("kernel disk probe errors: map_full=", dsnap->map_full, " underflow=", dsnap->underflow,
-                         " bad_slot=", dsnap->bad_slot, " missing_start=", dsnap->missing_start,
-                         " stale_start=", dsnap->stale_start, " expired_start=", dsnap->expired_start,
-                         " prog_misses=", dsnap->prog_misses));
-      disk_errors_ = *dsnap;
-      disk_errors_.disks.clear();  // the error counters only
+  for (auto& [kdev, k] : kernel_disks_) {
+    std::map<uint16_t, QueueTotals> found;
+    if (k.disk.driver == proto::DriverKind::kVkickVirtioBlk) {
+      found = vkick_stats_.Read(k.disk);
+      if (found.size() < k.disk.num_queues && !std::exchange(k.stats_error_logged, true))
+        Log(absl::StrCat("kernel disk ", k.disk.name, ": a queue's vkick stats unreadable or malformed (logged once)"));
+    } else if (auto it = dsnap.disks.find(kdev); it != dsnap.disks.end()) {
+      found[0] = it->second;
     }
-    for (auto& [kdev, k] : kernel_disks_) {
-      auto it = dsnap->disks.find(kdev);
-      auto di = disk_index.find(kdev);
-      nlohmann::json j = add_queue(k.prev, it != dsnap->disks.end() ? &it->second : nullptr,
-                                   di != disk_index.end() ? di->second : -1, 0, AppliedState{});
-      if (opts_.json)
-        jdisks.push_back({{"name", k.disk.name},
-                          {"dev", absl::StrCat(k.disk.major, ":", k.disk.minor)},
-                          {"pci", k.disk.pci},
-                          {"serial", k.disk.serial},
-                          {"device_index", di != disk_index.end() ? di->second : -1},
-                          {"queues", nlohmann::json::array({std::move(j)})}});
+    auto di = disk_index.find(kdev);
+    nlohmann::json jq = nlohmann::json::array();
+    for (uint16_t q = 0; q < k.disk.num_queues; ++q) {
+      auto it = found.find(q);
+      nlohmann::json j = add_queue(k.prev[q], it != found.end() ? &it->second : nullptr,
+                                   di != disk_index.end() ? di->second : -1, q, policy_.StateOf({0, kdev}, q, now));
+      if (opts_.json) jq.push_back(std::move(j));
     }
+    if (opts_.json)
+      jdisks.push_back({{"name", k.disk.name},
+                        {"driver", std::string(proto::DriverKindName(k.disk.driver))},
+                        {"dev", absl::StrCat(k.disk.major, ":", k.disk.minor)},
+                        {"pci", k.disk.pci},
+                        {"serial", k.disk.serial},
+                        {"device_index", di != disk_index.end() ? di->second : -1},
+                        {"queues", std::move(jq)}});
   }
   if (conn_ && !announced_.empty()) {
     Send(sample);
@@ -566,7 +649,9 @@ void Agent::Tick(uint64_t now) {
                             {"reissue", disk_errors_.reissue},
                             {"stale_start", disk_errors_.stale_start},
                             {"expired_start", disk_errors_.expired_start},
-                            {"prog_misses", disk_errors_.prog_misses}}}}},
+                            {"prog_misses", disk_errors_.prog_misses}}},
+                          {"vkick_disks",
+                           {{"stats_unreadable", vkick_stats_.unreadable()}, {"steer_errors", steer_errors_}}}}},
                         {"registry_rejected", registry_rejected_},
                         {"channel",
                          {{"connects", connects_},
@@ -607,7 +692,7 @@ void Agent::Tick(uint64_t now) {
       *out_ << nlohmann::json({{"type", "driver_exit"}, {"pid", pid}, {"queues", jq}}).dump() << std::endl;
     }
     probes_->Untrack(pid);
-    policy_.Forget(pid);
+    policy_.Forget({pid, 0});
     if (it->second.control) unlink(it->second.control->path().c_str());
     it = drivers_.erase(it);
   }

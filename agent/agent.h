@@ -1,5 +1,6 @@
 // The vkick-agent loop: registry -> probes -> samples -> channel, and
-// policies -> control blocks -> acks. One thread, ppoll(); see docs/agent.md.
+// policies -> control blocks (sysfs steer files for vkick_virtio_blk) -> acks.
+// One thread, ppoll(); see docs/agent.md.
 #pragma once
 
 #include <signal.h>
@@ -20,6 +21,7 @@
 #include "agent/kernel_disks.h"
 #include "agent/policy_state.h"
 #include "agent/registry.h"
+#include "agent/vkick_disks.h"
 
 namespace vkick::agent {
 
@@ -43,8 +45,9 @@ struct AgentOptions {
   std::string proc_root = "/proc";
   std::string sysfs_ports = "/sys/class/virtio-ports";
   std::string dev_root = "/dev";
-  // Kernel virtio_blk disks (observe only) are discovered under
-  // <sysfs_root>/block when the agent is given a DiskCounterSource.
+  // Kernel disks are discovered under <sysfs_root>/block: the module
+  // vkick_virtio_blk's always (steered through sysfs), stock virtio_blk's
+  // (observe only) when the agent is given a DiskCounterSource.
   std::string sysfs_root = "/sys";
 };
 
@@ -53,7 +56,7 @@ class Agent {
   using Clock = std::function<uint64_t()>;  // CLOCK_MONOTONIC ns
   // `disks`: the kernel virtio_blk disks' counters (BlockObserver), or null
   // when they are not observed (--observe_kernel_disks=false, or the block
-  // tracepoints could not be attached).
+  // tracepoints could not be attached). vkick_virtio_blk disks need none.
   Agent(AgentOptions opts, CounterSource* probes, Clock clock, std::ostream* out, DiskCounterSource* disks = nullptr);
 
   // Runs until *stop becomes true (set from a signal handler) or
@@ -68,10 +71,19 @@ class Agent {
     std::map<uint16_t, QueueTotals> prev;   // last cumulative read per queue
   };
 
-  // A kernel virtio_blk disk being observed (watched in `disks_`).
+  // A kernel disk: stock virtio_blk (watched in `disks_`, its one queue is
+  // 0) or vkick_virtio_blk (read with `vkick_stats_`, steered).
   struct KernelDiskState {
     KernelDisk disk;
-    QueueTotals prev;  // last cumulative read
+    std::map<uint16_t, QueueTotals> prev;  // last cumulative read per queue
+    bool stats_error_logged = false;       // logged once per disk
+    bool steer_error_logged = false;
+  };
+  // A policy message's queues, sorted (SplitPolicy).
+  struct PolicySplit {
+    proto::Policy applicable;             // for PolicyState (it counts unknown refs)
+    std::vector<std::string> unwritten;   // "pid P" (no control block), "vkda q1" (steer refused)
+    uint32_t observe_only = 0;            // queues of stock virtio_blk disks
   };
   // What one hello entry is: the device and whom it stands for.
   struct Announcement {
@@ -82,11 +94,23 @@ class Agent {
 
   bool RescanRegistry();     // true when a driver was added
   bool RescanKernelDisks();  // true when the set of observed disks (or one's geometry) changed
+  bool AddKernelDisk(uint32_t kdev, const KernelDisk& k);  // false: cannot be watched
+  std::map<uint32_t, KernelDiskState>::iterator ForgetKernelDisk(std::map<uint32_t, KernelDiskState>::iterator it);
+  DiskSnapshot ReadStockDisks();  // the block observer's counters (empty without one); errors logged
   void Tick(uint64_t now);
   void TryConnect(uint64_t now);
   void Disconnect(uint64_t now, const std::string& why, bool fast_retry);
   void SendHello();
   void OnMessage(proto::DecodeResult&& r, uint64_t now);
+  void OnPolicy(const proto::Policy& p);
+  // Sorts a policy's queues, writing the vkick_virtio_blk ones' steer files
+  // on the way: a write the module refuses leaves its queue out (unwritten).
+  PolicySplit SplitPolicy(const proto::Policy& p);
+  // Writes a vkick_virtio_blk queue's steer file; a failure is counted and
+  // logged once per disk.
+  bool Steer(uint32_t kdev, const proto::QueuePolicy& q);
+  std::string NameOf(const AnnouncedDriver& who) const;  // "pid P" or the disk's name
+  bool HasControlBlock(int32_t pid) const;
   void WriteControl(int32_t pid, uint64_t now);
   void Send(const proto::Message& m);
   bool HelloIsStale() const;
@@ -113,6 +137,7 @@ class Agent {
   std::vector<std::string> kernel_disks_skipped_;     // last scan's (logged on change)
   std::set<uint32_t> watch_failed_;                   // logged once each
   DiskSnapshot disk_errors_;                          // last logged error counters
+  VkickDiskStats vkick_stats_;                        // vkick_virtio_blk disks' stats files
   uint64_t next_connect_ns_ = 0;
   uint64_t backoff_ns_ = 0;
   uint64_t seq_ = 0;
@@ -128,6 +153,7 @@ class Agent {
   uint64_t map_full_ = 0, bad_queue_ = 0;
   uint64_t unreadable_ = 0;
   uint64_t kernel_policy_ignored_ = 0;  // policy queues naming a kernel disk (observe only)
+  uint64_t steer_errors_ = 0;           // vkick_virtio_blk steer writes that failed
 };
 
 // "2026-11-22T21:55:34Z vkick-agent: <msg>" on stderr.

@@ -41,7 +41,8 @@ ABSL_FLAG(bool, json, false, "print one JSON line per interval on stdout (withou
 ABSL_FLAG(bool, once, false, "sample one interval, print it as JSON and exit (no channel)");
 ABSL_FLAG(int32_t, intervals, 0, "exit after this many intervals (0 = run until SIGINT/SIGTERM)");
 ABSL_FLAG(bool, observe_kernel_disks, true,
-          "also sample the kernel's own virtio_blk disks (block tracepoints; observe only, never policed)");
+          "also sample the kernel's own virtio_blk disks (block tracepoints; observe only, never policed). "
+          "Disks of the vkick_virtio_blk module are sampled and steered through sysfs either way");
 
 namespace {
 
@@ -177,8 +178,9 @@ int Main() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "vkick-agent: samples vkick-blk's queues (their stats blocks, once per interval; --observe=usdt:\n"
-      "eBPF on its USDT probes) and applies the host's kick policies; observes the kernel's own\n"
-      "virtio_blk disks (eBPF on block tracepoints, no policy).\n"
+      "eBPF on its USDT probes) and applies the host's kick policies; steers the disks of the\n"
+      "vkick_virtio_blk kernel module the same way (sysfs stats and steer files); observes the\n"
+      "kernel's own virtio_blk disks (eBPF on block tracepoints, no policy).\n"
       "  vkick-agent                                 # in a VM: virtio-serial port org.vkick.agent.0\n"
       "  vkick-agent --connect=/run/vkick/agent.sock # on the host, next to vhost-user drivers\n"
       "  vkick-agent --once                          # one interval as JSON, no host\n"

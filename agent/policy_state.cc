@@ -15,15 +15,15 @@ PolicyState::ApplyResult PolicyState::Apply(const proto::Policy& policy, const s
       ++r.unknown_queues;
       continue;
     }
-    if (hello[qp.ref.device_index].kernel) {  // observe only: the kernel driver has no control block
+    const AnnouncedDriver& who = hello[qp.ref.device_index];
+    if (proto::IsObserveOnly(who.driver)) {  // stock virtio_blk: nothing to steer it with
       ++r.observe_only_queues;
       continue;
     }
-    if (qp.ref.queue_index >= kControlBlockMaxQueues) {
+    if (!who.disk() && qp.ref.queue_index >= kControlBlockMaxQueues) {
       ++r.unsupported_queues;
       continue;
     }
-    const int32_t pid = hello[qp.ref.device_index].pid;
     Applied a;
     a.mode = qp.mode;
     a.batch = qp.batch;
@@ -31,17 +31,17 @@ PolicyState::ApplyResult PolicyState::Apply(const proto::Policy& policy, const s
     a.generation = qp.generation;
     a.expiry_ns = qp.lease_ns > std::numeric_limits<uint64_t>::max() - now_ns ? std::numeric_limits<uint64_t>::max()
                                                                               : now_ns + qp.lease_ns;
-    applied_[{pid, qp.ref.queue_index}] = a;
-    changed.insert(pid);
+    applied_[{who.target(), qp.ref.queue_index}] = a;
+    if (!who.disk()) changed.insert(who.pid);
     r.ack_generation = std::max(r.ack_generation, qp.generation);
   }
   r.changed_pids.assign(changed.begin(), changed.end());
   return r;
 }
 
-AppliedState PolicyState::StateOf(int32_t pid, uint16_t queue, uint64_t now_ns) const {
+AppliedState PolicyState::StateOf(SteerTarget target, uint16_t queue, uint64_t now_ns) const {
   AppliedState s;
-  auto it = applied_.find({pid, queue});
+  auto it = applied_.find({target, queue});
   if (it == applied_.end()) return s;
   const Applied& a = it->second;
   s.generation = a.generation;
@@ -64,7 +64,7 @@ std::vector<ControlEntry> PolicyState::EntriesFor(int32_t pid, uint16_t queues) 
     e = ControlEntry{};
     e.mode = static_cast<uint8_t>(ControlMode::kImmediate);
     e.batch = 1;
-    auto it = applied_.find({pid, q});
+    auto it = applied_.find({SteerTarget{pid, 0}, q});
     if (it == applied_.end()) continue;
     e.mode = static_cast<uint8_t>(it->second.mode);
     e.batch = it->second.batch;
@@ -74,9 +74,9 @@ std::vector<ControlEntry> PolicyState::EntriesFor(int32_t pid, uint16_t queues) 
   return out;
 }
 
-void PolicyState::Forget(int32_t pid) {
+void PolicyState::Forget(SteerTarget target) {
   for (auto it = applied_.begin(); it != applied_.end();) {
-    it = it->first.first == pid ? applied_.erase(it) : std::next(it);
+    it = it->first.first == target ? applied_.erase(it) : std::next(it);
   }
 }
 

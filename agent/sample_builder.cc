@@ -26,7 +26,22 @@ uint64_t Sum(const std::array<uint64_t, N>& a) {
   return s;
 }
 
+// The highest non-empty bucket (0 when all are empty).
+size_t TopBucket(const std::array<uint64_t, proto::kDepthBuckets>& hist) {
+  size_t top = 0;
+  for (size_t b = 0; b < hist.size(); ++b)
+    if (hist[b] != 0) top = b;
+  return top;
+}
+
 }  // namespace
+
+uint32_t DepthHistMax(const std::array<uint64_t, proto::kDepthBuckets>& hist, uint64_t depth_limit) {
+  if (Sum(hist) == 0) return 0;
+  const size_t top = TopBucket(hist);
+  const uint64_t edge = top == 0 ? 1 : (uint64_t{2} << top) - 1;
+  return static_cast<uint32_t>(std::min<uint64_t>(depth_limit > 0 ? std::min(edge, depth_limit) : edge, UINT32_MAX));
+}
 
 QueueTotals Delta(const QueueTotals& prev, const QueueTotals& cur) {
   const bool reset = cur.requests < prev.requests || cur.kicks < prev.kicks ||
@@ -73,9 +88,7 @@ BuiltSample BuildQueueSample(proto::QueueRef ref, const QueueTotals& d, uint64_t
     q.interval_ns = std::clamp(interval_ns, proto::kMinIntervalNs, proto::kMaxIntervalNs);
   }
   if (q.requests > 0) {
-    size_t top = 0;
-    for (size_t b = 0; b < proto::kDepthBuckets; ++b)
-      if (q.depth_hist[b] != 0) top = b;
+    const size_t top = TopBucket(q.depth_hist);
     const uint64_t top_lower = top == 0 ? 1 : (uint64_t{1} << top);
     uint64_t max_depth = std::max<uint64_t>(d.interval_max_depth, top_lower);
     // The BPF max may come from an adjacent interval's boundary event: never

@@ -48,6 +48,13 @@ struct AppliedState {
 // recreated, e.g. a pid reused), `cur` is taken as the delta.
 QueueTotals Delta(const QueueTotals& prev, const QueueTotals& cur);
 
+// The top edge of the highest non-empty bucket of a depth histogram (bucket
+// 0: 1, bucket i: 2^(i+1) - 1), capped by the queue's depth limit when it has
+// one (> 0); 0 for an empty histogram. For drivers that keep a histogram but
+// no per-interval maximum the agent could reset (stats blocks, the
+// vkick_virtio_blk module): the law only uses the maximum as a bound.
+uint32_t DepthHistMax(const std::array<uint64_t, proto::kDepthBuckets>& hist, uint64_t depth_limit);
+
 // A sample that passes proto::Validate for any input: interval clamped to
 // the protocol's range; counts above the 100 M/s bound are impossible from a
 // real driver and yield ok = false (the caller skips and counts the queue).

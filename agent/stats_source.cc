@@ -35,13 +35,7 @@ QueueTotals ToTotals(const StatsQueue& q) {
 void AddStatsQueues(int32_t pid, const StatsView& v, CounterSnapshot* snap) {
   for (uint16_t i = 0; i < v.num_queues; ++i) {
     QueueTotals t = ToTotals(v.queues[i]);
-    size_t top = 0;
-    for (size_t b = 0; b < t.depth_hist.size(); ++b)
-      if (t.depth_hist[b] != 0) top = b;
-    const uint64_t edge = top == 0 ? 1 : (uint64_t{2} << top) - 1;
-    const uint64_t limit = v.queues[i].depth_limit;
-    t.interval_max_depth = static_cast<uint32_t>(std::min<uint64_t>(limit > 0 ? std::min(edge, limit) : edge, UINT32_MAX));
-    if (t.requests == 0) t.interval_max_depth = 0;
+    t.interval_max_depth = t.requests == 0 ? 0 : DepthHistMax(t.depth_hist, v.queues[i].depth_limit);
     snap->queues[{pid, i}] = t;
   }
 }

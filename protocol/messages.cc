@@ -58,6 +58,7 @@ std::string_view DriverKindName(DriverKind k) {
   switch (k) {
     case DriverKind::kVkickBlk: return "vkick-blk";
     case DriverKind::kKernel: return "kernel";
+    case DriverKind::kVkickVirtioBlk: return "vkick-virtio-blk";
   }
   return "unknown";
 }

@@ -77,12 +77,17 @@ uint64_t LatencyQuantileNs(const std::array<uint64_t, kLatencyBuckets>& hist, do
 // ---- messages ---------------------------------------------------------------
 // A virtio device as the guest sees it. The host never uses anything here as
 // a label: it only *matches* it against what discovery found (guard.h).
-// Who drives a device in the guest. vkick-blk's queues follow the host's
+// Who drives a device in the guest. vkick-blk's queues and those of the
+// vkick_virtio_blk kernel module (docs/kernel-driver.md) follow the host's
 // policies; the kernel's own virtio_blk is only observed (depth and latency
-// from block tracepoints): the host never sends it a policy.
-enum class DriverKind : uint8_t { kVkickBlk = 0, kKernel = 1 };
-inline constexpr uint8_t kMaxDriverKind = 1;
-std::string_view DriverKindName(DriverKind k);  // "vkick-blk", "kernel"
+// from block tracepoints): the host never sends it a policy. A new kind is a
+// new value, not a new version: the decoder checks the value, so only a
+// hello naming it is refused by an older host (docs/protocol.md).
+enum class DriverKind : uint8_t { kVkickBlk = 0, kKernel = 1, kVkickVirtioBlk = 2 };
+inline constexpr uint8_t kMaxDriverKind = 2;
+std::string_view DriverKindName(DriverKind k);  // "vkick-blk", "kernel", "vkick-virtio-blk"
+// The host sends no policy to a device of this kind (only kKernel).
+constexpr bool IsObserveOnly(DriverKind k) { return k == DriverKind::kKernel; }
 
 struct GuestDevice {
   uint16_t pci_domain = 0;

@@ -138,7 +138,7 @@ json StatusJson(const std::vector<QueueView>& queues, const std::vector<AgentVie
                      // An observe-only queue has no policy: "observe".
                      {"mode", v.observe_only ? std::string("observe")
                                              : std::string(proto::KickModeName(v.spec.mode))},
-                     {"driver", v.observe_only ? "kernel" : "vkick-blk"},
+                     {"driver", std::string(proto::DriverKindName(v.driver))},
                      {"source", PolicySourceName(v.source)},
                      {"batch", v.b},
                      {"defer_us", v.t_ns / 1000.0},

@@ -231,8 +231,9 @@ AgentServer::Collected AgentServer::Collect() {
       uint64_t& id = out.connection_of[k];
       id = std::max(id, announcement);  // two live connections naming one queue: the newer
     }
-    const std::set<QueueKey>& obs = c->session->ObservedOnly();
+    const std::set<QueueKey> obs = c->session->ObservedOnly();
     out.observed_only.insert(obs.begin(), obs.end());
+    for (const auto& [k, driver] : c->session->Drivers()) out.driver_of[k] = driver;
   }
   return out;
 }

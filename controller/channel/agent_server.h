@@ -72,7 +72,8 @@ class AgentServer {
     std::map<QueueKey, proto::QueueSample> samples;
     std::vector<std::pair<QueueKey, uint64_t>> acks;
     std::set<QueueKey> connected_queues;  // reported on by a live agent
-    std::set<QueueKey> observed_only;     // of those, run by the guest kernel's driver
+    std::set<QueueKey> observed_only;     // of those, run by the guest kernel's virtio_blk
+    std::map<QueueKey, proto::DriverKind> driver_of;  // who drives each connected queue
     // The announcement (connection id, and hello count on it: never reused)
     // reporting on each connected queue. An agent re-announces (bye, hello)
     // when its driver set changes, so a new value means the queue may have a

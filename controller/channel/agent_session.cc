@@ -71,7 +71,7 @@ void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
         const ChannelDevice& dev = devices_[hq->device_id];
         const QueueKey key{dev.vm, dev.device, hq->queue};
         refs_[key] = ref;
-        if (h->devices[d].driver == proto::DriverKind::kKernel) observed_only_.insert(key);
+        drivers_[key] = h->devices[d].driver;
       }
     }
   } else if (auto* s = std::get_if<proto::Sample>(&*r.message)) {
@@ -98,9 +98,16 @@ void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
     // virtio-serial one re-announces on the same stream. Samples already
     // taken in stay (host keys, valid when they came).
     refs_.clear();
-    observed_only_.clear();
+    drivers_.clear();
   }
   // error: nothing to do.
+}
+
+std::set<QueueKey> AgentSession::ObservedOnly() const {
+  std::set<QueueKey> out;
+  for (const auto& [k, driver] : drivers_)
+    if (proto::IsObserveOnly(driver)) out.insert(k);
+  return out;
 }
 
 std::vector<QueueKey> AgentSession::Queues() const {
@@ -143,7 +150,8 @@ std::vector<uint8_t> AgentSession::EncodePolicies(const std::vector<PolicyOut>& 
   for (const PolicyOut& p : policies) {
     auto it = refs_.find(p.key);
     if (it == refs_.end()) continue;
-    if (observed_only_.count(p.key)) continue;  // the kernel's driver: never a policy
+    auto dk = drivers_.find(p.key);
+    if (dk != drivers_.end() && proto::IsObserveOnly(dk->second)) continue;  // stock virtio_blk: never a policy
     if (msg.queues.size() >= proto::kMaxQueues) break;
     proto::QueuePolicy q;
     q.ref = it->second;

@@ -51,9 +51,12 @@ class AgentSession {
   bool dropped() const { return guard_.dropped(); }
   // Host queues this agent reports on (bound at hello).
   std::vector<QueueKey> Queues() const;
-  // Of those, the queues of devices the guest kernel's own driver runs
-  // (hello driver = kernel): observed only, never sent a policy.
-  const std::set<QueueKey>& ObservedOnly() const { return observed_only_; }
+  // Who drives each of those queues in the guest (the hello's `driver`).
+  const std::map<QueueKey, proto::DriverKind>& Drivers() const { return drivers_; }
+  // Of those, the queues of devices the guest kernel's own virtio_blk runs
+  // (hello driver = kernel, proto::IsObserveOnly): observed only, never sent
+  // a policy.
+  std::set<QueueKey> ObservedOnly() const;
   // Latest sample per queue since the last call (consumed).
   std::map<QueueKey, proto::QueueSample> TakeSamples();
 
@@ -88,7 +91,7 @@ class AgentSession {
   bool drop_ = false;
   std::string agent_id_;
   std::map<QueueKey, proto::QueueRef> refs_;  // host queue -> guest ref
-  std::set<QueueKey> observed_only_;          // subset of refs_' keys
+  std::map<QueueKey, proto::DriverKind> drivers_;  // same keys as refs_
   std::map<QueueKey, proto::QueueSample> samples_;
   std::set<QueueKey> unstamped_;                 // bounded like samples_
   std::map<QueueKey, uint64_t> stamps_;          // for the samples in samples_

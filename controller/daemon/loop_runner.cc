@@ -247,6 +247,7 @@ void LoopRunner::StepOnce() {
   for (QueueInput& in : inputs) {
     in.agent_connected = col.connected_queues.count(in.key) > 0;
     in.observe_only = col.observed_only.count(in.key) > 0;
+    if (auto it = col.driver_of.find(in.key); it != col.driver_of.end()) in.driver = it->second;
     if (auto it = col.connection_of.find(in.key); it != col.connection_of.end())
       in.agent_connection = it->second;
     if (auto it = col.samples.find(in.key); it != col.samples.end()) in.sample = it->second;

@@ -115,6 +115,7 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
   const bool spec_changed = !st.initialised || !(spec == v.spec);
   v.agent_connected = in.agent_connected;
   v.observe_only = in.observe_only;
+  v.driver = in.driver;
   bool new_connection = false;
   if (in.agent_connection != 0) {
     new_connection = st.agent_connection != 0 && in.agent_connection != st.agent_connection;

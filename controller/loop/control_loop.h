@@ -46,6 +46,9 @@ struct QueueInput {
   // The guest kernel's own driver runs the queue (hello driver = kernel):
   // samples are shown, no policy is computed or sent.
   bool observe_only = false;
+  // Who drives the queue in the guest, as its agent announced it (shown by
+  // vkickctl; vkick-blk until an agent says otherwise).
+  proto::DriverKind driver = proto::DriverKind::kVkickBlk;
   // Which agent connection reports on the queue (0: none). A new one (the
   // agent re-announced: its driver set changed) restarts the adaptive law
   // from the spec's starting point: a B tuned for the previous driver
@@ -80,6 +83,7 @@ struct QueueView {
   uint64_t acked_generation = 0;  // the highest generation the agent acked
   bool agent_connected = false;
   bool observe_only = false;      // the guest kernel's driver: no policy
+  proto::DriverKind driver = proto::DriverKind::kVkickBlk;  // QueueInput::driver
   bool has_sample = false;        // the fields below come from a sample
   proto::LeaseState guest_lease = proto::LeaseState::kNone;
   proto::KickMode applied_mode = proto::KickMode::kImmediate;

@@ -46,6 +46,11 @@ int main(int argc, char** argv) {
     reannounce.insert(reannounce.end(), b.begin(), b.end());
   }
   Write(dir + "/reannounce", 31, reannounce);
+  // A hello naming the last driver kind (vkick_virtio_blk): the edge of the
+  // driver byte's range.
+  Hello steered = testing::MakeHello();
+  steered.devices[1].driver = DriverKind::kVkickVirtioBlk;
+  Write(dir + "/hello_vkick_virtio_blk", 63, testing::Frame(steered));
   auto truncated = testing::Frame(testing::MakePolicy());
   truncated.resize(truncated.size() - 3);
   Write(dir + "/truncated", 63, truncated);

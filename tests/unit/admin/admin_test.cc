@@ -78,10 +78,19 @@ TEST(AdminProtocolTest, StatusJson) {
   v.agent_connected = true;
   auto j = StatusJson({v}, {{"vm1", 1}}, {}, 0);
   EXPECT_EQ(j["queues"][0]["mode"], "static");
+  EXPECT_EQ(j["queues"][0]["driver"], "vkick-blk");
   EXPECT_EQ(j["queues"][0]["batch"], 8);
   EXPECT_EQ(j["queues"][0]["defer_us"], 50.0);
   EXPECT_EQ(j["agents"][0]["connected"], 1);
   EXPECT_EQ(j["default"]["mode"], "immediate");
+  // The driver the agent announced, steered or observed.
+  v.driver = proto::DriverKind::kVkickVirtioBlk;
+  EXPECT_EQ(StatusJson({v}, {}, {}, 0)["queues"][0]["driver"], "vkick-virtio-blk");
+  EXPECT_EQ(StatusJson({v}, {}, {}, 0)["queues"][0]["mode"], "static");
+  v.driver = proto::DriverKind::kKernel;
+  v.observe_only = true;
+  EXPECT_EQ(StatusJson({v}, {}, {}, 0)["queues"][0]["driver"], "kernel");
+  EXPECT_EQ(StatusJson({v}, {}, {}, 0)["queues"][0]["mode"], "observe");
 }
 
 std::string Roundtrip(const std::string& path, const std::string& req) {

@@ -27,6 +27,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/unit/agent/vkick_stats_text.h"
 #include "tests/unit/protocol/test_messages.h"
 #include "protocol/codec.h"
 
@@ -202,6 +203,20 @@ class AgentTest : public ::testing::Test {
     ASSERT_EQ(write(fd_, r.bytes.data(), r.bytes.size()), ssize_t(r.bytes.size()));
   }
 
+  // Waits (at most `tries` samples) for a sample whose queue `ref`
+  // satisfies `want`: that queue, the whole sample in *whole.
+  std::optional<proto::QueueSample> QueueWhere(proto::QueueRef ref, bool (*want)(const proto::QueueSample&),
+                                               std::optional<proto::Sample>* whole, int tries = 10) {
+    for (int i = 0; i < tries; ++i) {
+      *whole = NextOf<proto::Sample>();
+      if (!whole->has_value()) return std::nullopt;
+      for (const proto::QueueSample& x : (*whole)->queues)
+        if (x.ref == ref && want(x)) return x;
+    }
+    return std::nullopt;
+  }
+  static bool HasRequests(const proto::QueueSample& x) { return x.requests > 0; }
+
   std::string dir_;
   int32_t pid_ = 0;
   int lfd_ = -1, fd_ = -1;
@@ -210,18 +225,44 @@ class AgentTest : public ::testing::Test {
   std::vector<proto::Message> skipped_;  // messages NextOf<T> passed over
   // A kernel virtio_blk disk in the fake sysfs at dir_/sys (kernel_disks.h's layout).
   void AddKernelDisk(const std::string& name, const std::string& pci, int virtio, const std::string& dev,
-                     const std::string& serial) {
+                     const std::string& serial, const std::string& driver = "virtio_blk") {
     const std::string vdev = absl::StrCat(dir_, "/sys/devices/pci0000:00/", pci, "/virtio", virtio);
     const std::string disk = absl::StrCat(vdev, "/block/", name);
-    ASSERT_EQ(system(("mkdir -p " + disk + "/queue " + dir_ + "/sys/block " + dir_ +
-                      "/sys/bus/virtio/drivers/virtio_blk").c_str()),
+    ASSERT_EQ(system(("mkdir -p " + disk + "/queue " + dir_ + "/sys/block " + dir_ + "/sys/bus/virtio/drivers/" +
+                      driver).c_str()),
               0);
-    ASSERT_EQ(symlink((dir_ + "/sys/bus/virtio/drivers/virtio_blk").c_str(), (vdev + "/driver").c_str()), 0);
+    ASSERT_EQ(symlink((dir_ + "/sys/bus/virtio/drivers/" + driver).c_str(), (vdev + "/driver").c_str()), 0);
     ASSERT_EQ(symlink(absl::StrCat("../../../virtio", virtio).c_str(), (disk + "/device").c_str()), 0);
     std::ofstream(disk + "/dev") << dev << "\n";
     std::ofstream(disk + "/serial") << serial << "\n";
     std::ofstream(disk + "/queue/nr_requests") << "256\n";
     ASSERT_EQ(symlink(disk.c_str(), (dir_ + "/sys/block/" + name).c_str()), 0);
+  }
+  // A vkick_virtio_blk disk: the kernel disk, vkick/queues, and per queue a
+  // stats file (`stats`) and a steer file.
+  void AddVkickDisk(const std::string& name, const std::string& pci, int virtio, const std::string& dev,
+                    const std::string& serial, uint16_t queues, const VkickQueueStats& stats) {
+    AddKernelDisk(name, pci, virtio, dev, serial, "vkick_virtio_blk");
+    std::ofstream(absl::StrCat(dir_, "/sys/block/", name, "/queue/nr_requests")) << "128\n";
+    ASSERT_EQ(system(absl::StrCat("mkdir -p ", dir_, "/sys/block/", name, "/vkick").c_str()), 0);
+    std::ofstream(absl::StrCat(dir_, "/sys/block/", name, "/vkick/queues")) << queues << "\n";
+    for (uint16_t q = 0; q < queues; ++q) {
+      ASSERT_EQ(system(("mkdir -p " + VkickQueueDir(opts_.sysfs_root, name, q)).c_str()), 0);
+      SetVkickStats(name, q, stats);
+      std::ofstream(VkickQueueDir(opts_.sysfs_root, name, q) + "/steer") << "0 immediate 1 0 0 none\n";
+    }
+  }
+  void SetVkickStats(const std::string& name, uint16_t q, const VkickQueueStats& stats) {
+    // Replaced whole (rename), as a reader of sysfs never sees half a file.
+    const std::string path = VkickQueueDir(opts_.sysfs_root, name, q) + "/stats";
+    std::ofstream(path + ".tmp") << testing::VkickStatsText(stats);
+    ASSERT_EQ(rename((path + ".tmp").c_str(), path.c_str()), 0);
+  }
+  std::string ReadSteer(const std::string& name, uint16_t q) {
+    std::ifstream f(VkickQueueDir(opts_.sysfs_root, name, q) + "/steer");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
   }
   void UseDisks() { agent_ = std::make_unique<Agent>(opts_, &counters_, Now, &out_, &disks_); }
 
@@ -441,14 +482,8 @@ TEST_F(AgentTest, KernelDiskIsAnnouncedSampledAndNeverPoliced) {
   ASSERT_TRUE(NextOf<proto::Sample>().has_value());
   disks_.Add(kdev, 50, 3, 20'000);
   std::optional<proto::Sample> s;
-  const proto::QueueSample* q = nullptr;
-  for (int i = 0; i < 10 && q == nullptr; ++i) {
-    s = NextOf<proto::Sample>();
-    ASSERT_TRUE(s.has_value());
-    for (const proto::QueueSample& x : s->queues)
-      if (x.ref == proto::QueueRef{1, 0} && x.requests > 0) q = &x;
-  }
-  ASSERT_NE(q, nullptr);
+  std::optional<proto::QueueSample> q = QueueWhere({1, 0}, HasRequests, &s);
+  ASSERT_TRUE(q.has_value());
   EXPECT_EQ(s->queues.size(), 3u);  // 2 driver queues + the disk
   EXPECT_EQ(q->requests, 50u);
   EXPECT_EQ(q->completed, 50u);
@@ -491,6 +526,103 @@ TEST_F(AgentTest, KernelDiskIsAnnouncedSampledAndNeverPoliced) {
   const std::string json = out_.str();
   EXPECT_NE(json.find("\"kernel_policy_ignored\":1"), std::string::npos);
   EXPECT_NE(json.find("\"kernel_disks\":[{\"dev\":\"254:0\""), std::string::npos);
+}
+
+TEST_F(AgentTest, VkickVirtioBlkDiskIsAnnouncedSampledAndSteered) {
+  // 1000 requests before the agent: counted since the disk was bound, not
+  // this interval's.
+  AddVkickDisk("vkda", "0000:00:07.0", 3, "253:0", "vk0", 2, testing::VkickRequests(1000, 2, 5'000));
+  AddKernelDisk("vda", "0000:00:06.0", 2, "254:0", "kd0");
+  UseDisks();
+  Start();
+  ASSERT_TRUE(Accept());
+  auto h = NextOf<proto::Hello>();
+  ASSERT_TRUE(h.has_value());
+  // The vkick-blk driver, then the steerable disk, then the observed one.
+  ASSERT_EQ(h->devices.size(), 3u);
+  const proto::GuestDevice& vd = h->devices[1];
+  EXPECT_EQ(vd.driver, proto::DriverKind::kVkickVirtioBlk);
+  EXPECT_EQ(vd.pci_devfn, 7 << 3);
+  EXPECT_EQ(vd.serial, "vk0");
+  EXPECT_EQ(vd.num_queues, 2);
+  EXPECT_EQ(vd.queue_size, 128);
+  EXPECT_EQ(h->devices[2].driver, proto::DriverKind::kKernel);
+  EXPECT_EQ(disks_.watched(), std::set<uint32_t>{KernelDev(254, 0)});  // not the module's disk
+
+  // The stats files' changes become samples of (1, 0) and (1, 1), kicks included.
+  auto s = NextOf<proto::Sample>();
+  ASSERT_TRUE(s.has_value());
+  for (const proto::QueueSample& x : s->queues) EXPECT_EQ(x.requests, 0u) << "history reported as an interval";
+  VkickQueueStats q1 = testing::VkickRequests(1000, 2, 5'000);
+  q1.totals.requests += 50;
+  q1.totals.kicks += 10;
+  q1.totals.depth_sum += 50 * 3;
+  q1.totals.depth_hist[1] += 50;
+  SetVkickStats("vkda", 1, q1);
+  std::optional<proto::QueueSample> q = QueueWhere({1, 1}, HasRequests, &s);
+  ASSERT_TRUE(q.has_value());
+  EXPECT_EQ(s->queues.size(), 2u + 2u + 1u);
+  EXPECT_EQ(q->requests, 50u);
+  EXPECT_EQ(q->kicks, 10u);
+  EXPECT_EQ(q->max_depth, 3);
+  EXPECT_EQ(q->lease, proto::LeaseState::kNone);
+
+  // A policy for (1, 1): its steer file is written, acked, reported active.
+  proto::QueuePolicy qp = proto::testing::StaticQueuePolicy({1, 1}, 8, 50'000, 2'000'000'000, 3);
+  Send(proto::Policy{{qp}});
+  auto ack = NextOf<proto::Ack>();
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->generation, 3u);
+  EXPECT_EQ(ReadSteer("vkda", 1), "3 static 8 50000 2000\n");
+  EXPECT_EQ(ReadSteer("vkda", 0), "0 immediate 1 0 0 none\n");
+  q = QueueWhere({1, 1}, [](const proto::QueueSample& x) { return x.lease == proto::LeaseState::kActive; }, &s, 5);
+  ASSERT_TRUE(q.has_value());
+  EXPECT_EQ(q->applied_generation, 3u);
+  EXPECT_EQ(q->applied_batch, 8);
+
+  // A steer write that fails (the module refuses it, or the file is gone):
+  // not applied, not acked, answered with an error, counted.
+  ASSERT_EQ(unlink((VkickQueueDir(opts_.sysfs_root, "vkda", 0) + "/steer").c_str()), 0);
+  qp.ref = {1, 0};
+  qp.generation = 4;
+  Send(proto::Policy{{qp}});
+  auto err = NextOf<proto::Error>();
+  ASSERT_TRUE(err.has_value());
+  EXPECT_EQ(err->code, proto::ErrorCode::kInternal);
+  EXPECT_NE(err->text.find("vkda q0"), std::string::npos) << err->text;
+  s = NextOf<proto::Sample>();
+  ASSERT_TRUE(s.has_value());
+  for (const proto::QueueSample& x : s->queues) {
+    if (x.ref == proto::QueueRef{1, 0}) {
+      EXPECT_EQ(x.lease, proto::LeaseState::kNone);
+    }
+  }
+  for (const proto::Message& m : skipped_) {
+    if (auto* a = std::get_if<proto::Ack>(&m)) {
+      EXPECT_NE(a->generation, 4u);
+    }
+  }
+
+  stop_ = true;
+  thread_.join();
+  const std::string json = out_.str();
+  EXPECT_NE(json.find("\"driver\":\"vkick-virtio-blk\""), std::string::npos);
+  EXPECT_NE(json.find("\"steer_errors\":1"), std::string::npos);
+  EXPECT_NE(json.find("\"kernel_policy_ignored\":0"), std::string::npos);
+}
+
+TEST_F(AgentTest, VkickVirtioBlkDisksNeedNoBlockObserver) {
+  // No DiskCounterSource (no eBPF): the module's disk is still announced,
+  // the stock virtio_blk disk is not looked at.
+  AddVkickDisk("vkda", "0000:00:07.0", 3, "253:0", "vk0", 1, VkickQueueStats{});
+  AddKernelDisk("vda", "0000:00:06.0", 2, "254:0", "kd0");
+  Start();
+  ASSERT_TRUE(Accept());
+  auto h = NextOf<proto::Hello>();
+  ASSERT_TRUE(h.has_value());
+  ASSERT_EQ(h->devices.size(), 2u);
+  EXPECT_EQ(h->devices[1].driver, proto::DriverKind::kVkickVirtioBlk);
+  ASSERT_TRUE(NextOf<proto::Sample>().has_value());
 }
 
 TEST_F(AgentTest, KernelDiskAtADriversPciFunctionIsNotAnnounced) {

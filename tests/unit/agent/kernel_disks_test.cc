@@ -12,6 +12,7 @@
 #include <fstream>
 
 #include "agent/counter_source.h"
+#include "protocol/codec.h"
 #include "gtest/gtest.h"
 
 namespace vkick::agent {
@@ -26,7 +27,7 @@ class KernelDisksTest : public ::testing::Test {
     ASSERT_NE(mkdtemp(tmpl), nullptr);
     root_ = tmpl;
     fs::create_directories(root_ + "/block");
-    for (const char* d : {"virtio_blk", "virtio_net", "virtio_scsi"})
+    for (const char* d : {"virtio_blk", "vkick_virtio_blk", "virtio_net", "virtio_scsi"})
       fs::create_directories(root_ + "/bus/virtio/drivers/" + std::string(d));
   }
   void TearDown() override { fs::remove_all(root_); }
@@ -47,6 +48,15 @@ class KernelDisksTest : public ::testing::Test {
     if (serial != nullptr) Write(root_ + "/" + disk + "/serial", serial);
     Write(root_ + "/" + disk + "/queue/nr_requests", nr_requests);
     fs::create_directory_symlink("../" + disk, root_ + "/block/" + name);
+  }
+  // A disk of the vkick_virtio_blk module: its vkick/queues holds `queues`
+  // (nullptr: no such file).
+  void AddVkickDisk(const std::string& name, const std::string& pci, int virtio_index, const std::string& dev,
+                    const char* queues) {
+    AddVirtioDisk(name, "pci0000:00/" + pci, virtio_index, "vkick_virtio_blk", dev, nullptr);
+    if (queues == nullptr) return;
+    fs::create_directories(root_ + "/block/" + name + "/vkick");
+    Write(root_ + "/block/" + name + "/vkick/queues", queues);
   }
   void AddVirtualDisk(const std::string& name, const std::string& dev) {
     const std::string disk = "devices/virtual/block/" + name;
@@ -96,6 +106,53 @@ TEST_F(KernelDisksTest, FindsVirtioBlkDisksWithTheirPciFunctionDevAndSerial) {
   EXPECT_EQ(g.num_queues, 1);
   EXPECT_EQ(g.queue_size, 64);
   EXPECT_EQ(g.driver, proto::DriverKind::kKernel);
+}
+
+TEST_F(KernelDisksTest, FindsVkickVirtioBlkDisksWithTheirQueues) {
+  AddVirtioDisk("vda", "pci0000:00/0000:00:05.0", 2, "virtio_blk", "254:0\n", "stock\n");
+  AddVkickDisk("vkda", "0000:00:06.0", 3, "253:0\n", "4\n");
+  Write(root_ + "/block/vkda/serial", "steered\n");
+
+  KernelDiskScan scan = DiscoverKernelDisks(root_);
+  EXPECT_TRUE(scan.skipped.empty());
+  ASSERT_EQ(scan.disks.size(), 2u);
+  EXPECT_EQ(scan.disks[0].name, "vda");
+  EXPECT_EQ(scan.disks[0].driver, proto::DriverKind::kKernel);
+  EXPECT_EQ(scan.disks[0].num_queues, 1);
+  const KernelDisk& v = scan.disks[1];
+  EXPECT_EQ(v.name, "vkda");
+  EXPECT_EQ(v.driver, proto::DriverKind::kVkickVirtioBlk);
+  EXPECT_EQ(v.num_queues, 4);
+  EXPECT_EQ(v.pci, "0000:00:06.0");
+  EXPECT_EQ(v.serial, "steered");
+  EXPECT_EQ(KernelDevOf(v), KernelDev(253, 0));
+  const proto::GuestDevice g = ToGuestDevice(v);
+  EXPECT_EQ(g.driver, proto::DriverKind::kVkickVirtioBlk);
+  EXPECT_EQ(g.num_queues, 4);
+  EXPECT_EQ(g.pci_devfn, 6 << 3);
+  EXPECT_EQ(proto::Validate(proto::Hello{.agent_id = "a", .kernel = "", .devices = {g}}), proto::Rejection::kNone);
+
+  // Without the block observer the stock disk is not even looked at; the
+  // module's disk needs nothing but sysfs.
+  scan = DiscoverKernelDisks(root_, {}, /*stock_virtio_blk=*/false);
+  ASSERT_EQ(scan.disks.size(), 1u);
+  EXPECT_EQ(scan.disks[0].name, "vkda");
+}
+
+TEST_F(KernelDisksTest, VkickQueueCountIsBounded) {
+  AddVkickDisk("vkda", "0000:00:02.0", 0, "253:0", "64\n");
+  AddVkickDisk("vkdb", "0000:00:03.0", 1, "253:16", "0\n");
+  AddVkickDisk("vkdc", "0000:00:04.0", 2, "253:32", "65\n");
+  AddVkickDisk("vkdd", "0000:00:07.0", 3, "253:48", "four\n");
+  AddVkickDisk("vkde", "0000:00:08.0", 4, "253:64", nullptr);
+  AddVkickDisk("vkdf", "0000:00:09.0", 5, "253:80", "99999999999999999999999\n");
+  KernelDiskScan scan = DiscoverKernelDisks(root_);
+  ASSERT_EQ(scan.disks.size(), 1u);
+  EXPECT_EQ(scan.disks[0].name, "vkda");
+  EXPECT_EQ(scan.disks[0].num_queues, 64);
+  ASSERT_EQ(scan.skipped.size(), 5u);
+  for (const std::string& why : scan.skipped)
+    EXPECT_NE(why.find(": unreadable vkick/queues, or not in 1..64"), std::string::npos) << why;
 }
 
 TEST_F(KernelDisksTest, IgnoresOtherDriversAndSkipsWhatCannotBeAnnounced) {

@@ -23,7 +23,7 @@ const std::vector<AnnouncedDriver> kHello = {{100, 2}, {200, 1}};
 
 TEST(PolicyState, NoPolicyMeansNoLeaseAndImmediateEntries) {
   PolicyState s;
-  AppliedState a = s.StateOf(100, 0, 5 * kMs);
+  AppliedState a = s.StateOf({100, 0}, 0, 5 * kMs);
   EXPECT_EQ(a.lease, proto::LeaseState::kNone);
   EXPECT_EQ(a.generation, 0u);
   auto entries = s.EntriesFor(100, 2);
@@ -66,12 +66,12 @@ TEST(PolicyState, LeaseActiveThenExpiredOnAFakeClock) {
   proto::Policy p;
   p.queues = {Static(1, 0, 8, 20'000, 100 * kMs, 9)};
   s.Apply(p, kHello, 1000 * kMs);
-  AppliedState a = s.StateOf(200, 0, 1099 * kMs);
+  AppliedState a = s.StateOf({200, 0}, 0, 1099 * kMs);
   EXPECT_EQ(a.lease, proto::LeaseState::kActive);
   EXPECT_EQ(a.mode, proto::KickMode::kStatic);
   EXPECT_EQ(a.batch, 8);
   EXPECT_EQ(a.generation, 9u);
-  a = s.StateOf(200, 0, 1100 * kMs);  // expiry instant: expired (driver: expiry > now)
+  a = s.StateOf({200, 0}, 0, 1100 * kMs);  // expiry instant: expired (driver: expiry > now)
   EXPECT_EQ(a.lease, proto::LeaseState::kExpired);
   EXPECT_EQ(a.mode, proto::KickMode::kImmediate);
   EXPECT_EQ(a.batch, 1);
@@ -80,8 +80,8 @@ TEST(PolicyState, LeaseActiveThenExpiredOnAFakeClock) {
   // Renewal: a new generation restarts the lease.
   p.queues[0].generation = 10;
   s.Apply(p, kHello, 1200 * kMs);
-  EXPECT_EQ(s.StateOf(200, 0, 1250 * kMs).lease, proto::LeaseState::kActive);
-  EXPECT_EQ(s.StateOf(200, 0, 1250 * kMs).generation, 10u);
+  EXPECT_EQ(s.StateOf({200, 0}, 0, 1250 * kMs).lease, proto::LeaseState::kActive);
+  EXPECT_EQ(s.StateOf({200, 0}, 0, 1250 * kMs).generation, 10u);
   EXPECT_EQ(s.LatestExpiry(), 1300 * kMs);
 }
 
@@ -107,14 +107,14 @@ TEST(PolicyState, ForgetDropsADriver) {
   proto::Policy p;
   p.queues = {Static(0, 0, 8, 20'000, 100 * kMs, 1)};
   s.Apply(p, kHello, 0);
-  s.Forget(100);
-  EXPECT_EQ(s.StateOf(100, 0, 1).lease, proto::LeaseState::kNone);
+  s.Forget({100, 0});
+  EXPECT_EQ(s.StateOf({100, 0}, 0, 1).lease, proto::LeaseState::kNone);
 }
 
 TEST(PolicyState, KernelDisksAreNeverPoliced) {
   // Device 1 is a kernel virtio_blk disk (observe only): its queue is
   // counted, not applied, and acks nothing.
-  std::vector<AnnouncedDriver> hello = {{100, 2}, {0, 1, true, (254u << 20) | 16}};
+  std::vector<AnnouncedDriver> hello = {{100, 2}, {0, 1, proto::DriverKind::kKernel, (254u << 20) | 16}};
   PolicyState s;
   proto::Policy p;
   p.queues = {Static(1, 0, 8, 20'000, 100 * kMs, 7)};
@@ -123,7 +123,30 @@ TEST(PolicyState, KernelDisksAreNeverPoliced) {
   EXPECT_EQ(r.unknown_queues, 0u);
   EXPECT_EQ(r.ack_generation, 0u);
   EXPECT_TRUE(r.changed_pids.empty());
-  EXPECT_EQ(s.StateOf(0, 0, 1).lease, proto::LeaseState::kNone);
+  EXPECT_EQ(s.StateOf({0, (254u << 20) | 16}, 0, 1).lease, proto::LeaseState::kNone);
+}
+
+TEST(PolicyState, VkickVirtioBlkQueuesAreRecordedByDiskWithoutAControlBlock) {
+  // Device 1 is a vkick_virtio_blk disk with 32 queues: steered through
+  // sysfs (the caller writes steer), so queue 20 is no control block's
+  // concern, and no control block is rewritten for it.
+  const uint32_t kdev = (253u << 20) | 0;
+  std::vector<AnnouncedDriver> hello = {{100, 2}, {0, 32, proto::DriverKind::kVkickVirtioBlk, kdev}};
+  PolicyState s;
+  proto::Policy p;
+  p.queues = {Static(1, 20, 8, 20'000, 100 * kMs, 11)};
+  auto r = s.Apply(p, hello, 1000 * kMs);
+  EXPECT_EQ(r.ack_generation, 11u);
+  EXPECT_EQ(r.unsupported_queues, 0u);
+  EXPECT_EQ(r.observe_only_queues, 0u);
+  EXPECT_TRUE(r.changed_pids.empty());
+  AppliedState a = s.StateOf({0, kdev}, 20, 1050 * kMs);
+  EXPECT_EQ(a.lease, proto::LeaseState::kActive);
+  EXPECT_EQ(a.batch, 8);
+  EXPECT_EQ(s.StateOf({0, kdev}, 20, 1100 * kMs).lease, proto::LeaseState::kExpired);
+  EXPECT_EQ(s.StateOf({100, 0}, 20, 1050 * kMs).lease, proto::LeaseState::kNone);  // not the pid's
+  s.Forget({0, kdev});
+  EXPECT_EQ(s.StateOf({0, kdev}, 20, 1050 * kMs).lease, proto::LeaseState::kNone);
 }
 
 }  // namespace

@@ -131,31 +131,54 @@ TEST(AgentSessionTest, HostTotalsStampedOnArrivalFollowTheirSamples) {
 
 // A disk the guest kernel's own virtio_blk drives (hello driver = kernel)
 // is observed: its samples are taken, a policy for it is never encoded.
-TEST(AgentSessionTest, KernelDriverDevicesAreObservedOnlyAndNeverSentAPolicy) {
-  AgentSession s({}, Devices(), 0);
+// blk0 (2 queues), the device nothing maps, then blk1 driven by `driver`.
+proto::Hello HelloWithDisk(proto::DriverKind driver) {
   proto::Hello h = MakeHello();
   h.devices[0].num_queues = 2;
   proto::GuestDevice k;
   k.serial = "blk1";
   k.pci_devfn = 2;
   k.num_queues = 1;
-  k.driver = proto::DriverKind::kKernel;
+  k.driver = driver;
   h.devices.push_back(k);
-  ASSERT_TRUE(s.Feed(Enc(h), kMs));
-  const QueueKey kq{"vhost-user", "blk1", 0}, vq{"vhost-user", "blk0", 0};
-  EXPECT_EQ(s.ObservedOnly(), (std::set<QueueKey>{kq}));
-  ASSERT_TRUE(s.Feed(Enc(proto::Sample{1, {Qs(2, 0)}}), 2 * kMs));
-  EXPECT_TRUE(s.TakeSamples().count(kq));
+  return h;
+}
+
+PolicyOut StaticPolicy(const QueueKey& key) {
   PolicyOut p;
-  p.key = kq;
+  p.key = key;
   p.mode = proto::KickMode::kStatic;
   p.batch = 8;
   p.defer_ns = 50'000;
   p.lease_ns = 1'000'000'000;
   p.generation = 3;
-  EXPECT_TRUE(s.EncodePolicies({p}).empty());
-  p.key = vq;
-  EXPECT_FALSE(s.EncodePolicies({p}).empty());
+  return p;
+}
+
+TEST(AgentSessionTest, KernelDriverDevicesAreObservedOnlyAndNeverSentAPolicy) {
+  AgentSession s({}, Devices(), 0);
+  ASSERT_TRUE(s.Feed(Enc(HelloWithDisk(proto::DriverKind::kKernel)), kMs));
+  const QueueKey kq{"vhost-user", "blk1", 0}, vq{"vhost-user", "blk0", 0};
+  EXPECT_EQ(s.ObservedOnly(), (std::set<QueueKey>{kq}));
+  ASSERT_TRUE(s.Feed(Enc(proto::Sample{1, {Qs(2, 0)}}), 2 * kMs));
+  EXPECT_TRUE(s.TakeSamples().count(kq));
+  EXPECT_TRUE(s.EncodePolicies({StaticPolicy(kq)}).empty());
+  EXPECT_FALSE(s.EncodePolicies({StaticPolicy(vq)}).empty());
+}
+
+// A disk of the vkick_virtio_blk module is steered like vkick-blk: never
+// observe-only, its policies are encoded, and its driver is known.
+TEST(AgentSessionTest, VkickVirtioBlkDevicesAreSentPolicies) {
+  AgentSession s({}, Devices(), 0);
+  ASSERT_TRUE(s.Feed(Enc(HelloWithDisk(proto::DriverKind::kVkickVirtioBlk)), kMs));
+  const QueueKey kq{"vhost-user", "blk1", 0}, vq{"vhost-user", "blk0", 0};
+  EXPECT_TRUE(s.ObservedOnly().empty());
+  EXPECT_EQ(s.Drivers().at(kq), proto::DriverKind::kVkickVirtioBlk);
+  EXPECT_EQ(s.Drivers().at(vq), proto::DriverKind::kVkickBlk);
+  EXPECT_FALSE(s.EncodePolicies({StaticPolicy(kq)}).empty());
+  // A bye ends the announcement: nothing is known about the queues' drivers.
+  ASSERT_TRUE(s.Feed(Enc(proto::Bye{}), 2 * kMs));
+  EXPECT_TRUE(s.Drivers().empty());
 }
 
 // Over virtio-serial the agent re-announces on the same stream: bye, then a

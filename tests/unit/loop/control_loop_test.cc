@@ -314,6 +314,22 @@ TEST(ControlLoopTest, ObserveOnlyQueuesGetNoPolicyButTheirSamplesCount) {
   EXPECT_DOUBLE_EQ(v.notifications_per_request, 1.0);  // host-counted
 }
 
+TEST(ControlLoopTest, VkickVirtioBlkQueuesAreSteeredLikeVkickBlk) {
+  // The module's disks get the same law and policies; only the view says
+  // who drives them.
+  PolicyTable table({proto::KickMode::kStatic, 8, 50'000});
+  ControlLoop loop({}, 0);
+  FakeQueue q;
+  QueueInput in = q.Next();
+  in.driver = proto::DriverKind::kVkickVirtioBlk;
+  auto out = loop.Step(table, {in}, kSec);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].mode, proto::KickMode::kStatic);
+  EXPECT_EQ(out[0].batch, 8);
+  EXPECT_EQ(loop.View().at(0).driver, proto::DriverKind::kVkickVirtioBlk);
+  EXPECT_FALSE(loop.View().at(0).observe_only);
+}
+
 TEST(ControlLoopTest, ANewAgentConnectionRestartsTheLawFromTheSpec) {
   PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
   ControlLoop loop({}, 0);

@@ -100,6 +100,23 @@ TEST(ProtocolCodec, SampleAsksAndSuppressedRoundTrip) {
   EXPECT_EQ(std::get<Sample>(RoundTrip(s)), s);
 }
 
+TEST(ProtocolCodec, EveryDriverKindRoundTripsWithItsName) {
+  const std::vector<std::pair<DriverKind, std::string_view>> kinds = {
+      {DriverKind::kVkickBlk, "vkick-blk"}, {DriverKind::kKernel, "kernel"},
+      {DriverKind::kVkickVirtioBlk, "vkick-virtio-blk"}};
+  ASSERT_EQ(kinds.size(), kMaxDriverKind + 1u);
+  for (const auto& [kind, name] : kinds) {
+    Hello h = MakeHello();
+    h.devices[1].driver = kind;
+    EXPECT_EQ(std::get<Hello>(RoundTrip(h)), h) << name;
+    EXPECT_EQ(DriverKindName(kind), name);
+  }
+  // Only the stock virtio_blk is observe-only: the module's disks are steered.
+  EXPECT_FALSE(IsObserveOnly(DriverKind::kVkickBlk));
+  EXPECT_TRUE(IsObserveOnly(DriverKind::kKernel));
+  EXPECT_FALSE(IsObserveOnly(DriverKind::kVkickVirtioBlk));
+}
+
 TEST(ProtocolCodec, AsksAndSuppressedMayBeAtTheirBounds) {
   auto v = [](uint64_t asks, uint64_t suppressed) {
     Sample s = MakeSample();
@@ -346,6 +363,12 @@ TEST(ProtocolCodec, FieldOutOfRange) {
     EXPECT_EQ(DecodeOne(hb), Rejection::kFieldOutOfRange);
     hb[driver_at] = 1;
     EXPECT_EQ(DecodeOne(hb), Rejection::kNone);
+    // vkick_virtio_blk (2) is the last kind; the value after it is refused.
+    hb[driver_at] = 2;
+    EXPECT_EQ(DecodeOne(hb), Rejection::kNone);
+    hb[driver_at] = kMaxDriverKind + 1;
+    EXPECT_EQ(DecodeOne(hb), Rejection::kFieldOutOfRange);
+    hb[driver_at] = 1;
     hb[driver_at + 1] = 1;  // reserved
     EXPECT_EQ(DecodeOne(hb), Rejection::kFieldOutOfRange);
   }
