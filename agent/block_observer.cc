@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "agent/bpf_read.h"
+#include "common/clock.h"
 #include "vkick_blockobs.skel.h"
 
 namespace vkick::agent {
@@ -28,12 +29,6 @@ int QuietLibbpf(enum libbpf_print_level level, const char* fmt, va_list args) {
 }
 
 int SilentLibbpf(enum libbpf_print_level, const char*, va_list) { return 0; }
-
-uint64_t MonotonicNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);  // bpf_ktime_get_ns's clock
-  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ULL + static_cast<uint64_t>(ts.tv_nsec);
-}
 
 bool Expired(const vkick_blockobs_start& v, uint64_t now_ns) {
   return now_ns > v.issue_ns && now_ns - v.issue_ns >= VKICK_BLOCKOBS_START_EXPIRE_NS;
@@ -55,7 +50,7 @@ absl::StatusOr<std::unique_ptr<BlockObserver>> BlockObserver::Create(const Optio
     return BpfErrnoStatus(err, "loading the vkick_blockobs BPF object (needs kernel BTF, the block_rq_issue/"
                                "block_rq_complete tracepoints and BPF atomics, >= 5.12)");
   }
-  std::unique_ptr<BlockObserver> o(new BlockObserver(skel, ncpu, opts.clock ? opts.clock : MonotonicNs));
+  std::unique_ptr<BlockObserver> o(new BlockObserver(skel, ncpu, opts.clock ? opts.clock : MonotonicNowNs));
   for (uint32_t s = VKICK_BLOCKOBS_MAX_DISKS; s > 0; --s) o->free_slots_.push_back(s - 1);
   if (opts.attach) {
     if (absl::Status s = o->Attach(opts); !s.ok()) return s;

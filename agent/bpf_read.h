@@ -20,17 +20,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "agent/sample_builder.h"
+#include "common/errno_status.h"
 
 namespace vkick::agent {
 
 inline absl::Status BpfErrnoStatus(int err, absl::string_view what) {
-  err = err < 0 ? -err : err;
-  std::string msg = absl::StrCat(what, ": ", std::strerror(err), " (errno ", err, ")");
-  if (err == EPERM || err == EACCES)
-    return absl::PermissionDeniedError(absl::StrCat(
-        msg, "; vkick-agent needs root (CAP_BPF + CAP_PERFMON), or the verifier refused a program"));
-  if (err == ENOENT) return absl::NotFoundError(msg);
-  return absl::InternalError(msg);
+  return ErrnoStatus(err, what, "vkick-agent needs root (CAP_BPF + CAP_PERFMON), or the verifier refused a program");
 }
 
 // The keys of a hash map, in the kernel's order. A key deleted by the BPF

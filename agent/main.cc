@@ -11,10 +11,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
@@ -22,6 +18,8 @@
 #include "agent/block_observer.h"
 #include "agent/stats_source.h"
 #include "agent/usdt_probes.h"
+#include "common/clock.h"
+#include "common/flags.h"
 
 ABSL_FLAG(std::string, connect, "", "vkickd's agent unix socket (vhost-user drivers on the host)");
 ABSL_FLAG(std::string, port_name, "org.vkick.agent.0",
@@ -48,12 +46,6 @@ namespace {
 
 volatile bool g_stop = false;
 void OnSignal(int) { g_stop = true; }
-
-uint64_t MonotonicNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
 
 // The drivers' counters: their stats blocks (default), or USDT uprobes.
 absl::StatusOr<std::unique_ptr<vkick::agent::CounterSource>> MakeCounterSource(
@@ -169,14 +161,17 @@ int Main() {
                    !o.connect_path.empty() ? "unix:" + o.connect_path
                    : !o.port_name.empty() ? "virtio-serial:" + o.port_name
                                           : "none (local JSON)"));
-  vkick::agent::Agent agent(o, counters->get(), MonotonicNs, &std::cout, block_observer.get());
+  vkick::agent::Agent agent(o, counters->get(), vkick::MonotonicNowNs, &std::cout, block_observer.get());
   return agent.Run(&g_stop, &run_mask);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  const vkick::CommandLine cl = vkick::ParseFlags(
+      argc, argv,
+      {.binary = "vkick-agent",
+       .usage =
       "vkick-agent: samples vkick-blk's queues (their stats blocks, once per interval; --observe=usdt:\n"
       "eBPF on its USDT probes) and applies the host's kick policies; steers the disks of the\n"
       "vkick_virtio_blk kernel module the same way (sysfs stats and steer files); observes the\n"
@@ -184,23 +179,10 @@ int main(int argc, char** argv) {
       "  vkick-agent                                 # in a VM: virtio-serial port org.vkick.agent.0\n"
       "  vkick-agent --connect=/run/vkick/agent.sock # on the host, next to vhost-user drivers\n"
       "  vkick-agent --once                          # one interval as JSON, no host\n"
-      "Needs root (CAP_BPF + CAP_PERFMON). Exit status: 0 ok, 1 setup failure, 2 bad flags.");
-  // --run-dir and --run_dir both work (Abseil names use '_', docs use '-').
-  for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]) == "--") break;
-    if (argv[i][0] != '-' || argv[i][1] == '\0') continue;
-    char* p = argv[i] + (argv[i][1] == '-' ? 2 : 1);
-    for (; *p != '\0' && *p != '='; ++p)
-      if (*p == '-') *p = '_';
-  }
-  // --help lists this file's flags (the binary name differs from the file's).
-  absl::FlagsUsageConfig cfg;
-  cfg.contains_help_flags = [](absl::string_view f) { return absl::StrContains(f, "agent/main.cc"); };
-  cfg.contains_helpshort_flags = cfg.contains_help_flags;
-  absl::SetFlagsUsageConfig(cfg);
-  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
-  if (rest.size() > 1) {
-    std::fprintf(stderr, "vkick-agent: unexpected argument '%s' (see --help)\n", rest[1]);
+      "Needs root (CAP_BPF + CAP_PERFMON). Exit status: 0 ok, 1 setup failure, 2 bad flags.",
+       .flags_source = "agent/main.cc"});
+  if (!cl.positional.empty()) {
+    std::fprintf(stderr, "vkick-agent: unexpected argument '%s' (see --help)\n", cl.positional[0].c_str());
     return 2;
   }
   return Main();

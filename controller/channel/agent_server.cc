@@ -14,18 +14,16 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/clock.h"
+#include "common/errno_status.h"
 
 namespace vkick {
 namespace {
 
-int64_t MonoNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1'000'000'000LL + ts.tv_nsec;
-}
+int64_t MonoNs() { return static_cast<int64_t>(MonotonicNowNs()); }
 
 absl::Status Errno(absl::string_view what, const std::string& path) {
-  return absl::UnavailableError(absl::StrCat(what, " ", path, ": ", strerror(errno)));
+  return ErrnoStatus(errno, absl::StrCat(what, " ", path));
 }
 
 }  // namespace

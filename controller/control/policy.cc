@@ -10,6 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/errno_status.h"
 
 namespace vkick {
 namespace {
@@ -19,8 +20,7 @@ constexpr size_t kMaxNameLen = 128;
 constexpr size_t kMaxFileBytes = 1 << 20;  // 4096 entries x ~200 bytes, with room
 
 absl::Status Errno(absl::string_view what, const std::string& path) {
-  return absl::Status(absl::ErrnoToStatusCode(errno),
-                      absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
+  return ErrnoStatus(errno, absl::StrCat(what, " ", path));
 }
 
 // Label values are discovery's; still, the file is parsed back, so a tab or

@@ -17,15 +17,12 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "common/clock.h"
 
 namespace vkick {
 namespace {
 
-int64_t MonoNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1'000'000'000LL + ts.tv_nsec;
-}
+int64_t MonoNs() { return static_cast<int64_t>(MonotonicNowNs()); }
 
 uint64_t WallMicros() { return static_cast<uint64_t>(absl::ToUnixMicros(absl::Now())); }
 

@@ -17,13 +17,12 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "common/flags.h"
 #include "controller/daemon/daemon.h"
 #include "controller/admin/admin_server.h"
 #include "controller/channel/agent_server.h"
@@ -88,49 +87,6 @@ ABSL_FLAG(bool, vhost_user_kicks, false,
 
 namespace {
 
-// Abseil keeps only the last occurrence of a repeated flag; --qmp is meant to
-// be repeated, so gather every occurrence ("--qmp=X", "--qmp X", "-qmp=X")
-// up to "--". Comma-separated lists are split as Abseil would.
-std::vector<std::string> RepeatedFlag(int argc, char** argv, absl::string_view name) {
-  std::vector<std::string> out;
-  auto add = [&](absl::string_view v) {
-    for (absl::string_view p : absl::StrSplit(v, ',', absl::SkipEmpty())) out.emplace_back(p);
-  };
-  const std::string eq1 = absl::StrCat("--", name, "="), eq2 = absl::StrCat("-", name, "=");
-  const std::string bare1 = absl::StrCat("--", name), bare2 = absl::StrCat("-", name);
-  for (int i = 1; i < argc; ++i) {
-    absl::string_view a = argv[i];
-    if (a == "--") break;
-    if (absl::ConsumePrefix(&a, eq1) || absl::ConsumePrefix(&a, eq2)) {
-      add(a);
-    } else if ((a == bare1 || a == bare2) && i + 1 < argc) {
-      add(argv[++i]);
-    }
-  }
-  return out;
-}
-
-// The documented spelling is --no-probes / --refresh-interval; Abseil flag
-// names are C++ identifiers. Accept both by rewriting dashes in flag names
-// (never in values, never after "--").
-std::vector<char*> NormalizeFlagNames(int argc, char** argv, std::vector<std::string>& storage) {
-  storage.assign(argv, argv + argc);
-  for (int i = 1; i < argc; ++i) {
-    std::string& a = storage[i];
-    if (a == "--") break;
-    if (a.size() < 2 || a[0] != '-') continue;
-    size_t start = a[1] == '-' ? 2 : 1;
-    size_t end = std::min(a.find('='), a.size());
-    for (size_t j = start; j < end; ++j) {
-      if (a[j] == '-') a[j] = '_';
-    }
-  }
-  std::vector<char*> out;
-  for (auto& s : storage) out.push_back(s.data());
-  out.push_back(nullptr);
-  return out;
-}
-
 int Fail(absl::string_view msg) {
   vkick::LogToStderr(msg);
   return 1;
@@ -139,18 +95,19 @@ int Fail(absl::string_view msg) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "vkickd --qmp=PATH [--qmp=PATH...] [--listen=127.0.0.1:9470] [--no-probes]\n"
-      "Counts virtio kicks and VM exits of QEMU VMs with eBPF and serves them on /metrics.");
-  std::vector<std::string> arg_storage;
-  std::vector<char*> args = NormalizeFlagNames(argc, argv, arg_storage);
-  argv = args.data();
-  absl::ParseCommandLine(argc, argv);
+  const vkick::CommandLine cl = vkick::ParseFlags(
+      argc, argv,
+      {.binary = "vkickd",
+       .usage = "vkickd --qmp=PATH [--qmp=PATH...] [--listen=127.0.0.1:9470] [--no-probes]\n"
+                "Counts virtio kicks and VM exits of QEMU VMs with eBPF and serves them on /metrics.",
+       .flags_source = "controller/daemon/main.cc",
+       .repeatable = {"qmp", "vhost_user"}});
+  if (!cl.positional.empty()) return Fail(absl::StrCat("unexpected argument: ", cl.positional[0]));
 
   vkick::DaemonOptions options;
   // A QMP chardev serves one client at a time: a path given twice would
   // have its second attachment hang. Keep the first occurrence.
-  for (std::string& p : RepeatedFlag(argc, argv, "qmp")) {
+  for (std::string p : cl.Repeated("qmp")) {
     if (std::find(options.qmp_paths.begin(), options.qmp_paths.end(), p) ==
         options.qmp_paths.end()) {
       options.qmp_paths.push_back(std::move(p));
@@ -188,7 +145,7 @@ int main(int argc, char** argv) {
   if (auto s = vkick::ValidatePolicyScope({loop_options.vhost_user_vm, "", -1});
       !s.ok() || loop_options.vhost_user_vm.empty())
     return Fail("--vhost-user-vm: not a valid label value");
-  for (const std::string& v : RepeatedFlag(argc, argv, "vhost_user")) {
+  for (const std::string& v : cl.Repeated("vhost_user")) {
     auto d = vkick::ParseVhostUserDecl(v);
     if (!d.ok()) return Fail(d.status().message());
     for (const auto& o : loop_options.vhost_user) {

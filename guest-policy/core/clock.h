@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <ctime>
 
+#include "common/clock.h"
+
 namespace vkick {
 
 class Clock {
@@ -15,11 +17,7 @@ class Clock {
 
 class MonotonicClock final : public Clock {
  public:
-  uint64_t NowNs() const override {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
-  }
+  uint64_t NowNs() const override { return MonotonicNowNs(); }
 };
 
 class FakeClock final : public Clock {

@@ -12,16 +12,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/internal/program_name.h"
-#include "absl/flags/internal/usage.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/reflection.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/flags.h"
 #include "guest-policy/tool/driver_registry.h"
 #include "guest-policy/tool/workload.h"
 #include "guest-policy/transport/vhost_user.h"
@@ -291,102 +286,20 @@ int Main() {
 
 namespace {
 
-// --help lists the flags of files matching this filter. Abseil's default
-// filter wants the file named after the program (vkick-blk.cc), which would
-// print "No flags matched"; match our own sources instead.
-bool IsVkickFlagFile(absl::string_view file) {
-  return absl::StrContains(file, "guest-policy/tool/");
-}
-
-bool IsBuiltinFlag(absl::string_view name) {
-  for (const char* b : {"help", "helpfull", "helpshort", "helppackage", "helpon", "helpmatch", "version",
-                        "only_check_args", "flagfile", "fromenv", "tryfromenv", "undefok"}) {
-    if (name == b) return true;
-  }
-  return false;
-}
-
-// Abseil exits 1 on an unknown flag or a bad value; our contract is exit 2
-// for bad flags (1 means the I/O failed). So check them first, by the same
-// rules: --name=value, --name value (non-bool), --name / --noname (bool).
-bool CheckFlags(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    absl::string_view a = argv[i];
-    if (a == "--") break;
-    if (a.size() < 2 || a[0] != '-') continue;  // positional: reported later
-    const size_t dashes = a[1] == '-' ? 2 : 1;
-    // --run-dir and --run_dir both work: Abseil names use '_', docs use '-'.
-    for (char* p = argv[i] + dashes; *p != '\0' && *p != '='; ++p) {
-      if (*p == '-') *p = '_';
-    }
-    a = argv[i];
-    a.remove_prefix(dashes);
-    absl::string_view name = a, value;
-    const size_t eq = a.find('=');
-    const bool has_value = eq != absl::string_view::npos;
-    if (has_value) {
-      name = a.substr(0, eq);
-      value = a.substr(eq + 1);
-    }
-    if (IsBuiltinFlag(name)) continue;
-    absl::CommandLineFlag* f = absl::FindCommandLineFlag(name);
-    if (f == nullptr && !has_value && absl::StartsWith(name, "no")) {
-      absl::CommandLineFlag* nf = absl::FindCommandLineFlag(name.substr(2));
-      if (nf != nullptr && nf->IsOfType<bool>()) continue;
-    }
-    if (f == nullptr) {
-      std::fprintf(stderr, "vkick-blk: unknown flag '%s' (see --help)\n", argv[i]);
-      return false;
-    }
-    if (!has_value) {
-      if (f->IsOfType<bool>()) continue;
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "vkick-blk: flag '--%s' needs a value (see --help)\n", std::string(name).c_str());
-        return false;
-      }
-      value = argv[++i];
-    }
-    // ParseFrom sets the flag; harmless, ParseCommandLine sets it again.
-    std::string err;
-    if (!f->ParseFrom(value, &err)) {
-      std::fprintf(stderr, "vkick-blk: bad value '%s' for --%s: %s\n", std::string(value).c_str(),
-                   std::string(name).c_str(), err.c_str());
-      return false;
-    }
-  }
-  return true;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::FlagsUsageConfig config;
-  config.contains_help_flags = IsVkickFlagFile;
-  config.contains_helpshort_flags = IsVkickFlagFile;
-  config.contains_helppackage_flags = IsVkickFlagFile;
-  absl::SetFlagsUsageConfig(config);
-  absl::SetProgramUsageMessage(
+  const vkick::CommandLine cl = vkick::ParseFlags(
+      argc, argv,
+      {.binary = "vkick-blk",
+       .usage =
       "userspace virtio-blk driver and load tool with a policy-driven kick path.\n"
       "  vkick-blk --socket=/tmp/vhost.sock --rw=randread --bs=4k --qd=32 --policy=static:32,50us --runtime=5\n"
       "  vkick-blk --socket=/tmp/vhost.sock --rw=verify --policy=event-idx\n"
-      "Exit status: 0 ok, 1 I/O or verify failure / backend error, 2 bad flags.");
-  // --help is a successful run: exit 0 (Abseil 20220623 exits 1, which we
-  // reserve for I/O failures). --helpfull and friends keep Abseil's handling.
-  absl::flags_internal::SetProgramInvocationName(argv[0]);
-  for (int i = 1; i < argc; ++i) {
-    const absl::string_view a = argv[i];
-    if (a == "--") break;
-    if (a == "--help" || a == "-help" || a == "--helpshort" || a == "-helpshort") {
-      absl::flags_internal::FlagsHelp(std::cout, "guest-policy/tool/",
-                                      absl::flags_internal::HelpFormat::kHumanReadable,
-                                      absl::ProgramUsageMessage());
-      return 0;
-    }
-  }
-  if (!CheckFlags(argc, argv)) return 2;
-  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
-  if (rest.size() > 1) {
-    std::fprintf(stderr, "vkick-blk: unexpected argument '%s' (see --help)\n", rest[1]);
+      "Exit status: 0 ok, 1 I/O or verify failure / backend error, 2 bad flags.",
+       .flags_source = "guest-policy/tool/"});
+  if (!cl.positional.empty()) {
+    std::fprintf(stderr, "vkick-blk: unexpected argument '%s' (see --help)\n", cl.positional[0].c_str());
     return 2;
   }
   return vkick::Main();

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/errno_status.h"
 #include "guest-policy/transport/vhost_user_msg.h"
 
 namespace vkick {
@@ -18,7 +19,7 @@ namespace vkick {
 namespace vu = vhost_user;
 
 namespace {
-absl::Status Errno(int e, absl::string_view what) { return absl::ErrnoToStatus(e, what); }
+absl::Status Errno(int e, absl::string_view what) { return ErrnoStatus(e, what); }
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<VhostUserBlk>> VhostUserBlk::Connect(const VhostUserOptions& o) {

@@ -261,9 +261,10 @@ def check_conf_flags():
     r = subprocess.run([VKICKD, "--helpfull"], capture_output=True, text=True, timeout=30)
     out = r.stdout + r.stderr
     # Only the daemon's own flags (absl's --help*, --flagfile, ... are not its).
-    m = re.search(r"Flags from [^\n]*controller/daemon/main\.cc:\n(.*?)(?:\n\s*Flags from|\Z)", out, re.S)
+    # (common/flags.h names them after the binary, not a source path.)
+    m = re.search(r"Flags from vkickd:\n(.*?)(?:\n\s*Flags from|\Z)", out, re.S)
     if not m:
-        return fails + ["vkickd --helpfull lists no flags from controller/daemon/main.cc"]
+        return fails + ["vkickd --helpfull lists no flags \"from vkickd\""]
     real = {f.replace("_", "-") for f in re.findall(r"^\s{4}--([a-z0-9_]+) \(", m.group(1), re.M)}
     for f in sorted(real - documented):
         fails.append(f"conf example does not document vkickd's flag --{f}")

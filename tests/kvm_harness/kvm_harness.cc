@@ -33,13 +33,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
-#include "absl/strings/match.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/errno_status.h"
+#include "common/flags.h"
 #include "controller/probes/host_probes.h"
 #include "nlohmann/json.hpp"
 
@@ -68,9 +66,7 @@ namespace {
 constexpr uint64_t kRamSize = 0x10000;  // 64 KiB at gpa 0
 constexpr uint64_t kCodeAddr = 0x1000;
 
-absl::Status Errno(absl::string_view what) {
-  return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
-}
+absl::Status Errno(absl::string_view what) { return ErrnoStatus(errno, what); }
 
 // The guest, 16-bit real mode, loaded at 0x1000 (CS = 0). Immediates are
 // patched in by Assemble(). ECX (0x66 prefix) so counts may exceed 65535.
@@ -340,31 +336,16 @@ int Main() {
 }  // namespace vkick
 
 int main(int argc, char** argv) {
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::StrContains(file, "kvm_harness");
-  };
-  absl::SetFlagsUsageConfig(usage);
-  absl::SetProgramUsageMessage(
-      "Runs a tiny real-mode guest through the raw KVM API: N MMIO writes and M port writes "
-      "(ioeventfds registered like QEMU's virtio-pci), prints a JSON summary.\n"
-      "  vkick-kvm-harness --mmio-writes=N --pio-writes=M [--pio-value=Q] [--repeat=R]");
-  // Documented spelling is --mmio-writes; Abseil flag names are identifiers.
-  // Rewrite dashes in flag names (not in values) before parsing.
-  std::vector<std::string> storage(argv, argv + argc);
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    std::string& a = storage[i];
-    if (i > 0 && a.size() > 2 && a[0] == '-') {
-      const size_t start = a[1] == '-' ? 2 : 1;
-      const size_t end = std::min(a.find('='), a.size());
-      for (size_t k = start; k < end; ++k) {
-        if (a[k] == '-') a[k] = '_';
-      }
-    }
-    args.push_back(a.data());
+  const vkick::CommandLine cl = vkick::ParseFlags(
+      argc, argv,
+      {.binary = "vkick-kvm-harness",
+       .usage = "Runs a tiny real-mode guest through the raw KVM API: N MMIO writes and M port writes "
+                "(ioeventfds registered like QEMU's virtio-pci), prints a JSON summary.\n"
+                "  vkick-kvm-harness --mmio-writes=N --pio-writes=M [--pio-value=Q] [--repeat=R]",
+       .flags_source = "kvm_harness"});
+  if (!cl.positional.empty()) {
+    std::fprintf(stderr, "vkick-kvm-harness: unexpected argument '%s'\n", cl.positional[0].c_str());
+    return 2;
   }
-  args.push_back(nullptr);
-  absl::ParseCommandLine(argc, args.data());
   return vkick::Main();
 }
