@@ -15,7 +15,7 @@ namespace vkick {
 using nlohmann::json;
 
 std::string CtlUsage() {
-  return "usage:\n"
+  return "shows vkickd's loop and switches queue policies live.\n"
          "  vkickctl [--socket=PATH] status [--json]\n"
          "  vkickctl [--socket=PATH] policy set [--vm V] [--device D] [--queue Q] [--all]\n"
          "           adaptive | immediate | event-idx | static --batch N --defer-us T\n"
@@ -27,61 +27,13 @@ std::string CtlUsage() {
          "Exit codes: 0 ok, 1 vkickd refused the request, 2 usage or connection error.\n";
 }
 
-namespace {
-
-// "--name=value" or "--name value".
-bool TakeValue(const std::vector<std::string>& a, size_t& i, absl::string_view name,
-               std::string* out) {
-  const std::string eq = absl::StrCat("--", name, "=");
-  if (absl::StartsWith(a[i], eq)) {
-    *out = a[i].substr(eq.size());
-    return true;
-  }
-  if (a[i] == absl::StrCat("--", name) && i + 1 < a.size()) {
-    *out = a[++i];
-    return true;
-  }
-  return false;
-}
-
-}  // namespace
-
-absl::StatusOr<CtlCommand> ParseCtlArgs(const std::vector<std::string>& args) {
+absl::StatusOr<CtlCommand> BuildCtlCommand(const std::vector<std::string>& pos, const CtlOptions& o) {
   CtlCommand c;
-  std::vector<std::string> pos;
-  std::string vm, device, queue, batch, defer;
-  bool all = false, have_batch = false, have_defer = false, have_queue = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    std::string v;
-    const std::string& a = args[i];
-    if (a == "--help" || a == "-h" || a == "help") {
-      c.help = true;
-      return c;
-    } else if (TakeValue(args, i, "socket", &v)) {
-      c.socket = v;
-    } else if (a == "--json") {
-      c.json_output = true;
-    } else if (a == "--all") {
-      all = true;
-    } else if (TakeValue(args, i, "vm", &v)) {
-      vm = v;
-    } else if (TakeValue(args, i, "device", &v)) {
-      device = v;
-    } else if (TakeValue(args, i, "queue", &v)) {
-      queue = v;
-      have_queue = true;
-    } else if (TakeValue(args, i, "batch", &v)) {
-      batch = v;
-      have_batch = true;
-    } else if (TakeValue(args, i, "defer-us", &v)) {
-      defer = v;
-      have_defer = true;
-    } else if (absl::StartsWith(a, "-")) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown option ", a));
-    } else {
-      pos.push_back(a);
-    }
-  }
+  c.socket = o.socket;
+  c.json_output = o.json;
+  const std::string &vm = o.vm, &device = o.device;
+  const bool all = o.all, have_queue = o.queue.has_value();
+  const bool have_batch = o.batch.has_value(), have_defer = o.defer_us.has_value();
   if (pos.empty()) return absl::InvalidArgumentError("no command (status or policy)");
   if (pos[0] == "status") {
     if (pos.size() != 1) return absl::InvalidArgumentError("status takes no arguments");
@@ -96,9 +48,8 @@ absl::StatusOr<CtlCommand> ParseCtlArgs(const std::vector<std::string>& args) {
   if (!vm.empty()) scope["vm"] = vm;
   if (!device.empty()) scope["device"] = device;
   if (have_queue) {
-    int q;
-    if (!absl::SimpleAtoi(queue, &q) || q < 0) return absl::InvalidArgumentError("bad --queue");
-    scope["queue"] = q;
+    if (*o.queue < 0) return absl::InvalidArgumentError("bad --queue");
+    scope["queue"] = *o.queue;
   }
   if (all && !scope.empty())
     return absl::InvalidArgumentError("--all excludes --vm/--device/--queue");
@@ -121,16 +72,8 @@ absl::StatusOr<CtlCommand> ParseCtlArgs(const std::vector<std::string>& args) {
       return absl::InvalidArgumentError("static needs --batch N and --defer-us T");
     if ((mode == "immediate" || mode == "event-idx") && (have_batch || have_defer))
       return absl::InvalidArgumentError(absl::StrCat(mode, " takes no --batch/--defer-us"));
-    if (have_batch) {
-      int b;
-      if (!absl::SimpleAtoi(batch, &b)) return absl::InvalidArgumentError("bad --batch");
-      spec["batch"] = b;
-    }
-    if (have_defer) {
-      double d;
-      if (!absl::SimpleAtod(defer, &d)) return absl::InvalidArgumentError("bad --defer-us");
-      spec["defer_us"] = d;
-    }
+    if (have_batch) spec["batch"] = *o.batch;
+    if (have_defer) spec["defer_us"] = *o.defer_us;
     // Validate here too, so a bad value is exit 2 with the same message.
     if (auto s = SpecFromJson(spec); !s.ok()) return s.status();
     c.request = json{{"cmd", "policy-set"}, {"scope", scope}, {"spec", spec}};

@@ -6,10 +6,22 @@
 
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/flags/flag.h"
+#include "common/flags.h"
 #include "controller/ctl/ctl.h"
+
+ABSL_FLAG(std::string, socket, vkick::kDefaultAdminSocket, "vkickd's admin socket.");
+ABSL_FLAG(bool, json, false, "status: the reply as JSON instead of the table.");
+ABSL_FLAG(bool, all, false, "policy set: every queue (replaces the default, clears the rest).");
+ABSL_FLAG(std::string, vm, "", "policy: the VM (its vm label).");
+ABSL_FLAG(std::string, device, "", "policy: the device (its device label); needs --vm.");
+ABSL_FLAG(std::optional<int>, queue, std::nullopt, "policy: the queue index; needs --device.");
+ABSL_FLAG(std::optional<int>, batch, std::nullopt, "policy set static: the batch B.");
+ABSL_FLAG(std::optional<double>, defer_us, std::nullopt, "policy set static: the deferral bound T in us.");
 
 namespace {
 
@@ -18,16 +30,24 @@ int Usage(const std::string& why) {
   return 2;
 }
 
+vkick::CtlOptions OptionsFromFlags() {
+  return {.socket = absl::GetFlag(FLAGS_socket),
+          .json = absl::GetFlag(FLAGS_json),
+          .all = absl::GetFlag(FLAGS_all),
+          .vm = absl::GetFlag(FLAGS_vm),
+          .device = absl::GetFlag(FLAGS_device),
+          .queue = absl::GetFlag(FLAGS_queue),
+          .batch = absl::GetFlag(FLAGS_batch),
+          .defer_us = absl::GetFlag(FLAGS_defer_us)};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  auto cmd = vkick::ParseCtlArgs(args);
+  const vkick::CommandLine cl = vkick::ParseFlags(
+      argc, argv, {.binary = "vkickctl", .usage = vkick::CtlUsage(), .flags_source = "controller/ctl/main.cc"});
+  auto cmd = vkick::BuildCtlCommand(cl.positional, OptionsFromFlags());
   if (!cmd.ok()) return Usage(std::string(cmd.status().message()));
-  if (cmd->help) {
-    std::fputs(vkick::CtlUsage().c_str(), stdout);
-    return 0;
-  }
   sockaddr_un a{};
   a.sun_family = AF_UNIX;
   if (cmd->socket.size() >= sizeof a.sun_path) return Usage("--socket path too long");

@@ -6,47 +6,56 @@
 namespace vkick {
 namespace {
 
-absl::StatusOr<CtlCommand> P(const std::string& s) {
-  return ParseCtlArgs(absl::StrSplit(s, ' ', absl::SkipEmpty()));
+absl::StatusOr<CtlCommand> P(const std::string& command, const CtlOptions& o = {}) {
+  return BuildCtlCommand(absl::StrSplit(command, ' ', absl::SkipEmpty()), o);
 }
 
-TEST(CtlTest, ParsesCommands) {
-  auto st = P("--socket=/tmp/a.sock status --json");
+TEST(CtlTest, BuildsRequests) {
+  auto st = P("status", {.socket = "/tmp/a.sock", .json = true});
   ASSERT_TRUE(st.ok());
   EXPECT_EQ(st->socket, "/tmp/a.sock");
   EXPECT_TRUE(st->json_output);
   EXPECT_EQ(st->request.dump(), R"({"cmd":"status"})");
 
-  auto set = P("policy set --vm vm1 --device d0 --queue 1 static --batch 8 --defer-us 50");
+  auto set = P("policy set static", {.vm = "vm1", .device = "d0", .queue = 1, .batch = 8, .defer_us = 50});
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ(set->request["cmd"], "policy-set");
   EXPECT_EQ(set->request["scope"]["queue"], 1);
   EXPECT_EQ(set->request["spec"]["batch"], 8);
   EXPECT_EQ(set->request["spec"]["defer_us"], 50.0);
 
-  auto all = P("policy set --all adaptive");
+  auto all = P("policy set adaptive", {.all = true});
   ASSERT_TRUE(all.ok());
   EXPECT_TRUE(all->request["scope"].empty());
 
-  auto clr = P("policy clear --vm=vm1");
+  auto clr = P("policy clear", {.vm = "vm1"});
   ASSERT_TRUE(clr.ok());
   EXPECT_EQ(clr->request["cmd"], "policy-clear");
-  EXPECT_TRUE(P("--help")->help);
   EXPECT_EQ(P("status")->socket, kDefaultAdminSocket);
 }
 
-TEST(CtlTest, RejectsBadArguments) {
-  for (const char* bad : {"", "frobnicate", "status extra", "policy", "policy set adaptive",
-                          "policy set --vm v static", "policy set --vm v static --batch 8",
-                          "policy set --vm v immediate --batch 2", "policy set --vm v warp",
-                          "policy set --all --vm v adaptive", "policy set --device d adaptive",
-                          "policy set --vm v --queue 1 adaptive", "policy clear",
-                          "policy set --vm v static --batch 500 --defer-us 5",
-                          "policy set --vm v static --batch 4 --defer-us 0",
-                          "policy set --vm v static --batch x --defer-us 5", "status --bogus",
-                          "policy set --vm v --json adaptive"}) {
-    EXPECT_FALSE(P(bad).ok()) << bad;
-  }
+TEST(CtlTest, RejectsBadCombinationsAndValues) {
+  const CtlOptions v{.vm = "v"};
+  const std::vector<std::pair<std::string, CtlOptions>> bad = {
+      {"", {}},
+      {"frobnicate", {}},
+      {"status extra", {}},
+      {"policy", {}},
+      {"policy set adaptive", {}},
+      {"policy set static", v},
+      {"policy set static", {.vm = "v", .batch = 8}},
+      {"policy set immediate", {.vm = "v", .batch = 2}},
+      {"policy set warp", v},
+      {"policy set adaptive", {.all = true, .vm = "v"}},
+      {"policy set adaptive", {.device = "d"}},
+      {"policy set adaptive", {.vm = "v", .queue = 1}},
+      {"policy set adaptive", {.vm = "v", .device = "d", .queue = -1}},
+      {"policy clear", {}},
+      {"policy set static", {.vm = "v", .batch = 500, .defer_us = 5}},
+      {"policy set static", {.vm = "v", .batch = 4, .defer_us = 0}},
+      {"policy set adaptive", {.json = true, .vm = "v"}},
+  };
+  for (const auto& [cmd, o] : bad) EXPECT_FALSE(P(cmd, o).ok()) << cmd;
 }
 
 TEST(CtlTest, StatusTable) {
