@@ -19,15 +19,6 @@
 namespace vkick::agent {
 namespace {
 
-const char* LeaseName(proto::LeaseState s) {
-  switch (s) {
-    case proto::LeaseState::kNone: return "none";
-    case proto::LeaseState::kActive: return "active";
-    case proto::LeaseState::kExpired: return "expired";
-  }
-  return "?";
-}
-
 std::string ReadExe(const std::string& proc_root, int32_t pid) {
   const std::string link = absl::StrCat(proc_root, "/", pid, "/exe");
   char buf[4096];
@@ -546,7 +537,7 @@ void Agent::Tick(uint64_t now) {
                           {"max_depth", s.max_depth},
                           {"depth_hist", s.depth_hist},
                           {"latency_hist", s.latency_hist},
-                          {"lease", LeaseName(s.lease)},
+                          {"lease", proto::LeaseStateName(s.lease)},
                           {"mode", std::string(proto::KickModeName(s.applied_mode))},
                           {"batch", s.applied_batch},
                           {"defer_ns", s.applied_defer_ns},

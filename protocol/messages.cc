@@ -39,6 +39,15 @@ uint64_t LatencyQuantileNs(const std::array<uint64_t, kLatencyBuckets>& hist, do
   return LatencyBucketUpperNs(kLatencyBuckets - 1);
 }
 
+std::string_view LeaseStateName(LeaseState s) {
+  switch (s) {
+    case LeaseState::kNone: return "none";
+    case LeaseState::kActive: return "active";
+    case LeaseState::kExpired: return "expired";
+  }
+  return "?";
+}
+
 std::string_view KickModeName(KickMode m) {
   switch (m) {
     case KickMode::kImmediate: return "immediate";

@@ -124,6 +124,7 @@ enum class LeaseState : uint8_t {
   kExpired = 2,  // the lease ran out: fell back to the default
 };
 inline constexpr uint8_t kMaxLeaseState = 2;
+std::string_view LeaseStateName(LeaseState s);  // "none", "active", "expired"
 
 struct QueueSample {
   QueueRef ref;

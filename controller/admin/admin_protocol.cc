@@ -129,9 +129,7 @@ json StatusJson(const std::vector<QueueView>& queues, const std::vector<AgentVie
                 const PolicySpec& default_policy, int64_t) {
   json q = json::array();
   for (const QueueView& v : queues) {
-    const char* lease = v.guest_lease == proto::LeaseState::kActive    ? "active"
-                        : v.guest_lease == proto::LeaseState::kExpired ? "expired"
-                                                                       : "none";
+    const std::string lease(proto::LeaseStateName(v.guest_lease));
     q.push_back(json{{"vm", v.key.vm},
                      {"device", v.key.device},
                      {"queue", v.key.queue},

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -68,14 +69,17 @@ absl::StatusOr<PolicySpec> ParsePolicySpec(absl::string_view text) {
     p.mode = KickMode::kAdaptive;
     return p;
   }
-  std::vector<absl::string_view> parts = absl::StrSplit(text, ':');
+  // static:B,T (T in us, an optional "us"): the syntax of vkick-blk and the
+  // kernel driver. static:B:T is the older spelling, still read (state files).
+  absl::string_view rest = text;
+  rest.remove_suffix(absl::EndsWith(rest, "us") ? 2 : 0);
+  std::vector<absl::string_view> parts = absl::StrSplit(rest, absl::ByAnyChar(":,"));
   uint32_t batch = 0;
   uint64_t defer_us = 0;
   if (parts.size() != 3 || parts[0] != "static" || !absl::SimpleAtoi(parts[1], &batch) ||
       !absl::SimpleAtoi(parts[2], &defer_us) || defer_us > proto::kMaxDeferNs / 1000)
     return absl::InvalidArgumentError(absl::StrCat(
-        "bad policy '", text.substr(0, 64),
-        "': want immediate, event-idx, adaptive or static:BATCH:DEFER_US"));
+        "bad policy '", text.substr(0, 64), "': want immediate, event-idx, adaptive or static:B,T (T in us)"));
   p.mode = KickMode::kStatic;
   p.batch = batch;
   p.defer_ns = defer_us * 1000;
@@ -84,7 +88,7 @@ absl::StatusOr<PolicySpec> ParsePolicySpec(absl::string_view text) {
 }
 
 std::string FormatPolicySpec(const PolicySpec& p) {
-  if (p.mode == KickMode::kStatic) return absl::StrCat("static:", p.batch, ":", p.defer_ns / 1000);
+  if (p.mode == KickMode::kStatic) return absl::StrCat("static:", p.batch, ",", p.defer_ns / 1000);
   return std::string(proto::KickModeName(p.mode));
 }
 

@@ -33,8 +33,10 @@ struct PolicySpec {
 // above 1 needs defer >= kMinDeferNs, immediate/event-idx are 1/0).
 absl::Status ValidatePolicySpec(const PolicySpec& p);
 
-// "immediate", "event-idx", "adaptive", "static:B:T_us" (e.g. "static:8:50").
-// The syntax of the --default_policy flag and of the state file.
+// "immediate", "event-idx", "adaptive", "static:B,T" (T in us, e.g.
+// "static:8,50"): the syntax of vkick-blk --policy, of the kernel driver's
+// sysfs and of the --default_policy flag and the state file. "static:8:50"
+// (the older spelling) is still read.
 absl::StatusOr<PolicySpec> ParsePolicySpec(absl::string_view text);
 std::string FormatPolicySpec(const PolicySpec& p);
 

@@ -52,7 +52,7 @@ def main():
         vk = Vkickd(tb, [], extra=[
             "--agent-socket=" + tb.path("agent.sock"), "--vhost-user-kicks", "--vhost-user=disk0=" + sock,
             "--state-dir=" + tb.path("state"), "--admin-socket=" + tb.path("admin.sock"),
-            "--default-policy=static:8:50", "--control-interval=" + INTERVAL, "--lease=3s"])
+            "--default-policy=static:8,50", "--control-interval=" + INTERVAL, "--lease=3s"])
         prom = Prometheus(tb, ["127.0.0.1:%d" % vk.port], scrape_interval="1s")
         agent = tb.spawn("agent", [agent_bin, "--connect=" + tb.path("agent.sock"),
                                    "--run_dir=" + run_dir, "--interval=" + INTERVAL,

@@ -30,8 +30,10 @@ TEST(PolicySpec, ParseAndFormat) {
   EXPECT_EQ(*ParsePolicySpec("immediate"), PolicySpec{});
   EXPECT_EQ(ParsePolicySpec("event-idx")->mode, KickMode::kEventIdx);
   EXPECT_EQ(ParsePolicySpec("adaptive")->mode, KickMode::kAdaptive);
-  EXPECT_EQ(*ParsePolicySpec("static:8:50"), Static(8, 50));
-  EXPECT_EQ(FormatPolicySpec(Static(8, 50)), "static:8:50");
+  EXPECT_EQ(*ParsePolicySpec("static:8,50"), Static(8, 50));
+  EXPECT_EQ(*ParsePolicySpec("static:8,50us"), Static(8, 50));
+  EXPECT_EQ(*ParsePolicySpec("static:8:50"), Static(8, 50));  // the older spelling, in old state files
+  EXPECT_EQ(FormatPolicySpec(Static(8, 50)), "static:8,50");
   EXPECT_EQ(FormatPolicySpec({KickMode::kEventIdx}), "event-idx");
   for (const char* bad : {"", "static", "static:8", "static:0:50", "static:300:50",
                           "static:8:0", "static:8:1001", "static:-1:5", "fast", "static:8:50:1",
