@@ -884,19 +884,21 @@ static int __init vkblk_init(void)
 		pr_err("vkick_virtio_blk: bad default_policy \"%s\"\n", default_policy);
 		return -EINVAL;
 	}
-	major = register_blkdev(0, KBUILD_MODNAME);
+	/* The block major's name: at most 15 characters (the kernel keeps 15 and
+	 * unregister_blkdev compares them), so not the module's 16-character name. */
+	major = register_blkdev(0, "vkd");
 	if (major < 0)
 		return major;
 	err = register_virtio_driver(&vkblk_driver);
 	if (err)
-		unregister_blkdev(major, KBUILD_MODNAME);
+		unregister_blkdev(major, "vkd");
 	return err;
 }
 
 static void __exit vkblk_exit(void)
 {
 	unregister_virtio_driver(&vkblk_driver);
-	unregister_blkdev(major, KBUILD_MODNAME);
+	unregister_blkdev(major, "vkd");
 	ida_destroy(&vkblk_index_ida);
 }
 

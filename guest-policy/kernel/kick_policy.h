@@ -237,6 +237,9 @@ static inline bool vk_policy_valid(const struct vk_policy *p)
 		return false;
 	if (p->defer_ns > VK_MAX_DEFER_NS)
 		return false;
+	/* A timer shorter than 1 us is none; a batch above 1 needs one. */
+	if (p->defer_ns != 0 && p->defer_ns < VK_MIN_DEFER_NS)
+		return false;
 	return p->batch == 1 || p->defer_ns >= VK_MIN_DEFER_NS;
 }
 

@@ -52,16 +52,16 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
-from vkicktest import (Testbed, Vkickd, QmpClient, log, run_test, require_root, require_binary,
-                       skip, wait_until, build_dir, source_dir, vkickd_path)
+from vkicktest import (Testbed, log, run_test, require_root, require_binary, skip, wait_until,
+                       build_dir, vkickd_path)
 from vkicktest.util import Fatal
+from vkicktest.vm import (TestbedVm, VM_NAME, VHOST_DEVICE as DEVICE, VHOST_PCI as PCI,
+                          KERNEL_DEVICE, ensure_guest_image, read_text as read, stable_counts,
+                          status_rows)
 
 vkickctl = None
 
-DEVICE = "vkblk0"
-VM_NAME = "vkick-vm"
 MAX_STARTUP_KICKS = 2
-PCI = "0000:00:04.0"
 
 # The guest kernel's virtio_blk run (a shell command, not vkick-blk).
 KERNEL_RUN = "KERNEL"
@@ -102,7 +102,6 @@ RUNS = [
 ]
 # While these runs go on, the host polls vkickctl status: (start after s, for s).
 MONITOR = {"qd32-adaptive-steady": (4.0, 4.5), "qd1-adaptive": (2.0, 3.0)}
-KERNEL_DEVICE = "vblk1"
 KERNEL_REQUESTS = 4 * 4096
 # The adaptive run's policies, set live from the host while the driver runs:
 # first vkickd's default (adaptive), then vkickctl: static B=8 T=50us, then
@@ -144,48 +143,6 @@ exit $rc
 """
 
 
-def ensure_image(bdir):
-    """Kernel (fetched if needed; missing = skip) and initramfs (built)."""
-    kdir = os.path.join(bdir, "guest", "kernel")
-    if not os.path.isdir(os.path.join(kdir, "boot")):
-        r = subprocess.run([os.path.join(source_dir(), "scripts", "fetch-guest-kernel.sh"), kdir],
-                           capture_output=True, text=True)
-        if r.returncode != 0 or not os.path.isdir(os.path.join(kdir, "boot")):
-            skip("guest kernel missing in %s and fetch-guest-kernel.sh failed: %s" % (
-                kdir, (r.stderr or r.stdout).strip()[-300:]))
-    blk = os.path.join(bdir, "bin", "vkick-blk")
-    if not os.access(blk, os.X_OK):
-        raise AssertionError("vkick-blk not built at %s (build target 'vkick-blk')" % blk)
-    if not any(os.access(os.path.join(bdir, "bin", b), os.X_OK)
-               for b in ("vkick-agent-static", "vkick-agent")):
-        raise AssertionError("vkick-agent not built in %s/bin (build target 'vkick-agent-static')"
-                             % bdir)
-    r = subprocess.run([os.path.join(source_dir(), "scripts", "build-guest-image.sh"),
-                        "--build-dir", bdir], capture_output=True, text=True)
-    sys.stdout.write(r.stdout + r.stderr)
-    assert r.returncode == 0, "build-guest-image.sh failed (rc %d)" % r.returncode
-
-
-def read(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace").replace("\r", "")  # ttyS0: CRLF
-    except OSError:
-        return ""
-
-
-def stable_counts(vk, keys, settle=1.0, timeout=30):
-    deadline = time.monotonic() + timeout
-    prev = None
-    while time.monotonic() < deadline:
-        c = {k: v for k, v in vk.queue_counts(vk.metrics(), VM_NAME).items() if k in keys}
-        if c == prev and set(c) == set(keys):
-            return c
-        prev = c
-        time.sleep(settle)
-    raise AssertionError("host counts did not settle: %r" % prev)
-
-
 def check_run(name, flags, text, base, host, unknown):
     queues = int(re.search(r"--queues=(\d+)", flags).group(1))
     step = re.search(r"=== VKICK-STEP %s BEGIN ===\n(.*?)=== VKICK-STEP %s END rc=(\d+) ===" % (
@@ -218,20 +175,12 @@ def check_run(name, flags, text, base, host, unknown):
             "iops": res["iops"], "json": res}
 
 
-def status_rows(admin, device=DEVICE):
-    r = subprocess.run([vkickctl, "--socket=%s" % admin, "status", "--json"],
-                       capture_output=True, text=True, timeout=20)
-    if r.returncode != 0:
-        return []
-    return [q for q in json.loads(r.stdout)["queues"] if q["device"] == device]
-
-
 def monitor_status(admin, after_s, for_s):
     """vkickctl status rows of DEVICE, every 0.5 s, from after_s for for_s."""
     time.sleep(after_s)
     rows, end = [], time.monotonic() + for_s
     while time.monotonic() < end:
-        rows += status_rows(admin)
+        rows += status_rows(vkickctl, admin, DEVICE)
         time.sleep(0.5)
     return rows
 
@@ -263,7 +212,7 @@ def check_kernel_run(name, text, vk, admin):
     le1 = next((v for l, v in m.select("vkick_virtqueue_depth_bucket", **lab)
                 if float(l["le"]) == 1.0), None)
     lat = m.value("vkick_virtqueue_request_latency_seconds_count", **lab)
-    rows = status_rows(admin, KERNEL_DEVICE)
+    rows = status_rows(vkickctl, admin, KERNEL_DEVICE)
     log("%s: observe-only %s queue 0: requests %s (issued %d), depth count %s (depth 1: %s), "
         "latency count %s, guest kicks %s, status %s" % (
             name, KERNEL_DEVICE, req, KERNEL_REQUESTS, count, le1, lat, kicks,
@@ -294,7 +243,7 @@ def main():
     vkickctl = os.path.join(bdir, "bin", "vkickctl")
     if not os.access(vkickctl, os.X_OK):
         raise AssertionError("vkickctl not built at %s (build target 'vkickctl')" % vkickctl)
-    ensure_image(bdir)
+    ensure_guest_image(bdir)
     only = os.environ.get("VKICK_VM_RUNS")  # e.g. "qd1-immediate,qd32-static" (by hand)
     runs = [(n, f) for n, f in RUNS if not only or n in only.split(",")]
     def guest_line(n, f):
@@ -307,53 +256,22 @@ def main():
     results = {}
     monitored = {}
     with Testbed("vm-e2e") as tb:
-        vmdir = tb.path("vm")
-        qmp = tb.path("qmp-vkickd.sock")
         t0 = time.monotonic()
-        vm = tb.spawn("vm-testbed", [os.path.join(source_dir(), "scripts", "vm-testbed.sh"),
-                                     "--accel", "tcg", "--build-dir", bdir, "--tmpdir", vmdir,
-                                     "--qmp", qmp, "--paused", "--timeout", "300",
-                                     "--run", script])
-        pidfile = os.path.join(vmdir, "qemu.pid")
-        serial = os.path.join(vmdir, "serial.log")
-
-        def sockets_up():
-            if not vm.alive():
-                raise Fatal("vm-testbed.sh exited (rc %s):\n%s" % (vm.returncode(), vm.tail()))
-            return all(os.path.exists(p) for p in (pidfile, qmp, os.path.join(vmdir, "qmp-ctl.sock")))
-        wait_until(sockets_up, 60, "QEMU sockets")
-        qemu_pid = int(read(pidfile).strip())
         # Adaptive by default: only queues whose agent is connected get a
         # policy, and only a driver run with --policy=adaptive reads it.
         admin = tb.path("admin.sock")
-        vk = Vkickd(tb, [qmp], extra=["--default-policy=adaptive", "--control-interval=500ms",
-                                      "--state-dir=%s" % tb.path("state"),
-                                      "--admin-socket=%s" % tb.path("admin.sock")])
-        vk.wait_vm(VM_NAME, qemu_pid, timeout=60)
-        vk.wait_metric("series for %s queues 0..1" % DEVICE,
-                       lambda m: keys <= set(vk.queue_counts(m, VM_NAME)), 60)
-        ctl = QmpClient(os.path.join(vmdir, "qmp-ctl.sock"))
-        tb.callback(ctl.close)
-        ctl.execute("cont")
-        t_cont = time.monotonic()
+        vm = TestbedVm(tb, bdir, script, keys,
+                       vkickd_extra=["--default-policy=adaptive", "--control-interval=500ms",
+                                     "--state-dir=%s" % tb.path("state"),
+                                     "--admin-socket=%s" % admin])
+        vk, vmdir, serial = vm.vk, vm.vmdir, vm.serial_path
+        wait_marker = vm.wait_marker
         ctlport = None
-
-        def wait_marker(marker, timeout):
-            def seen():
-                t = read(serial)
-                if marker in t:
-                    return True
-                if "VKICK-GUEST FAILED" in t or not vm.alive():
-                    raise Fatal("guest stopped before %r:\n%s" % (marker, t[-3000:]))
-                return False
-            wait_until(seen, timeout, marker, interval=0.2)
 
         for name, flags in runs:
             wait_marker("=== VKICK-READY %s ===" % name, 120)
             if ctlport is None:
-                up = re.search(r"VKICK-GUEST: up ([0-9.]+)s", read(serial))
-                log("guest ready %.1fs after cont (kernel up at %ss guest time)" % (
-                    time.monotonic() - t_cont, up and up.group(1)))
+                log(vm.boot_log())
                 ctlport = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 ctlport.connect(os.path.join(vmdir, "test.sock"))
                 tb.callback(ctlport.close)
@@ -433,7 +351,7 @@ def main():
                 assert res.get("verify_passes", 0) >= 1 and res.get("verify_reads", 0) > 0, res
         wait_marker("=== VKICK-WAIT-QUIT ===", 30)
         ctlport.sendall(b"q")
-        rc = vm.wait(60)
+        rc = vm.proc.wait(60)
         assert rc == 0, "vm-testbed.sh rc %d (guest run script failed?)" % rc
         log("all runs done %.1fs after start" % (time.monotonic() - t0))
     if "qd32-immediate" in results and "qd32-static" in results:

@@ -183,7 +183,7 @@ TEST(KmodKickPolicy, SteerSyntax) {
   EXPECT_EQ(w.policy.defer_ns, 50'000u);
   EXPECT_EQ(w.lease_ms, 2000u);
   for (const char* bad : {"0 immediate 1 0 1000", "1 adaptive 1 0 1000", "1 static 2 0 1000",
-                          "1 static 2 500 1000", "1 static 257 5000 1000", "1 static 2 2000000 1000",
+                          "1 static 2 500 1000", "1 static 1 500 1000", "1 static 257 5000 1000", "1 static 2 2000000 1000",
                           "1 immediate 1 0 9", "1 immediate 1 0 60001", "1 immediate 1 0", "1 immediate 1 0 100 7",
                           "x immediate 1 0 100", ""}) {
     vk_steer_write before = w;
