@@ -52,12 +52,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
-from vkicktest import (Testbed, log, run_test, require_root, require_binary, skip, wait_until,
-                       build_dir, vkickd_path)
+from vkicktest import Testbed, log, run_test, skip, wait_until
 from vkicktest.util import Fatal
 from vkicktest.vm import (TestbedVm, VM_NAME, VHOST_DEVICE as DEVICE, VHOST_PCI as PCI,
                           KERNEL_DEVICE, ensure_guest_image, read_text as read, stable_counts,
-                          status_rows)
+                          status_rows, require_vm_testbed)
 
 vkickctl = None
 
@@ -230,19 +229,8 @@ def check_kernel_run(name, text, vk, admin):
 
 
 def main():
-    require_root()
-    require_binary("qemu-system-x86_64")
-    require_binary("qemu-storage-daemon")
-    if not os.path.isdir("/sys/kernel/tracing/events/syscalls") and \
-            not os.path.isdir("/sys/kernel/debug/tracing/events/syscalls"):
-        skip("tracefs syscalls events not available (vkickd counts vhost-user kicks on "
-             "syscalls:sys_enter_write; run scripts/host-prep.sh)")
-    bdir = os.path.abspath(build_dir())
-    vkickd_path()
     global vkickctl
-    vkickctl = os.path.join(bdir, "bin", "vkickctl")
-    if not os.access(vkickctl, os.X_OK):
-        raise AssertionError("vkickctl not built at %s (build target 'vkickctl')" % vkickctl)
+    bdir, vkickctl = require_vm_testbed()
     ensure_guest_image(bdir)
     only = os.environ.get("VKICK_VM_RUNS")  # e.g. "qd1-immediate,qd32-static" (by hand)
     runs = [(n, f) for n, f in RUNS if not only or n in only.split(",")]

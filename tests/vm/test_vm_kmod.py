@@ -68,12 +68,11 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
-from vkicktest import (Testbed, log, run_test, require_root, require_binary, skip, wait_until,
-                       build_dir, vkickd_path)
+from vkicktest import Testbed, log, run_test, skip, wait_until
 from vkicktest.util import Fatal
 from vkicktest.vm import (TestbedVm, GuestShell, VM_NAME, VHOST_DEVICE, VHOST_PCI, KERNEL_DEVICE,
                           KERNEL_PCI, ensure_guest_image, guest_shell_script, stable_counts,
-                          status_rows)
+                          status_rows, require_vm_testbed)
 
 SMP = 2                    # vCPUs: both devices have 2 queues, the driver uses one per CPU
 MAX_STARTUP_KICKS = 2      # QEMU kicks a vhost queue itself when it starts it (per queue)
@@ -776,18 +775,7 @@ dd if=/dev/$nd of=/dev/null bs=64k count=64 iflag=direct 2>/tmp/dd.err; echo "re
 
 
 def main():
-    require_root()
-    require_binary("qemu-system-x86_64")
-    require_binary("qemu-storage-daemon")
-    if not os.path.isdir("/sys/kernel/tracing/events/syscalls") and \
-            not os.path.isdir("/sys/kernel/debug/tracing/events/syscalls"):
-        skip("tracefs syscalls events not available (vkickd counts vhost-user kicks on "
-             "syscalls:sys_enter_write; run scripts/host-prep.sh)")
-    bdir = os.path.abspath(build_dir())
-    vkickd_path()
-    vkickctl = os.path.join(bdir, "bin", "vkickctl")
-    if not os.access(vkickctl, os.X_OK):
-        raise AssertionError("vkickctl not built at %s (build target 'vkickctl')" % vkickctl)
+    bdir, vkickctl = require_vm_testbed()
     ensure_guest_image(bdir, kmod=True)
     steps = Steps()
     keys = {(VHOST_DEVICE, q) for q in range(2)}

@@ -15,7 +15,7 @@ import time
 
 from .qmp import QmpClient
 from .serial import SerialConsole
-from .util import Fatal, skip, source_dir, wait_until
+from .util import Fatal, build_dir, require_binary, require_root, skip, source_dir, vkickd_path, wait_until
 from .vkickd import Vkickd
 
 VM_NAME = "vkick-vm"           # vm-testbed.sh: QEMU -name
@@ -24,6 +24,24 @@ VHOST_PCI = "0000:00:04.0"
 KERNEL_DEVICE = "vblk1"        # plain virtio-blk-pci (the guest kernel's virtio_blk)
 KERNEL_PCI = "0000:00:05.0"
 KMOD_PATH = os.path.join("guest-policy", "kernel", "vkick_virtio_blk.ko")  # under the build dir
+
+
+def require_vm_testbed():
+    """What both VM tests need on the host (skips with the reason otherwise);
+    returns (build dir, vkickctl path)."""
+    require_root()
+    require_binary("qemu-system-x86_64")
+    require_binary("qemu-storage-daemon")
+    if not os.path.isdir("/sys/kernel/tracing/events/syscalls") and \
+            not os.path.isdir("/sys/kernel/debug/tracing/events/syscalls"):
+        skip("tracefs syscalls events not available (vkickd counts vhost-user kicks on "
+             "syscalls:sys_enter_write; run scripts/host-prep.sh)")
+    bdir = os.path.abspath(build_dir())
+    vkickd_path()
+    vkickctl = os.path.join(bdir, "bin", "vkickctl")
+    if not os.access(vkickctl, os.X_OK):
+        raise AssertionError("vkickctl not built at %s (build target 'vkickctl')" % vkickctl)
+    return bdir, vkickctl
 
 
 def read_text(path):
