@@ -4,11 +4,19 @@
  * the target hosts and tracepoints are the stable interface anyway).
  *
  * Every counting path is a static __always_inline function taking the tgid
- * explicitly, shared by a thin tracepoint handler (tgid from
- * bpf_get_current_pid_tgid()) and a SEC("syscall") test program (tgid from a
- * context struct passed through BPF_PROG_TEST_RUN). That is how the kvm_exit
- * path, whose tracepoint never fires on a paravirtual KVM host, is still run
- * in the kernel by the tests. See docs/probes.md.
+ * explicitly, shared by thin handlers (tgid from bpf_get_current_pid_tgid())
+ * and a SEC("syscall") test program (tgid from a context struct passed
+ * through BPF_PROG_TEST_RUN). That is how the kvm_exit path, whose
+ * tracepoint never fires on a paravirtual KVM host, is still run in the
+ * kernel by the tests. See docs/probes.md.
+ *
+ * The kvm handlers exist twice: a BTF raw tracepoint (SEC("tp_btf/...")),
+ * called directly with the tracepoint's arguments, and the classic
+ * tracepoint, which first builds the whole trace record in a perf buffer and
+ * runs under the global bpf_prog_active guard. HostProbes loads the tp_btf
+ * twin where the kernel's BTF has the tracepoint and the classic one
+ * otherwise (bpf_program__set_autoload on the other). Both only unpack their
+ * arguments and call the same counting function.
  *
  * Hot-path rules: per-CPU counters, bounded preallocated maps, no locks, no
  * loops; every failed insert or read is counted in `errors`.
@@ -20,6 +28,8 @@
 #include <bpf/bpf_core_read.h>
 
 #include "bpf/host_probes.h"
+#define VKICK_ERR_SLOTS VKICK_ERR_COUNT
+#include "bpf/vkick_common.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -101,23 +111,7 @@ struct {
   __type(value, __u64);
 } irq_counts SEC(".maps");
 
-struct {
-  __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-  __uint(max_entries, VKICK_ERR_COUNT);
-  __type(key, __u32);
-  __type(value, __u64);
-} errors SEC(".maps");
-
 /* ---- helpers -------------------------------------------------------------- */
-
-static __always_inline void count_error(__u32 idx) {
-  __u64* v = bpf_map_lookup_elem(&errors, &idx);
-  if (v) *v += 1; /* per-CPU slot: no atomic needed */
-}
-
-static __always_inline __u32 current_tgid(void) {
-  return (__u32)(bpf_get_current_pid_tgid() >> 32);
-}
 
 /* Returns the vm_id of `tgid`, or -1 when it is not tracked. The common case
  * for every event of every other process on the host: one hash lookup. */
@@ -126,26 +120,12 @@ static __always_inline long lookup_vm(__u32 tgid) {
   return vm ? (long)*vm : -1;
 }
 
-/* Increment a per-CPU counter, inserting it at 1 if absent. Another CPU may
- * insert the same key between our lookup and update (-EEXIST): retry the
- * lookup once; anything else (-E2BIG/-ENOMEM: map full) is an error. */
+/* Increment a per-CPU counter, inserting it if absent (a full map counts
+ * map_full: the event is lost, the loss is not). */
 static __always_inline void bump(void* map, const void* key) {
-  __u64* v = bpf_map_lookup_elem(map, key);
-  if (v) {
-    *v += 1;
-    return;
-  }
-  __u64 one = 1;
-  long err = bpf_map_update_elem(map, key, &one, BPF_NOEXIST);
-  if (err == 0) return;
-  if (err == -17 /* EEXIST */) {
-    v = bpf_map_lookup_elem(map, key);
-    if (v) {
-      *v += 1;
-      return;
-    }
-  }
-  count_error(VKICK_ERR_MAP_FULL);
+  static const __u64 zero = 0;
+  __u64* v = vkick_lookup_or_init(map, key, &zero, VKICK_ERR_MAP_FULL);
+  if (v) *v += 1;
 }
 
 /* ---- exits ---------------------------------------------------------------- */
@@ -158,9 +138,11 @@ static __always_inline void count_exit(__u32 tgid, __u32 vcpu_id, __u32 isa, __u
   bump(&exit_counts, &key);
 }
 
-/* Use the tracepoint's format fields, not a raw_tracepoint: the first raw
- * argument of kvm_exit is the vcpu pointer, not the reason (bcc's kvmexit
- * broke on exactly that). */
+/* Classic only: kvm_exit's arguments are (vcpu, isa); the reason is computed
+ * inside the tracepoint by a vendor callback (vmx/svm get_exit_info) into the
+ * record, so a raw tracepoint would have to read vcpu_vmx/vcpu_svm
+ * internals, which this kernel's BTF does not even describe (bcc's raw
+ * kvmexit broke on exactly that). Use the tracepoint's format fields. */
 SEC("tracepoint/kvm/kvm_exit")
 int tp_kvm_exit(struct trace_event_raw_kvm_exit* ctx) {
   count_exit(current_tgid(), ctx->vcpu_id, ctx->isa, ctx->exit_reason);
@@ -175,7 +157,37 @@ int test_exit(struct vkick_test_exit_ctx* ctx) {
 
 /* ---- notifications (guest writes) ---------------------------------------- */
 
-static __always_inline void count_guest_write(__u32 tgid, __u32 space, __u64 addr, __u64 val) {
+/* The written value: in the record (classic tracepoint, test program) or
+ * behind the raw tracepoint's kernel pointer, `len` bytes. Only a legacy
+ * target needs it, so a raw tracepoint's value is read only then. */
+struct guest_val {
+  __u64 val;
+  const void* ptr; /* tp_btf: the tracepoint's data pointer; NULL: use val */
+  __u32 len;       /* bytes at ptr, 1..8 */
+};
+
+/* The raw tracepoint's `void *` is untyped kernel memory: cast to "read-only
+ * untrusted memory" (btf_id 0, kernels >= 6.14 or so), its loads are
+ * PROBE_MEM loads, as cheap as a normal load (a fault reads 0), where
+ * bpf_probe_read_kernel() was a helper call, ~40 ns per legacy notify here.
+ * A kernel that refuses the cast fails the tp_btf load and HostProbes falls
+ * back to the classic programs (auto mode). */
+extern void* bpf_rdonly_cast(const void* obj, __u32 btf_id) __ksym;
+
+/* Sizes 1, 2, 4, 8 are exact (a PIO is 1, 2 or 4 bytes); an odd-sized MMIO
+ * write (3, 5-7 bytes, which no virtio driver makes) keeps its low
+ * power-of-two bytes. Little-endian: a short write is the low bytes. */
+static __always_inline __u64 load_guest_val(const struct guest_val* v) {
+  if (!v->ptr) return v->val;
+  const void* p = bpf_rdonly_cast(v->ptr, 0);
+  if (v->len >= 8) return *(const __u64*)p;
+  if (v->len >= 4) return *(const __u32*)p;
+  if (v->len >= 2) return *(const __u16*)p;
+  return v->len == 1 ? *(const __u8*)p : 0;
+}
+
+static __always_inline void count_guest_write(__u32 tgid, __u32 space, __u64 addr,
+                                              const struct guest_val* gv) {
   long vm = lookup_vm(tgid);
   if (vm < 0) return;
   struct vkick_notify_key nk = {.vm_id = (__u32)vm, .space = (__u8)space, .addr = addr};
@@ -185,6 +197,7 @@ static __always_inline void count_guest_write(__u32 tgid, __u32 space, __u64 add
     int ok = 1;
     if (t->value_is_queue) {
       /* Legacy virtio-pci: one port per device, the value is the queue. */
+      __u64 val = load_guest_val(gv);
       if (val < VKICK_MAX_QUEUE) {
         queue = (__u16)val;
       } else {
@@ -202,32 +215,72 @@ static __always_inline void count_guest_write(__u32 tgid, __u32 space, __u64 add
   bump(&unmatched_counts, &uk);
 }
 
+/* kvm_mmio(type, len, gpa, val): the record keeps min(len, 8) bytes of *val. */
+static __always_inline void on_kvm_mmio(__u32 type, __u64 gpa, const struct guest_val* v) {
+  if (type != VKICK_KVM_TRACE_MMIO_WRITE) return;
+  count_guest_write(current_tgid(), VKICK_SPACE_MMIO, gpa, v);
+}
+
+SEC("tp_btf/kvm_mmio")
+int BPF_PROG(btf_kvm_mmio, int type, int len, __u64 gpa, void* val) {
+  struct guest_val v = {.ptr = val, .len = (__u32)len};
+  on_kvm_mmio((__u32)type, gpa, &v);
+  return 0;
+}
+
 SEC("tracepoint/kvm/kvm_mmio")
 int tp_kvm_mmio(struct trace_event_raw_kvm_mmio* ctx) {
-  if (ctx->type != VKICK_KVM_TRACE_MMIO_WRITE) return 0;
-  count_guest_write(current_tgid(), VKICK_SPACE_MMIO, ctx->gpa, ctx->val);
+  struct guest_val v = {.val = ctx->val};
+  on_kvm_mmio(ctx->type, ctx->gpa, &v);
   return 0;
 }
 
 /* An ioeventfd write completed on the fast path (VMX EPT misconfig, recent
  * SVM NPF): it emits only kvm_fast_mmio, never kvm_mmio, so no double count.
  * The value is not traced; fast-MMIO ioeventfds have no datamatch anyway. */
+static __always_inline void on_kvm_fast_mmio(__u64 gpa) {
+  struct guest_val v = {};
+  count_guest_write(current_tgid(), VKICK_SPACE_MMIO, gpa, &v);
+}
+
+SEC("tp_btf/kvm_fast_mmio")
+int BPF_PROG(btf_kvm_fast_mmio, __u64 gpa) {
+  on_kvm_fast_mmio(gpa);
+  return 0;
+}
+
 SEC("tracepoint/kvm/kvm_fast_mmio")
 int tp_kvm_fast_mmio(struct trace_event_raw_kvm_fast_mmio* ctx) {
-  count_guest_write(current_tgid(), VKICK_SPACE_MMIO, ctx->gpa, 0);
+  on_kvm_fast_mmio(ctx->gpa);
+  return 0;
+}
+
+/* kvm_pio(rw, port, size, count, data): the record keeps the first element,
+ * 1, 2 or 4 bytes (a `rep outs` counts once with its first value). */
+static __always_inline void on_kvm_pio(__u32 rw, __u32 port, const struct guest_val* v) {
+  if (rw != VKICK_KVM_PIO_OUT) return;
+  count_guest_write(current_tgid(), VKICK_SPACE_PIO, port, v);
+}
+
+SEC("tp_btf/kvm_pio")
+int BPF_PROG(btf_kvm_pio, unsigned int rw, unsigned int port, unsigned int size,
+             unsigned int count, const void* data) {
+  struct guest_val v = {.ptr = data, .len = size == 1 ? 1 : size == 2 ? 2 : 4};
+  on_kvm_pio(rw, port, &v);
   return 0;
 }
 
 SEC("tracepoint/kvm/kvm_pio")
 int tp_kvm_pio(struct trace_event_raw_kvm_pio* ctx) {
-  if (ctx->rw != VKICK_KVM_PIO_OUT) return 0;
-  count_guest_write(current_tgid(), VKICK_SPACE_PIO, ctx->port, ctx->val);
+  struct guest_val v = {.val = ctx->val};
+  on_kvm_pio(ctx->rw, ctx->port, &v);
   return 0;
 }
 
 SEC("syscall")
 int test_io(struct vkick_test_io_ctx* ctx) {
-  count_guest_write(ctx->tgid, ctx->space, ctx->addr, ctx->val);
+  struct guest_val v = {.val = ctx->val};
+  count_guest_write(ctx->tgid, ctx->space, ctx->addr, &v);
   return 0;
 }
 
@@ -241,6 +294,12 @@ static __always_inline void count_msi(__u32 tgid, __u64 address, __u64 data) {
   if (vm < 0) return;
   struct vkick_irq_key key = {.vm_id = (__u32)vm, .data = (__u32)data, .address = address};
   bump(&irq_counts, &key);
+}
+
+SEC("tp_btf/kvm_msi_set_irq")
+int BPF_PROG(btf_kvm_msi_set_irq, __u64 address, __u64 data) {
+  count_msi(current_tgid(), address, data);
+  return 0;
 }
 
 SEC("tracepoint/kvm/kvm_msi_set_irq")

@@ -15,18 +15,57 @@
 #include <linux/types.h>
 #endif
 
-/* Map bounds. Every map is bounded; an insert into a full map is counted in
- * the errors array (VKICK_ERR_MAP_FULL), never silently lost. */
-#define VKICK_MAX_TRACKED 1024        /* tgid -> vm_id */
-#define VKICK_MAX_NOTIFY_TARGETS 4096 /* {vm, space, addr} -> {device, queue} */
-#define VKICK_MAX_EXIT_KEYS 16384     /* {vm, vcpu, isa, reason} */
-#define VKICK_MAX_NOTIFY_KEYS 16384   /* {vm, device, queue} */
-#define VKICK_MAX_UNMATCHED_KEYS 2048 /* {vm, space} */
-#define VKICK_MAX_IRQ_KEYS 4096       /* {vm, msi address, msi data} */
-#define VKICK_MAX_VHOST_SOCKS 1024    /* {tgid, socket fd} -> device */
-#define VKICK_MAX_KICK_FDS 4096       /* {tgid, kick fd} -> {device, queue} */
-#define VKICK_MAX_VHOST_PATHS 64      /* declared vhost-user socket path -> {vm, device} */
-#define VKICK_MAX_FRONTENDS 256       /* tgid tracked from its connect() -> {vm, device} */
+/* Map bounds. Every map is bounded and preallocated; an insert into a full
+ * map is counted (VKICK_ERR_MAP_FULL in BPF; vkick_probe_map_full_total for
+ * vkickd's own inserts), never silently lost.
+ *
+ * The maps that grow with the fleet are sized from three capacities: VMs,
+ * virtqueues per VM and vCPUs per VM (vkickd's --max-vms,
+ * --max-queues-per-vm, --max-vcpus-per-vm; HostProbes sets max_entries from
+ * them before the load). The formulas below are the only copy: the BPF
+ * object's defaults and HostProbes both use them. */
+#define VKICK_DEFAULT_MAX_VMS 4096
+#define VKICK_DEFAULT_QUEUES_PER_VM 8
+#define VKICK_DEFAULT_VCPUS_PER_VM 8
+/* Exit reasons a vCPU shows in practice (external interrupt, HLT, EPT
+ * misconfig/violation, MSR write, preemption timer, I/O, CPUID...): more
+ * are counted as map_full, not lost silently. */
+#define VKICK_EXIT_REASONS_PER_VCPU 8
+
+#define VKICK_MAX_VHOST_PATHS 64 /* declared vhost-user socket path -> {vm, device} */
+#define VKICK_MAX_FRONTENDS 256  /* tgid tracked from its connect() -> {vm, device} */
+
+/* tgid -> vm_id: every VM's process, and the frontends tracked from their
+ * connect(), which must never crowd out a VM. */
+#define VKICK_SIZE_TRACKED(vms) ((vms) + VKICK_MAX_FRONTENDS)
+/* {vm, space, addr} -> {device, queue}: one notify address per queue. */
+#define VKICK_SIZE_NOTIFY(vms, queues) ((vms) * (queues))
+/* {vm, device, queue} counters: every queue, plus one unknown-device or
+ * out-of-range-queue key per VM. */
+#define VKICK_SIZE_NOTIFY_COUNTS(vms, queues) ((vms) * ((queues) + 1))
+/* {vm, vcpu, isa, reason} counters. */
+#define VKICK_SIZE_EXIT_COUNTS(vms, vcpus) ((vms) * (vcpus) * VKICK_EXIT_REASONS_PER_VCPU)
+/* {vm, space}: MMIO and PIO per VM. */
+#define VKICK_SIZE_UNMATCHED(vms) ((vms) * 2)
+/* {vm, MSI address, data}: a vector per queue, the config vector and a
+ * spare per VM. */
+#define VKICK_SIZE_IRQ_COUNTS(vms, queues) ((vms) * ((queues) + 2))
+/* {tgid, socket fd} -> device and {tgid, kick fd} -> queue: a vhost-user
+ * device has at least one queue, so queues bound both. */
+#define VKICK_SIZE_VHOST_SOCKS(vms, queues) ((vms) * (queues))
+#define VKICK_SIZE_KICK_FDS(vms, queues) ((vms) * (queues))
+
+/* The defaults, for the BPF object's map definitions and the tests. */
+#define VKICK_MAX_TRACKED VKICK_SIZE_TRACKED(VKICK_DEFAULT_MAX_VMS)
+#define VKICK_MAX_NOTIFY_TARGETS VKICK_SIZE_NOTIFY(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
+#define VKICK_MAX_NOTIFY_KEYS \
+  VKICK_SIZE_NOTIFY_COUNTS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
+#define VKICK_MAX_EXIT_KEYS VKICK_SIZE_EXIT_COUNTS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_VCPUS_PER_VM)
+#define VKICK_MAX_UNMATCHED_KEYS VKICK_SIZE_UNMATCHED(VKICK_DEFAULT_MAX_VMS)
+#define VKICK_MAX_IRQ_KEYS VKICK_SIZE_IRQ_COUNTS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
+#define VKICK_MAX_VHOST_SOCKS \
+  VKICK_SIZE_VHOST_SOCKS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
+#define VKICK_MAX_KICK_FDS VKICK_SIZE_KICK_FDS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
 
 /* Validation limits for what is read from a traced process. */
 #define VKICK_MAX_FD (1 << 20)        /* fds at or above are rejected */

@@ -6,7 +6,7 @@
  * (per pid or for every process of the binary). Hot-path rules as in
  * host_probes.bpf.c: per-CPU values, a bounded preallocated map, no locks,
  * bounded loops only; every failed insert or argument read is counted in
- * `errors`. See docs/agent.md.
+ * `errors` (bpf/vkick_common.bpf.h). See docs/agent.md.
  */
 #include "vmlinux.h"
 
@@ -15,6 +15,8 @@
 #include <bpf/usdt.bpf.h>
 
 #include "bpf/vkick_agent.h"
+#define VKICK_ERR_SLOTS VKICK_AGENT_ERR_COUNT
+#include "bpf/vkick_common.bpf.h"
 #include "bpf/vkick_hist.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -29,18 +31,6 @@ struct {
   __type(value, struct vkick_agent_counters);
 } queue_stats SEC(".maps");
 
-struct {
-  __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-  __uint(max_entries, VKICK_AGENT_ERR_COUNT);
-  __type(key, __u32);
-  __type(value, __u64);
-} errors SEC(".maps");
-
-static __always_inline void count_error(__u32 idx) {
-  __u64* v = bpf_map_lookup_elem(&errors, &idx);
-  if (v) *v += 1;
-}
-
 static const struct vkick_agent_counters zero_counters;
 
 static __always_inline struct vkick_agent_counters* lookup_counters(__u32 tgid, long queue) {
@@ -51,16 +41,7 @@ static __always_inline struct vkick_agent_counters* lookup_counters(__u32 tgid, 
   struct vkick_agent_key key = {};
   key.tgid = tgid;
   key.queue = (__u16)queue;
-  struct vkick_agent_counters* c = bpf_map_lookup_elem(&queue_stats, &key);
-  if (c) return c;
-  long err = bpf_map_update_elem(&queue_stats, &key, &zero_counters, BPF_NOEXIST);
-  if (err != 0 && err != -17 /* -EEXIST: another CPU inserted it */) {
-    count_error(VKICK_AGENT_ERR_MAP_FULL);
-    return 0;
-  }
-  c = bpf_map_lookup_elem(&queue_stats, &key);
-  if (!c) count_error(VKICK_AGENT_ERR_MAP_FULL);
-  return c;
+  return vkick_lookup_or_init(&queue_stats, &key, &zero_counters, VKICK_AGENT_ERR_MAP_FULL);
 }
 
 static __always_inline __u32 depth_bucket(__u64 depth) {
@@ -100,8 +81,6 @@ static __always_inline void count_complete(__u32 tgid, long queue, long depth, l
   if (b >= VKICK_AGENT_LATENCY_BUCKETS) return;
   c->latency_hist[b] += 1;
 }
-
-static __always_inline __u32 current_tgid(void) { return bpf_get_current_pid_tgid() >> 32; }
 
 /* vkick:submit(q, depth): depth = requests outstanding, the new one included. */
 SEC("usdt")

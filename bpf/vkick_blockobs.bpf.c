@@ -33,6 +33,8 @@
 #include <bpf/bpf_tracing.h>
 
 #include "bpf/vkick_blockobs.h"
+#define VKICK_ERR_SLOTS VKICK_BLOCKOBS_ERR_COUNT
+#include "bpf/vkick_common.bpf.h"
 #include "bpf/vkick_hist.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -72,18 +74,6 @@ struct {
   __type(key, __u32);
   __type(value, struct vkick_blockobs_counters);
 } disk_stats SEC(".maps");
-
-struct {
-  __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-  __uint(max_entries, VKICK_BLOCKOBS_ERR_COUNT);
-  __type(key, __u32);
-  __type(value, __u64);
-} errors SEC(".maps");
-
-static __always_inline void count_error(__u32 idx) {
-  __u64* v = bpf_map_lookup_elem(&errors, &idx);
-  if (v) *v += 1;
-}
 
 static __always_inline __u32 depth_bucket(__u64 depth) {
   return vkick_depth_bucket(depth, VKICK_BLOCKOBS_DEPTH_BUCKETS);
@@ -133,7 +123,7 @@ static __always_inline __u64 count_issue(__s64 s, __u32 dev, __u64 rq, __u64 sec
   v.alloc_ns = alloc_ns;
   v.dev = dev;
   long err = bpf_map_update_elem(&starts, &rq, &v, BPF_NOEXIST);
-  if (err == -17 /* -EEXIST */) {
+  if (err == -VKICK_EEXIST) {
     struct vkick_blockobs_start* old = bpf_map_lookup_elem(&starts, &rq);
     if (old) {
       if (old->dev == dev && old->sector == sector && old->alloc_ns == alloc_ns) {

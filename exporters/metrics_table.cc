@@ -20,6 +20,15 @@ absl::Span<const MetricSpec> MetricTable() {
        "Probe failures by reason: map_full, read_user_failed, bad_vhost_msg, bad_queue (in BPF); "
        "control (a map update from vkickd failed), read_counters (a scrape could not read "
        "the maps)."},
+      {Metric::kProbeMapFull, "vkick_probe_map_full_total", MetricType::Counter, {"map"},
+       "VMs a full probe map refused, by map (tracked, notify): such a VM is not counted "
+       "(vkick_vm_probed 0) and is tried again only when a VM leaves. Size the maps with "
+       "--max-vms and --max-queues-per-vm."},
+      {Metric::kProbeKickSyscallsAttached, "vkick_probe_kick_syscalls_attached",
+       MetricType::Gauge, {},
+       "1 while the kick syscall programs (--vhost-user-kicks) are attached: only while a TCG "
+       "VM with a vhost-user device or a --vhost-user frontend needs them, since every syscall "
+       "on the host is traced meanwhile."},
       {Metric::kQmpConnected, "vkick_qmp_connected", MetricType::Gauge, {"qmp"},
        "1 while a VM is attached through this --qmp socket, else 0."},
       {Metric::kQmpErrors, "vkick_qmp_errors_total", MetricType::Counter, {"qmp", "reason"},
@@ -30,6 +39,9 @@ absl::Span<const MetricSpec> MetricTable() {
        {}, "Duration of one QMP discovery refresh of one VM, successful or not."},
       {Metric::kVmInfo, "vkick_vm_info", MetricType::Gauge, {"vm", "pid"},
        "1 per attached VM; vm is its QEMU -name (else \"pid\" and the process id), pid its QEMU process id."},
+      {Metric::kVmProbed, "vkick_vm_probed", MetricType::Gauge, {"vm"},
+       "1 when the host probes count the VM (tracked, every notify address installed); 0 when "
+       "they do not: a full probe map left it out (vkick_probe_map_full_total), or --no-probes."},
       {Metric::kVirtqueueNotifications, "vkick_virtqueue_notifications_total",
        MetricType::Counter, {"vm", "device", "queue"},
        "Guest to host notifications (kicks) per virtqueue; every discovered queue is "

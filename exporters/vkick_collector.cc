@@ -123,13 +123,10 @@ void AddLoopSeries(MetricFamily& f, Metric id, const LoopSnapshot& l) {
       break;
     case Metric::kQueueLeaseState:
       for (const QueueView& v : l.queues) {
-        static const std::pair<proto::LeaseState, const char*> kStates[] = {
-            {proto::LeaseState::kNone, "none"},
-            {proto::LeaseState::kActive, "active"},
-            {proto::LeaseState::kExpired, "expired"}};
-        for (const auto& [st, name] : kStates) {
+        for (uint8_t i = 0; i <= proto::kMaxLeaseState; ++i) {
+          const auto st = static_cast<proto::LeaseState>(i);
           auto lv = QLabels(v);
-          lv.push_back(name);
+          lv.emplace_back(proto::LeaseStateName(st));
           Add(f, id, lv, v.guest_lease == st ? 1 : 0);
         }
       }
@@ -281,6 +278,14 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
         Add(f, spec.id, {"read_counters"}, snap.probe_errors.read_counters);
         break;
       }
+      case Metric::kProbeMapFull:
+        for (int m = 0; m < kNumProbeMaps; ++m) {
+          Add(f, spec.id, {ProbeMapName(static_cast<ProbeMap>(m))}, snap.map_full[m]);
+        }
+        break;
+      case Metric::kProbeKickSyscallsAttached:
+        Add(f, spec.id, {}, snap.kick_syscalls_attached ? 1 : 0);
+        break;
       case Metric::kQmpConnected:
         for (const auto& q : snap.qmp) Add(f, spec.id, {q.qmp_path}, q.connected ? 1 : 0);
         break;
@@ -299,6 +304,9 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
         for (const VmSlot& s : slots) {
           Add(f, spec.id, {s.name, absl::StrCat(s.vm->info.pid)}, 1);
         }
+        break;
+      case Metric::kVmProbed:
+        for (const VmSlot& s : slots) Add(f, spec.id, {s.name}, s.vm->probed ? 1 : 0);
         break;
       case Metric::kVirtqueueNotifications:
         for (const VmSlot& s : slots) {

@@ -40,6 +40,16 @@ QmpErrorReason ClassifyQmpError(const absl::Status& status, bool connected) {
   }
 }
 
+const char* ProbeMapName(ProbeMap map) {
+  return map == ProbeMap::kTracked ? "tracked" : "notify";
+}
+
+bool NeedsKickSyscalls(const VmInfo& info) {
+  if (info.kvm.value_or(false)) return false;  // unknown: counted rather than missed
+  return std::any_of(info.devices.begin(), info.devices.end(),
+                     [](const VirtioDeviceInfo& d) { return d.vhost_user; });
+}
+
 const std::vector<double>& DiscoveryDurationBuckets() {
   static const auto* const kBuckets = new std::vector<double>{
       0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
@@ -79,6 +89,15 @@ class Daemon::Attachment {
   }
 
  private:
+  // A VM a full probe map refused is tried again only once room appeared
+  // (the daemon's room epoch moved), not at every refresh: a fleet larger
+  // than the maps causes no retry storm under the lock every VM shares.
+  struct RoomWait {
+    bool waiting = false;
+    uint64_t epoch = 0;  // the room epoch read before the refused call
+    bool Ready(uint64_t now) const { return !waiting || now != epoch; }
+  };
+
   // What the probes currently know about the attached VM.
   struct Current {
     uint32_t vm_id = 0;
@@ -88,6 +107,8 @@ class Daemon::Attachment {
     bool targets_set = false;
     std::vector<NotifyTarget> targets;
     std::set<std::pair<int32_t, uint16_t>> vhost_sockets;  // (socket_fd, device_id)
+    RoomWait track_wait, notify_wait;
+    bool needs_syscalls = false;
   };
 
   enum class State { kInit, kAttached, kFailing };
@@ -167,60 +188,113 @@ class Daemon::Attachment {
     }
     cur_->name = info.name;
 
-    if (!cur_->tracked) {
-      uint32_t pid = cur_->pid, vm_id = cur_->vm_id;
-      absl::Status s = d_.ProbeCall([&](ProbeBackend& p) { return p.TrackProcess(pid, vm_id); });
-      cur_->tracked = s.ok();
-      ProbeFailure("TrackProcess", s);
-    }
-
+    EnsureTracked();
     std::vector<NotifyTarget> targets;
     for (const auto& dev : info.devices) {
       targets.insert(targets.end(), dev.notify_targets.begin(), dev.notify_targets.end());
     }
-    // Only on change: a refresh every second must not rewrite the map.
-    if (cur_->tracked && (!cur_->targets_set || !SameTargets(targets, cur_->targets))) {
-      uint32_t vm_id = cur_->vm_id;
-      absl::Status s = d_.ProbeCall(
-          [&](ProbeBackend& p) { return p.SetNotifyTargets(vm_id, targets); });
-      ProbeFailure("SetNotifyTargets", s);
-      if (s.ok()) {
-        if (!fresh) {
-          d_.Log(absl::StrFormat("qmp %s: VM '%s' notify targets changed (%d targets)", path_,
-                                 info.name, targets.size()));
-        }
-        cur_->targets = std::move(targets);
-        cur_->targets_set = true;
-      }
-    }
-
-    if (cur_->tracked) {
-      for (const auto& dev : info.devices) {
-        if (!dev.vhost_user || dev.socket_fd < 0) continue;
-        auto key = std::make_pair(dev.socket_fd, dev.device_id);
-        if (cur_->vhost_sockets.count(key)) continue;
-        uint32_t pid = cur_->pid;
-        absl::Status s = d_.ProbeCall([&](ProbeBackend& p) {
-          return p.SetVhostUserSocket(pid, dev.socket_fd, dev.device_id);
-        });
-        ProbeFailure("SetVhostUserSocket", s);
-        if (s.ok()) cur_->vhost_sockets.insert(key);
-      }
-    }
+    EnsureTargets(std::move(targets), fresh, info.name);
+    EnsureVhostSockets(info);
+    // Before the VM is published: a test (or operator) that waits for it
+    // may start its guest, whose first SET_VRING_KICK must be seen.
+    SetNeedsSyscalls(cur_->tracked && NeedsKickSyscalls(info), info.name);
 
     if (fresh || state_ != State::kAttached) {
       d_.Log(absl::StrFormat(
           "qmp %s: attached VM '%s' pid %d as vm_id %d (%d virtio devices, %d queues, %d "
           "notify targets)",
           path_, info.name, info.pid, cur_->vm_id, info.devices.size(), CountQueues(info),
-          cur_->targets.size()));
+          cur_->targets.size()) +
+          (cur_->track_wait.waiting || cur_->notify_wait.waiting
+               ? "; not counted by the probes: a probe map is full (vkick_vm_probed 0)"
+               : ""));
     }
     state_ = State::kAttached;
-    d_.PublishVm(index_, AttachedVm{cur_->vm_id, std::move(info)});
+    d_.PublishVm(index_, Published(std::move(info)));
     d_.SetConnected(index_, true);
   }
 
+  AttachedVm Published(VmInfo info) const {
+    AttachedVm vm{cur_->vm_id, std::move(info)};
+    vm.probed = d_.probes_ != nullptr && cur_->tracked && cur_->targets_set;
+    if (cur_->track_wait.waiting) vm.map_full = ProbeMap::kTracked;
+    if (cur_->notify_wait.waiting) vm.map_full = ProbeMap::kNotify;
+    return vm;
+  }
+
+  void EnsureTracked() {
+    if (cur_->tracked || !cur_->track_wait.Ready(d_.RoomEpoch())) return;
+    const uint32_t pid = cur_->pid, vm_id = cur_->vm_id;
+    const uint64_t epoch = d_.RoomEpoch();
+    absl::Status s = d_.ProbeCall([&](ProbeBackend& p) { return p.TrackProcess(pid, vm_id); });
+    cur_->tracked = s.ok();
+    ProbeFailure("TrackProcess", s);
+    Waited(ProbeMap::kTracked, s, epoch, &cur_->track_wait);
+  }
+
+  // Only on change: a refresh every second must not rewrite the map.
+  void EnsureTargets(std::vector<NotifyTarget> targets, bool fresh, const std::string& name) {
+    if (!cur_->tracked || !cur_->notify_wait.Ready(d_.RoomEpoch())) return;
+    if (cur_->targets_set && SameTargets(targets, cur_->targets)) return;
+    const uint32_t vm_id = cur_->vm_id;
+    const uint64_t epoch = d_.RoomEpoch();
+    const size_t had = cur_->targets.size();
+    absl::Status s =
+        d_.ProbeCall([&](ProbeBackend& p) { return p.SetNotifyTargets(vm_id, targets); });
+    ProbeFailure("SetNotifyTargets", s);
+    if (s.ok() && !fresh) {
+      d_.Log(absl::StrFormat("qmp %s: VM '%s' notify targets changed (%d targets)", path_, name,
+                             targets.size()));
+    }
+    // A refused set leaves none of the VM's targets installed (all or
+    // nothing, NotifyTargetTable): what it had is room for the others.
+    cur_->targets_set = s.ok();
+    cur_->targets = s.ok() ? std::move(targets) : std::vector<NotifyTarget>{};
+    if (cur_->targets.size() < had) d_.FreedRoom();
+    Waited(ProbeMap::kNotify, s, epoch, &cur_->notify_wait);
+  }
+
+  void EnsureVhostSockets(const VmInfo& info) {
+    if (!cur_->tracked) return;
+    for (const auto& dev : info.devices) {
+      if (!dev.vhost_user || dev.socket_fd < 0) continue;
+      auto key = std::make_pair(dev.socket_fd, dev.device_id);
+      if (cur_->vhost_sockets.count(key)) continue;
+      uint32_t pid = cur_->pid;
+      absl::Status s = d_.ProbeCall([&](ProbeBackend& p) {
+        return p.SetVhostUserSocket(pid, dev.socket_fd, dev.device_id);
+      });
+      ProbeFailure("SetVhostUserSocket", s);
+      if (s.ok()) cur_->vhost_sockets.insert(key);
+    }
+  }
+
+  // A full map: wait for room (counted and logged once by the daemon). A
+  // VM that waited and now fits: the next full map is logged again.
+  void Waited(ProbeMap map, const absl::Status& s, uint64_t epoch, RoomWait* wait) {
+    if (absl::IsResourceExhausted(s)) {
+      const bool first = !wait->waiting;
+      *wait = RoomWait{true, epoch};
+      if (first) d_.CountMapFull(map, absl::StrCat("qmp ", path_, ": VM '", cur_->name, "'"), s);
+      return;
+    }
+    if (s.ok() && wait->waiting) d_.RoomFound(map);
+    *wait = RoomWait{};
+  }
+
+  // Called at every refresh while needed (cheap when nothing changes), so
+  // an attach that failed is tried again.
+  void SetNeedsSyscalls(bool need, const std::string& name) {
+    if (!need && !cur_->needs_syscalls) return;
+    cur_->needs_syscalls = need;
+    d_.NeedKickSyscalls(index_, need,
+                        absl::StrCat("VM '", name, "' (qmp ", path_, ") kicks a vhost-user "
+                                     "device by write() (not KVM)"));
+  }
+
+  // Logged once per change of error; a full map is the daemon's to log.
   void ProbeFailure(absl::string_view what, const absl::Status& s) {
+    if (absl::IsResourceExhausted(s)) return;
     std::string msg = s.ok() ? "" : absl::StrCat(what, ": ", s.ToString());
     if (msg != last_probe_error_) {
       if (!s.ok()) d_.Log(absl::StrCat("qmp ", path_, ": probe ", msg));
@@ -239,7 +313,9 @@ class Daemon::Attachment {
       absl::Status s =
           d_.ProbeCall([&](ProbeBackend& p) { return p.UntrackProcess(pid, vm_id); });
       ProbeFailure("UntrackProcess", s);
+      if (s.ok()) d_.FreedRoom();  // its tracked entry and notify targets
     }
+    if (cur_->needs_syscalls) d_.NeedKickSyscalls(index_, false, "");
     d_.Log(absl::StrFormat("qmp %s: detached VM '%s' pid %d vm_id %d: %s", path_, cur_->name,
                            cur_->pid, cur_->vm_id, why));
     cur_.reset();
@@ -285,9 +361,13 @@ void Daemon::Start() {
 
 void Daemon::StartVhostUser() {
   if (options_.vhost_user.empty()) return;
+  // Attached before any path is declared: a frontend's first connect() and
+  // SET_VRING_KICK come within milliseconds of its start.
+  NeedKickSyscalls(kVhostUserNeed, true, "--vhost-user frontends are declared");
   AttachedVm vm;
   vm.vm_id = NextVmId();
   vm.vhost_user_frontends = true;
+  vm.probed = probes_ != nullptr;
   vm.info.name = options_.vhost_user_vm;
   for (size_t i = 0; i < options_.vhost_user.size(); ++i) {
     const VhostUserFrontendDecl& d = options_.vhost_user[i];
@@ -360,11 +440,54 @@ absl::Status Daemon::ProbeCall(const std::function<absl::Status(ProbeBackend&)>&
     absl::MutexLock l(&backend_mu_);
     s = call(*probes_);
   }
-  if (!s.ok()) {
+  if (!s.ok() && !absl::IsResourceExhausted(s)) {  // a full map has its own metric
     absl::MutexLock l(&registry_mu_);
     ++probe_errors_.control;
   }
   return s;
+}
+
+void Daemon::CountMapFull(ProbeMap map, absl::string_view who, const absl::Status& status) {
+  const int m = static_cast<int>(map);
+  {
+    absl::MutexLock l(&registry_mu_);
+    ++map_full_[m];
+    if (map_full_logged_[m]) return;
+    map_full_logged_[m] = true;
+  }
+  Log(absl::StrCat("probe map '", ProbeMapName(map), "' is full: ", who,
+                   " is not counted by the probes (", status.message(),
+                   "). VMs left out show vkick_vm_probed 0 and are tried again when a VM leaves; "
+                   "raise --max-vms / --max-queues-per-vm. Not logged again until one fits."));
+}
+
+void Daemon::RoomFound(ProbeMap map) {
+  absl::MutexLock l(&registry_mu_);
+  map_full_logged_[static_cast<int>(map)] = false;
+}
+
+void Daemon::NeedKickSyscalls(size_t who, bool need, absl::string_view why) {
+  if (!options_.kick_syscalls || probes_ == nullptr) return;
+  absl::MutexLock l(&syscall_mu_);
+  if (need) {
+    syscall_needs_.insert(who);
+  } else {
+    syscall_needs_.erase(who);
+  }
+  const bool want = !syscall_needs_.empty();
+  if (want == kick_syscalls_attached_.load()) return;
+  absl::Status s = ProbeCall([&](ProbeBackend& p) { return p.SetKickSyscalls(want); });
+  if (s.ok()) {
+    kick_syscalls_attached_ = want;
+    syscall_error_.clear();
+    Log(want ? absl::StrCat("kick syscall probes attached (every syscall on the host is traced "
+                            "while they are): ", why)
+             : std::string("kick syscall probes detached: no VM or frontend needs them"));
+  } else if (s.ToString() != syscall_error_) {  // retried at the next need, logged on change
+    syscall_error_ = s.ToString();
+    Log(absl::StrCat("cannot ", want ? "attach" : "detach", " the kick syscall probes: ",
+                     syscall_error_));
+  }
 }
 
 void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
@@ -471,6 +594,8 @@ DaemonSnapshot Daemon::Scrape() {
             [](const AttachedVm& a, const AttachedVm& b) { return a.vm_id < b.vm_id; });
   snap.qmp = qmp_status_;
   snap.probe_errors = probe_errors_;
+  std::copy(std::begin(map_full_), std::end(map_full_), std::begin(snap.map_full));
+  snap.kick_syscalls_attached = kick_syscalls_attached_.load();
   snap.discovery_duration = discovery_duration_.Collect();
   return snap;
 }

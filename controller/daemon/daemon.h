@@ -11,9 +11,11 @@
 //   * `backend_mu_` serialises every call into the ProbeBackend (attachment
 //     threads program the maps, the scrape thread reads counters), since
 //     HostProbes makes no thread-safety promise;
-//   * `registry_mu_` guards the VM registry and the QMP state/error counters.
-//   Lock order: backend_mu_ before registry_mu_ (only Scrape() nests them, so
-//   a scrape sees counters and registry from the same moment).
+//   * `registry_mu_` guards the VM registry and the QMP state/error counters;
+//   * `syscall_mu_` serialises attaching/detaching the kick syscall programs.
+//   Lock order: syscall_mu_ before backend_mu_ before registry_mu_ (Scrape()
+//   nests the last two, so a scrape sees counters and registry from the same
+//   moment).
 #pragma once
 
 #include <atomic>
@@ -57,9 +59,20 @@ QmpErrorReason ClassifyQmpError(const absl::Status& status, bool connected);
 // Daemon-side probe errors added to the probe's own ProbeErrors; together the
 // `reason` label values of vkick_probe_errors_total.
 struct DaemonProbeErrors {
-  uint64_t control = 0;        // Track/Untrack/SetNotifyTargets/... failed
+  uint64_t control = 0;        // Track/Untrack/SetNotifyTargets/... failed (not for room)
   uint64_t read_counters = 0;  // ReadCounters failed at a scrape
 };
+
+// The probe maps vkickd inserts VMs into; the `map` label of
+// vkick_probe_map_full_total.
+enum class ProbeMap { kTracked = 0, kNotify = 1 };
+inline constexpr int kNumProbeMaps = 2;
+const char* ProbeMapName(ProbeMap map);
+
+// Whether the probes need the kick syscall programs for this VM: a vhost-user
+// device, kicked by QEMU's write() to its eventfd, unless KVM runs the VM
+// (then the guest's write is an ioeventfd the kvm programs count).
+bool NeedsKickSyscalls(const VmInfo& info);
 
 // Queues per --vhost-user device the exporter labels (the protocol's
 // kMaxQueuesPerDevice).
@@ -85,6 +98,10 @@ struct DaemonOptions {
   std::string vhost_user_vm = "vhost-user";
   std::vector<VhostUserFrontendDecl> vhost_user;
   ConnectedFinder find_connected;  // may be null
+  // --vhost-user-kicks: attach the probes' kick syscall programs while
+  // something needs them (NeedsKickSyscalls, or any --vhost-user), detach
+  // them when nothing does (they slow every syscall on the host).
+  bool kick_syscalls = false;
   absl::Duration refresh_interval = absl::Seconds(1);
   // Reconnect backoff when a QMP socket is missing or misbehaves: doubles
   // from min to max, reset once attached.
@@ -108,6 +125,11 @@ struct AttachedVm {
   // host count is current.
   bool vhost_user_frontends = false;
   std::set<std::pair<uint16_t, uint16_t>> bound_queues;
+  // The probes count the VM: tracked and every notify target installed
+  // (vkick_vm_probed). Not, e.g., when a full probe map left it out; then
+  // `map_full` names that map (it is retried when room appears).
+  bool probed = false;
+  std::optional<ProbeMap> map_full;
 };
 
 struct QmpAttachmentStatus {
@@ -126,6 +148,8 @@ struct DaemonSnapshot {
   // read failed (then probe_errors.read_counters was incremented).
   std::optional<CounterSnapshot> counters;
   DaemonProbeErrors probe_errors;
+  uint64_t map_full[kNumProbeMaps] = {};  // VMs refused by a full map, by ProbeMap
+  bool kick_syscalls_attached = false;
 };
 
 // Bucket bounds of vkick_discovery_duration_seconds: a QMP refresh is a few
@@ -172,6 +196,18 @@ class Daemon {
   absl::Status ProbeCall(const std::function<absl::Status(ProbeBackend&)>& call);
   uint32_t NextVmId() { return next_vm_id_.fetch_add(1); }
 
+  // Room in the probe maps: moves whenever a VM gave keys back (untracked,
+  // fewer targets). A VM a full map refused waits for it to move.
+  uint64_t RoomEpoch() const { return room_epoch_.load(); }
+  void FreedRoom() { room_epoch_.fetch_add(1); }
+  // A full `map` refused `who`: counted; logged once until a VM fits again.
+  void CountMapFull(ProbeMap map, absl::string_view who, const absl::Status& status);
+  void RoomFound(ProbeMap map);
+  // `who` (an attachment index, or kVhostUserNeed) needs the kick syscall
+  // programs or not any more; attaches or detaches them on a change.
+  void NeedKickSyscalls(size_t who, bool need, absl::string_view why);
+  static constexpr size_t kVhostUserNeed = ~size_t{0};
+
   void StartVhostUser();
   void PublishVm(size_t attachment, const AttachedVm& vm);
   void RemoveVm(size_t attachment);
@@ -188,6 +224,13 @@ class Daemon {
   // prometheus::Histogram is internally synchronised.
   prometheus::Histogram discovery_duration_;
 
+  std::atomic<uint64_t> room_epoch_{0};
+
+  absl::Mutex syscall_mu_ ABSL_ACQUIRED_BEFORE(backend_mu_);
+  std::set<size_t> syscall_needs_ ABSL_GUARDED_BY(syscall_mu_);
+  std::string syscall_error_ ABSL_GUARDED_BY(syscall_mu_);  // last failure logged
+  std::atomic<bool> kick_syscalls_attached_{false};
+
   absl::Mutex backend_mu_ ABSL_ACQUIRED_BEFORE(registry_mu_);
 
   mutable absl::Mutex registry_mu_;
@@ -196,6 +239,8 @@ class Daemon {
   std::optional<AttachedVm> vhost_vm_ ABSL_GUARDED_BY(registry_mu_);
   std::vector<QmpAttachmentStatus> qmp_status_ ABSL_GUARDED_BY(registry_mu_);
   DaemonProbeErrors probe_errors_ ABSL_GUARDED_BY(registry_mu_);
+  uint64_t map_full_[kNumProbeMaps] ABSL_GUARDED_BY(registry_mu_) = {};
+  bool map_full_logged_[kNumProbeMaps] ABSL_GUARDED_BY(registry_mu_) = {};
 
   absl::Mutex stop_mu_;
   bool stopping_ ABSL_GUARDED_BY(stop_mu_) = false;

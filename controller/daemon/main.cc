@@ -62,7 +62,7 @@ ABSL_FLAG(absl::Duration, lease, absl::Seconds(5),
           "hears nothing for this long falls back to the driver's default. 10ms..60s, longer "
           "than --control-interval.");
 ABSL_FLAG(std::string, default_policy, "immediate",
-          "Policy of queues no entry covers: immediate | event-idx | adaptive | static:B:T_us. "
+          "Policy of queues no entry covers: immediate | event-idx | adaptive | static:B,T (T in us). "
           "`vkickctl policy set --all` replaces it (persisted in --state-dir).");
 ABSL_FLAG(std::string, state_dir, "/var/lib/vkick",
           "Where policy changes are persisted and restored from at start. If the default is "
@@ -79,7 +79,23 @@ ABSL_FLAG(bool, vhost_user_kicks, false,
           "QEMU under TCG) with syscall tracepoints. Exact, but while they are attached every "
           "syscall of every process on the host takes the kernel's tracing path: on the "
           "vhost-user testbed vkick-blk ran at 0.55-0.75x its IOPS at depth 32 (docs/probes.md). "
+          "So they are attached only while something needs them: a --vhost-user frontend, or "
+          "a VM with a vhost-user device that KVM does not run (TCG); detached when nothing does. "
           "Off: those queues' kicks are the guest's count; KVM exits are counted either way.");
+ABSL_FLAG(uint32_t, max_vms, VKICK_DEFAULT_MAX_VMS,
+          "Size the probe maps for this many VMs (with --max-queues-per-vm and "
+          "--max-vcpus-per-vm); set before the probes load. A VM that does not fit is not "
+          "counted (vkick_vm_probed 0, vkick_probe_map_full_total) and is tried again when "
+          "another leaves. Kernel memory grows with it: docs/probes.md.");
+ABSL_FLAG(uint32_t, max_queues_per_vm, VKICK_DEFAULT_QUEUES_PER_VM,
+          "Virtqueues per VM the probe maps are sized for (notify addresses, counters). A VM "
+          "may use more as long as the total fits: its notify targets go in all or none.");
+ABSL_FLAG(uint32_t, max_vcpus_per_vm, VKICK_DEFAULT_VCPUS_PER_VM,
+          "vCPUs per VM the exit counters are sized for (8 exit reasons per vCPU).");
+ABSL_FLAG(std::string, kvm_tracepoints, "auto",
+          "auto | tp_btf | classic: the kvm programs' flavour. auto: BTF raw tracepoints "
+          "(called directly, cheapest) where the kernel's BTF has them, else the classic "
+          "tracepoints; tp_btf: fail without the BTF; classic: force the fallback.");
 
 #ifndef VKICK_VERSION
 #define VKICK_VERSION "unknown"
@@ -178,10 +194,21 @@ int main(int argc, char** argv) {
     admin_gid = *g;
   }
 
+  const vkick::ProbeCapacity capacity{absl::GetFlag(FLAGS_max_vms),
+                                      absl::GetFlag(FLAGS_max_queues_per_vm),
+                                      absl::GetFlag(FLAGS_max_vcpus_per_vm)};
+  if (auto s = vkick::ValidateProbeCapacity(capacity); !s.ok()) return Fail(s.message());
+  const auto kvm_tracepoints = vkick::ParseKvmTracepoints(absl::GetFlag(FLAGS_kvm_tracepoints));
+  if (!kvm_tracepoints.ok())
+    return Fail(absl::StrCat("--kvm-tracepoints: ", kvm_tracepoints.status().message()));
+  // The kick syscall programs are the daemon's to attach, when needed.
+  options.kick_syscalls = absl::GetFlag(FLAGS_vhost_user_kicks);
+
   // Probes first: the one start-up step that needs privileges.
   std::unique_ptr<vkick::ProbeBackend> probes;
+  std::string probes_described;
   if (!absl::GetFlag(FLAGS_no_probes)) {
-    auto p = vkick::CreateHostProbes(absl::GetFlag(FLAGS_vhost_user_kicks));
+    auto p = vkick::CreateHostProbes(capacity, *kvm_tracepoints, &probes_described);
     if (!p.ok()) {
       std::string why = p.status().ToString();
       if (geteuid() != 0) {
@@ -262,7 +289,8 @@ int main(int argc, char** argv) {
   runner.Start();
   vkick::LogToStderr(absl::StrCat(
       "vkickd ", VKICK_VERSION, " listening on ", (*server)->url(), "/metrics (probes ",
-      probes ? "attached" : "disabled by --no-probes", ", ", options.qmp_paths.size(),
+      probes ? absl::StrCat("attached: ", probes_described) : "disabled by --no-probes", ", ",
+      options.qmp_paths.size(),
       " QMP socket(s)", options.qmp_paths.empty() ? "" : ": ",
       absl::StrJoin(options.qmp_paths, ", "), ")"));
   vkick::LogToStderr(absl::StrCat(

@@ -24,11 +24,17 @@
 
 namespace vkick {
 
-absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(bool vhost_user_kicks) {
+absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(const ProbeCapacity& capacity,
+                                                               KvmTracepoints kvm,
+                                                               std::string* described) {
   HostProbes::Options o;
-  o.attach_vhost_user = vhost_user_kicks;
+  o.attach_vhost_user = false;
+  o.kvm_tracepoints = kvm;
+  o.capacity = capacity;
   absl::StatusOr<std::unique_ptr<HostProbes>> p = HostProbes::Create(o);
   if (!p.ok()) return p.status();
+  *described = absl::StrCat("kvm tracepoints ", (*p)->kvm_flavour(), ", maps for ",
+                            DescribeCapacity(capacity));
   return std::unique_ptr<ProbeBackend>(std::move(*p));
 }
 

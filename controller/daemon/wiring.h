@@ -12,16 +12,21 @@
 #include "absl/time/time.h"
 #include "controller/daemon/agent_port.h"
 #include "controller/daemon/daemon.h"
+#include "controller/probes/host_probes.h"
 #include "controller/probes/probe_backend.h"
+#include "controller/probes/probe_capacity.h"
 #include "exporters/vkick_collector.h"
 
 namespace vkick {
 
-// Loads and attaches the host probes (needs CAP_BPF + CAP_PERFMON, tracefs).
-// The host probes; `vhost_user_kicks` also attaches the syscall tracepoints
-// that count kicks made by write() (--vhost_user_kicks: a cost on every
-// syscall of the host while attached).
-absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(bool vhost_user_kicks);
+// Loads and attaches the host probes (needs CAP_BPF + CAP_PERFMON, tracefs),
+// maps sized for `capacity`, kvm programs of flavour `kvm`. The kick syscall
+// group is left detached: the daemon attaches it while something needs it
+// (DaemonOptions::kick_syscalls). `*described` says what was loaded, for the
+// start-up log.
+absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(const ProbeCapacity& capacity,
+                                                               KvmTracepoints kvm,
+                                                               std::string* described);
 
 // Connects to a QEMU QMP socket; every QMP exchange bounded by `timeout`.
 // With `agent_ports`, each VM's virtio-serial agent port is looked up too

@@ -298,7 +298,26 @@ absl::StatusOr<VmInfo> QmpVmDiscovery::Refresh() {
   std::erase_if(anon_cache_, [&](const auto& kv) {
     return std::find(anon_paths.begin(), anon_paths.end(), kv.first) == anon_paths.end();
   });
+  if (absl::Status s = LoadKvm(info); !s.ok()) return s;
   return info;
+}
+
+absl::Status QmpVmDiscovery::LoadKvm(VmInfo& info) {
+  const bool vhost_user = std::any_of(info.devices.begin(), info.devices.end(),
+                                      [](const VirtioDeviceInfo& d) { return d.vhost_user; });
+  if (!vhost_user) return absl::OkStatus();
+  if (!kvm_asked_) {
+    absl::StatusOr<json> r = client_->Execute("query-kvm");
+    if (!r.ok() && !QmpErrorClass(r.status()).has_value()) return r.status();  // transport
+    // An error reply leaves it unknown: the probes then count the device
+    // the way that works under either accelerator.
+    if (r.ok() && r->is_object() && r->contains("enabled") && (*r)["enabled"].is_boolean()) {
+      kvm_ = (*r)["enabled"].get<bool>();
+    }
+    kvm_asked_ = true;
+  }
+  info.kvm = kvm_;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<bool> QmpVmDiscovery::WaitForEvent(absl::Duration timeout) {

@@ -71,6 +71,9 @@ class QmpVmDiscovery : public VmDiscovery {
   absl::StatusOr<std::string> ResolveSocketPath(const std::string& chardev,
                                                 const nlohmann::json* chardevs);
   absl::StatusOr<uint16_t> DeviceIdFor(const std::string& label);
+  // info.kvm from query-kvm, asked once per connection (the accelerator
+  // cannot change) and only for a VM with a vhost-user device.
+  absl::Status LoadKvm(VmInfo& info);
 
   std::string path_;
   std::unique_ptr<QmpClient> client_;
@@ -78,6 +81,8 @@ class QmpVmDiscovery : public VmDiscovery {
   std::map<std::string, AnonProxy> anon_cache_;     // by QOM path
   std::map<std::string, uint16_t> device_ids_;      // by label, never reused
   uint16_t next_device_id_ = 0;
+  bool kvm_asked_ = false;
+  std::optional<bool> kvm_;
 };
 
 }  // namespace vkick

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -41,6 +42,10 @@ struct VmInfo {
   uint32_t pid = 0;                 // QEMU's pid (SO_PEERCRED on the QMP socket)
   std::vector<uint32_t> vcpu_tids;  // index = vCPU index
   std::vector<VirtioDeviceInfo> devices;
+  // KVM runs the vCPUs (query-kvm "enabled"); false under TCG. Asked only for
+  // a VM with a vhost-user device, the one case it decides anything (which
+  // probes count its kicks); unknown otherwise, or when QEMU did not say.
+  std::optional<bool> kvm;
 };
 
 // One QMP connection to one VM. Implementations: QmpVmDiscovery (live QEMU)

@@ -1,16 +1,18 @@
 #include "controller/probes/host_probes.h"
 
 #include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
 
 #include <signal.h>
 
 #include <cerrno>
 #include <cstring>
-#include <set>
+#include <optional>
 #include <tuple>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "host_probes.skel.h"
 
@@ -58,6 +60,53 @@ absl::Status ForEachKey(int fd, absl::string_view map_name, Fn fn) {
   return absl::OkStatus();
 }
 
+// The notify map's fd as the control plane's MapOps (notify_table.h).
+class BpfNotifyMap final : public MapOps<vkick_notify_key, vkick_notify_target> {
+ public:
+  explicit BpfNotifyMap(int fd) : fd_(fd) {}
+  absl::Status Update(const vkick_notify_key& k, const vkick_notify_target& v) override {
+    if (bpf_map_update_elem(fd_, &k, &v, BPF_ANY) == 0) return absl::OkStatus();
+    return ErrnoStatus(errno, "notify map update");
+  }
+  absl::Status Delete(const vkick_notify_key& k) override {
+    if (bpf_map_delete_elem(fd_, &k) == 0) return absl::OkStatus();
+    return ErrnoStatus(errno, "notify map delete");
+  }
+
+ private:
+  const int fd_;
+};
+
+// Whether the running kernel's BTF describes raw tracepoint `tp`
+// (btf_trace_<tp>), in vmlinux or, when kvm is a module, in its BTF: what
+// a tp_btf program needs to load.
+class KernelBtf {
+ public:
+  KernelBtf() : vmlinux_(btf__load_vmlinux_btf()) {
+    if (vmlinux_ != nullptr) kvm_ = btf__load_module_btf("kvm", vmlinux_);
+  }
+  ~KernelBtf() {
+    btf__free(kvm_);
+    btf__free(vmlinux_);
+  }
+  KernelBtf(const KernelBtf&) = delete;
+  KernelBtf& operator=(const KernelBtf&) = delete;
+
+  bool HasTracepoint(absl::string_view tp) const {
+    const std::string type = absl::StrCat("btf_trace_", tp);
+    for (const btf* b : {vmlinux_, kvm_}) {
+      if (b != nullptr && btf__find_by_name_kind(b, type.c_str(), BTF_KIND_TYPEDEF) > 0) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+ private:
+  btf* vmlinux_ = nullptr;
+  btf* kvm_ = nullptr;  // libbpf returns null (kvm built in, or no module BTF): vmlinux only
+};
+
 // Sum of a per-CPU u64 value, or nullopt-like false if the key vanished.
 bool SumPerCpu(int fd, const void* key, int num_cpus, uint64_t* sum) {
   // Per-CPU values come back as one 8-byte slot per possible CPU.
@@ -71,64 +120,181 @@ bool SumPerCpu(int fd, const void* key, int num_cpus, uint64_t* sum) {
 
 }  // namespace
 
+const char* KvmTracepointsName(KvmTracepoints k) {
+  switch (k) {
+    case KvmTracepoints::kAuto:
+      return "auto";
+    case KvmTracepoints::kBtf:
+      return "tp_btf";
+    case KvmTracepoints::kClassic:
+      return "classic";
+  }
+  return "auto";
+}
+
+absl::StatusOr<KvmTracepoints> ParseKvmTracepoints(absl::string_view s) {
+  for (KvmTracepoints k : {KvmTracepoints::kAuto, KvmTracepoints::kBtf, KvmTracepoints::kClassic}) {
+    if (s == KvmTracepointsName(k)) return k;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("kvm tracepoints '", s, "': want auto, tp_btf or classic"));
+}
+
 absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Create(Options options) {
+  if (absl::Status s = ValidateProbeCapacity(options.capacity); !s.ok()) return s;
+  absl::StatusOr<std::unique_ptr<HostProbes>> p = Load(options, options.kvm_tracepoints);
+  if (p.ok() || options.kvm_tracepoints != KvmTracepoints::kAuto) return p;
+  // A kernel whose BTF has the tracepoints may still refuse the tp_btf
+  // programs (their untyped-pointer read needs a recent verifier): then
+  // the classic ones. Their error, if they fail too, is the one to report.
+  absl::StatusOr<std::unique_ptr<HostProbes>> c = Load(options, KvmTracepoints::kClassic);
+  if (c.ok()) (*c)->btf_refused_ = p.status().ToString();
+  return c;
+}
+
+absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Load(const Options& options,
+                                                             KvmTracepoints kvm) {
   host_probes* skel = host_probes__open();
   if (skel == nullptr) return ErrnoStatus(errno, "opening the host_probes BPF object");
   std::unique_ptr<HostProbes> probes(new HostProbes(skel));
+  if (absl::Status s = probes->SizeMaps(options.capacity); !s.ok()) return s;
+  if (absl::Status s = probes->ChooseKvmPrograms(kvm); !s.ok()) return s;
   int err = host_probes__load(skel);
   if (err != 0) {
-    return ErrnoStatus(err, "loading the host_probes BPF programs (see libbpf's log above)");
+    return ErrnoStatus(err, absl::StrCat("loading the host_probes BPF programs, maps sized for ",
+                                         DescribeCapacity(options.capacity),
+                                         " (see libbpf's log above)"));
   }
   probes->num_cpus_ = libbpf_num_possible_cpus();
   if (probes->num_cpus_ <= 0) return ErrnoStatus(probes->num_cpus_, "counting possible CPUs");
+  probes->notify_map_ = std::make_unique<BpfNotifyMap>(bpf_map__fd(skel->maps.notify));
+  probes->notify_ = std::make_unique<NotifyTargetTable>(
+      probes->notify_map_.get(), bpf_map__max_entries(skel->maps.notify));
   absl::Status s = probes->Attach(options);
   if (!s.ok()) return s;
   return probes;
 }
 
-absl::Status HostProbes::Attach(const Options& options) {
-  struct Group {
-    bool enabled;
-    std::vector<std::pair<bpf_program*, const char*>> progs;  // program, tracepoint
+// A BPF map cannot grow once loaded: every map that grows with the fleet
+// gets its max_entries here, from the one formula (bpf/host_probes.h).
+absl::Status HostProbes::SizeMaps(const ProbeCapacity& capacity) {
+  const ProbeMapSizes z = MapSizesFor(capacity);
+  const std::pair<bpf_map*, uint32_t> sizes[] = {
+      {skel_->maps.tracked, z.tracked},
+      {skel_->maps.notify, z.notify},
+      {skel_->maps.notify_counts, z.notify_counts},
+      {skel_->maps.exit_counts, z.exit_counts},
+      {skel_->maps.unmatched_counts, z.unmatched_counts},
+      {skel_->maps.irq_counts, z.irq_counts},
+      {skel_->maps.vhost_sock, z.vhost_sock},
+      {skel_->maps.kick_fds, z.kick_fds},
   };
-  const Group groups[] = {
-      {options.attach_exits, {{skel_->progs.tp_kvm_exit, "kvm/kvm_exit"}}},
-      {options.attach_notifications,
-       {{skel_->progs.tp_kvm_mmio, "kvm/kvm_mmio"},
-        {skel_->progs.tp_kvm_fast_mmio, "kvm/kvm_fast_mmio"},
-        {skel_->progs.tp_kvm_pio, "kvm/kvm_pio"}}},
-      {options.attach_interrupts, {{skel_->progs.tp_kvm_msi_set_irq, "kvm/kvm_msi_set_irq"}}},
-      {options.attach_vhost_user,
-       {{skel_->progs.tp_sys_enter_sendmsg, "syscalls/sys_enter_sendmsg"},
-        {skel_->progs.tp_sys_enter_write, "syscalls/sys_enter_write"},
-        {skel_->progs.tp_sys_enter_connect, "syscalls/sys_enter_connect"},
-        {skel_->progs.tp_sched_process_exit, "sched/sched_process_exit"}}},
-  };
-  for (const Group& g : groups) {
-    if (!g.enabled) continue;
-    for (const auto& [prog, tp] : g.progs) {
-      bpf_link* link = bpf_program__attach(prog);
-      if (link == nullptr) {
-        return ErrnoStatus(errno, absl::StrCat("attaching ", bpf_program__name(prog),
-                                               " to tracepoint ", tp,
-                                               " (is tracefs mounted? scripts/host-prep.sh)"));
-      }
-      links_.push_back(link);
-      attached_.push_back(bpf_program__name(prog));
+  for (const auto& [map, n] : sizes) {
+    if (int err = bpf_map__set_max_entries(map, n); err != 0) {
+      return ErrnoStatus(err, absl::StrCat("sizing map ", bpf_map__name(map), " to ", n));
     }
   }
   return absl::OkStatus();
 }
 
+// Each kvm tracepoint has two programs; exactly one is loaded. tp_btf is
+// called directly with the arguments; the classic one first fills a perf
+// trace record, which costs more on every event of every VM (RESULTS.md).
+absl::Status HostProbes::ChooseKvmPrograms(KvmTracepoints mode) {
+  struct Twin {
+    bpf_program* btf;
+    bpf_program* classic;
+    const char* tracepoint;
+  };
+  const Twin twins[] = {
+      {skel_->progs.btf_kvm_mmio, skel_->progs.tp_kvm_mmio, "kvm_mmio"},
+      {skel_->progs.btf_kvm_fast_mmio, skel_->progs.tp_kvm_fast_mmio, "kvm_fast_mmio"},
+      {skel_->progs.btf_kvm_pio, skel_->progs.tp_kvm_pio, "kvm_pio"},
+      {skel_->progs.btf_kvm_msi_set_irq, skel_->progs.tp_kvm_msi_set_irq, "kvm_msi_set_irq"},
+  };
+  std::optional<KernelBtf> btf;
+  if (mode != KvmTracepoints::kClassic) btf.emplace();
+  for (const Twin& t : twins) {
+    const bool use_btf = btf && btf->HasTracepoint(t.tracepoint);
+    if (mode == KvmTracepoints::kBtf && !use_btf) {
+      return absl::NotFoundError(absl::StrCat("--kvm-tracepoints=tp_btf: the kernel's BTF has no ",
+                                              "btf_trace_", t.tracepoint));
+    }
+    bpf_program__set_autoload(use_btf ? t.classic : t.btf, false);
+    kvm_progs_.push_back(use_btf ? t.btf : t.classic);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostProbes::AttachOne(bpf_program* prog, std::vector<Link>* links) {
+  bpf_link* link = bpf_program__attach(prog);
+  if (link == nullptr) {
+    return ErrnoStatus(errno, absl::StrCat("attaching ", bpf_program__name(prog), " (",
+                                           bpf_program__section_name(prog),
+                                           "; is tracefs mounted? scripts/host-prep.sh)"));
+  }
+  links->push_back({link, prog});
+  return absl::OkStatus();
+}
+
+absl::Status HostProbes::Attach(const Options& options) {
+  // kvm_progs_: mmio, fast_mmio, pio, msi (ChooseKvmPrograms' order).
+  std::vector<bpf_program*> progs;
+  if (options.attach_exits) progs.push_back(skel_->progs.tp_kvm_exit);
+  if (options.attach_notifications) progs.insert(progs.end(), kvm_progs_.begin(), kvm_progs_.begin() + 3);
+  if (options.attach_interrupts) progs.push_back(kvm_progs_[3]);
+  for (bpf_program* prog : progs) {
+    if (absl::Status s = AttachOne(prog, &links_); !s.ok()) return s;
+  }
+  return options.attach_vhost_user ? SetKickSyscalls(true) : absl::OkStatus();
+}
+
+absl::Status HostProbes::SetKickSyscalls(bool attached) {
+  if (!attached) {
+    for (const Link& l : syscall_links_) bpf_link__destroy(l.link);
+    syscall_links_.clear();
+    return absl::OkStatus();
+  }
+  if (!syscall_links_.empty()) return absl::OkStatus();
+  for (bpf_program* prog : {skel_->progs.tp_sys_enter_sendmsg, skel_->progs.tp_sys_enter_write,
+                            skel_->progs.tp_sys_enter_connect, skel_->progs.tp_sched_process_exit}) {
+    if (absl::Status s = AttachOne(prog, &syscall_links_); !s.ok()) {
+      SetKickSyscalls(false).IgnoreError();  // all or none
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string HostProbes::kvm_flavour() const {
+  size_t btf = 0;
+  for (bpf_program* prog : kvm_progs_) {
+    btf += absl::StartsWith(bpf_program__section_name(prog), "tp_btf/") ? 1 : 0;
+  }
+  std::string f = btf == kvm_progs_.size() ? "tp_btf" : btf == 0 ? "classic" : "tp_btf+classic";
+  return btf_refused_.empty() ? f : absl::StrCat(f, " (the kernel refused tp_btf: ", btf_refused_, ")");
+}
+
+std::vector<std::string> HostProbes::attached_programs() const {
+  std::vector<std::string> names;
+  for (const auto* links : {&links_, &syscall_links_}) {
+    for (const Link& l : *links) names.push_back(bpf_program__name(l.prog));
+  }
+  return names;
+}
+
 HostProbes::~HostProbes() {
-  for (bpf_link* link : links_) bpf_link__destroy(link);
+  for (const auto* links : {&links_, &syscall_links_}) {
+    for (const Link& l : *links) bpf_link__destroy(l.link);
+  }
   host_probes__destroy(skel_);
 }
 
 absl::Status HostProbes::TrackProcess(uint32_t tgid, uint32_t vm_id) {
   if (bpf_map_update_elem(bpf_map__fd(skel_->maps.tracked), &tgid, &vm_id, BPF_ANY) != 0) {
     return ErrnoStatus(errno, absl::StrCat("tracking pid ", tgid, " (at most ",
-                                           VKICK_MAX_TRACKED, " processes)"));
+                                           bpf_map__max_entries(skel_->maps.tracked),
+                                           " processes: --max-vms)"));
   }
   return absl::OkStatus();
 }
@@ -153,7 +319,7 @@ absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
   drop_vm(vkick_queue_key{}, skel_->maps.notify_counts, by_vm);
   drop_vm(vkick_unmatched_key{}, skel_->maps.unmatched_counts, by_vm);
   drop_vm(vkick_irq_key{}, skel_->maps.irq_counts, by_vm);
-  drop_vm(vkick_notify_key{}, skel_->maps.notify, by_vm);
+  status.Update(notify_->Drop(vm_id));  // its own keys, known: no walk
   drop_vm(vkick_sock_key{}, skel_->maps.kick_fds, by_tgid);
   drop_vm(vkick_sock_key{}, skel_->maps.vhost_sock, by_tgid);
   if (bpf_map_delete_elem(bpf_map__fd(skel_->maps.frontends), &tgid) != 0 && errno != ENOENT) {
@@ -163,35 +329,7 @@ absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
 }
 
 absl::Status HostProbes::SetNotifyTargets(uint32_t vm_id, absl::Span<const NotifyTarget> targets) {
-  int fd = bpf_map__fd(skel_->maps.notify);
-  std::set<std::pair<uint8_t, uint64_t>> wanted;
-  for (const NotifyTarget& t : targets) {
-    if (t.space != NotifyTarget::Space::kMmio && t.space != NotifyTarget::Space::kPio) {
-      return absl::InvalidArgumentError("notify target with an unknown address space");
-    }
-    wanted.emplace(static_cast<uint8_t>(t.space), t.addr);
-  }
-  // Drop stale targets of this VM first so the new set fits the bound.
-  absl::Status s = ForEachKey<vkick_notify_key>(fd, "notify", [&](const vkick_notify_key& k) {
-    if (k.vm_id == vm_id && !wanted.count({k.space, k.addr})) bpf_map_delete_elem(fd, &k);
-  });
-  if (!s.ok()) return s;
-  for (const NotifyTarget& t : targets) {
-    vkick_notify_key key{};
-    key.vm_id = vm_id;
-    key.space = static_cast<uint8_t>(t.space);
-    key.addr = t.addr;
-    vkick_notify_target value{};
-    value.device_id = t.device_id;
-    value.queue = t.queue;
-    value.value_is_queue = t.value_is_queue ? 1 : 0;
-    if (bpf_map_update_elem(fd, &key, &value, BPF_ANY) != 0) {
-      return ErrnoStatus(errno, absl::StrCat("adding notify target 0x", absl::Hex(t.addr),
-                                             " of vm ", vm_id, " (at most ",
-                                             VKICK_MAX_NOTIFY_TARGETS, " targets)"));
-    }
-  }
-  return absl::OkStatus();
+  return notify_->Set(vm_id, targets);
 }
 
 absl::Status HostProbes::SetVhostUserSocket(uint32_t tgid, int32_t socket_fd,

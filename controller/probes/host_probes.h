@@ -1,5 +1,6 @@
 // HostProbes: the ProbeBackend over the libbpf skeleton of
-// bpf/host_probes.bpf.c. RAII: Create() opens, loads and attaches; the
+// bpf/host_probes.bpf.c. RAII: Create() opens, sizes the maps, chooses the
+// kvm programs' flavour (tp_btf or classic), loads and attaches; the
 // destructor detaches and frees everything (links, maps, programs).
 //
 // Not thread-safe: callers serialise (vkickd calls it from one thread).
@@ -15,33 +16,55 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "bpf/host_probes.h"
+#include "controller/probes/map_ops.h"
+#include "controller/probes/notify_table.h"
 #include "controller/probes/probe_backend.h"
+#include "controller/probes/probe_capacity.h"
 
 struct host_probes;    // generated skeleton (host_probes.skel.h)
 struct bpf_link;
+struct bpf_program;
 
 namespace vkick {
 
-// Which tracepoint groups to attach. Every program is always loaded (so the
-// SEC("syscall") test programs and maps exist); a group that is off is just
-// not attached, e.g. to measure the cost of one group or to run tests that
-// only use BPF_PROG_TEST_RUN.
+// Which flavour of the kvm programs to load (kvm_exit is always classic:
+// its reason is not an argument, bpf/host_probes.bpf.c).
+enum class KvmTracepoints {
+  kAuto,     // tp_btf where the kernel's BTF has the tracepoint, else classic
+  kBtf,      // tp_btf or fail (kNotFound)
+  kClassic,  // the classic tracepoints (the fallback, forced)
+};
+// "auto", "tp_btf", "classic".
+const char* KvmTracepointsName(KvmTracepoints k);
+absl::StatusOr<KvmTracepoints> ParseKvmTracepoints(absl::string_view s);
+
+// Which tracepoint groups to attach. Every program of the chosen flavour is
+// loaded (so the SEC("syscall") test programs and maps exist); a group that
+// is off is just not attached, e.g. to measure the cost of one group or to
+// run tests that only use BPF_PROG_TEST_RUN.
 struct HostProbesOptions {
   bool attach_exits = true;          // kvm:kvm_exit
   bool attach_notifications = true;  // kvm:kvm_mmio, kvm:kvm_fast_mmio, kvm:kvm_pio
   bool attach_interrupts = true;     // kvm:kvm_msi_set_irq
-  // syscalls:sys_enter_sendmsg, syscalls:sys_enter_write, syscalls:sys_enter_connect,
-  // sched:sched_process_exit
+  // The kick syscall group: syscalls:sys_enter_sendmsg, sys_enter_write,
+  // sys_enter_connect, sched:sched_process_exit. Attached at Create when set;
+  // SetKickSyscalls() attaches and detaches it later (vkickd: only while a
+  // TCG VM with a vhost-user device or a --vhost-user frontend needs it).
   bool attach_vhost_user = true;
+  KvmTracepoints kvm_tracepoints = KvmTracepoints::kAuto;
+  ProbeCapacity capacity;  // max_entries of the maps, set before the load
 };
 
 class HostProbes final : public ProbeBackend {
  public:
   using Options = HostProbesOptions;
 
-  // Errors: kPermissionDenied (no CAP_BPF/CAP_PERFMON), kNotFound (a
-  // tracepoint is missing: tracefs not mounted, kvm not in this kernel),
-  // kInternal otherwise; the message names the program and errno.
+  // Errors: kPermissionDenied (no CAP_BPF/CAP_PERFMON; also a program the
+  // verifier refused), kNotFound (a tracepoint is missing: tracefs not
+  // mounted, kvm not in this kernel; or kBtf forced without the BTF),
+  // kInvalidArgument (capacity out of bounds), kInternal otherwise; the
+  // message names the program and errno. kAuto whose tp_btf programs the
+  // kernel refuses loads the classic ones instead (kvm_flavour() says so).
   static absl::StatusOr<std::unique_ptr<HostProbes>> Create(Options options = {});
   ~HostProbes() override;
   HostProbes(const HostProbes&) = delete;
@@ -57,10 +80,17 @@ class HostProbes final : public ProbeBackend {
   absl::Status TrackFrontend(uint32_t tgid, int32_t socket_fd, uint32_t vm_id,
                              uint16_t device_id) override;
   absl::Status SweepExitedFrontends() override;
+  absl::Status SetKickSyscalls(bool attached) override;
   absl::StatusOr<CounterSnapshot> ReadCounters() override;
 
-  // Names of the attached tracepoint programs ("tp_kvm_mmio", ...).
-  const std::vector<std::string>& attached_programs() const { return attached_; }
+  // Names of the attached programs ("btf_kvm_mmio", "tp_kvm_exit", ...).
+  std::vector<std::string> attached_programs() const;
+  bool kick_syscalls_attached() const { return !syscall_links_.empty(); }
+  // "tp_btf", "classic", or "tp_btf+classic" when the BTF has only some;
+  // auto mode's fallback says why tp_btf was refused.
+  std::string kvm_flavour() const;
+  // The notify map's occupancy, as vkickd (its only writer) keeps it.
+  const NotifyTargetTable& notify_targets() const { return *notify_; }
 
   // For tests: run the SEC("syscall") programs through BPF_PROG_TEST_RUN.
   // They execute the same inline counting code as the tracepoint handlers,
@@ -73,14 +103,29 @@ class HostProbes final : public ProbeBackend {
   int MapFdForTest(absl::string_view name) const;
 
  private:
+  using NotifyMap = MapOps<vkick_notify_key, vkick_notify_target>;
+
   explicit HostProbes(host_probes* skel) : skel_(skel) {}
+  static absl::StatusOr<std::unique_ptr<HostProbes>> Load(const Options& options,
+                                                          KvmTracepoints kvm);
+  absl::Status SizeMaps(const ProbeCapacity& capacity);
+  absl::Status ChooseKvmPrograms(KvmTracepoints mode);
   absl::Status Attach(const Options& options);
+  struct Link {
+    bpf_link* link;
+    bpf_program* prog;
+  };
+  absl::Status AttachOne(bpf_program* prog, std::vector<Link>* links);
   absl::Status TestRun(int prog_fd, const void* ctx, size_t size, absl::string_view what);
 
   host_probes* skel_;
-  std::vector<bpf_link*> links_;
-  std::vector<std::string> attached_;
+  std::vector<Link> links_;          // the kvm groups, for the probes' life
+  std::vector<Link> syscall_links_;  // the kick syscall group, while attached
+  std::vector<bpf_program*> kvm_progs_;   // the flavour chosen for each kvm tracepoint
+  std::unique_ptr<NotifyMap> notify_map_;
+  std::unique_ptr<NotifyTargetTable> notify_;
   int num_cpus_ = 0;
+  std::string btf_refused_;  // auto mode fell back to classic: the tp_btf load's error
 };
 
 }  // namespace vkick

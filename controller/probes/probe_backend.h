@@ -158,6 +158,16 @@ class ProbeBackend {
   // stay. Cheap enough to call every control interval.
   virtual absl::Status SweepExitedFrontends() { return absl::OkStatus(); }
 
+  // Attach or detach the programs that count kicks made by write() (syscall
+  // tracepoints: vhost-user frontends, QEMU under TCG). While attached,
+  // every syscall of every process on the host takes the kernel's tracing
+  // path, so vkickd keeps them attached only while something needs them.
+  // Idempotent.
+  virtual absl::Status SetKickSyscalls(bool attached) {
+    (void)attached;
+    return absl::UnimplementedError("this backend has no kick syscall programs");
+  }
+
   // Sum the per-CPU counters. Cheap enough to call at every scrape.
   virtual absl::StatusOr<CounterSnapshot> ReadCounters() = 0;
 };

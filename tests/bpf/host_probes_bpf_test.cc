@@ -3,13 +3,17 @@
 // counting functions with the tracepoint handlers. No tracepoint is attached:
 // nothing on the host can disturb the counts.
 #include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "bpf/host_probes.h"
 #include "controller/probes/host_probes.h"
+#include "controller/probes/probe_capacity.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/bpf/bpf_test_util.h"
@@ -46,8 +50,12 @@ void PrintTo(const UnmatchedCount& u, std::ostream* os) {
 
 namespace {
 
+using ::testing::Contains;
+using ::testing::HasSubstr;
 using ::testing::IsEmpty;
+using ::testing::Not;
 using ::testing::UnorderedElementsAre;
+using ::testing::UnorderedElementsAreArray;
 using testing::kFakeTgid1;
 using testing::kFakeTgid2;
 using testing::kFakeTgid3;
@@ -199,14 +207,22 @@ TEST(HostProbesBpfTest, UntrackStopsCountingAndDropsTheVmsCounters) {
   EXPECT_TRUE(p->UntrackProcess(kFakeTgid1, 1).ok());
 }
 
+uint32_t MaxEntries(HostProbes& p, const char* map) {
+  bpf_map_info info{};
+  uint32_t len = sizeof(info);
+  EXPECT_EQ(bpf_obj_get_info_by_fd(p.MapFdForTest(map), &info, &len), 0) << map;
+  return info.max_entries;
+}
+
 TEST(HostProbesBpfTest, MapFullIsCountedNotSilent) {
   VKICK_PROBES_OR_SKIP(p, NothingAttached());
+  const ProbeMapSizes sizes = MapSizesFor(testing::kTestCapacity);
   // Fill notify_counts to its bound with another VM's keys, from userspace.
   const int fd = p->MapFdForTest("notify_counts");
   ASSERT_GE(fd, 0);
   const int cpus = libbpf_num_possible_cpus();
   std::vector<uint64_t> zeros(cpus, 0);
-  for (uint32_t i = 0; i < VKICK_MAX_NOTIFY_KEYS; ++i) {
+  for (uint32_t i = 0; i < sizes.notify_counts; ++i) {
     vkick_queue_key k{};
     k.vm_id = 99;
     k.device_id = static_cast<uint16_t>(i >> 10);
@@ -221,25 +237,133 @@ TEST(HostProbesBpfTest, MapFullIsCountedNotSilent) {
   auto c = p->ReadCounters();
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->errors.map_full, 3u);
-  EXPECT_EQ(c->notifications.size(), size_t{VKICK_MAX_NOTIFY_KEYS});
+  EXPECT_EQ(c->notifications.size(), size_t{sizes.notify_counts});
   EXPECT_TRUE(std::none_of(c->notifications.begin(), c->notifications.end(),
                            [](const NotificationCount& n) { return n.vm_id == 1; }));
 
-  // The bounded tracked map refuses the 1025th process with a clear status.
-  for (uint32_t i = 0; i < VKICK_MAX_TRACKED - 1; ++i) {
+  // The bounded tracked map refuses one process more with a clear status.
+  for (uint32_t i = 0; i < sizes.tracked - 1; ++i) {
     ASSERT_TRUE(p->TrackProcess(0x7e000000 + i, 2).ok()) << i;
   }
   absl::Status s = p->TrackProcess(0x7d000000, 2);
   EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
 }
 
-TEST(HostProbesBpfTest, AttachesEveryTracepointProgram) {
-  VKICK_PROBES_OR_SKIP(p, HostProbesOptions{});
-  EXPECT_THAT(p->attached_programs(),
-              UnorderedElementsAre("tp_kvm_exit", "tp_kvm_mmio", "tp_kvm_fast_mmio", "tp_kvm_pio",
-                                   "tp_kvm_msi_set_irq", "tp_sys_enter_sendmsg",
-                                   "tp_sys_enter_write", "tp_sys_enter_connect",
-                                   "tp_sched_process_exit"));
+TEST(HostProbesBpfTest, MapsAreSizedFromTheCapacityAndAFullNotifyMapRefusesAWholeVm) {
+  HostProbesOptions o = NothingAttached();
+  o.capacity = {16, 2, 1};
+  VKICK_PROBES_OR_SKIP(p, o);
+  const ProbeMapSizes z = MapSizesFor(o.capacity);
+  EXPECT_EQ(MaxEntries(*p, "tracked"), z.tracked);
+  EXPECT_EQ(MaxEntries(*p, "notify"), 32u);
+  EXPECT_EQ(MaxEntries(*p, "notify_counts"), z.notify_counts);
+  EXPECT_EQ(MaxEntries(*p, "exit_counts"), z.exit_counts);
+  EXPECT_EQ(MaxEntries(*p, "irq_counts"), z.irq_counts);
+  EXPECT_EQ(MaxEntries(*p, "kick_fds"), z.kick_fds);
+
+  // 15 VMs x 2 targets fit; a VM with 3 does not, and has none installed.
+  for (uint32_t vm = 1; vm <= 15; ++vm) {
+    const NotifyTarget t[] = {Mmio(vm << 12, 1, 0), Mmio((vm << 12) + 4, 1, 1)};
+    ASSERT_TRUE(p->SetNotifyTargets(vm, t).ok()) << vm;
+  }
+  const NotifyTarget big[] = {Mmio(0x100000, 1, 0), Mmio(0x100004, 1, 1), Mmio(0x100008, 1, 2)};
+  absl::Status s = p->SetNotifyTargets(16, big);
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 16).ok());
+  RunIo(*p, kFakeTgid1, Space::kMmio, 0x100000, 0, 2);
+  auto c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, IsEmpty()) << "left out: nothing counted as a queue";
+  EXPECT_THAT(c->unmatched_writes, UnorderedElementsAre(UnmatchedCount{16, Space::kMmio, 2}));
+  // A VM leaves: room for the 3 (2 freed + 2 left).
+  ASSERT_TRUE(p->UntrackProcess(kFakeTgid3, 1).ok());
+  EXPECT_TRUE(p->SetNotifyTargets(16, big).ok());
+  EXPECT_EQ(p->notify_targets().size(), 14u * 2 + 3);
+}
+
+// The kvm programs each tracepoint gets: the BTF raw tracepoint where the
+// running kernel's BTF has it (auto), else, or when forced, the classic one.
+std::vector<std::string> KvmPrograms(bool btf) {
+  const char* p = btf ? "btf_" : "tp_";
+  std::vector<std::string> names = {"tp_kvm_exit"};  // classic in both: the reason is no argument
+  for (const char* tp : {"kvm_mmio", "kvm_fast_mmio", "kvm_pio", "kvm_msi_set_irq"}) {
+    names.push_back(absl::StrCat(p, tp));
+  }
+  return names;
+}
+
+const std::vector<std::string> kSyscallPrograms = {"tp_sys_enter_sendmsg", "tp_sys_enter_write",
+                                                   "tp_sys_enter_connect", "tp_sched_process_exit"};
+
+bool KernelBtfHasKvmTracepoints() {
+  btf* b = btf__load_vmlinux_btf();
+  if (b == nullptr) return false;
+  bool all = true;
+  for (const char* tp : {"kvm_mmio", "kvm_fast_mmio", "kvm_pio", "kvm_msi_set_irq"}) {
+    all &= btf__find_by_name_kind(b, absl::StrCat("btf_trace_", tp).c_str(), BTF_KIND_TYPEDEF) > 0;
+  }
+  btf__free(b);
+  return all;
+}
+
+TEST(HostProbesBpfTest, AutoAttachesTheTpBtfKvmProgramsWhereTheBtfHasThem) {
+  HostProbesOptions o;
+  o.attach_vhost_user = false;
+  o.capacity = testing::kTestCapacity;
+  VKICK_PROBES_OR_SKIP(p, o);
+  const bool btf = KernelBtfHasKvmTracepoints();
+  EXPECT_THAT(p->attached_programs(), UnorderedElementsAreArray(KvmPrograms(btf)));
+  EXPECT_EQ(p->kvm_flavour(), btf ? "tp_btf" : "classic");
+  if (!btf) GTEST_SKIP() << "this kernel's BTF has no kvm raw tracepoints: classic checked only";
+}
+
+TEST(HostProbesBpfTest, ForcedClassicAttachesTheTracepointFallbackAndCountsTheSame) {
+  HostProbesOptions o;
+  o.attach_vhost_user = false;
+  o.kvm_tracepoints = KvmTracepoints::kClassic;
+  o.capacity = testing::kTestCapacity;
+  VKICK_PROBES_OR_SKIP(p, o);
+  EXPECT_THAT(p->attached_programs(), UnorderedElementsAreArray(KvmPrograms(false)));
+  EXPECT_EQ(p->kvm_flavour(), "classic");
+  // The shared counting code runs the same under either flavour.
+  ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 3).ok());
+  const NotifyTarget t[] = {LegacyPio(0xc050, 2)};
+  ASSERT_TRUE(p->SetNotifyTargets(3, t).ok());
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 1, 2);
+  auto c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, UnorderedElementsAre(NotificationCount{3, 2, 1, 2}));
+}
+
+TEST(HostProbesBpfTest, ForcedTpBtfLoadsOrSaysWhichBtfIsMissing) {
+  HostProbesOptions o = NothingAttached();
+  o.kvm_tracepoints = KvmTracepoints::kBtf;
+  if (geteuid() != 0) GTEST_SKIP() << "not root";
+  auto p = HostProbes::Create(o);
+  if (KernelBtfHasKvmTracepoints()) {
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ((*p)->kvm_flavour(), "tp_btf");
+  } else {
+    EXPECT_TRUE(absl::IsNotFound(p.status())) << p.status();
+    EXPECT_THAT(std::string(p.status().message()), HasSubstr("btf_trace_kvm_"));
+  }
+}
+
+TEST(HostProbesBpfTest, KickSyscallProgramsAttachAndDetachAtRuntime) {
+  HostProbesOptions o;
+  o.attach_vhost_user = false;
+  o.capacity = testing::kTestCapacity;
+  VKICK_PROBES_OR_SKIP(p, o);
+  EXPECT_FALSE(p->kick_syscalls_attached());
+  EXPECT_THAT(p->attached_programs(), Not(Contains("tp_sys_enter_write")));
+  ASSERT_TRUE(p->SetKickSyscalls(true).ok());
+  ASSERT_TRUE(p->SetKickSyscalls(true).ok()) << "idempotent";
+  std::vector<std::string> want = KvmPrograms(p->kvm_flavour() == "tp_btf");
+  want.insert(want.end(), kSyscallPrograms.begin(), kSyscallPrograms.end());
+  EXPECT_THAT(p->attached_programs(), UnorderedElementsAreArray(want));
+  ASSERT_TRUE(p->SetKickSyscalls(false).ok());
+  EXPECT_FALSE(p->kick_syscalls_attached());
+  EXPECT_THAT(p->attached_programs(), UnorderedElementsAreArray(KvmPrograms(p->kvm_flavour() == "tp_btf")));
 }
 
 }  // namespace

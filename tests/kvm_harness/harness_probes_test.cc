@@ -17,60 +17,19 @@
 #include <vector>
 
 #include "controller/probes/host_probes.h"
+#include "tests/kvm_harness/harness_run.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
 namespace vkick {
 namespace {
 
+using testing::HarnessRun;
+using testing::RunHarness;
+
 constexpr uint32_t kVmId = 21;
 constexpr uint64_t kMmioAddr = 0xd0000;
 constexpr uint16_t kPioPort = 0xc050;
-
-struct HarnessRun {
-  int wait_status = -1;
-  nlohmann::json summary;
-};
-
-// Forks the harness, lets `track(pid)` run before the harness starts (the
-// child blocks on a pipe before exec), returns its JSON summary.
-HarnessRun RunHarness(const std::vector<std::string>& args,
-               const std::function<absl::Status(pid_t)>& track) {
-  HarnessRun run;
-  int go[2], out[2];
-  if (pipe2(go, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0) {
-    ADD_FAILURE() << "pipe2";
-    return run;
-  }
-  pid_t pid = fork();
-  if (pid == 0) {
-    char c;
-    if (read(go[0], &c, 1) != 1) _exit(120);
-    dup2(out[1], STDOUT_FILENO);
-    std::vector<char*> argv{const_cast<char*>(VKICK_HARNESS_PATH)};
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    execv(VKICK_HARNESS_PATH, argv.data());
-    _exit(127);
-  }
-  close(go[0]);
-  close(out[1]);
-  absl::Status s = pid > 0 ? track(pid) : absl::InternalError("fork failed");
-  char c = 'g';
-  if (!s.ok() || write(go[1], &c, 1) != 1) {
-    ADD_FAILURE() << "tracking the harness: " << s;
-    if (pid > 0) kill(pid, SIGKILL);
-  }
-  close(go[1]);
-  std::string text;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(out[0], buf, sizeof(buf))) > 0) text.append(buf, n);
-  close(out[0]);
-  if (pid > 0) waitpid(pid, &run.wait_status, 0);
-  run.summary = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  return run;
-}
 
 class HarnessProbesTest : public ::testing::Test {
  protected:

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <map>
 #include <memory>
@@ -59,6 +60,11 @@ ABSL_FLAG(std::string, attach_probes, "none",
 ABSL_FLAG(bool, probe_vhost_user, true,
           "With --attach-probes: also attach the vhost-user programs (syscalls:sys_enter_sendmsg, "
           "sys_enter_write), which put every task's syscalls on the tracepoint path");
+ABSL_FLAG(uint32_t, max_vms, VKICK_DEFAULT_MAX_VMS,
+          "With --attach-probes: the maps' capacity in VMs (vkickd's --max-vms)");
+ABSL_FLAG(std::string, kvm_tracepoints, "auto",
+          "With --attach-probes: auto | tp_btf | classic, the kvm programs' flavour "
+          "(vkickd's --kvm-tracepoints)");
 
 namespace vkick {
 namespace {
@@ -67,6 +73,12 @@ constexpr uint64_t kRamSize = 0x10000;  // 64 KiB at gpa 0
 constexpr uint64_t kCodeAddr = 0x1000;
 
 absl::Status Errno(absl::string_view what) { return ErrnoStatus(errno, what); }
+
+int64_t ThreadCpuNs() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
 
 // The guest, 16-bit real mode, loaded at 0x1000 (CS = 0). Immediates are
 // patched in by Assemble(). ECX (0x66 prefix) so counts may exceed 65535.
@@ -116,10 +128,11 @@ struct Result {
   std::map<std::string, uint64_t> exits;
   uint64_t mmio_signals = 0, pio_signals = 0;
   int64_t elapsed_ns = 0;
+  int64_t cpu_ns = 0;  // the vCPU thread's CPU time over the same span (guest + KVM + probes)
   bool fast_mmio_len0 = false;
 };
 
-absl::StatusOr<Result> RunVm() {
+absl::StatusOr<Result> RunVm(uint32_t repeat) {
   const uint32_t a = absl::GetFlag(FLAGS_mmio_addr);
   if (a < kRamSize || a > 0xffff0) {
     return absl::InvalidArgumentError("--mmio-addr must be in [0x10000, 0xffff0]");
@@ -204,9 +217,12 @@ absl::StatusOr<Result> RunVm() {
   };
   if (absl::Status s = reset_regs(); !s.ok()) return s;
 
-  const uint32_t repeat = absl::GetFlag(FLAGS_repeat);
   uint32_t done = 0;
+  // CPU time as well as wall time: on a shared host the wall time also holds
+  // whatever ran while this thread waited for a CPU; the probes' cost runs
+  // on this thread (the tracepoints fire in its context), so it is in both.
   const auto start = std::chrono::steady_clock::now();
+  const int64_t cpu_start = ThreadCpuNs();
   while (done < repeat) {
     if (ioctl(vcpu.get(), KVM_RUN, 0) != 0) {
       if (errno == EINTR || errno == EAGAIN) continue;
@@ -240,10 +256,39 @@ absl::StatusOr<Result> RunVm() {
   result.elapsed_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                           std::chrono::steady_clock::now() - start)
                           .count();
+  result.cpu_ns = ThreadCpuNs() - cpu_start;
   uint64_t v;
   if (read(mmio_efd.get(), &v, sizeof(v)) == sizeof(v)) result.mmio_signals = v;
   if (read(pio_efd.get(), &v, sizeof(v)) == sizeof(v)) result.pio_signals = v;
   return result;
+}
+
+constexpr uint32_t kVmId = 1;
+
+absl::StatusOr<std::unique_ptr<HostProbes>> LoadProbes() {
+  HostProbesOptions options;
+  options.attach_vhost_user = absl::GetFlag(FLAGS_probe_vhost_user);
+  absl::StatusOr<KvmTracepoints> kvm = ParseKvmTracepoints(absl::GetFlag(FLAGS_kvm_tracepoints));
+  if (!kvm.ok()) return kvm.status();
+  options.kvm_tracepoints = *kvm;
+  options.capacity.max_vms = absl::GetFlag(FLAGS_max_vms);
+  return HostProbes::Create(options);
+}
+
+// This process as vm kVmId, --mmio-addr and --pio-port its notify targets.
+absl::Status TrackSelf(HostProbes& probes) {
+  NotifyTarget targets[2];
+  targets[0].space = NotifyTarget::Space::kMmio;
+  targets[0].addr = absl::GetFlag(FLAGS_mmio_addr);
+  targets[0].device_id = 0;
+  targets[0].queue = 0;
+  targets[1].space = NotifyTarget::Space::kPio;
+  targets[1].addr = absl::GetFlag(FLAGS_pio_port);
+  targets[1].device_id = 1;
+  targets[1].value_is_queue = true;
+  absl::Status s = probes.TrackProcess(getpid(), kVmId);
+  if (s.ok()) s = probes.SetNotifyTargets(kVmId, targets);
+  return s;
 }
 
 int Main() {
@@ -253,36 +298,17 @@ int Main() {
     return 2;
   }
   std::unique_ptr<HostProbes> probes;
-  constexpr uint32_t kVmId = 1;
   if (mode != "none") {
-    HostProbesOptions options;
-    options.attach_vhost_user = absl::GetFlag(FLAGS_probe_vhost_user);
-    auto p = HostProbes::Create(options);
-    if (!p.ok()) {
-      std::fprintf(stderr, "vkick-kvm-harness: %s\n", p.status().ToString().c_str());
+    auto p = LoadProbes();
+    absl::Status s = p.ok() && mode == "tracked" ? TrackSelf(**p) : p.status();
+    if (!s.ok()) {
+      std::fprintf(stderr, "vkick-kvm-harness: %s\n", s.ToString().c_str());
       return 1;
     }
     probes = *std::move(p);
-    if (mode == "tracked") {
-      NotifyTarget targets[2];
-      targets[0].space = NotifyTarget::Space::kMmio;
-      targets[0].addr = absl::GetFlag(FLAGS_mmio_addr);
-      targets[0].device_id = 0;
-      targets[0].queue = 0;
-      targets[1].space = NotifyTarget::Space::kPio;
-      targets[1].addr = absl::GetFlag(FLAGS_pio_port);
-      targets[1].device_id = 1;
-      targets[1].value_is_queue = true;
-      absl::Status s = probes->TrackProcess(getpid(), kVmId);
-      if (s.ok()) s = probes->SetNotifyTargets(kVmId, targets);
-      if (!s.ok()) {
-        std::fprintf(stderr, "vkick-kvm-harness: %s\n", s.ToString().c_str());
-        return 1;
-      }
-    }
   }
 
-  absl::StatusOr<Result> r = RunVm();
+  absl::StatusOr<Result> r = RunVm(absl::GetFlag(FLAGS_repeat));
   if (!r.ok()) {
     std::fprintf(stderr, "vkick-kvm-harness: %s\n", r.status().ToString().c_str());
     return 1;
@@ -303,9 +329,11 @@ int Main() {
       {"exits", r->exits},
       {"ioeventfd_signals", {{"mmio", r->mmio_signals}, {"pio", r->pio_signals}}},
       {"elapsed_ns", r->elapsed_ns},
+      {"cpu_ns", r->cpu_ns},
       {"writes_per_sec", r->elapsed_ns > 0 ? writes * 1e9 / r->elapsed_ns : 0.0},
       {"attach_probes", mode},
       {"probe_vhost_user", absl::GetFlag(FLAGS_probe_vhost_user)},
+      {"kvm_tracepoints", absl::GetFlag(FLAGS_kvm_tracepoints)},
   };
   if (probes != nullptr) {
     absl::StatusOr<CounterSnapshot> c = probes->ReadCounters();
@@ -327,6 +355,7 @@ int Main() {
     }
     counts["errors_map_full"] = c->errors.map_full;
     j["probe_counts"] = counts;
+    j["probe_programs"] = probes->attached_programs();
   }
   std::printf("%s\n", j.dump().c_str());
   return 0;

@@ -274,5 +274,164 @@ TEST(DaemonTest, HealthAndScrapeReportUnreadableProbes) {
   EXPECT_THAT(text, HasSubstr("vkick_probe_errors_total{reason=\"read_counters\"} 1"));
 }
 
+// The VM a full map left out, and the one it let in (vm_ids from the fake).
+struct Placed {
+  std::string in_path, out_path, in_name, out_name;
+  uint32_t in_vm_id = 0, out_vm_id = 0;
+};
+
+// Two VMs, room for one: whichever attachment thread came first is in.
+Placed PlaceTwo(Daemon& d, FakeProbeBackend& probes) {
+  Placed p;
+  EXPECT_TRUE(Eventually([&] {
+    DaemonSnapshot s = d.Scrape();
+    return s.vms.size() == 2 && (s.vms[0].probed != s.vms[1].probed);
+  }));
+  for (const AttachedVm& vm : d.Scrape().vms) {
+    (vm.probed ? p.in_path : p.out_path) = vm.info.qmp_path;
+    (vm.probed ? p.in_name : p.out_name) = vm.info.name;
+    (vm.probed ? p.in_vm_id : p.out_vm_id) = vm.vm_id;
+  }
+  EXPECT_EQ(probes.targets().size(), 1u);
+  EXPECT_EQ(probes.targets().count(p.in_vm_id), 1u);
+  return p;
+}
+
+TEST(DaemonTest, AFullNotifyMapLeavesAVmOutMarkedCountedLoggedOnceRetriedOnRoom) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  probes.set_target_capacity(3);  // one TwoDiskVm (3 targets)
+  world.Set("/a.qmp", QmpMode::kLive, TwoDiskVm("a", 100));
+  world.Set("/b.qmp", QmpMode::kLive, TwoDiskVm("b", 200));
+  Daemon d(FastOptions({"/a.qmp", "/b.qmp"}, log), &probes, world.Factory());
+  d.Start();
+  Placed p = PlaceTwo(d, probes);
+
+  // No retry storm: many refreshes later, still one refused attempt.
+  const int calls = probes.set_targets_calls();
+  for (const std::string& path : {p.in_path, p.out_path}) {
+    const int r0 = world.refreshes(path);
+    ASSERT_TRUE(Eventually([&] { return world.refreshes(path) >= r0 + 10; }));
+  }
+  EXPECT_EQ(probes.set_targets_calls(), calls);
+  DaemonSnapshot s = d.Scrape();
+  EXPECT_EQ(s.map_full[static_cast<int>(ProbeMap::kNotify)], 1u);
+  EXPECT_EQ(s.probe_errors.control, 0u) << "a full map is not a control error";
+  for (const AttachedVm& vm : s.vms) {
+    EXPECT_EQ(vm.map_full.has_value(), !vm.probed) << vm.info.name;
+  }
+  EXPECT_EQ(log.Count("probe map 'notify' is full", p.out_name), 1);
+  std::string text = Exposition(d);
+  EXPECT_THAT(text, HasSubstr(absl::StrCat("vkick_vm_probed{vm=\"", p.out_name, "\"} 0")));
+  EXPECT_THAT(text, HasSubstr(absl::StrCat("vkick_vm_probed{vm=\"", p.in_name, "\"} 1")));
+  EXPECT_THAT(text, HasSubstr("vkick_probe_map_full_total{map=\"notify\"} 1"));
+  EXPECT_THAT(text, HasSubstr("vkick_probe_map_full_total{map=\"tracked\"} 0"));
+
+  // The VM that fit goes away: its room lets the other in, once.
+  world.Set(p.in_path, QmpMode::kMissing);
+  ASSERT_TRUE(Eventually([&] { return probes.targets().count(p.out_vm_id) == 1; }));
+  ASSERT_TRUE(Eventually([&] {
+    DaemonSnapshot t = d.Scrape();
+    return t.vms.size() == 1 && t.vms[0].probed && !t.vms[0].map_full;
+  }));
+  EXPECT_EQ(d.Scrape().map_full[static_cast<int>(ProbeMap::kNotify)], 1u);
+}
+
+TEST(DaemonTest, AFullTrackedMapIsRetriedOnlyWhenRoomAppears) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  probes.set_tracked_capacity(1);
+  world.Set("/a.qmp", QmpMode::kLive, TwoDiskVm("a", 100));
+  world.Set("/b.qmp", QmpMode::kLive, TwoDiskVm("b", 200));
+  Daemon d(FastOptions({"/a.qmp", "/b.qmp"}, log), &probes, world.Factory());
+  d.Start();
+  Placed p = PlaceTwo(d, probes);
+  const int calls = probes.track_calls();
+  const int r0 = world.refreshes(p.out_path);
+  ASSERT_TRUE(Eventually([&] { return world.refreshes(p.out_path) >= r0 + 10; }));
+  EXPECT_EQ(probes.track_calls(), calls);
+  EXPECT_EQ(d.Scrape().map_full[static_cast<int>(ProbeMap::kTracked)], 1u);
+  EXPECT_EQ(log.Count("probe map 'tracked' is full"), 1);
+  EXPECT_EQ(log.Count("probe TrackProcess"), 0) << "the daemon logs a full map, once";
+
+  world.Set(p.in_path, QmpMode::kMissing);
+  ASSERT_TRUE(Eventually([&] { return probes.targets().count(p.out_vm_id) == 1; }));
+}
+
+VmInfo VhostUserVm(std::string name, uint32_t pid, std::optional<bool> kvm) {
+  VmInfo vm = TwoDiskVm(std::move(name), pid);
+  VirtioDeviceInfo vu;
+  vu.label = "vhost0";
+  vu.type = "vhost-user-blk-pci";
+  vu.device_id = 3;
+  vu.num_queues = 2;
+  vu.vhost_user = true;
+  vm.devices.push_back(vu);
+  vm.kvm = kvm;
+  return vm;
+}
+
+TEST(NeedsKickSyscallsTest, OnlyAVhostUserDeviceKvmDoesNotRun) {
+  EXPECT_FALSE(NeedsKickSyscalls(TwoDiskVm("plain", 1)));
+  EXPECT_TRUE(NeedsKickSyscalls(VhostUserVm("tcg", 1, false)));
+  EXPECT_TRUE(NeedsKickSyscalls(VhostUserVm("unknown", 1, std::nullopt)));
+  EXPECT_FALSE(NeedsKickSyscalls(VhostUserVm("kvm", 1, true)));
+}
+
+TEST(DaemonTest, KickSyscallsAttachedOnlyWhileAVmNeedsThem) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  world.Set("/kvm.qmp", QmpMode::kLive, VhostUserVm("kvm", 100, true));
+  DaemonOptions o = FastOptions({"/kvm.qmp", "/tcg.qmp"}, log);
+  o.kick_syscalls = true;
+  Daemon d(o, &probes, world.Factory());
+  d.Start();
+  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 1; }));
+  const int r0 = world.refreshes("/kvm.qmp");
+  ASSERT_TRUE(Eventually([&] { return world.refreshes("/kvm.qmp") >= r0 + 5; }));
+  EXPECT_FALSE(probes.kick_syscalls()) << "KVM counts that VM's kicks (ioeventfd)";
+  EXPECT_THAT(Exposition(d), HasSubstr("vkick_probe_kick_syscalls_attached 0"));
+
+  world.Set("/tcg.qmp", QmpMode::kLive, VhostUserVm("tcg", 200, false));
+  ASSERT_TRUE(Eventually([&] { return probes.kick_syscalls(); }));
+  EXPECT_THAT(Exposition(d), HasSubstr("vkick_probe_kick_syscalls_attached 1"));
+  EXPECT_EQ(log.Count("kick syscall probes attached", "VM 'tcg'"), 1);
+
+  world.Set("/tcg.qmp", QmpMode::kMissing);
+  ASSERT_TRUE(Eventually([&] { return !probes.kick_syscalls(); }));
+  EXPECT_EQ(log.Count("kick syscall probes detached"), 1);
+  EXPECT_EQ(probes.kick_syscall_switches(), 2);
+  d.Stop();
+}
+
+TEST(DaemonTest, KickSyscallsStayOffWithoutTheFlagAndOnForFrontends) {
+  FakeWorld world;
+  LogCapture log;
+  world.Set("/tcg.qmp", QmpMode::kLive, VhostUserVm("tcg", 200, false));
+  {
+    FakeProbeBackend probes;
+    Daemon d(FastOptions({"/tcg.qmp"}, log), &probes, world.Factory());  // no --vhost-user-kicks
+    d.Start();
+    ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 1; }));
+    EXPECT_FALSE(probes.kick_syscalls());
+    EXPECT_EQ(probes.kick_syscall_switches(), 0);
+  }
+  FakeProbeBackend probes;
+  DaemonOptions o = FastOptions({"/tcg.qmp"}, log);
+  o.kick_syscalls = true;
+  o.vhost_user = {{"disk0", "/run/disk0.sock"}};
+  Daemon d(o, &probes, world.Factory());
+  d.Start();
+  EXPECT_TRUE(probes.kick_syscalls()) << "a frontend may connect right after Start()";
+  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 2; }));
+  world.Set("/tcg.qmp", QmpMode::kMissing);
+  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 1; }));
+  EXPECT_TRUE(probes.kick_syscalls()) << "the frontends still need them";
+  EXPECT_EQ(probes.kick_syscall_switches(), 1);
+}
+
 }  // namespace
 }  // namespace vkick

@@ -21,9 +21,12 @@ class FakeProbeBackend : public ProbeBackend {
  public:
   absl::Status TrackProcess(uint32_t tgid, uint32_t vm_id) override {
     absl::MutexLock l(&mu_);
-    if (fail_track_) return absl::PermissionDeniedError("fake: track refused");
-    tracked_[vm_id] = tgid;
     ++track_calls_;
+    if (fail_track_) return absl::PermissionDeniedError("fake: track refused");
+    if (!tracked_.count(vm_id) && tracked_.size() >= tracked_capacity_) {
+      return absl::ResourceExhaustedError("fake: tracked map full");
+    }
+    tracked_[vm_id] = tgid;
     return absl::OkStatus();
   }
   absl::Status UntrackProcess(uint32_t tgid, uint32_t vm_id) override {
@@ -33,10 +36,17 @@ class FakeProbeBackend : public ProbeBackend {
     untracked_.push_back({tgid, vm_id});
     return absl::OkStatus();
   }
+  // All or nothing within `target_capacity_`, like NotifyTargetTable.
   absl::Status SetNotifyTargets(uint32_t vm_id, absl::Span<const NotifyTarget> t) override {
     absl::MutexLock l(&mu_);
-    targets_[vm_id] = std::vector<NotifyTarget>(t.begin(), t.end());
     ++set_targets_calls_;
+    targets_.erase(vm_id);
+    size_t others = 0;
+    for (const auto& [vm, ts] : targets_) others += ts.size();
+    if (others + t.size() > target_capacity_) {
+      return absl::ResourceExhaustedError("fake: notify map full");
+    }
+    targets_[vm_id] = std::vector<NotifyTarget>(t.begin(), t.end());
     return absl::OkStatus();
   }
   absl::Status SetVhostUserSocket(uint32_t tgid, int32_t fd, uint16_t device_id) override {
@@ -59,6 +69,12 @@ class FakeProbeBackend : public ProbeBackend {
   absl::Status SweepExitedFrontends() override {
     absl::MutexLock l(&mu_);
     ++sweeps_;
+    return absl::OkStatus();
+  }
+  absl::Status SetKickSyscalls(bool attached) override {
+    absl::MutexLock l(&mu_);
+    if (attached != kick_syscalls_) ++kick_syscall_switches_;
+    kick_syscalls_ = attached;
     return absl::OkStatus();
   }
   absl::StatusOr<CounterSnapshot> ReadCounters() override {
@@ -104,6 +120,10 @@ class FakeProbeBackend : public ProbeBackend {
   void set_counters(CounterSnapshot c) { absl::MutexLock l(&mu_); counters_ = std::move(c); }
   void set_fail_read(bool f) { absl::MutexLock l(&mu_); fail_read_ = f; }
   void set_fail_track(bool f) { absl::MutexLock l(&mu_); fail_track_ = f; }
+  void set_target_capacity(size_t n) { absl::MutexLock l(&mu_); target_capacity_ = n; }
+  void set_tracked_capacity(size_t n) { absl::MutexLock l(&mu_); tracked_capacity_ = n; }
+  bool kick_syscalls() { absl::MutexLock l(&mu_); return kick_syscalls_; }
+  int kick_syscall_switches() { absl::MutexLock l(&mu_); return kick_syscall_switches_; }
 
  private:
   absl::Mutex mu_;
@@ -119,6 +139,10 @@ class FakeProbeBackend : public ProbeBackend {
   CounterSnapshot counters_;
   bool fail_read_ = false;
   bool fail_track_ = false;
+  size_t target_capacity_ = ~size_t{0};
+  size_t tracked_capacity_ = ~size_t{0};
+  bool kick_syscalls_ = false;
+  int kick_syscall_switches_ = 0;
 };
 
 // How a fake QMP socket behaves right now.

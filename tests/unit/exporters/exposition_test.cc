@@ -43,6 +43,9 @@ DaemonSnapshot KnownSnapshot() {
   s.discovery_duration = h.Collect();
   s.probes_enabled = true;
   s.probe_errors.control = 1;
+  s.vms[0].probed = true;
+  s.map_full[static_cast<int>(ProbeMap::kNotify)] = 4;  // four VMs refused (not attached here)
+  s.kick_syscalls_attached = true;
 
   CounterSnapshot c;
   c.notifications = {
@@ -90,6 +93,13 @@ vkick_probe_errors_total{reason="bad_vhost_msg"} 0
 vkick_probe_errors_total{reason="bad_queue"} 3
 vkick_probe_errors_total{reason="control"} 1
 vkick_probe_errors_total{reason="read_counters"} 0
+# HELP vkick_probe_map_full_total VMs a full probe map refused, by map (tracked, notify): such a VM is not counted (vkick_vm_probed 0) and is tried again only when a VM leaves. Size the maps with --max-vms and --max-queues-per-vm.
+# TYPE vkick_probe_map_full_total counter
+vkick_probe_map_full_total{map="tracked"} 0
+vkick_probe_map_full_total{map="notify"} 4
+# HELP vkick_probe_kick_syscalls_attached 1 while the kick syscall programs (--vhost-user-kicks) are attached: only while a TCG VM with a vhost-user device or a --vhost-user frontend needs them, since every syscall on the host is traced meanwhile.
+# TYPE vkick_probe_kick_syscalls_attached gauge
+vkick_probe_kick_syscalls_attached 1
 # HELP vkick_qmp_connected 1 while a VM is attached through this --qmp socket, else 0.
 # TYPE vkick_qmp_connected gauge
 vkick_qmp_connected{qmp="/run/web.qmp"} 1
@@ -114,6 +124,9 @@ vkick_discovery_duration_seconds_bucket{le="+Inf"} 2
 # HELP vkick_vm_info 1 per attached VM; vm is its QEMU -name (else "pid" and the process id), pid its QEMU process id.
 # TYPE vkick_vm_info gauge
 vkick_vm_info{vm="web",pid="4242"} 1
+# HELP vkick_vm_probed 1 when the host probes count the VM (tracked, every notify address installed); 0 when they do not: a full probe map left it out (vkick_probe_map_full_total), or --no-probes.
+# TYPE vkick_vm_probed gauge
+vkick_vm_probed{vm="web"} 1
 # HELP vkick_virtqueue_notifications_total Guest to host notifications (kicks) per virtqueue; every discovered queue is present from discovery on. device/queue "unknown" sums kicks for ids discovery does not know.
 # TYPE vkick_virtqueue_notifications_total counter
 vkick_virtqueue_notifications_total{vm="web",device="disk0",queue="0"} 3000

@@ -176,6 +176,31 @@ TEST_F(FakeDiscoveryTest, CapturedVmMapsEveryVirtioDevice) {
   }
 }
 
+TEST_F(FakeDiscoveryTest, AcceleratorAskedOnceAndOnlyForAVmWithAVhostUserDevice) {
+  ServeCapturedVm([](const std::string& cmd, const json&) -> std::optional<FakeReply> {
+    if (cmd == "query-kvm") return Return({{"enabled", false}, {"present", true}});
+    return std::nullopt;
+  });
+  std::unique_ptr<QmpVmDiscovery> disc = Connect();
+  ASSERT_NE(disc, nullptr);
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<VmInfo> vm = disc->Refresh();
+    ASSERT_TRUE(vm.ok()) << vm.status();
+    EXPECT_EQ(vm->kvm, std::optional<bool>(false)) << "TCG: its vhost-user kicks are write()s";
+  }
+  std::vector<std::string> cmds = server_->commands();
+  EXPECT_EQ(std::count(cmds.begin(), cmds.end(), "query-kvm"), 1) << "the accelerator cannot change";
+}
+
+TEST_F(FakeDiscoveryTest, AcceleratorUnknownWhenQemuDoesNotSay) {
+  ServeCapturedVm();  // query-kvm: CommandNotFound
+  std::unique_ptr<QmpVmDiscovery> disc = Connect();
+  ASSERT_NE(disc, nullptr);
+  absl::StatusOr<VmInfo> vm = disc->Refresh();
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  EXPECT_FALSE(vm->kvm.has_value());
+}
+
 TEST_F(FakeDiscoveryTest, UnnamedVmIsNamedByPid) {
   ServeCapturedVm([](const std::string& cmd, const json&) -> std::optional<FakeReply> {
     if (cmd == "query-name") return Return(json::object());
