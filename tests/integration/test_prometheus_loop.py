@@ -85,11 +85,15 @@ def main():
                 prom.query("vkick_virtqueue_requests_total")))
         # Over the last few seconds (after the switch) it is 1/8; the [1m]
         # window may still hold up to two intervals of immediate from the start.
+        # The requests come from the agent's samples, one per interval, so a
+        # 4 s window holds 3 or 4 of them against a continuous host count:
+        # +-25 % either way (a CI run saw 0.105); the exact totals are checked
+        # after the run below.
         short = prom.query("sum(rate(vkick_virtqueue_notifications_total{%s}[4s])) / "
                            "sum(rate(vkick_virtqueue_requests_total{%s}[4s]))" % (labels, labels),
                            time=t_q)
         log("notifications per request over the last 4 s:", short)
-        assert short and abs(short[0][1] - 0.125) < 0.02, "last-4s ratio %r, want 0.125" % short
+        assert short and 0.09 < short[0][1] < 0.16, "last-4s ratio %r, want 0.125" % short
         assert npr[0][1] < 0.35, "recording rule %r is not far below 1" % npr
 
         rc = blk.wait(RUNTIME_S + 30)
