@@ -19,58 +19,17 @@
 namespace vkick {
 namespace {
 
-absl::Status ErrnoStatus(int err, absl::string_view what) {
-  err = err < 0 ? -err : err;
-  std::string msg = absl::StrCat(what, ": ", std::strerror(err), " (errno ", err, ")");
-  switch (err) {
-    case EPERM:
-    case EACCES:
-      return absl::PermissionDeniedError(
-          absl::StrCat(msg, "; the host probes need root (CAP_BPF + CAP_PERFMON)"));
-    case ENOENT:
-      return absl::NotFoundError(msg);
-    case E2BIG:
-    case ENOMEM:
-    case ENOSPC:
-      return absl::ResourceExhaustedError(msg);
-    default:
-      return absl::InternalError(msg);
-  }
-}
-
-// Calls fn(key) for every key of a hash map. Keys are collected first so fn
-// may delete them.
-template <typename Key, typename Fn>
-absl::Status ForEachKey(int fd, absl::string_view map_name, Fn fn) {
-  std::vector<Key> keys;
-  Key key{};
-  Key next{};
-  const Key* prev = nullptr;
-  while (true) {
-    int err = bpf_map_get_next_key(fd, prev, &next);
-    if (err != 0) {
-      if (errno == ENOENT) break;
-      return ErrnoStatus(errno, absl::StrCat("iterating map ", map_name));
-    }
-    keys.push_back(next);
-    key = next;
-    prev = &key;
-  }
-  for (const Key& k : keys) fn(k);
-  return absl::OkStatus();
-}
-
 // The notify map's fd as the control plane's MapOps (notify_table.h).
 class BpfNotifyMap final : public MapOps<vkick_notify_key, vkick_notify_target> {
  public:
   explicit BpfNotifyMap(int fd) : fd_(fd) {}
   absl::Status Update(const vkick_notify_key& k, const vkick_notify_target& v) override {
     if (bpf_map_update_elem(fd_, &k, &v, BPF_ANY) == 0) return absl::OkStatus();
-    return ErrnoStatus(errno, "notify map update");
+    return ProbeErrnoStatus(errno, "notify map update");
   }
   absl::Status Delete(const vkick_notify_key& k) override {
     if (bpf_map_delete_elem(fd_, &k) == 0) return absl::OkStatus();
-    return ErrnoStatus(errno, "notify map delete");
+    return ProbeErrnoStatus(errno, "notify map delete");
   }
 
  private:
@@ -106,17 +65,6 @@ class KernelBtf {
   btf* vmlinux_ = nullptr;
   btf* kvm_ = nullptr;  // libbpf returns null (kvm built in, or no module BTF): vmlinux only
 };
-
-// Sum of a per-CPU u64 value, or nullopt-like false if the key vanished.
-bool SumPerCpu(int fd, const void* key, int num_cpus, uint64_t* sum) {
-  // Per-CPU values come back as one 8-byte slot per possible CPU.
-  std::vector<uint64_t> values(num_cpus);
-  if (bpf_map_lookup_elem(fd, key, values.data()) != 0) return false;
-  uint64_t s = 0;
-  for (uint64_t v : values) s += v;
-  *sum = s;
-  return true;
-}
 
 }  // namespace
 
@@ -155,18 +103,19 @@ absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Create(Options options) 
 absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Load(const Options& options,
                                                              KvmTracepoints kvm) {
   host_probes* skel = host_probes__open();
-  if (skel == nullptr) return ErrnoStatus(errno, "opening the host_probes BPF object");
+  if (skel == nullptr) return ProbeErrnoStatus(errno, "opening the host_probes BPF object");
   std::unique_ptr<HostProbes> probes(new HostProbes(skel));
   if (absl::Status s = probes->SizeMaps(options.capacity); !s.ok()) return s;
   if (absl::Status s = probes->ChooseKvmPrograms(kvm); !s.ok()) return s;
   int err = host_probes__load(skel);
   if (err != 0) {
-    return ErrnoStatus(err, absl::StrCat("loading the host_probes BPF programs, maps sized for ",
-                                         DescribeCapacity(options.capacity),
-                                         " (see libbpf's log above)"));
+    return ProbeErrnoStatus(err, absl::StrCat("loading the host_probes BPF programs, maps sized ",
+                                              "for ", DescribeCapacity(options.capacity),
+                                              " (see libbpf's log above)"));
   }
-  probes->num_cpus_ = libbpf_num_possible_cpus();
-  if (probes->num_cpus_ <= 0) return ErrnoStatus(probes->num_cpus_, "counting possible CPUs");
+  const int num_cpus = libbpf_num_possible_cpus();
+  if (num_cpus <= 0) return ProbeErrnoStatus(num_cpus, "counting possible CPUs");
+  probes->reader_ = std::make_unique<MapReader>(num_cpus);
   probes->notify_map_ = std::make_unique<BpfNotifyMap>(bpf_map__fd(skel->maps.notify));
   probes->notify_ = std::make_unique<NotifyTargetTable>(
       probes->notify_map_.get(), bpf_map__max_entries(skel->maps.notify));
@@ -191,7 +140,7 @@ absl::Status HostProbes::SizeMaps(const ProbeCapacity& capacity) {
   };
   for (const auto& [map, n] : sizes) {
     if (int err = bpf_map__set_max_entries(map, n); err != 0) {
-      return ErrnoStatus(err, absl::StrCat("sizing map ", bpf_map__name(map), " to ", n));
+      return ProbeErrnoStatus(err, absl::StrCat("sizing map ", bpf_map__name(map), " to ", n));
     }
   }
   return absl::OkStatus();
@@ -229,9 +178,9 @@ absl::Status HostProbes::ChooseKvmPrograms(KvmTracepoints mode) {
 absl::Status HostProbes::AttachOne(bpf_program* prog, std::vector<Link>* links) {
   bpf_link* link = bpf_program__attach(prog);
   if (link == nullptr) {
-    return ErrnoStatus(errno, absl::StrCat("attaching ", bpf_program__name(prog), " (",
-                                           bpf_program__section_name(prog),
-                                           "; is tracefs mounted? scripts/host-prep.sh)"));
+    return ProbeErrnoStatus(errno, absl::StrCat("attaching ", bpf_program__name(prog), " (",
+                                                bpf_program__section_name(prog),
+                                                "; is tracefs mounted? scripts/host-prep.sh)"));
   }
   links->push_back({link, prog});
   return absl::OkStatus();
@@ -292,9 +241,9 @@ HostProbes::~HostProbes() {
 
 absl::Status HostProbes::TrackProcess(uint32_t tgid, uint32_t vm_id) {
   if (bpf_map_update_elem(bpf_map__fd(skel_->maps.tracked), &tgid, &vm_id, BPF_ANY) != 0) {
-    return ErrnoStatus(errno, absl::StrCat("tracking pid ", tgid, " (at most ",
-                                           bpf_map__max_entries(skel_->maps.tracked),
-                                           " processes: --max-vms)"));
+    return ProbeErrnoStatus(errno, absl::StrCat("tracking pid ", tgid, " (at most ",
+                                                bpf_map__max_entries(skel_->maps.tracked),
+                                                " processes: --max-vms)"));
   }
   return absl::OkStatus();
 }
@@ -303,7 +252,7 @@ absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
   // Stop counting first, then drop what was counted.
   int fd = bpf_map__fd(skel_->maps.tracked);
   if (bpf_map_delete_elem(fd, &tgid) != 0 && errno != ENOENT) {
-    return ErrnoStatus(errno, absl::StrCat("untracking pid ", tgid));
+    return ProbeErrnoStatus(errno, absl::StrCat("untracking pid ", tgid));
   }
   absl::Status status;
   auto drop_vm = [&](auto key_type, bpf_map* map, auto belongs) {
@@ -323,7 +272,7 @@ absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
   drop_vm(vkick_sock_key{}, skel_->maps.kick_fds, by_tgid);
   drop_vm(vkick_sock_key{}, skel_->maps.vhost_sock, by_tgid);
   if (bpf_map_delete_elem(bpf_map__fd(skel_->maps.frontends), &tgid) != 0 && errno != ENOENT) {
-    status.Update(ErrnoStatus(errno, absl::StrCat("dropping frontend pid ", tgid)));
+    status.Update(ProbeErrnoStatus(errno, absl::StrCat("dropping frontend pid ", tgid)));
   }
   return status;
 }
@@ -338,8 +287,8 @@ absl::Status HostProbes::SetVhostUserSocket(uint32_t tgid, int32_t socket_fd,
   vkick_sock_value value{};
   value.device_id = device_id;
   if (bpf_map_update_elem(bpf_map__fd(skel_->maps.vhost_sock), &key, &value, BPF_ANY) != 0) {
-    return ErrnoStatus(errno, absl::StrCat("declaring vhost-user socket fd ", socket_fd,
-                                           " of pid ", tgid));
+    return ProbeErrnoStatus(errno, absl::StrCat("declaring vhost-user socket fd ", socket_fd,
+                                                " of pid ", tgid));
   }
   // Kick fds announced over this socket before it was declared: label them
   // now, so the order of discovery and SET_VRING_KICK does not matter.
@@ -368,8 +317,8 @@ absl::Status HostProbes::SetVhostUserPath(absl::string_view path, uint32_t vm_id
   value.vm_id = vm_id;
   value.device_id = device_id;
   if (bpf_map_update_elem(bpf_map__fd(skel_->maps.vhost_paths), &key, &value, BPF_ANY) != 0) {
-    return ErrnoStatus(errno, absl::StrCat("declaring vhost-user socket path ", path,
-                                           " (at most ", VKICK_MAX_VHOST_PATHS, " paths)"));
+    return ProbeErrnoStatus(errno, absl::StrCat("declaring vhost-user socket path ", path,
+                                                " (at most ", VKICK_MAX_VHOST_PATHS, " paths)"));
   }
   return absl::OkStatus();
 }
@@ -387,8 +336,8 @@ absl::Status HostProbes::TrackFrontend(uint32_t tgid, int32_t socket_fd, uint32_
   value.device_id = device_id;
   // Marked as a frontend first, so the exit program drops it once tracked.
   if (bpf_map_update_elem(bpf_map__fd(skel_->maps.frontends), &tgid, &value, BPF_ANY) != 0) {
-    return ErrnoStatus(errno, absl::StrCat("adopting frontend pid ", tgid, " (at most ",
-                                           VKICK_MAX_FRONTENDS, ")"));
+    return ProbeErrnoStatus(errno, absl::StrCat("adopting frontend pid ", tgid, " (at most ",
+                                                VKICK_MAX_FRONTENDS, ")"));
   }
   if (absl::Status s = TrackProcess(tgid, vm_id); !s.ok()) return s;
   return SetVhostUserSocket(tgid, socket_fd, device_id);
@@ -427,84 +376,76 @@ absl::Status HostProbes::SweepExitedFrontends() {
 absl::StatusOr<CounterSnapshot> HostProbes::ReadCounters() {
   CounterSnapshot snap;
   absl::Status status;
-  {
-    int fd = bpf_map__fd(skel_->maps.exit_counts);
-    status.Update(ForEachKey<vkick_exit_key>(fd, "exit_counts", [&](const vkick_exit_key& k) {
-      uint64_t n;
-      if (SumPerCpu(fd, &k, num_cpus_, &n)) {
-        snap.exits.push_back({k.vm_id, k.vcpu_id, k.isa, k.reason, n});
-      }
-    }));
-  }
-  {
-    int fd = bpf_map__fd(skel_->maps.notify_counts);
-    status.Update(ForEachKey<vkick_queue_key>(fd, "notify_counts", [&](const vkick_queue_key& k) {
-      uint64_t n;
-      if (SumPerCpu(fd, &k, num_cpus_, &n)) {
-        snap.notifications.push_back({k.vm_id, k.device_id, k.queue, n});
-      }
-    }));
-  }
-  {
-    int fd = bpf_map__fd(skel_->maps.unmatched_counts);
-    status.Update(
-        ForEachKey<vkick_unmatched_key>(fd, "unmatched_counts", [&](const vkick_unmatched_key& k) {
-          uint64_t n;
-          if (SumPerCpu(fd, &k, num_cpus_, &n)) {
-            snap.unmatched_writes.push_back(
-                {k.vm_id, static_cast<NotifyTarget::Space>(k.space), n});
-          }
-        }));
-  }
-  {
-    int fd = bpf_map__fd(skel_->maps.irq_counts);
-    status.Update(ForEachKey<vkick_irq_key>(fd, "irq_counts", [&](const vkick_irq_key& k) {
-      uint64_t n;
-      if (SumPerCpu(fd, &k, num_cpus_, &n)) {
-        snap.interrupts.push_back({k.vm_id, k.address, k.data, n});
-      }
-    }));
-  }
-  {
-    int fd = bpf_map__fd(skel_->maps.kick_fds);
-    status.Update(ForEachKey<vkick_sock_key>(fd, "kick_fds", [&](const vkick_sock_key& k) {
-      vkick_kick_value v{};
-      if (bpf_map_lookup_elem(fd, &k, &v) == 0) {
-        snap.kick_fds.push_back({k.tgid, k.fd, v.socket_fd, v.device_id, v.queue});
-      }
-    }));
-  }
-  {
-    int fd = bpf_map__fd(skel_->maps.frontends);
-    status.Update(ForEachKey<uint32_t>(fd, "frontends", [&](const uint32_t& tgid) {
-      vkick_frontend_value v{};
-      if (bpf_map_lookup_elem(fd, &tgid, &v) == 0) {
-        snap.frontends.push_back({tgid, v.vm_id, v.device_id});
-      }
-    }));
-  }
-  {
-    int fd = bpf_map__fd(skel_->maps.errors);
-    uint64_t sums[VKICK_ERR_COUNT] = {};
-    for (uint32_t i = 0; i < VKICK_ERR_COUNT; ++i) {
-      if (!SumPerCpu(fd, &i, num_cpus_, &sums[i])) {
-        status.Update(ErrnoStatus(errno, "reading the errors map"));
-      }
-    }
-    snap.errors.map_full = sums[VKICK_ERR_MAP_FULL];
-    snap.errors.read_user_failed = sums[VKICK_ERR_READ_USER];
-    snap.errors.bad_vhost_msg = sums[VKICK_ERR_BAD_VHOST_MSG];
-    snap.errors.bad_queue = sums[VKICK_ERR_BAD_QUEUE];
-  }
+  auto read = [&](bpf_map* map, auto key, auto value, auto values, auto add) {
+    using Key = decltype(key);
+    using Value = decltype(value);
+    status.Update(reader_->ForEach<Key, Value>(bpf_map__fd(map), bpf_map__name(map), values, add));
+  };
+  read(skel_->maps.exit_counts, vkick_exit_key{}, uint64_t{}, kPerCpuSum,
+       [&](const vkick_exit_key& k, uint64_t n) {
+         snap.exits.push_back({k.vm_id, k.vcpu_id, k.isa, k.reason, n});
+       });
+  read(skel_->maps.notify_counts, vkick_queue_key{}, uint64_t{}, kPerCpuSum,
+       [&](const vkick_queue_key& k, uint64_t n) {
+         snap.notifications.push_back({k.vm_id, k.device_id, k.queue, n});
+       });
+  read(skel_->maps.unmatched_counts, vkick_unmatched_key{}, uint64_t{}, kPerCpuSum,
+       [&](const vkick_unmatched_key& k, uint64_t n) {
+         snap.unmatched_writes.push_back({k.vm_id, static_cast<NotifyTarget::Space>(k.space), n});
+       });
+  read(skel_->maps.irq_counts, vkick_irq_key{}, uint64_t{}, kPerCpuSum,
+       [&](const vkick_irq_key& k, uint64_t n) {
+         snap.interrupts.push_back({k.vm_id, k.address, k.data, n});
+       });
+  read(skel_->maps.kick_fds, vkick_sock_key{}, vkick_kick_value{}, kPlainValues,
+       [&](const vkick_sock_key& k, const vkick_kick_value& v) {
+         snap.kick_fds.push_back({k.tgid, k.fd, v.socket_fd, v.device_id, v.queue});
+       });
+  read(skel_->maps.frontends, uint32_t{}, vkick_frontend_value{}, kPlainValues,
+       [&](uint32_t tgid, const vkick_frontend_value& v) {
+         snap.frontends.push_back({tgid, v.vm_id, v.device_id});
+       });
+  status.Update(ReadErrors(&snap.errors));
   if (!status.ok()) return status;
   return snap;
+}
+
+absl::Status HostProbes::ReadErrors(ProbeErrors* errors) {
+  const int fd = bpf_map__fd(skel_->maps.errors);
+  uint64_t sums[VKICK_ERR_COUNT] = {};
+  for (uint32_t i = 0; i < VKICK_ERR_COUNT; ++i) {
+    if (!reader_->Lookup(fd, &i, kPerCpuSum, &sums[i])) {
+      return ProbeErrnoStatus(errno, "reading the errors map");
+    }
+  }
+  errors->map_full = sums[VKICK_ERR_MAP_FULL];
+  errors->read_user_failed = sums[VKICK_ERR_READ_USER];
+  errors->bad_vhost_msg = sums[VKICK_ERR_BAD_VHOST_MSG];
+  errors->bad_queue = sums[VKICK_ERR_BAD_QUEUE];
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::map<ProbeQueueId, uint64_t>> HostProbes::ReadNotificationTotals(
+    absl::Span<const ProbeQueueId> queues) {
+  const int fd = bpf_map__fd(skel_->maps.notify_counts);
+  std::map<ProbeQueueId, uint64_t> out;
+  for (const ProbeQueueId& q : queues) {
+    vkick_queue_key k{};  // no padding today; zeroed so a future hole compares equal
+    std::tie(k.vm_id, k.device_id, k.queue) = q;
+    uint64_t n = 0;
+    if (!reader_->Lookup(fd, &k, kPerCpuSum, &n) && errno != ENOENT) {
+      return ProbeErrnoStatus(errno, "reading notify_counts");
+    }
+    out[q] = n;  // absent: nothing counted yet
+  }
+  return out;
 }
 
 absl::Status HostProbes::TestRun(int prog_fd, const void* ctx, size_t size,
                                  absl::string_view what) {
   LIBBPF_OPTS(bpf_test_run_opts, opts, .ctx_in = ctx, .ctx_size_in = static_cast<__u32>(size));
   if (bpf_prog_test_run_opts(prog_fd, &opts) != 0) {
-    return ErrnoStatus(errno, absl::StrCat("BPF_PROG_TEST_RUN of ", what));
+    return ProbeErrnoStatus(errno, absl::StrCat("BPF_PROG_TEST_RUN of ", what));
   }
   if (opts.retval != 0) {
     return absl::InternalError(absl::StrCat(what, " returned ", opts.retval));

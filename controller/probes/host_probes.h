@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "absl/types/span.h"
 #include "bpf/host_probes.h"
 #include "controller/probes/map_ops.h"
+#include "controller/probes/map_read.h"
 #include "controller/probes/notify_table.h"
 #include "controller/probes/probe_backend.h"
 #include "controller/probes/probe_capacity.h"
@@ -81,7 +83,11 @@ class HostProbes final : public ProbeBackend {
                              uint16_t device_id) override;
   absl::Status SweepExitedFrontends() override;
   absl::Status SetKickSyscalls(bool attached) override;
+  // Batched (map_read.h) where the kernel can, else a key walk.
   absl::StatusOr<CounterSnapshot> ReadCounters() override;
+  // One lookup per queue in notify_counts, no walk.
+  absl::StatusOr<std::map<ProbeQueueId, uint64_t>> ReadNotificationTotals(
+      absl::Span<const ProbeQueueId> queues) override;
 
   // Names of the attached programs ("btf_kvm_mmio", "tp_kvm_exit", ...).
   std::vector<std::string> attached_programs() const;
@@ -101,6 +107,10 @@ class HostProbes final : public ProbeBackend {
   // For tests: the fd of a map by its name in bpf/host_probes.bpf.c
   // ("notify_counts", ...), or -1.
   int MapFdForTest(absl::string_view name) const;
+  // For tests and the batch-vs-walk figure: whether ReadCounters batches
+  // (false before the first read), and making it walk keys from now on.
+  bool reads_batched() const { return reader_->batched(); }
+  void ReadByKeyWalkForTest() { reader_->ForceKeyWalk(); }
 
  private:
   using NotifyMap = MapOps<vkick_notify_key, vkick_notify_target>;
@@ -116,6 +126,7 @@ class HostProbes final : public ProbeBackend {
     bpf_program* prog;
   };
   absl::Status AttachOne(bpf_program* prog, std::vector<Link>* links);
+  absl::Status ReadErrors(ProbeErrors* errors);
   absl::Status TestRun(int prog_fd, const void* ctx, size_t size, absl::string_view what);
 
   host_probes* skel_;
@@ -124,7 +135,7 @@ class HostProbes final : public ProbeBackend {
   std::vector<bpf_program*> kvm_progs_;   // the flavour chosen for each kvm tracepoint
   std::unique_ptr<NotifyMap> notify_map_;
   std::unique_ptr<NotifyTargetTable> notify_;
-  int num_cpus_ = 0;
+  std::unique_ptr<MapReader> reader_;  // remembers whether the kernel batches
   std::string btf_refused_;  // auto mode fell back to classic: the tp_btf load's error
 };
 

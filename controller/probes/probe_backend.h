@@ -170,6 +170,23 @@ class ProbeBackend {
 
   // Sum the per-CPU counters. Cheap enough to call at every scrape.
   virtual absl::StatusOr<CounterSnapshot> ReadCounters() = 0;
+
+  // The notification totals (as NotificationTotals) of `queues` only: every
+  // queue asked is in the result, 0 when nothing was counted for it; no
+  // other queue is. For a control loop that needs a few queues per tick: a
+  // backend may read just those. The default reads everything.
+  virtual absl::StatusOr<std::map<ProbeQueueId, uint64_t>> ReadNotificationTotals(
+      absl::Span<const ProbeQueueId> queues) {
+    absl::StatusOr<CounterSnapshot> c = ReadCounters();
+    if (!c.ok()) return c.status();
+    const std::map<ProbeQueueId, uint64_t> all = NotificationTotals(*c);
+    std::map<ProbeQueueId, uint64_t> out;
+    for (const ProbeQueueId& q : queues) {
+      auto it = all.find(q);
+      out[q] = it == all.end() ? 0 : it->second;
+    }
+    return out;
+  }
 };
 
 }  // namespace vkick
