@@ -23,9 +23,9 @@
 
 namespace vkick {
 
-// errno (or libbpf's -errno) -> Status for the probes' BPF calls: EPERM and
-// EACCES say root is needed, E2BIG/ENOMEM/ENOSPC (a full map) are
-// kResourceExhausted, ENOENT kNotFound, the rest kInternal.
+// errno (or libbpf's -errno) -> Status for the probes' BPF calls: the
+// common mapping (common/errno_status.h; EPERM/EACCES say root is needed),
+// except that E2BIG, a full map, is kResourceExhausted.
 absl::Status ProbeErrnoStatus(int err, absl::string_view what);
 
 // Calls fn(key) for every key of a hash map, by get_next_key. Keys are
