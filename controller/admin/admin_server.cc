@@ -4,15 +4,13 @@
 #include <grp.h>
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
-#include <cstring>
 #include <fstream>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/unix_listener.h"
 
 namespace vkick {
 
@@ -26,58 +24,20 @@ absl::StatusOr<uint32_t> LookupGroup(const std::string& name) {
 }
 
 absl::StatusOr<std::unique_ptr<AdminServer>> AdminServer::Start(AdminServerOptions options) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  const std::string path = options.socket_path;
-  if (path.empty() || path.size() >= sizeof addr.sun_path)
-    return absl::InvalidArgumentError(absl::StrCat("--admin-socket: bad path '", path, "'"));
-  std::memcpy(addr.sun_path, path.data(), path.size());
+  UnixListenOptions lo;
+  // 0600 is root (or vkickd's user) only; with --admin-group, its members too.
+  lo.mode = options.admin_gid ? 0660 : 0600;
+  if (options.admin_gid) lo.group = static_cast<gid_t>(*options.admin_gid);
+  lo.backlog = 8;
   // The directory (/run/vkick by default): create it, root-only traversal
   // is not required (the socket's own mode guards it).
-  if (size_t slash = path.rfind('/'); slash != std::string::npos && slash > 0) {
-    mkdir(path.substr(0, slash).c_str(), 0755);
-  }
-  struct stat st;
-  if (lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode))
-      return absl::FailedPreconditionError(absl::StrCat(path, " exists and is not a socket"));
-    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    bool live = probe >= 0 && connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-    if (probe >= 0) close(probe);
-    if (live) return absl::AlreadyExistsError(absl::StrCat(path, ": another vkickd listens"));
-    unlink(path.c_str());
-  }
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) return absl::UnavailableError(absl::StrCat("socket: ", strerror(errno)));
-  // Create it with no access for anyone but us, then open it up.
-  mode_t old = umask(0177);
-  int rc = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  umask(old);
-  if (rc != 0) {
-    std::string e = strerror(errno);
-    close(fd);
-    return absl::UnavailableError(absl::StrCat("bind ", path, ": ", e));
-  }
-  if (options.admin_gid) {
-    if (chown(path.c_str(), static_cast<uid_t>(-1), *options.admin_gid) != 0 ||
-        chmod(path.c_str(), 0660) != 0) {
-      std::string e = strerror(errno);
-      close(fd);
-      unlink(path.c_str());
-      return absl::PermissionDeniedError(
-          absl::StrCat("--admin-group: cannot give ", path, " to the group: ", e));
-    }
-  } else {
-    chmod(path.c_str(), 0600);
-  }
-  if (listen(fd, 8) != 0) {
-    std::string e = strerror(errno);
-    close(fd);
-    unlink(path.c_str());
-    return absl::UnavailableError(absl::StrCat("listen ", path, ": ", e));
-  }
+  lo.create_parent_dir = true;
+  lo.flag = "--admin-socket";
+  lo.group_hint = "--admin-group: vkickd must be a member of that group (or have CAP_CHOWN)";
+  absl::StatusOr<UniqueFd> fd = ListenUnix(options.socket_path, lo);
+  if (!fd.ok()) return fd.status();
   std::unique_ptr<AdminServer> s(new AdminServer(std::move(options)));
-  s->listen_fd_ = fd;
+  s->listen_fd_ = fd->Release();
   AdminServer* raw = s.get();
   s->thread_ = std::thread([raw] { raw->Loop(); });
   return s;

@@ -1,4 +1,5 @@
-// Owns one file descriptor; closes it on destruction.
+// Owns one file descriptor; closes it on destruction. In common/ because
+// every layer (listeners, QMP, discovery) hands fds around.
 #pragma once
 
 #include <unistd.h>
@@ -26,6 +27,8 @@ class UniqueFd {
     if (fd_ >= 0) ::close(fd_);
     fd_ = fd;
   }
+  // Gives the fd up to a caller that keeps a raw int (and closes it itself).
+  [[nodiscard]] int Release() { return std::exchange(fd_, -1); }
 
  private:
   int fd_ = -1;
