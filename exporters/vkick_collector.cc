@@ -357,11 +357,14 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
 }
 
 std::vector<MetricFamily> VkickCollector::Collect() const {
+  // Renders the control loop's latest reading: a scrape reads no map and
+  // changes nothing.
+  std::shared_ptr<const DaemonSnapshot> snap = daemon_.Latest();
   if (loop_) {
     LoopSnapshot l = loop_();
-    return BuildMetricFamilies(daemon_.Scrape(), namer_, version_, &l);
+    return BuildMetricFamilies(*snap, namer_, version_, &l);
   }
-  return BuildMetricFamilies(daemon_.Scrape(), namer_, version_);
+  return BuildMetricFamilies(*snap, namer_, version_);
 }
 
 }  // namespace vkick

@@ -33,8 +33,8 @@ std::vector<prometheus::MetricFamily> BuildMetricFamilies(const DaemonSnapshot& 
                                                           const std::string& version,
                                                           const LoopSnapshot* loop = nullptr);
 
-// The Collectable registered with the HTTP server: scrapes the daemon on
-// every Collect(), so series appear and disappear with the VMs.
+// The Collectable registered with the HTTP server: renders the daemon's
+// latest snapshot (Daemon::Latest) and the loop's on every Collect().
 class VkickCollector : public prometheus::Collectable {
  public:
   VkickCollector(Daemon& daemon, ExitReasonNamer namer, std::string version,

@@ -5,66 +5,32 @@
 #include <errno.h>
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <chrono>
-#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/clock.h"
-#include "common/errno_status.h"
+#include "common/unix_listener.h"
 
 namespace vkick {
 namespace {
 
 int64_t MonoNs() { return static_cast<int64_t>(MonotonicNowNs()); }
 
-absl::Status Errno(absl::string_view what, const std::string& path) {
-  return ErrnoStatus(errno, absl::StrCat(what, " ", path));
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<AgentServer>> AgentServer::Start(AgentServerOptions options) {
   std::unique_ptr<AgentServer> s(new AgentServer(std::move(options)));
   if (!s->options_.socket_path.empty()) {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    const std::string& path = s->options_.socket_path;
-    if (path.size() >= sizeof(addr.sun_path))
-      return absl::InvalidArgumentError(
-          absl::StrCat("--agent-socket: bad unix socket path '", path, "'"));
-    std::memcpy(addr.sun_path, path.data(), path.size());
-
-    // A stale socket file from a killed vkickd: remove it if nobody listens.
-    struct stat st;
-    if (lstat(path.c_str(), &st) == 0) {
-      if (!S_ISSOCK(st.st_mode))
-        return absl::FailedPreconditionError(absl::StrCat(path, " exists and is not a socket"));
-      int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      bool live =
-          probe >= 0 && connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-      if (probe >= 0) close(probe);
-      if (live) return absl::AlreadyExistsError(absl::StrCat(path, ": another vkickd listens"));
-      unlink(path.c_str());
-    }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) return Errno("socket", path);
-    if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-      absl::Status e = Errno("bind", path);
-      close(fd);
-      return e;
-    }
-    if (chmod(path.c_str(), s->options_.socket_mode) != 0 || listen(fd, 16) != 0) {
-      absl::Status e = Errno("chmod/listen", path);
-      close(fd);
-      unlink(path.c_str());
-      return e;
-    }
-    s->listen_fd_ = fd;
+    UnixListenOptions lo;
+    lo.mode = static_cast<mode_t>(s->options_.socket_mode);
+    lo.backlog = 16;
+    lo.flag = "--agent-socket";
+    absl::StatusOr<UniqueFd> fd = ListenUnix(s->options_.socket_path, lo);
+    if (!fd.ok()) return fd.status();
+    s->listen_fd_ = fd->Release();
     absl::MutexLock l(&s->mu_);
     s->stats_[s->options_.vm].vm = s->options_.vm;
   }
@@ -165,7 +131,7 @@ void AgentServer::ReadLoop(Conn* c) {
         keep = c->session->Feed(std::span<const uint8_t>(buf, static_cast<size_t>(r)), MonoNs());
         dropped = !keep;
         if (keep && options_.host_totals && c->session->has_unstamped())
-          c->session->StampHost(options_.host_totals());
+          c->session->StampHost(options_.host_totals(c->session->unstamped()));
       }
       now_hello = c->session->hello_seen();
       rej = c->session->TakeRejections();

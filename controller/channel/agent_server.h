@@ -40,10 +40,11 @@ struct AgentServerOptions {
   // loop can send its policy at once instead of at the next interval.
   std::function<void()> on_hello;
   // Called (from a reader thread, with that connection's lock held) when
-  // samples arrived: the host-counted notification totals of the queues the
-  // probes cover, right now. Stamped on the samples (Collected::host_at_sample).
-  // Must not call back into the AgentServer.
-  std::function<std::map<QueueKey, uint64_t>()> host_totals;
+  // samples arrived: the host-counted notification totals of those queues
+  // (only), right now; queues the probes do not cover are left out. Stamped
+  // on the samples (Collected::host_at_sample). Must not call back into the
+  // AgentServer.
+  std::function<std::map<QueueKey, uint64_t>(const std::set<QueueKey>&)> host_totals;
 };
 
 struct AgentChannelStats {

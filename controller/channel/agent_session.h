@@ -65,6 +65,8 @@ class AgentSession {
   // compares a guest window with the host's count over the same window
   // (ending when the sample arrived, not when the loop next steps).
   bool has_unstamped() const { return !unstamped_.empty(); }
+  // The queues whose newest sample waits for its host stamp.
+  const std::set<QueueKey>& unstamped() const { return unstamped_; }
   void StampHost(const std::map<QueueKey, uint64_t>& host_totals);
   // The host total stamped at the latest (merged) sample of each queue taken
   // by the last TakeSamples() (consumed with it: call right after).

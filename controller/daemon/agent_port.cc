@@ -58,13 +58,16 @@ absl::StatusOr<std::string> FindAgentPortSocket(const QmpExec& exec,
 absl::StatusOr<VmInfo> AgentPortDiscovery::Refresh() {
   absl::StatusOr<VmInfo> info = inner_->Refresh();
   if (!info.ok()) return info;
-  if (info->pid != pid_ || found_.empty()) {
-    pid_ = info->pid;
+  // The port is configuration: looked for once per QEMU process and device
+  // set, so a fleet of VMs without one costs no QMP traffic per refresh.
+  std::string devices = absl::StrCat(info->pid);
+  for (const VirtioDeviceInfo& d : info->devices) absl::StrAppend(&devices, " ", d.qom_path);
+  if (devices != looked_for_) {
     // Best effort: a VM without the port (or a QMP hiccup here) still has
-    // its probes and metrics; the port is looked for again next refresh.
+    // its probes and metrics. A transport error is looked at again.
     absl::StatusOr<std::string> p = FindAgentPortSocket(exec_, kAgentPortName);
-    found_ = p.ok() ? *p : "";
-    registry_->Set(qmp_path_, found_);
+    looked_for_ = p.ok() || absl::IsNotFound(p.status()) ? devices : "";
+    registry_->Set(qmp_path_, p.ok() ? *p : "");
   }
   return info;
 }

@@ -69,14 +69,14 @@ class AgentPortDiscovery : public VmDiscovery {
   absl::StatusOr<bool> WaitForEvent(absl::Duration timeout) override {
     return inner_->WaitForEvent(timeout);
   }
+  int event_fd() const override { return inner_->event_fd(); }
 
  private:
   std::unique_ptr<VmDiscovery> inner_;
   QmpExec exec_;
   std::string qmp_path_;
   AgentPortRegistry* registry_;
-  uint32_t pid_ = 0;
-  std::string found_;  // cached per QEMU process (the port is static config)
+  std::string looked_for_;  // the pid and device set the registry's entry is for
 };
 
 }  // namespace vkick

@@ -73,22 +73,81 @@ size_t CountQueues(const VmInfo& info) {
   return n;
 }
 
+// Whether a device's notify addresses are still unknown (its BARs are not
+// assigned yet: firmware or the guest will assign them soon).
+bool AwaitingBars(const VmInfo& info) {
+  return std::any_of(info.devices.begin(), info.devices.end(), [](const VirtioDeviceInfo& d) {
+    return d.num_queues > 0 && d.notify_targets.empty();
+  });
+}
+
+// Events drained per run: a VM flooding events is refreshed, not served
+// forever (the rest stays readable for its next run).
+constexpr int kMaxEventReadsPerRun = 8;
+
 }  // namespace
 
-// One --qmp path: connect, refresh, keep the probe maps in step, reconnect.
-// All members are touched by the attachment's own thread only; shared state
-// goes through the Daemon's locked methods.
-class Daemon::Attachment {
+// One QMP path: connect, refresh, keep the probe maps in step, reconnect.
+// Runs on the scheduler's workers, one run at a time; shared state goes
+// through the Daemon's locked methods.
+class Daemon::Attachment : public ScheduledTask {
  public:
   Attachment(Daemon& daemon, size_t index, std::string path)
-      : d_(daemon), index_(index), path_(std::move(path)) {}
+      : d_(daemon), index_(index), path_(std::move(path)),
+        backoff_(daemon.options_.min_backoff) {}
 
-  void Start() { thread_ = std::thread([this] { Run(); }); }
-  void Join() {
-    if (thread_.joinable()) thread_.join();
+  const std::string& path() const { return path_; }
+  size_t index() const { return index_; }
+
+  Next Run(bool readable) override {
+    if (disc_ == nullptr) {
+      auto disc = d_.factory_(path_);
+      if (!disc.ok()) return Retry(disc.status(), /*connected=*/false);
+      disc_ = *std::move(disc);
+      refresh_due_ = absl::InfinitePast();
+    }
+    // Without an event fd the run is also the poll (event_slice).
+    if (readable || disc_->event_fd() < 0) {
+      if (absl::Status s = DrainEvents(); !s.ok()) return Retry(s, /*connected=*/true);
+    }
+    if (absl::Now() >= refresh_due_) {
+      if (absl::Status s = RefreshNow(); !s.ok()) return Retry(s, /*connected=*/true);
+      // Events that came while the refresh ran wait in the client's buffer,
+      // where the socket's readiness does not show them.
+      if (absl::Status s = DrainEvents(); !s.ok()) return Retry(s, /*connected=*/true);
+    }
+    Next next{refresh_due_, disc_->event_fd()};
+    if (next.fd < 0) next.due = std::min(next.due, absl::Now() + d_.options_.event_slice);
+    return next;
+  }
+
+  // Closes the connection and drops the VM. Only while no run is in
+  // progress (Stop, RemovePath).
+  void Close(absl::string_view why) {
+    disc_.reset();
+    Detach(why);
   }
 
  private:
+  // Drops the VM: series first (the exporter stops showing it), then the
+  // probe counters.
+  void Detach(absl::string_view why) {
+    if (!cur_) return;
+    d_.RemoveVm(index_);
+    d_.SetConnected(index_, false);
+    if (cur_->tracked) {
+      uint32_t pid = cur_->pid, vm_id = cur_->vm_id;
+      absl::Status s =
+          d_.ProbeCall([&](ProbeBackend& p) { return p.UntrackProcess(pid, vm_id); });
+      ProbeFailure("UntrackProcess", s);
+      if (s.ok()) d_.FreedRoom();  // its tracked entry and notify targets
+    }
+    if (cur_->needs_syscalls) d_.NeedKickSyscalls(index_, false, "");
+    d_.Log(absl::StrFormat("qmp %s: detached VM '%s' pid %d vm_id %d: %s", path_, cur_->name,
+                           cur_->pid, cur_->vm_id, why));
+    cur_.reset();
+  }
+
   // A VM a full probe map refused is tried again only once room appeared
   // (the daemon's room epoch moved), not at every refresh: a fleet larger
   // than the maps causes no retry storm under the lock every VM shares.
@@ -113,47 +172,50 @@ class Daemon::Attachment {
 
   enum class State { kInit, kAttached, kFailing };
 
-  void Run() {
-    absl::Duration backoff = d_.options_.min_backoff;
-    while (!d_.Stopping()) {
-      auto disc = d_.factory_(path_);
-      if (!disc.ok()) {
-        Fail(disc.status(), /*connected=*/false);
-      } else {
-        Serve(**disc, backoff);
-      }
-      if (d_.WaitForStop(backoff)) break;
-      backoff = std::min(backoff * 2, d_.options_.max_backoff);
+  // A discovery event asks for a refresh now, but at most one per
+  // min_refresh_gap: a VM resetting in a loop costs a bounded rate.
+  absl::Status DrainEvents() {
+    for (int i = 0; i < kMaxEventReadsPerRun; ++i) {
+      absl::StatusOr<bool> ev = disc_->WaitForEvent(absl::ZeroDuration());
+      if (!ev.ok()) return ev.status();
+      if (!*ev) return absl::OkStatus();
+      refresh_due_ = std::min(refresh_due_, last_refresh_ + MinRefreshGap());
     }
-    Detach("vkickd stopping");
+    return absl::OkStatus();
   }
 
-  // Refresh loop on one connection; returns when it failed or on Stop().
-  void Serve(VmDiscovery& disc, absl::Duration& backoff) {
-    while (!d_.Stopping()) {
-      absl::Time t0 = absl::Now();
-      absl::StatusOr<VmInfo> info = disc.Refresh();
-      d_.ObserveDiscovery(absl::Now() - t0);
-      if (!info.ok()) {
-        Fail(info.status(), /*connected=*/true);
-        return;
-      }
-      Apply(*std::move(info));
-      backoff = d_.options_.min_backoff;
+  absl::Duration MinRefreshGap() const {
+    return std::min(d_.options_.refresh_interval, absl::Milliseconds(100));
+  }
 
-      // Until the next periodic refresh, or earlier on a QMP event.
-      absl::Time next = absl::Now() + d_.options_.refresh_interval;
-      while (!d_.Stopping()) {
-        absl::Duration left = next - absl::Now();
-        if (left <= absl::ZeroDuration()) break;
-        absl::StatusOr<bool> ev = disc.WaitForEvent(std::min(left, d_.options_.event_slice));
-        if (!ev.ok()) {
-          Fail(ev.status(), /*connected=*/true);
-          return;
-        }
-        if (*ev) break;
-      }
-    }
+  absl::Status RefreshNow() {
+    const absl::Time t0 = absl::Now();
+    absl::StatusOr<VmInfo> info = disc_->Refresh();
+    const absl::Time t1 = absl::Now();
+    d_.ObserveDiscovery(t1 - t0);
+    if (!info.ok()) return info.status();
+    // A booting guest assigns its BARs within seconds: look again soon,
+    // backing off to the periodic interval for a guest that never does.
+    const absl::Duration every = d_.options_.refresh_interval;
+    bars_backoff_ = AwaitingBars(*info)
+                        ? std::min(every, bars_backoff_ == absl::ZeroDuration()
+                                              ? absl::Seconds(1) : bars_backoff_ * 2)
+                        : absl::ZeroDuration();
+    last_refresh_ = t1;
+    refresh_due_ = t1 + (bars_backoff_ > absl::ZeroDuration() ? bars_backoff_ : every);
+    Apply(*std::move(info));
+    backoff_ = d_.options_.min_backoff;
+    return absl::OkStatus();
+  }
+
+  // Counts the failure, drops the connection and comes back after the
+  // backoff (doubling to max_backoff, reset once a refresh succeeds).
+  Next Retry(const absl::Status& status, bool connected) {
+    Fail(status, connected);
+    disc_.reset();
+    Next next{absl::Now() + backoff_, -1};
+    backoff_ = std::min(backoff_ * 2, d_.options_.max_backoff);
+    return next;
   }
 
   void Fail(const absl::Status& status, bool connected) {
@@ -302,61 +364,125 @@ class Daemon::Attachment {
     }
   }
 
-  // Drops the VM: series first (the exporter stops showing it), then the
-  // probe counters.
-  void Detach(absl::string_view why) {
-    if (!cur_) return;
-    d_.RemoveVm(index_);
-    d_.SetConnected(index_, false);
-    if (cur_->tracked) {
-      uint32_t pid = cur_->pid, vm_id = cur_->vm_id;
-      absl::Status s =
-          d_.ProbeCall([&](ProbeBackend& p) { return p.UntrackProcess(pid, vm_id); });
-      ProbeFailure("UntrackProcess", s);
-      if (s.ok()) d_.FreedRoom();  // its tracked entry and notify targets
-    }
-    if (cur_->needs_syscalls) d_.NeedKickSyscalls(index_, false, "");
-    d_.Log(absl::StrFormat("qmp %s: detached VM '%s' pid %d vm_id %d: %s", path_, cur_->name,
-                           cur_->pid, cur_->vm_id, why));
-    cur_.reset();
-  }
-
   Daemon& d_;
   const size_t index_;
   const std::string path_;
-  std::thread thread_;
+  std::unique_ptr<VmDiscovery> disc_;  // null while not connected
+  absl::Duration backoff_;
+  absl::Time refresh_due_ = absl::InfinitePast();
+  absl::Time last_refresh_ = absl::InfinitePast();
+  absl::Duration bars_backoff_ = absl::ZeroDuration();
   std::optional<Current> cur_;
   State state_ = State::kInit;
   QmpErrorReason reason_ = QmpErrorReason::kConnect;
   std::string last_probe_error_;
 };
 
+// The scheduler id of --qmp-dir's task; attachments use their index.
+constexpr uint64_t kDirTaskId = uint64_t{1} << 62;
+
+// --qmp-dir: a task like the attachments, woken by the watcher's fd.
+class Daemon::DirTask : public ScheduledTask {
+ public:
+  explicit DirTask(Daemon& d) : d_(d) {}
+  Next Run(bool) override {
+    QmpPathSource& dir = *d_.options_.qmp_dir;
+    absl::StatusOr<std::vector<QmpPathSource::Change>> changes = dir.Drain();
+    if (!changes.ok()) return Failed(dir, changes.status());
+    last_error_.clear();
+    for (const QmpPathSource::Change& c : *changes) {
+      if (c.added) {
+        paths_.insert(c.path);
+        d_.AddPath(c.path);
+      } else {
+        paths_.erase(c.path);
+        d_.RemovePath(c.path);
+      }
+    }
+    return {absl::InfiniteFuture(), dir.fd()};
+  }
+
+ private:
+  // A directory that is gone takes its VMs with it; another error (a read
+  // that failed) is retried and leaves them.
+  Next Failed(const QmpPathSource& dir, const absl::Status& s) {
+    const bool gone = absl::IsNotFound(s);
+    if (s.ToString() != last_error_) {
+      last_error_ = s.ToString();
+      d_.Log(absl::StrCat("--qmp-dir: ", dir.Describe(), ": ", last_error_,
+                          gone ? absl::StrCat("; dropping its ", paths_.size(),
+                                              " VMs (restart vkickd once it is back)")
+                               : " (retrying every second)"));
+    }
+    if (gone) {
+      for (const std::string& p : std::exchange(paths_, {})) d_.RemovePath(p);
+      return {absl::InfiniteFuture(), -1};
+    }
+    return {absl::Now() + absl::Seconds(1), -1};
+  }
+
+  Daemon& d_;
+  std::string last_error_;
+  std::set<std::string> paths_;  // attached because the directory has them
+};
+
 Daemon::Daemon(DaemonOptions options, ProbeBackend* probes, DiscoveryFactory factory)
     : options_(std::move(options)),
       probes_(probes),
       factory_(std::move(factory)),
-      discovery_duration_(DiscoveryDurationBuckets()) {
-  vms_.resize(options_.qmp_paths.size());
-  for (const auto& p : options_.qmp_paths) {
-    QmpAttachmentStatus st;
-    st.qmp_path = p;
-    qmp_status_.push_back(std::move(st));
-  }
-}
+      discovery_duration_(DiscoveryDurationBuckets()),
+      latest_(std::make_shared<const DaemonSnapshot>()) {}
 
 Daemon::~Daemon() { Stop(); }
 
-void Daemon::Start() {
-  {
-    absl::MutexLock l(&stop_mu_);
-    if (started_) return;
-    started_ = true;
-  }
+absl::Status Daemon::Start() {
+  if (scheduler_ != nullptr) return absl::FailedPreconditionError("Daemon::Start called twice");
+  absl::StatusOr<std::unique_ptr<AttachmentScheduler>> sched =
+      AttachmentScheduler::Create(options_.discovery_workers);
+  if (!sched.ok()) return sched.status();
+  scheduler_ = *std::move(sched);
+  running_ = true;
   StartVhostUser();
-  for (size_t i = 0; i < options_.qmp_paths.size(); ++i) {
-    attachments_.push_back(std::make_unique<Attachment>(*this, i, options_.qmp_paths[i]));
+  for (const std::string& p : options_.qmp_paths) AddPath(p);
+  if (options_.qmp_dir != nullptr) {
+    dir_task_ = std::make_unique<DirTask>(*this);
+    scheduler_->Add(kDirTaskId, dir_task_.get());
   }
-  for (auto& a : attachments_) a->Start();
+  scheduler_->Start();
+  return absl::OkStatus();
+}
+
+void Daemon::AddPath(const std::string& path) {
+  absl::MutexLock l(&attach_mu_);
+  if (stopped_ || index_of_.count(path)) return;
+  const size_t index = next_index_++;
+  index_of_[path] = index;
+  auto a = std::make_unique<Attachment>(*this, index, path);
+  {
+    absl::MutexLock r(&registry_mu_);
+    QmpAttachmentStatus st;
+    st.qmp_path = path;
+    qmp_status_[index] = std::move(st);
+  }
+  scheduler_->Add(index, a.get());
+  attachments_[index] = std::move(a);
+}
+
+void Daemon::RemovePath(const std::string& path) {
+  std::unique_ptr<Attachment> a;
+  {
+    absl::MutexLock l(&attach_mu_);
+    auto it = index_of_.find(path);
+    if (stopped_ || it == index_of_.end()) return;
+    const size_t index = it->second;
+    index_of_.erase(it);
+    a = std::move(attachments_[index]);
+    attachments_.erase(index);
+  }
+  scheduler_->Remove(a->index());
+  a->Close("its QMP socket left --qmp-dir");
+  absl::MutexLock r(&registry_mu_);
+  qmp_status_.erase(a->index());
 }
 
 void Daemon::StartVhostUser() {
@@ -415,22 +541,16 @@ void Daemon::StartVhostUser() {
 }
 
 void Daemon::Stop() {
+  std::map<size_t, std::unique_ptr<Attachment>> attachments;
   {
-    absl::MutexLock l(&stop_mu_);
-    stopping_ = true;
+    absl::MutexLock l(&attach_mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    attachments.swap(attachments_);
   }
-  for (auto& a : attachments_) a->Join();
-  attachments_.clear();
-}
-
-bool Daemon::Stopping() {
-  absl::MutexLock l(&stop_mu_);
-  return stopping_;
-}
-
-bool Daemon::WaitForStop(absl::Duration d) {
-  absl::MutexLock l(&stop_mu_);
-  return stop_mu_.AwaitWithTimeout(absl::Condition(&stopping_), d);
+  running_ = false;
+  if (scheduler_ != nullptr) scheduler_->Stop();  // no run in progress after this
+  for (auto& [index, a] : attachments) a->Close("vkickd stopping");
 }
 
 absl::Status Daemon::ProbeCall(const std::function<absl::Status(ProbeBackend&)>& call) {
@@ -497,107 +617,121 @@ void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
 
 void Daemon::RemoveVm(size_t attachment) {
   absl::MutexLock l(&registry_mu_);
-  vms_[attachment].reset();
+  vms_.erase(attachment);
 }
 
 void Daemon::SetConnected(size_t attachment, bool connected) {
   absl::MutexLock l(&registry_mu_);
-  qmp_status_[attachment].connected = connected;
+  if (auto it = qmp_status_.find(attachment); it != qmp_status_.end()) {
+    it->second.connected = connected;
+  }
 }
 
 void Daemon::CountQmpError(size_t attachment, QmpErrorReason reason) {
   absl::MutexLock l(&registry_mu_);
-  ++qmp_status_[attachment].errors[static_cast<int>(reason)];
+  if (auto it = qmp_status_.find(attachment); it != qmp_status_.end()) {
+    ++it->second.errors[static_cast<int>(reason)];
+  }
 }
 
-Daemon::Health Daemon::CheckHealth() {
-  {
-    absl::MutexLock l(&stop_mu_);
-    if (!started_) return {false, "daemon not started"};
-    if (stopping_) return {false, "daemon stopping"};
-  }
+Daemon::Health Daemon::CheckHealth(absl::Duration max_age) const {
+  if (!running_) return {false, "daemon not running"};
+  std::shared_ptr<const DaemonSnapshot> snap = Latest();
   if (probes_ == nullptr) return {true, "ok"};  // disabled by --no-probes
-  absl::Status s;
-  {
-    absl::MutexLock l(&backend_mu_);
-    s = probes_->ReadCounters().status();
+  if (snap->taken == absl::InfinitePast()) return {false, "probes not read yet"};
+  const absl::Duration age = absl::Now() - snap->taken;
+  if (age > max_age) {
+    return {false, absl::StrCat("probes last read ", absl::FormatDuration(age),
+                                " ago (control loop stalled?)")};
   }
-  if (!s.ok()) return {false, absl::StrCat("probes unreadable: ", s.ToString())};
+  if (!snap->counters) return {false, absl::StrCat("probes unreadable: ", snap->read_error)};
   return {true, "ok"};
 }
 
-std::optional<std::map<ProbeQueueId, uint64_t>> Daemon::NotificationTotals() {
+std::optional<std::map<ProbeQueueId, uint64_t>> Daemon::NotificationTotals(
+    absl::Span<const ProbeQueueId> queues) {
   if (probes_ == nullptr) return std::nullopt;
-  absl::StatusOr<CounterSnapshot> c;
+  absl::StatusOr<std::map<ProbeQueueId, uint64_t>> c;
   {
     absl::MutexLock b(&backend_mu_);
-    c = probes_->ReadCounters();
+    c = probes_->ReadNotificationTotals(queues);
   }
   if (!c.ok()) {
     absl::MutexLock r(&registry_mu_);
     ++probe_errors_.read_counters;
     return std::nullopt;
   }
-  return vkick::NotificationTotals(*c);
+  return *std::move(c);
 }
 
-DaemonSnapshot Daemon::Scrape() {
-  DaemonSnapshot snap;
-  snap.probes_enabled = probes_ != nullptr;
+std::shared_ptr<const DaemonSnapshot> Daemon::Latest() const {
+  absl::MutexLock l(&latest_mu_);
+  return latest_;
+}
+
+std::shared_ptr<const DaemonSnapshot> Daemon::Tick() {
+  auto snap = std::make_shared<DaemonSnapshot>();
+  snap->probes_enabled = probes_ != nullptr;
   absl::MutexLock b(&backend_mu_);
   bool read_failed = false;
   if (probes_ != nullptr) {
     // Exited frontends' bindings go before the read, so `bound_queues` below
     // names live frontends only. A failure is counted as a control error.
-    if (!options_.vhost_user.empty() && !probes_->SweepExitedFrontends().ok()) {
+    const bool swept = options_.vhost_user.empty() || probes_->SweepExitedFrontends().ok();
+    absl::StatusOr<CounterSnapshot> c = probes_->ReadCounters();
+    read_failed = !c.ok();
+    if (c.ok()) {
+      snap->counters = *std::move(c);
+    } else {
+      snap->read_error = c.status().ToString();
+    }
+    if (!swept) {
       absl::MutexLock r(&registry_mu_);
       ++probe_errors_.control;
     }
-    absl::StatusOr<CounterSnapshot> c = probes_->ReadCounters();
-    if (c.ok()) {
-      snap.counters = *std::move(c);
-    } else {
-      read_failed = true;
-    }
   }
-  absl::MutexLock r(&registry_mu_);
-  if (read_failed) ++probe_errors_.read_counters;
-  for (const auto& vm : vms_) {
-    if (vm) snap.vms.push_back(*vm);
+  {
+    absl::MutexLock r(&registry_mu_);
+    if (read_failed) ++probe_errors_.read_counters;
+    for (const auto& [index, vm] : vms_) snap->vms.push_back(vm);
+    if (vhost_vm_) snap->vms.push_back(VhostUserVm(snap->counters));
+    std::sort(snap->vms.begin(), snap->vms.end(),
+              [](const AttachedVm& a, const AttachedVm& b) { return a.vm_id < b.vm_id; });
+    for (const auto& [index, st] : qmp_status_) snap->qmp.push_back(st);
+    snap->probe_errors = probe_errors_;
+    std::copy(std::begin(map_full_), std::end(map_full_), std::begin(snap->map_full));
   }
-  if (vhost_vm_) {
-    AttachedVm vm = *vhost_vm_;
-    if (snap.counters) {
-      // Queues the probes learned (bounded by the protocol's queue limit;
-      // beyond it the exporter's "unknown" queue bucket takes the counts).
-      auto grow = [&](uint16_t device_id, uint16_t queue) {
-        if (device_id >= vm.info.devices.size() || queue >= kMaxVhostUserQueues) return;
-        uint16_t& n = vm.info.devices[device_id].num_queues;
-        n = std::max<uint16_t>(n, queue + 1);
-      };
-      for (const NotificationCount& n : snap.counters->notifications) {
-        if (n.vm_id == vm.vm_id) grow(n.device_id, n.queue);
-      }
-      std::set<uint32_t> live;
-      for (const FrontendInfo& f : snap.counters->frontends) {
-        if (f.vm_id == vm.vm_id) live.insert(f.tgid);
-      }
-      for (const KickFdBinding& k : snap.counters->kick_fds) {
-        if (!live.count(k.tgid) || k.device_id >= vm.info.devices.size()) continue;
-        grow(k.device_id, k.queue);
-        vm.bound_queues.emplace(k.device_id, k.queue);
-      }
-    }
-    snap.vms.push_back(std::move(vm));
-  }
-  std::sort(snap.vms.begin(), snap.vms.end(),
-            [](const AttachedVm& a, const AttachedVm& b) { return a.vm_id < b.vm_id; });
-  snap.qmp = qmp_status_;
-  snap.probe_errors = probe_errors_;
-  std::copy(std::begin(map_full_), std::end(map_full_), std::begin(snap.map_full));
-  snap.kick_syscalls_attached = kick_syscalls_attached_.load();
-  snap.discovery_duration = discovery_duration_.Collect();
+  snap->kick_syscalls_attached = kick_syscalls_attached_.load();
+  snap->discovery_duration = discovery_duration_.Collect();
+  snap->taken = absl::Now();
+  absl::MutexLock l(&latest_mu_);
+  latest_ = snap;
   return snap;
+}
+
+AttachedVm Daemon::VhostUserVm(const std::optional<CounterSnapshot>& counters) const {
+  AttachedVm vm = *vhost_vm_;
+  if (!counters) return vm;
+  // Queues the probes learned (bounded by the protocol's queue limit;
+  // beyond it the exporter's "unknown" queue bucket takes the counts).
+  auto grow = [&](uint16_t device_id, uint16_t queue) {
+    if (device_id >= vm.info.devices.size() || queue >= kMaxVhostUserQueues) return;
+    uint16_t& n = vm.info.devices[device_id].num_queues;
+    n = std::max<uint16_t>(n, queue + 1);
+  };
+  for (const NotificationCount& n : counters->notifications) {
+    if (n.vm_id == vm.vm_id) grow(n.device_id, n.queue);
+  }
+  std::set<uint32_t> live;
+  for (const FrontendInfo& f : counters->frontends) {
+    if (f.vm_id == vm.vm_id) live.insert(f.tgid);
+  }
+  for (const KickFdBinding& k : counters->kick_fds) {
+    if (!live.count(k.tgid) || k.device_id >= vm.info.devices.size()) continue;
+    grow(k.device_id, k.queue);
+    vm.bound_queues.emplace(k.device_id, k.queue);
+  }
+  return vm;
 }
 
 }  // namespace vkick

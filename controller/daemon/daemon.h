@@ -1,21 +1,23 @@
 // The core of vkickd: one attachment per QMP socket, each keeping the probe
-// maps in step with what discovery finds, and a registry of attached VMs that
-// the exporter reads at scrape time.
+// maps in step with what discovery finds; and the one reader of the probes,
+// whose snapshot (Tick) everything else renders.
 //
 // No flags, no globals: vkickd's main() builds the options, the probe backend
 // (or none, with --no-probes) and the discovery factory; tests inject fakes.
 //
 // Threads and locks:
-//   * one thread per attachment (blocking QMP I/O with its own deadlines; a
-//     hung VM therefore never delays another one);
-//   * `backend_mu_` serialises every call into the ProbeBackend (attachment
-//     threads program the maps, the scrape thread reads counters), since
-//     HostProbes makes no thread-safety promise;
+//   * the attachments run on an AttachmentScheduler: one thread waits for
+//     every VM's QMP socket and refresh timer, a few workers do the blocking
+//     QMP exchanges (each bounded by the QMP deadline);
+//   * `backend_mu_` serialises every call into the ProbeBackend (workers
+//     program the maps, Tick() reads them), since HostProbes makes no
+//     thread-safety promise;
 //   * `registry_mu_` guards the VM registry and the QMP state/error counters;
-//   * `syscall_mu_` serialises attaching/detaching the kick syscall programs.
-//   Lock order: syscall_mu_ before backend_mu_ before registry_mu_ (Scrape()
-//   nests the last two, so a scrape sees counters and registry from the same
-//   moment).
+//   * `syscall_mu_` serialises attaching/detaching the kick syscall programs;
+//   * `attach_mu_` guards the set of attachments (--qmp-dir adds and drops).
+//   Lock order: attach_mu_, syscall_mu_, backend_mu_, registry_mu_,
+//   latest_mu_ (Tick() nests backend_mu_ and registry_mu_, so a snapshot
+//   holds counters and registry from the same moment).
 #pragma once
 
 #include <atomic>
@@ -34,6 +36,8 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "controller/daemon/attachment_scheduler.h"
 #include "controller/daemon/log.h"
 #include "controller/discovery/vm_model.h"
 #include "controller/probes/probe_backend.h"
@@ -91,8 +95,25 @@ struct VhostUserFrontendDecl {
 using ConnectedFinder =
     std::function<absl::StatusOr<std::vector<std::pair<uint32_t, int32_t>>>(const std::string&)>;
 
+// Where --qmp-dir's sockets come from: a directory watcher (QmpDirWatcher
+// in vkickd; a fake in tests). fd() is readable when Drain() has news.
+class QmpPathSource {
+ public:
+  virtual ~QmpPathSource() = default;
+  struct Change {
+    bool added = false;  // else removed
+    std::string path;
+  };
+  virtual int fd() const = 0;
+  virtual absl::StatusOr<std::vector<Change>> Drain() = 0;
+  virtual std::string Describe() const = 0;  // for the log: "directory /run/vkick/qmp"
+};
+
 struct DaemonOptions {
   std::vector<std::string> qmp_paths;
+  // --qmp-dir: every socket it reports is a VM too, dropped when it goes.
+  // Owned by the daemon; may be null.
+  std::shared_ptr<QmpPathSource> qmp_dir;
   // The host-process vhost-user drivers, one pseudo-VM named vhost_user_vm
   // whose devices are these ids (device_id = index).
   std::string vhost_user_vm = "vhost-user";
@@ -102,12 +123,18 @@ struct DaemonOptions {
   // something needs them (NeedsKickSyscalls, or any --vhost-user), detach
   // them when nothing does (they slow every syscall on the host).
   bool kick_syscalls = false;
-  absl::Duration refresh_interval = absl::Seconds(1);
+  // Full re-read of a VM over QMP, besides the ones QMP events trigger.
+  // While a device's BARs are unassigned (a booting guest), refreshes come
+  // sooner: from 1 s, doubling up to this.
+  absl::Duration refresh_interval = absl::Seconds(10);
+  // Threads doing QMP exchanges for all VMs (a hung VM holds one for at
+  // most the QMP deadline).
+  int discovery_workers = 4;
   // Reconnect backoff when a QMP socket is missing or misbehaves: doubles
   // from min to max, reset once attached.
   absl::Duration min_backoff = absl::Milliseconds(100);
   absl::Duration max_backoff = absl::Seconds(5);
-  // WaitForEvent is called in slices of at most this, so Stop() is prompt.
+  // A discovery without an event fd is polled for events this often.
   absl::Duration event_slice = absl::Milliseconds(200);
   LogSink log = LogToStderr;
 };
@@ -138,15 +165,18 @@ struct QmpAttachmentStatus {
   uint64_t errors[kNumQmpErrorReasons] = {};
 };
 
-// Everything the exporter needs, taken at one moment.
+// Everything the exporter, the control loop and /healthz need, taken at one
+// moment by the one probe reader (Daemon::Tick). Immutable once published.
 struct DaemonSnapshot {
+  absl::Time taken = absl::InfinitePast();  // InfinitePast: no Tick() yet
   std::vector<AttachedVm> vms;             // sorted by vm_id
-  std::vector<QmpAttachmentStatus> qmp;    // in --qmp order
+  std::vector<QmpAttachmentStatus> qmp;    // --qmp order, then --qmp-dir arrivals
   prometheus::ClientMetric discovery_duration;  // histogram, seconds
   bool probes_enabled = false;             // a ProbeBackend was given
   // Counters read in the same scrape; empty when probes are disabled or the
   // read failed (then probe_errors.read_counters was incremented).
   std::optional<CounterSnapshot> counters;
+  std::string read_error;  // why `counters` is empty although probes are enabled
   DaemonProbeErrors probe_errors;
   uint64_t map_full[kNumProbeMaps] = {};  // VMs refused by a full map, by ProbeMap
   bool kick_syscalls_attached = false;
@@ -164,34 +194,46 @@ class Daemon {
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
 
-  // Starts one attachment thread per QMP path. Call once.
-  void Start();
-  // Stops and joins every attachment, untracks every VM. Idempotent.
+  // Starts discovery: every --qmp path, then --qmp-dir's. Call once.
+  absl::Status Start();
+  // Stops discovery, untracks every VM. Idempotent.
   void Stop();
 
   struct Health {
     bool ok = false;
     std::string reason;  // "ok", or what is wrong
   };
-  // Healthy when running and the probes are attached (or disabled by flag)
-  // and readable.
-  Health CheckHealth();
+  // From the latest snapshot: healthy when running, the probes attached (or
+  // disabled by flag) and read without error by a Tick() at most `max_age`
+  // ago. Reads nothing itself.
+  Health CheckHealth(absl::Duration max_age) const;
 
-  // Reads the probe counters and copies the registry (see lock order above).
-  DaemonSnapshot Scrape();
+  // The one reader: sweeps exited frontends, reads the probe counters once,
+  // copies the registry, publishes the result as Latest() and returns it.
+  // The control loop calls it every tick; nothing else reads the maps whole.
+  std::shared_ptr<const DaemonSnapshot> Tick();
+  // The last Tick()'s snapshot (an empty one before the first). Reads nothing,
+  // changes nothing: what /metrics and the admin socket render.
+  std::shared_ptr<const DaemonSnapshot> Latest() const;
 
-  // Only the notification totals by (vm_id, device_id, queue), for stamping
-  // an agent's sample when it arrives; nullopt without probes or on a read
-  // error (counted like a scrape's). Takes backend_mu_ only.
-  std::optional<std::map<ProbeQueueId, uint64_t>> NotificationTotals();
+  // The notification totals of `queues` only, now, for stamping an agent's
+  // sample when it arrives; nullopt without probes or on a read error
+  // (counted like a Tick's). Takes backend_mu_ only.
+  std::optional<std::map<ProbeQueueId, uint64_t>> NotificationTotals(
+      absl::Span<const ProbeQueueId> queues);
+
+  // QMP attachment runs so far (the scale benchmark's sanity check).
+  uint64_t discovery_runs() const { return scheduler_ ? scheduler_->runs() : 0; }
 
  private:
   class Attachment;
 
+  class DirTask;
+
   void Log(absl::string_view line) const { options_.log(line); }
-  bool Stopping();
-  // Sleeps up to `d`; returns true (early) once Stop() was called.
-  bool WaitForStop(absl::Duration d);
+  // Adds an attachment for `path` (no-op if one exists) / drops it.
+  void AddPath(const std::string& path) ABSL_LOCKS_EXCLUDED(attach_mu_);
+  void RemovePath(const std::string& path) ABSL_LOCKS_EXCLUDED(attach_mu_);
   // Probe-control helpers: run `call` under backend_mu_, count failures.
   absl::Status ProbeCall(const std::function<absl::Status(ProbeBackend&)>& call);
   uint32_t NextVmId() { return next_vm_id_.fetch_add(1); }
@@ -213,6 +255,9 @@ class Daemon {
   void RemoveVm(size_t attachment);
   void SetConnected(size_t attachment, bool connected);
   void CountQmpError(size_t attachment, QmpErrorReason reason);
+  // The --vhost-user pseudo-VM with the queues and bindings the probes know.
+  AttachedVm VhostUserVm(const std::optional<CounterSnapshot>& counters) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(registry_mu_);
   void ObserveDiscovery(absl::Duration d) {
     discovery_duration_.Observe(absl::ToDoubleSeconds(d));
   }
@@ -226,6 +271,16 @@ class Daemon {
 
   std::atomic<uint64_t> room_epoch_{0};
 
+  absl::Mutex attach_mu_ ABSL_ACQUIRED_BEFORE(syscall_mu_);
+  // By attachment index: --qmp paths first, then --qmp-dir arrivals (an
+  // index is never reused, so a late report of a dropped one is harmless).
+  std::map<size_t, std::unique_ptr<Attachment>> attachments_ ABSL_GUARDED_BY(attach_mu_);
+  std::map<std::string, size_t> index_of_ ABSL_GUARDED_BY(attach_mu_);
+  size_t next_index_ ABSL_GUARDED_BY(attach_mu_) = 0;
+  bool stopped_ ABSL_GUARDED_BY(attach_mu_) = false;
+  std::unique_ptr<AttachmentScheduler> scheduler_;  // set by Start()
+  std::unique_ptr<DirTask> dir_task_;
+
   absl::Mutex syscall_mu_ ABSL_ACQUIRED_BEFORE(backend_mu_);
   std::set<size_t> syscall_needs_ ABSL_GUARDED_BY(syscall_mu_);
   std::string syscall_error_ ABSL_GUARDED_BY(syscall_mu_);  // last failure logged
@@ -233,20 +288,17 @@ class Daemon {
 
   absl::Mutex backend_mu_ ABSL_ACQUIRED_BEFORE(registry_mu_);
 
-  mutable absl::Mutex registry_mu_;
-  // Indexed by attachment (position in options_.qmp_paths).
-  std::vector<std::optional<AttachedVm>> vms_ ABSL_GUARDED_BY(registry_mu_);
+  mutable absl::Mutex registry_mu_ ABSL_ACQUIRED_BEFORE(latest_mu_);
+  std::map<size_t, AttachedVm> vms_ ABSL_GUARDED_BY(registry_mu_);
   std::optional<AttachedVm> vhost_vm_ ABSL_GUARDED_BY(registry_mu_);
-  std::vector<QmpAttachmentStatus> qmp_status_ ABSL_GUARDED_BY(registry_mu_);
+  std::map<size_t, QmpAttachmentStatus> qmp_status_ ABSL_GUARDED_BY(registry_mu_);
   DaemonProbeErrors probe_errors_ ABSL_GUARDED_BY(registry_mu_);
   uint64_t map_full_[kNumProbeMaps] ABSL_GUARDED_BY(registry_mu_) = {};
   bool map_full_logged_[kNumProbeMaps] ABSL_GUARDED_BY(registry_mu_) = {};
 
-  absl::Mutex stop_mu_;
-  bool stopping_ ABSL_GUARDED_BY(stop_mu_) = false;
-  bool started_ ABSL_GUARDED_BY(stop_mu_) = false;
-
-  std::vector<std::unique_ptr<Attachment>> attachments_;
+  mutable absl::Mutex latest_mu_;
+  std::shared_ptr<const DaemonSnapshot> latest_ ABSL_GUARDED_BY(latest_mu_);
+  std::atomic<bool> running_{false};
 };
 
 }  // namespace vkick

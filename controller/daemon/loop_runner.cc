@@ -187,7 +187,8 @@ void LoopRunner::Wake() {
 
 void LoopRunner::StepOnce() {
   const absl::Time t0 = absl::Now();
-  DaemonSnapshot snap = daemon_.Scrape();
+  const std::shared_ptr<const DaemonSnapshot> latest = daemon_.Tick();
+  const DaemonSnapshot& snap = *latest;
   AgentServer::Collected col;
   if (server_ != nullptr) col = server_->Collect();
 
@@ -264,15 +265,19 @@ void LoopRunner::StepOnce() {
   duration_.Observe(absl::ToDoubleSeconds(absl::Now() - t0));
 }
 
-std::map<QueueKey, uint64_t> LoopRunner::HostTotalsNow() {
-  std::map<QueueKey, ProbeQueueId> ids;
+std::map<QueueKey, uint64_t> LoopRunner::HostTotalsNow(const std::set<QueueKey>& queues) {
+  std::vector<std::pair<QueueKey, ProbeQueueId>> ids;
   {
     absl::MutexLock l(&ids_mu_);
-    ids = counted_ids_;
+    for (const QueueKey& k : queues) {
+      if (auto it = counted_ids_.find(k); it != counted_ids_.end()) ids.emplace_back(k, it->second);
+    }
   }
   std::map<QueueKey, uint64_t> out;
   if (ids.empty()) return out;
-  auto totals = daemon_.NotificationTotals();
+  std::vector<ProbeQueueId> probe_ids;
+  for (const auto& [key, id] : ids) probe_ids.push_back(id);
+  auto totals = daemon_.NotificationTotals(probe_ids);
   if (!totals) return out;
   for (const auto& [key, id] : ids) {
     auto it = totals->find(id);

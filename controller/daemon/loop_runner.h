@@ -85,10 +85,11 @@ class LoopRunner {
   // One step, synchronously (tests; the thread calls it too).
   void StepOnce();
 
-  // The host-counted notification totals of the queues the probes cover,
-  // now (AgentServerOptions::host_totals: stamps samples on arrival).
-  // Uses the queue naming of the last step; thread-safe.
-  std::map<QueueKey, uint64_t> HostTotalsNow();
+  // The host-counted notification totals of `queues` that the probes cover,
+  // now (AgentServerOptions::host_totals: stamps samples on arrival). Reads
+  // those queues' counters only; uses the queue naming of the last step;
+  // thread-safe.
+  std::map<QueueKey, uint64_t> HostTotalsNow(const std::set<QueueKey>& queues);
 
   std::string HandleAdmin(const AdminRequest& req);
   LoopSnapshot Snapshot() const;

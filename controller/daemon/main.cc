@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -37,11 +38,16 @@ ABSL_FLAG(std::vector<std::string>, qmp, {},
           "QMP socket of a VM (QEMU -qmp unix:PATH,server=on,wait=off); repeat the flag (or "
           "give a comma-separated list) for several VMs. Without it vkickd serves its own "
           "metrics only.");
+ABSL_FLAG(std::string, qmp_dir, "",
+          "Directory of QMP sockets: every unix socket that appears in it is a VM (attached as "
+          "with --qmp), dropped when it goes (inotify). For libvirt and KubeVirt hosts: "
+          "docs/operations.md. Empty = off.");
 ABSL_FLAG(std::string, listen, "127.0.0.1:9470",
           "HOST:PORT to serve /metrics and /healthz on (IPv4 literal; port 0 picks a free one).");
-ABSL_FLAG(absl::Duration, refresh_interval, absl::Seconds(1),
-          "Re-read every VM over QMP this often (BARs are assigned after start and may move); "
-          "QMP events trigger an earlier refresh.");
+ABSL_FLAG(absl::Duration, refresh_interval, absl::Seconds(10),
+          "Re-read every VM over QMP at least this often. QMP events (reset, device removal, "
+          "resume) trigger a refresh at once, and a VM whose BARs are not assigned yet (a "
+          "booting guest) is re-read from every 1s, backing off to this.");
 ABSL_FLAG(absl::Duration, qmp_timeout, absl::Seconds(2),
           "Deadline of one QMP exchange; a VM that does not answer in time is a timeout error.");
 ABSL_FLAG(std::string, agent_socket, "",
@@ -145,6 +151,11 @@ int main(int argc, char** argv) {
     }
   }
   options.refresh_interval = absl::GetFlag(FLAGS_refresh_interval);
+  if (const std::string dir = absl::GetFlag(FLAGS_qmp_dir); !dir.empty()) {
+    auto source = vkick::OpenQmpDir(dir);
+    if (!source.ok()) return Fail(absl::StrCat("--qmp-dir: ", source.status().message()));
+    options.qmp_dir = *std::move(source);
+  }
   const std::string listen = absl::GetFlag(FLAGS_listen);
   if (options.refresh_interval <= absl::ZeroDuration()) {
     return Fail("--refresh-interval must be positive");
@@ -260,10 +271,13 @@ int main(int argc, char** argv) {
     ao.socket_path = agent_socket;  // "" = VM channels only
     ao.vm = loop_options.vhost_user_vm;
     ao.devices = vkick::VhostUserChannelDevices(loop_options);
-    ao.max_connections = 8 + options.qmp_paths.size();
+    ao.max_connections =
+        8 + options.qmp_paths.size() + (options.qmp_dir ? vkick::kMaxQmpDirSockets : 0);
     ao.log = [](const std::string& s) { vkick::LogToStderr(s); };
     ao.on_hello = [&runner] { runner.Wake(); };
-    ao.host_totals = [&runner] { return runner.HostTotalsNow(); };
+    ao.host_totals = [&runner](const std::set<vkick::QueueKey>& q) {
+      return runner.HostTotalsNow(q);
+    };
     auto a = vkick::AgentServer::Start(std::move(ao));
     if (!a.ok()) return Fail(absl::StrCat("--agent-socket: ", a.status().ToString()));
     agents = *std::move(a);
@@ -292,20 +306,23 @@ int main(int argc, char** argv) {
 
   auto collector = std::make_shared<vkick::VkickCollector>(
       daemon, vkick::ExitReasonNames(), VKICK_VERSION, [&runner] { return runner.Snapshot(); });
-  auto server = vkick::MetricsHttpServer::Start(listen, {collector}, [&daemon] {
-    vkick::Daemon::Health h = daemon.CheckHealth();
+  auto server = vkick::MetricsHttpServer::Start(listen, {collector}, [&daemon, &loop_options] {
+    // Stale after three missed control steps (the loop reads the probes).
+    vkick::Daemon::Health h = daemon.CheckHealth(3 * loop_options.interval + absl::Seconds(1));
     return vkick::HealthResult{h.ok, h.reason};
   });
   if (!server.ok()) return Fail(server.status().message());
 
-  daemon.Start();
+  if (absl::Status s = daemon.Start(); !s.ok()) return Fail(absl::StrCat("discovery: ", s.ToString()));
   runner.Start();
   vkick::LogToStderr(absl::StrCat(
       "vkickd ", VKICK_VERSION, " listening on ", (*server)->url(), "/metrics (probes ",
       probes ? absl::StrCat("attached: ", probes_described) : "disabled by --no-probes", ", ",
       options.qmp_paths.size(),
       " QMP socket(s)", options.qmp_paths.empty() ? "" : ": ",
-      absl::StrJoin(options.qmp_paths, ", "), ")"));
+      absl::StrJoin(options.qmp_paths, ", "),
+      options.qmp_dir ? absl::StrCat(", and every socket in ", options.qmp_dir->Describe()) : "",
+      ")"));
   vkick::LogToStderr(absl::StrCat(
       "control loop every ", absl::FormatDuration(loop_options.interval), ", lease ",
       absl::FormatDuration(lease), ", default policy ",

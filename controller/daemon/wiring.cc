@@ -38,6 +38,35 @@ absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(const ProbeCapaci
   return std::unique_ptr<ProbeBackend>(std::move(*p));
 }
 
+namespace {
+
+class QmpDirSource : public QmpPathSource {
+ public:
+  explicit QmpDirSource(std::unique_ptr<QmpDirWatcher> w) : w_(std::move(w)) {}
+  int fd() const override { return w_->fd(); }
+  absl::StatusOr<std::vector<Change>> Drain() override {
+    absl::StatusOr<std::vector<QmpDirWatcher::Change>> in = w_->Drain();
+    if (!in.ok()) return in.status();
+    std::vector<Change> out;
+    for (QmpDirWatcher::Change& c : *in) {
+      out.push_back({c.kind == QmpDirWatcher::Change::kAdded, std::move(c.path)});
+    }
+    return out;
+  }
+  std::string Describe() const override { return absl::StrCat("directory ", w_->dir()); }
+
+ private:
+  std::unique_ptr<QmpDirWatcher> w_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<QmpPathSource>> OpenQmpDir(const std::string& dir) {
+  absl::StatusOr<std::unique_ptr<QmpDirWatcher>> w = QmpDirWatcher::Open(dir, kMaxQmpDirSockets);
+  if (!w.ok()) return w.status();
+  return std::shared_ptr<QmpPathSource>(std::make_shared<QmpDirSource>(*std::move(w)));
+}
+
 DiscoveryFactory QmpDiscoveryFactory(absl::Duration timeout, AgentPortRegistry* agent_ports) {
   return [timeout, agent_ports](
              const std::string& path) -> absl::StatusOr<std::unique_ptr<VmDiscovery>> {

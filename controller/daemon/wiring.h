@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "controller/daemon/agent_port.h"
 #include "controller/daemon/daemon.h"
+#include "controller/discovery/qmp_dir_watcher.h"
 #include "controller/probes/host_probes.h"
 #include "controller/probes/probe_backend.h"
 #include "controller/probes/probe_capacity.h"
@@ -43,6 +44,12 @@ absl::StatusOr<std::string> CanonicalSocketPath(const std::string& path);
 // (pid, fd of that connection). The listening side is not included.
 absl::StatusOr<std::vector<std::pair<uint32_t, int32_t>>> FindConnectedFrontends(
     const std::string& path);
+
+// The most sockets --qmp-dir attaches (more are ignored until some go).
+inline constexpr size_t kMaxQmpDirSockets = QmpDirWatcher::kDefaultMaxSockets;
+
+// --qmp-dir=DIR: an inotify watcher of DIR as the daemon's path source.
+absl::StatusOr<std::shared_ptr<QmpPathSource>> OpenQmpDir(const std::string& dir);
 
 // Decodes kvm_exit (isa, reason) into the bounded set of reason names.
 ExitReasonNamer ExitReasonNames();

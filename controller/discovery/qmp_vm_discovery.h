@@ -40,7 +40,10 @@ class QmpVmDiscovery : public VmDiscovery {
                                                                  absl::Duration timeout);
 
   absl::StatusOr<VmInfo> Refresh() override;
+  // Returns true at the first discovery event; false once nothing is left
+  // to read by the deadline (a zero timeout drains what is already there).
   absl::StatusOr<bool> WaitForEvent(absl::Duration timeout) override;
+  int event_fd() const override { return client_->fd(); }
 
   pid_t pid() const { return client_->peer_pid(); }
   QmpClient& client() { return *client_; }
@@ -81,6 +84,7 @@ class QmpVmDiscovery : public VmDiscovery {
   std::map<std::string, AnonProxy> anon_cache_;     // by QOM path
   std::map<std::string, uint16_t> device_ids_;      // by label, never reused
   uint16_t next_device_id_ = 0;
+  std::optional<std::string> name_;  // -name, or "pid<N>"; asked once
   bool kvm_asked_ = false;
   std::optional<bool> kvm_;
 };

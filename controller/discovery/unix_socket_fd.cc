@@ -16,7 +16,7 @@
 #include "absl/strings/strip.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "controller/qmp/unique_fd.h"
+#include "common/unique_fd.h"
 
 namespace vkick {
 namespace {

@@ -61,6 +61,10 @@ class VmDiscovery {
   // (RESET, DEVICE_DELETED, ...). Returns true if one arrived. kUnavailable
   // when the VM has gone away.
   virtual absl::StatusOr<bool> WaitForEvent(absl::Duration timeout) = 0;
+  // A descriptor that becomes readable when WaitForEvent has something to
+  // read (the QMP socket), so one thread can wait for every VM at once; -1
+  // when there is none (the caller then polls WaitForEvent).
+  virtual int event_fd() const { return -1; }
 };
 
 }  // namespace vkick

@@ -185,15 +185,44 @@ absl::StatusOr<json> QmpClient::Execute(absl::string_view command, const json& a
 
 absl::StatusOr<json> QmpClient::Execute(absl::string_view command, const json& args,
                                         absl::Duration timeout) {
-  if (!broken_.ok()) return broken_;
+  std::vector<absl::StatusOr<json>> r = ExecuteAll({{std::string(command), args}}, timeout);
+  return std::move(r[0]);
+}
+
+std::vector<absl::StatusOr<json>> QmpClient::ExecuteAll(const std::vector<QmpCommand>& commands,
+                                                        absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
-  const uint64_t id = next_id_++;
-  json req = {{"execute", std::string(command)}, {"id", id}};
-  if (!args.is_null()) req["arguments"] = args;
-  std::string text = req.dump();
-  text += "\n";
-  absl::Status st = WriteAll(text, deadline);
-  if (!st.ok()) return st;
+  const uint64_t first = next_id_;
+  std::string text;
+  for (const QmpCommand& c : commands) {
+    json req = {{"execute", c.name}, {"id", next_id_++}};
+    if (!c.args.is_null()) req["arguments"] = c.args;
+    absl::StrAppend(&text, req.dump(), "\n");
+  }
+  std::vector<absl::StatusOr<json>> out;
+  absl::Status st = broken_.ok() ? WriteAll(text, deadline) : broken_;
+  early_.clear();
+  batch_end_ = next_id_ - 1;
+  for (size_t i = 0; i < commands.size(); ++i) {
+    if (!st.ok()) {
+      out.push_back(st);
+      continue;
+    }
+    if (auto it = early_.find(first + i); it != early_.end()) {
+      out.push_back(ReplyToStatus(it->second, commands[i].name));
+      continue;
+    }
+    out.push_back(AwaitReply(first + i, commands[i].name, deadline, timeout));
+    // A transport failure (or timeout) leaves the later replies unread.
+    if (!out.back().ok() && !QmpErrorClass(out.back().status()).has_value()) {
+      st = out.back().status();
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<json> QmpClient::AwaitReply(uint64_t id, absl::string_view command,
+                                           absl::Time deadline, absl::Duration timeout) {
   for (;;) {
     absl::StatusOr<json> msg = ReadMessage(deadline);
     if (!msg.ok()) {
@@ -219,13 +248,24 @@ absl::StatusOr<json> QmpClient::Execute(absl::string_view command, const json& a
     auto rid = msg->find("id");
     const bool numeric_id = rid != msg->end() && rid->is_number_unsigned();
     if (numeric_id && rid->get<uint64_t>() < id) continue;
+    // QEMU answers in order; a peer that does not may answer a later
+    // command of the same batch first: kept for it.
+    if (numeric_id && rid->get<uint64_t>() > id && rid->get<uint64_t>() <= batch_end_) {
+      const uint64_t later = rid->get<uint64_t>();
+      early_[later] = *std::move(msg);
+      continue;
+    }
     if (!numeric_id || rid->get<uint64_t>() != id) {
       return Fail(absl::DataLossError(
           absl::StrCat("QMP ", path_, ": reply to ", command, " with a missing or unknown id")));
     }
-    if (*kind == QmpMessageKind::kError) return QmpErrorToStatus((*msg)["error"], command);
-    return (*msg)["return"];
+    return ReplyToStatus(*msg, command);
   }
+}
+
+absl::StatusOr<json> QmpClient::ReplyToStatus(const json& msg, absl::string_view command) {
+  if (msg.contains("error")) return QmpErrorToStatus(msg["error"], command);
+  return msg["return"];
 }
 
 absl::StatusOr<std::optional<QmpEvent>> QmpClient::WaitForEvent(absl::Duration timeout) {

@@ -15,19 +15,27 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 #include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "controller/qmp/qmp_parse.h"
-#include "controller/qmp/unique_fd.h"
+#include "common/unique_fd.h"
 #include "nlohmann/json.hpp"
 
 namespace vkick {
+
+// One command of QmpClient::ExecuteAll.
+struct QmpCommand {
+  std::string name;
+  nlohmann::json args = nullptr;  // null: no "arguments"
+};
 
 struct QmpClientOptions {
   size_t max_message_bytes = kDefaultMaxQmpMessageBytes;
@@ -51,12 +59,25 @@ class QmpClient {
                                          const nlohmann::json& args = nullptr);
   absl::StatusOr<nlohmann::json> Execute(absl::string_view command, const nlohmann::json& args,
                                          absl::Duration timeout);
+  // Sends every command at once and returns their replies in order (QEMU
+  // answers in-band commands in order): one round trip for all, where a
+  // fleet of VMs pays per round trip in context switches. After a transport
+  // error or timeout the remaining replies carry that error.
+  std::vector<absl::StatusOr<nlohmann::json>> ExecuteAll(const std::vector<QmpCommand>& commands,
+                                                         absl::Duration timeout);
+  std::vector<absl::StatusOr<nlohmann::json>> ExecuteAll(const std::vector<QmpCommand>& commands) {
+    return ExecuteAll(commands, options_.default_command_timeout);
+  }
 
   // The next event, waiting up to `timeout` for one; nullopt if none came.
   absl::StatusOr<std::optional<QmpEvent>> WaitForEvent(absl::Duration timeout);
   // A queued event without waiting or reading the socket.
   std::optional<QmpEvent> PopEvent();
 
+  // The socket, for the caller's poll/epoll: readable when an event (or the
+  // peer closing) is waiting. Events read during a command wait in PopEvent()
+  // instead, so drain those after every command.
+  int fd() const { return fd_.get(); }
   // The QEMU process at the other end (SO_PEERCRED at connect time).
   pid_t peer_pid() const { return peer_pid_; }
   const QmpGreeting& greeting() const { return greeting_; }
@@ -72,6 +93,11 @@ class QmpClient {
   // Reads one message (any kind) before `deadline`. Events are returned too.
   absl::StatusOr<nlohmann::json> ReadMessage(absl::Time deadline);
   absl::Status WriteAll(absl::string_view data, absl::Time deadline);
+  static absl::StatusOr<nlohmann::json> ReplyToStatus(const nlohmann::json& reply,
+                                                      absl::string_view command);
+  // Reads until the reply to command `id`, queueing events on the way.
+  absl::StatusOr<nlohmann::json> AwaitReply(uint64_t id, absl::string_view command,
+                                            absl::Time deadline, absl::Duration timeout);
   void QueueEvent(const nlohmann::json& msg);
   // Marks the connection dead with `st` and returns it.
   absl::Status Fail(absl::Status st);
@@ -84,6 +110,8 @@ class QmpClient {
   std::string buf_;  // bytes read but not yet framed
   std::deque<QmpEvent> events_;
   uint64_t next_id_ = 1;
+  uint64_t batch_end_ = 0;                 // last id of the ExecuteAll in progress
+  std::map<uint64_t, nlohmann::json> early_;  // its replies that came before their turn
   uint64_t dropped_events_ = 0;
   uint64_t events_seen_ = 0;
   absl::Status broken_;  // non-OK once the stream cannot be trusted

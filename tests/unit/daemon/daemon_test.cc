@@ -35,7 +35,7 @@ DaemonOptions FastOptions(std::vector<std::string> paths, LogCapture& log) {
 
 std::string Exposition(Daemon& d) {
   return prometheus::TextSerializer().Serialize(BuildMetricFamilies(
-      d.Scrape(), [](uint32_t, uint32_t r) { return absl::StrCat("r", r); }, "test"));
+      (*d.Tick()), [](uint32_t, uint32_t r) { return absl::StrCat("r", r); }, "test"));
 }
 
 TEST(ClassifyQmpErrorTest, MapsStatusCodesToReasons) {
@@ -54,7 +54,7 @@ TEST(DaemonTest, AttachesTracksAndProgramsTargetsOnce) {
   LogCapture log;
   world.Set("/vm1.qmp", QmpMode::kLive, TwoDiskVm("vm1", 1000));
   Daemon d(FastOptions({"/vm1.qmp"}, log), &probes, world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
 
   ASSERT_TRUE(Eventually([&] { return probes.tracked().size() == 1; }));
   auto [vm_id, pid] = *probes.tracked().begin();
@@ -68,7 +68,7 @@ TEST(DaemonTest, AttachesTracksAndProgramsTargetsOnce) {
   EXPECT_EQ(probes.set_targets_calls(), 1);
   EXPECT_EQ(probes.track_calls(), 1);
 
-  DaemonSnapshot s = d.Scrape();
+  DaemonSnapshot s = (*d.Tick());
   ASSERT_EQ(s.vms.size(), 1u);
   EXPECT_EQ(s.vms[0].vm_id, vm_id);
   EXPECT_EQ(s.vms[0].info.name, "vm1");
@@ -96,7 +96,7 @@ TEST(DaemonTest, RefreshAppliesChangedTargetsAndEventsTriggerRefresh) {
   DaemonOptions o = FastOptions({"/vm.qmp"}, log);
   o.refresh_interval = absl::Hours(1);  // only events refresh in this test
   Daemon d(o, &probes, world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
   ASSERT_TRUE(Eventually([&] { return probes.set_targets_calls() == 1; }));
 
   // The firmware moves BAR4; the VM reports it on the next refresh, which
@@ -117,20 +117,20 @@ TEST(DaemonTest, VmGoneUntracksAndDropsSeriesThenReattachesOnRestart) {
   LogCapture log;
   world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("vmgone", 7));
   Daemon d(FastOptions({"/vm.qmp"}, log), &probes, world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
   ASSERT_TRUE(Eventually([&] { return probes.tracked().size() == 1; }));
   uint32_t old_id = probes.tracked().begin()->first;
   ASSERT_THAT(Exposition(d), HasSubstr("vm=\"vmgone\""));
 
   world.Set("/vm.qmp", QmpMode::kMissing);  // QEMU quit: connection closed, socket gone
-  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.empty(); }));
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.empty(); }));
   ASSERT_TRUE(Eventually([&] { return probes.tracked().empty(); }));
   ASSERT_EQ(probes.untracked().size(), 1u);
   EXPECT_EQ(probes.untracked()[0], std::make_pair(7u, old_id));
   std::string text = Exposition(d);
   EXPECT_THAT(text, Not(HasSubstr("vmgone")));
   EXPECT_THAT(text, HasSubstr("vkick_qmp_connected{qmp=\"/vm.qmp\"} 0"));
-  EXPECT_EQ(d.Scrape().qmp[0].errors[static_cast<int>(QmpErrorReason::kGone)], 1u);
+  EXPECT_EQ((*d.Tick()).qmp[0].errors[static_cast<int>(QmpErrorReason::kGone)], 1u);
   EXPECT_EQ(log.Count("/vm.qmp", "detached VM 'vmgone'"), 1);
 
   // The VM is started again on the same path: a new process, a new vm_id.
@@ -151,10 +151,10 @@ TEST(DaemonTest, QmpErrorsCountedPerReasonWhileOtherVmsWork) {
   world.Set("/ok.qmp", QmpMode::kLive, TwoDiskVm("ok", 13));
   Daemon d(FastOptions({"/missing.qmp", "/hung.qmp", "/garbage.qmp", "/ok.qmp"}, log), &probes,
            world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
 
   auto errors = [&](int i, QmpErrorReason r) {
-    return d.Scrape().qmp[i].errors[static_cast<int>(r)];
+    return (*d.Tick()).qmp[i].errors[static_cast<int>(r)];
   };
   ASSERT_TRUE(Eventually([&] {
     return errors(0, QmpErrorReason::kConnect) >= 3 && errors(1, QmpErrorReason::kTimeout) >= 3 &&
@@ -169,7 +169,7 @@ TEST(DaemonTest, QmpErrorsCountedPerReasonWhileOtherVmsWork) {
             0u);
 
   // The healthy VM is attached; the broken ones are not.
-  DaemonSnapshot s = d.Scrape();
+  DaemonSnapshot s = (*d.Tick());
   ASSERT_EQ(s.vms.size(), 1u);
   EXPECT_EQ(s.vms[0].info.name, "ok");
   EXPECT_TRUE(s.qmp[3].connected);
@@ -186,7 +186,7 @@ TEST(DaemonTest, QmpErrorsCountedPerReasonWhileOtherVmsWork) {
 
   // The hung one recovers: attached, and a new state is logged once.
   world.Set("/hung.qmp", QmpMode::kLive, TwoDiskVm("hung", 11));
-  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 2; }));
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.size() == 2; }));
   EXPECT_EQ(log.Count("qmp /hung.qmp: attached VM 'hung'"), 1);
 }
 
@@ -205,7 +205,7 @@ TEST(DaemonTest, VhostUserSocketDeclaredOncePerDevice) {
   vm.devices.push_back(vu);
   world.Set("/vu.qmp", QmpMode::kLive, vm);
   Daemon d(FastOptions({"/vu.qmp"}, log), &probes, world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
   int r0 = 0;
   ASSERT_TRUE(Eventually([&] { return (r0 = world.refreshes("/vu.qmp")) >= 3; }));
   EXPECT_TRUE(probes.vhost_sockets().empty()) << "no fd resolved, nothing to declare";
@@ -227,8 +227,8 @@ TEST(DaemonTest, ProbeControlFailuresAreCountedAndRetried) {
   probes.set_fail_track(true);
   world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("vm", 9));
   Daemon d(FastOptions({"/vm.qmp"}, log), &probes, world.Factory());
-  d.Start();
-  ASSERT_TRUE(Eventually([&] { return d.Scrape().probe_errors.control >= 3; }));
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).probe_errors.control >= 3; }));
   EXPECT_EQ(log.Count("probe TrackProcess"), 1) << "logged once, counted every time";
   EXPECT_TRUE(probes.targets().empty()) << "no targets for an untracked VM";
   probes.set_fail_track(false);
@@ -240,19 +240,19 @@ TEST(DaemonTest, RunsWithoutProbesAndWithoutQmp) {
   FakeWorld world;
   world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("np", 5));
   Daemon none(FastOptions({}, log), nullptr, world.Factory());
-  EXPECT_FALSE(none.CheckHealth().ok) << "not started";
-  none.Start();
-  EXPECT_TRUE(none.CheckHealth().ok);
-  DaemonSnapshot s = none.Scrape();
+  EXPECT_FALSE(none.CheckHealth(absl::Seconds(5)).ok) << "not started";
+  ASSERT_TRUE(none.Start().ok());
+  EXPECT_TRUE(none.CheckHealth(absl::Seconds(5)).ok) << "no probes: nothing to read";
+  DaemonSnapshot s = (*none.Tick());
   EXPECT_FALSE(s.probes_enabled);
   EXPECT_FALSE(s.counters.has_value());
   EXPECT_THAT(Exposition(none), HasSubstr("vkick_probes_attached 0"));
   none.Stop();
-  EXPECT_FALSE(none.CheckHealth().ok) << "stopped";
+  EXPECT_FALSE(none.CheckHealth(absl::Seconds(5)).ok) << "stopped";
 
   Daemon noprobes(FastOptions({"/vm.qmp"}, log), nullptr, world.Factory());
-  noprobes.Start();
-  ASSERT_TRUE(Eventually([&] { return noprobes.Scrape().vms.size() == 1; }));
+  ASSERT_TRUE(noprobes.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return (*noprobes.Tick()).vms.size() == 1; }));
   EXPECT_THAT(Exposition(noprobes),
               HasSubstr("vkick_virtqueue_notifications_total{vm=\"np\",device=\"disk0\",queue=\"0\"} 0"));
 }
@@ -262,14 +262,20 @@ TEST(DaemonTest, HealthAndScrapeReportUnreadableProbes) {
   FakeWorld world;
   FakeProbeBackend probes;
   Daemon d(FastOptions({}, log), &probes, world.Factory());
-  d.Start();
-  EXPECT_TRUE(d.CheckHealth().ok);
+  ASSERT_TRUE(d.Start().ok());
+  EXPECT_FALSE(d.CheckHealth(absl::Seconds(5)).ok) << "no Tick() has read the probes yet";
   EXPECT_THAT(Exposition(d), HasSubstr("vkick_probes_attached 1"));
+  EXPECT_TRUE(d.CheckHealth(absl::Seconds(5)).ok);
+  absl::SleepFor(absl::Milliseconds(20));
+  Daemon::Health stale = d.CheckHealth(absl::Milliseconds(10));
+  EXPECT_FALSE(stale.ok) << "the loop stopped reading the probes";
+  EXPECT_THAT(stale.reason, HasSubstr("last read"));
   probes.set_fail_read(true);
-  Daemon::Health h = d.CheckHealth();
+  EXPECT_TRUE(d.CheckHealth(absl::Seconds(5)).ok) << "health reads nothing itself";
+  std::string text = Exposition(d);  // a Tick()
+  Daemon::Health h = d.CheckHealth(absl::Seconds(5));
   EXPECT_FALSE(h.ok);
   EXPECT_THAT(h.reason, HasSubstr("maps unreadable"));
-  std::string text = Exposition(d);
   EXPECT_THAT(text, HasSubstr("vkick_probes_attached 0"));
   EXPECT_THAT(text, HasSubstr("vkick_probe_errors_total{reason=\"read_counters\"} 1"));
 }
@@ -284,10 +290,10 @@ struct Placed {
 Placed PlaceTwo(Daemon& d, FakeProbeBackend& probes) {
   Placed p;
   EXPECT_TRUE(Eventually([&] {
-    DaemonSnapshot s = d.Scrape();
+    DaemonSnapshot s = (*d.Tick());
     return s.vms.size() == 2 && (s.vms[0].probed != s.vms[1].probed);
   }));
-  for (const AttachedVm& vm : d.Scrape().vms) {
+  for (const AttachedVm& vm : (*d.Tick()).vms) {
     (vm.probed ? p.in_path : p.out_path) = vm.info.qmp_path;
     (vm.probed ? p.in_name : p.out_name) = vm.info.name;
     (vm.probed ? p.in_vm_id : p.out_vm_id) = vm.vm_id;
@@ -305,7 +311,7 @@ TEST(DaemonTest, AFullNotifyMapLeavesAVmOutMarkedCountedLoggedOnceRetriedOnRoom)
   world.Set("/a.qmp", QmpMode::kLive, TwoDiskVm("a", 100));
   world.Set("/b.qmp", QmpMode::kLive, TwoDiskVm("b", 200));
   Daemon d(FastOptions({"/a.qmp", "/b.qmp"}, log), &probes, world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
   Placed p = PlaceTwo(d, probes);
 
   // No retry storm: many refreshes later, still one refused attempt.
@@ -315,7 +321,7 @@ TEST(DaemonTest, AFullNotifyMapLeavesAVmOutMarkedCountedLoggedOnceRetriedOnRoom)
     ASSERT_TRUE(Eventually([&] { return world.refreshes(path) >= r0 + 10; }));
   }
   EXPECT_EQ(probes.set_targets_calls(), calls);
-  DaemonSnapshot s = d.Scrape();
+  DaemonSnapshot s = (*d.Tick());
   EXPECT_EQ(s.map_full[static_cast<int>(ProbeMap::kNotify)], 1u);
   EXPECT_EQ(s.probe_errors.control, 0u) << "a full map is not a control error";
   for (const AttachedVm& vm : s.vms) {
@@ -332,10 +338,10 @@ TEST(DaemonTest, AFullNotifyMapLeavesAVmOutMarkedCountedLoggedOnceRetriedOnRoom)
   world.Set(p.in_path, QmpMode::kMissing);
   ASSERT_TRUE(Eventually([&] { return probes.targets().count(p.out_vm_id) == 1; }));
   ASSERT_TRUE(Eventually([&] {
-    DaemonSnapshot t = d.Scrape();
+    DaemonSnapshot t = (*d.Tick());
     return t.vms.size() == 1 && t.vms[0].probed && !t.vms[0].map_full;
   }));
-  EXPECT_EQ(d.Scrape().map_full[static_cast<int>(ProbeMap::kNotify)], 1u);
+  EXPECT_EQ((*d.Tick()).map_full[static_cast<int>(ProbeMap::kNotify)], 1u);
 }
 
 TEST(DaemonTest, AFullTrackedMapIsRetriedOnlyWhenRoomAppears) {
@@ -346,13 +352,13 @@ TEST(DaemonTest, AFullTrackedMapIsRetriedOnlyWhenRoomAppears) {
   world.Set("/a.qmp", QmpMode::kLive, TwoDiskVm("a", 100));
   world.Set("/b.qmp", QmpMode::kLive, TwoDiskVm("b", 200));
   Daemon d(FastOptions({"/a.qmp", "/b.qmp"}, log), &probes, world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
   Placed p = PlaceTwo(d, probes);
   const int calls = probes.track_calls();
   const int r0 = world.refreshes(p.out_path);
   ASSERT_TRUE(Eventually([&] { return world.refreshes(p.out_path) >= r0 + 10; }));
   EXPECT_EQ(probes.track_calls(), calls);
-  EXPECT_EQ(d.Scrape().map_full[static_cast<int>(ProbeMap::kTracked)], 1u);
+  EXPECT_EQ((*d.Tick()).map_full[static_cast<int>(ProbeMap::kTracked)], 1u);
   EXPECT_EQ(log.Count("probe map 'tracked' is full"), 1);
   EXPECT_EQ(log.Count("probe TrackProcess"), 0) << "the daemon logs a full map, once";
 
@@ -388,8 +394,8 @@ TEST(DaemonTest, KickSyscallsAttachedOnlyWhileAVmNeedsThem) {
   DaemonOptions o = FastOptions({"/kvm.qmp", "/tcg.qmp"}, log);
   o.kick_syscalls = true;
   Daemon d(o, &probes, world.Factory());
-  d.Start();
-  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 1; }));
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.size() == 1; }));
   const int r0 = world.refreshes("/kvm.qmp");
   ASSERT_TRUE(Eventually([&] { return world.refreshes("/kvm.qmp") >= r0 + 5; }));
   EXPECT_FALSE(probes.kick_syscalls()) << "KVM counts that VM's kicks (ioeventfd)";
@@ -414,8 +420,8 @@ TEST(DaemonTest, KickSyscallsStayOffWithoutTheFlagAndOnForFrontends) {
   {
     FakeProbeBackend probes;
     Daemon d(FastOptions({"/tcg.qmp"}, log), &probes, world.Factory());  // no --vhost-user-kicks
-    d.Start();
-    ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 1; }));
+    ASSERT_TRUE(d.Start().ok());
+    ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.size() == 1; }));
     EXPECT_FALSE(probes.kick_syscalls());
     EXPECT_EQ(probes.kick_syscall_switches(), 0);
   }
@@ -424,13 +430,115 @@ TEST(DaemonTest, KickSyscallsStayOffWithoutTheFlagAndOnForFrontends) {
   o.kick_syscalls = true;
   o.vhost_user = {{"disk0", "/run/disk0.sock"}};
   Daemon d(o, &probes, world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
   EXPECT_TRUE(probes.kick_syscalls()) << "a frontend may connect right after Start()";
-  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 2; }));
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.size() == 2; }));
   world.Set("/tcg.qmp", QmpMode::kMissing);
-  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 1; }));
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.size() == 1; }));
   EXPECT_TRUE(probes.kick_syscalls()) << "the frontends still need them";
   EXPECT_EQ(probes.kick_syscall_switches(), 1);
+}
+
+TEST(DaemonTest, QmpDirSocketsAreAttachedWhileTheyExist) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  auto dir = std::make_shared<testing::FakeQmpDir>();
+  world.Set("/d/a.qmp", QmpMode::kLive, TwoDiskVm("a", 11));
+  world.Set("/d/b.qmp", QmpMode::kLive, TwoDiskVm("b", 12));
+  DaemonOptions o = FastOptions({"/static.qmp"}, log);
+  o.qmp_dir = dir;
+  dir->Add("/d/a.qmp");
+  Daemon d(o, &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.size() == 1; })) << "there before start";
+  dir->Add("/d/b.qmp");
+  dir->Add("/d/a.qmp");  // a repeated arrival attaches once
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.size() == 2; }));
+  EXPECT_EQ(probes.tracked().size(), 2u);
+  EXPECT_EQ(d.Tick()->qmp.size(), 3u) << "--qmp first, then the directory's";
+  EXPECT_EQ(d.Tick()->qmp[0].qmp_path, "/static.qmp");
+
+  dir->Remove("/d/a.qmp");
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.size() == 1; }));
+  EXPECT_EQ(d.Tick()->vms[0].info.name, "b");
+  EXPECT_EQ(probes.tracked().size(), 1u) << "its VM untracked";
+  std::string text = Exposition(d);
+  EXPECT_THAT(text, Not(HasSubstr("/d/a.qmp"))) << "its series go with it";
+  EXPECT_THAT(text, HasSubstr("vkick_qmp_connected{qmp=\"/d/b.qmp\"} 1"));
+  EXPECT_EQ(log.Count("/d/a.qmp", "left --qmp-dir"), 1);
+}
+
+TEST(DaemonTest, NoThreadPerVm) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  std::vector<std::string> paths;
+  for (uint32_t i = 0; i < 300; ++i) {
+    paths.push_back(absl::StrCat("/vm", i, ".qmp"));
+    world.Set(paths.back(), QmpMode::kLive, TwoDiskVm(absl::StrCat("vm", i), 1000 + i));
+  }
+  DaemonOptions o = FastOptions(paths, log);
+  o.refresh_interval = absl::Seconds(10);
+  Daemon d(o, &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.size() == 300; }));
+  int threads = 0;
+  FILE* f = fopen("/proc/self/status", "r");
+  char buf[256];
+  while (f != nullptr && fgets(buf, sizeof buf, f) != nullptr) {
+    if (sscanf(buf, "Threads: %d", &threads) == 1) break;
+  }
+  if (f != nullptr) fclose(f);
+  EXPECT_LE(threads, 1 + 1 + o.discovery_workers) << "main, the loop and the workers";
+  // Quiet VMs are not re-read before their interval: one refresh each.
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_EQ(world.refreshes("/vm7.qmp"), 1);
+}
+
+TEST(DaemonTest, AVmWithoutBarsIsReadAgainSoonAndBacksOff) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  VmInfo booting = TwoDiskVm("boot", 5);
+  for (auto& dev : booting.devices) dev.notify_targets.clear();
+  world.Set("/vm.qmp", QmpMode::kLive, booting);
+  DaemonOptions o = FastOptions({"/vm.qmp"}, log);
+  o.refresh_interval = absl::Hours(1);
+  Daemon d(o, &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  // At 0 s, 1 s, 3 s: the firmware assigns BARs within seconds.
+  ASSERT_TRUE(Eventually([&] { return world.refreshes("/vm.qmp") >= 2; }, absl::Seconds(3)));
+  absl::SleepFor(absl::Milliseconds(500));
+  EXPECT_EQ(world.refreshes("/vm.qmp"), 2) << "backing off, not polling";
+  world.Update("/vm.qmp", TwoDiskVm("boot", 5));
+  ASSERT_TRUE(Eventually([&] { return !probes.targets().empty(); }, absl::Seconds(4)));
+}
+
+TEST(DaemonTest, OnlyTickReadsTheProbes) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("vm", 5));
+  DaemonOptions o = FastOptions({"/vm.qmp"}, log);
+  o.vhost_user = {{"disk9", "/run/disk9.sock"}};
+  Daemon d(o, &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  EXPECT_EQ(d.Latest()->vms.size(), 0u) << "nothing read before the first tick";
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.size() == 2; }));
+  const int reads = probes.read_calls(), sweeps = probes.sweeps();
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_EQ(d.Latest()->vms.size(), 2u);
+    EXPECT_TRUE(d.CheckHealth(absl::Seconds(5)).ok);
+  }
+  const auto rendered = prometheus::TextSerializer().Serialize(
+      VkickCollector(d, [](uint32_t, uint32_t r) { return absl::StrCat("r", r); }, "test")
+          .Collect());
+  EXPECT_THAT(rendered, HasSubstr("vm=\"vm\""));
+  EXPECT_EQ(probes.read_calls(), reads) << "rendering read the maps";
+  EXPECT_EQ(probes.sweeps(), sweeps) << "rendering changed probe state";
+  d.Tick();
+  EXPECT_EQ(probes.read_calls(), reads + 1);
 }
 
 }  // namespace

@@ -3,6 +3,9 @@
 // connections behave like a live, missing, hung, garbled or vanished QEMU.
 #pragma once
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <map>
 #include <memory>
 #include <string>
@@ -79,6 +82,7 @@ class FakeProbeBackend : public ProbeBackend {
   }
   absl::StatusOr<CounterSnapshot> ReadCounters() override {
     absl::MutexLock l(&mu_);
+    ++read_calls_;
     if (fail_read_) return absl::InternalError("fake: maps unreadable");
     return counters_;
   }
@@ -105,6 +109,7 @@ class FakeProbeBackend : public ProbeBackend {
   std::vector<VhostPath> vhost_paths() { absl::MutexLock l(&mu_); return vhost_paths_; }
   std::vector<Frontend> frontends() { absl::MutexLock l(&mu_); return frontends_; }
   int sweeps() { absl::MutexLock l(&mu_); return sweeps_; }
+  int read_calls() { absl::MutexLock l(&mu_); return read_calls_; }
   std::map<uint32_t, uint32_t> tracked() { absl::MutexLock l(&mu_); return tracked_; }
   std::map<uint32_t, std::vector<NotifyTarget>> targets() {
     absl::MutexLock l(&mu_);
@@ -134,6 +139,7 @@ class FakeProbeBackend : public ProbeBackend {
   std::vector<VhostPath> vhost_paths_;
   std::vector<Frontend> frontends_;
   int sweeps_ = 0;
+  int read_calls_ = 0;
   int set_targets_calls_ = 0;
   int track_calls_ = 0;
   CounterSnapshot counters_;
@@ -160,7 +166,10 @@ class FakeWorld {
   void Set(const std::string& path, QmpMode mode, VmInfo info = {}) {
     absl::MutexLock l(&mu_);
     Socket& s = sockets_[path];
-    if (mode == QmpMode::kMissing || s.info.pid != info.pid) ++s.generation;
+    if (mode == QmpMode::kMissing || s.info.pid != info.pid) {
+      ++s.generation;
+      NotifyLocked(path);  // the connection closes: its socket is readable
+    }
     s.mode = mode;
     s.info = std::move(info);
   }
@@ -173,6 +182,7 @@ class FakeWorld {
   void PushEvent(const std::string& path) {
     absl::MutexLock l(&mu_);
     ++sockets_[path].events;
+    NotifyLocked(path);
   }
   int refreshes(const std::string& path) {
     absl::MutexLock l(&mu_);
@@ -199,10 +209,36 @@ class FakeWorld {
     int refreshes = 0;
   };
 
+  // Wakes the event fds of `path`'s connections, as a real QMP socket turns
+  // readable when an event or EOF arrives.
+  void NotifyLocked(const std::string& path) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto [b, e] = event_fds_.equal_range(path);
+    for (auto it = b; it != e; ++it) {
+      const uint64_t one = 1;
+      (void)!write(it->second, &one, sizeof one);
+    }
+  }
+
   class Conn : public VmDiscovery {
    public:
+    // Called with w->mu_ held (from Factory()).
     Conn(FakeWorld* w, std::string path, int gen, int events)
-        : w_(w), path_(std::move(path)), gen_(gen), seen_events_(events) {}
+        : w_(w), path_(std::move(path)), gen_(gen), seen_events_(events),
+          efd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+      w_->event_fds_.emplace(path_, efd_);
+    }
+    ~Conn() override {
+      absl::MutexLock l(&w_->mu_);
+      auto [b, e] = w_->event_fds_.equal_range(path_);
+      for (auto it = b; it != e; ++it) {
+        if (it->second == efd_) {
+          w_->event_fds_.erase(it);
+          break;
+        }
+      }
+      close(efd_);
+    }
+    int event_fd() const override { return efd_; }
     absl::StatusOr<VmInfo> Refresh() override {
       QmpMode mode;
       {
@@ -220,6 +256,8 @@ class FakeWorld {
       return absl::DataLossError("fake: reply is not JSON");
     }
     absl::StatusOr<bool> WaitForEvent(absl::Duration timeout) override {
+      uint64_t ignored;
+      (void)!read(efd_, &ignored, sizeof ignored);  // what it said is read below
       absl::Time deadline = absl::Now() + timeout;
       for (;;) {
         {
@@ -241,10 +279,41 @@ class FakeWorld {
     const std::string path_;
     const int gen_;
     int seen_events_;
+    const int efd_;
   };
 
   absl::Mutex mu_;
-  std::map<std::string, Socket> sockets_;
+  std::map<std::string, Socket> sockets_ ABSL_GUARDED_BY(mu_);
+  std::multimap<std::string, int> event_fds_ ABSL_GUARDED_BY(mu_);
+};
+
+// --qmp-dir's watcher: the test adds and removes paths; the fd wakes the
+// daemon like inotify's.
+class FakeQmpDir : public QmpPathSource {
+ public:
+  FakeQmpDir() : efd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+  ~FakeQmpDir() override { close(efd_); }
+  void Add(const std::string& path) { Push({true, path}); }
+  void Remove(const std::string& path) { Push({false, path}); }
+  int fd() const override { return efd_; }
+  absl::StatusOr<std::vector<Change>> Drain() override {
+    uint64_t ignored;
+    (void)!read(efd_, &ignored, sizeof ignored);
+    absl::MutexLock l(&mu_);
+    return std::exchange(pending_, {});
+  }
+  std::string Describe() const override { return "fake directory"; }
+
+ private:
+  void Push(Change c) {
+    absl::MutexLock l(&mu_);
+    pending_.push_back(std::move(c));
+    const uint64_t one = 1;
+    (void)!write(efd_, &one, sizeof one);
+  }
+  const int efd_;
+  absl::Mutex mu_;
+  std::vector<Change> pending_ ABSL_GUARDED_BY(mu_);
 };
 
 // A VM with a modern virtio-blk (2 queues, MMIO) and a legacy one (PIO).

@@ -67,9 +67,9 @@ TEST(LoopRunnerTest, PoliciesForDiscoveredQueuesPersistAndRestore) {
   LogCapture log;
   world.Set("/vm1.qmp", QmpMode::kLive, TwoDiskVm("vm1", 1000));
   Daemon d(Fast({"/vm1.qmp"}, log), &probes, world.Factory());
-  d.Start();
-  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.size() == 1; }));
-  uint32_t vm_id = d.Scrape().vms[0].vm_id;
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.size() == 1; }));
+  uint32_t vm_id = (*d.Tick()).vms[0].vm_id;
 
   {
     LoopRunner r(RunnerOptions(dir.path(), log), d);
@@ -119,7 +119,7 @@ TEST(LoopRunnerTest, PoliciesForDiscoveredQueuesPersistAndRestore) {
 
   // The VM goes away: its queues leave the loop (and the metrics).
   world.Set("/vm1.qmp", QmpMode::kMissing);
-  ASSERT_TRUE(Eventually([&] { return d.Scrape().vms.empty(); }));
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.empty(); }));
   r2.StepOnce();
   EXPECT_TRUE(r2.Snapshot().queues.empty());
   d.Stop();
@@ -192,7 +192,7 @@ TEST(LoopRunnerTest, VhostUserFrontendsAreHostCountedWhileBound) {
     return std::vector<std::pair<uint32_t, int32_t>>{};
   };
   Daemon d(o, &probes, world.Factory());
-  d.Start();
+  ASSERT_TRUE(d.Start().ok());
   auto paths = probes.vhost_paths();
   ASSERT_EQ(paths.size(), 2u);
   EXPECT_EQ(paths[0].path, "/run/disk0.sock");
@@ -206,7 +206,7 @@ TEST(LoopRunnerTest, VhostUserFrontendsAreHostCountedWhileBound) {
   EXPECT_EQ(fe[0].fd, 7);
   EXPECT_EQ(fe[0].device_id, 1);
 
-  DaemonSnapshot snap = d.Scrape();
+  DaemonSnapshot snap = (*d.Tick());
   EXPECT_GE(probes.sweeps(), 1);
   ASSERT_EQ(snap.vms.size(), 1u);
   EXPECT_TRUE(snap.vms[0].vhost_user_frontends);
@@ -250,7 +250,7 @@ TEST(LoopRunnerTest, VhostUserFrontendsAreHostCountedWhileBound) {
   ASSERT_NE(Find(s, {"host", "disk0", 1}), nullptr);
   EXPECT_GT(Find(s, {"host", "disk0", 0})->notifications_per_s, 0);
   EXPECT_EQ(Find(s, {"host", "disk1", 0})->notifications_per_s, 0);
-  snap = d.Scrape();
+  snap = (*d.Tick());
   EXPECT_EQ(snap.vms[0].info.devices[0].num_queues, 2);
   EXPECT_EQ(snap.vms[0].bound_queues,
             (std::set<std::pair<uint16_t, uint16_t>>{{0, 0}, {0, 1}}));

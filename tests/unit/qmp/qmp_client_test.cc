@@ -161,6 +161,54 @@ TEST_F(QmpClientTest, ArgumentsAndErrorReplies) {
   EXPECT_EQ(QmpErrorClass(r.status()), "DeviceNotFound");
 }
 
+TEST_F(QmpClientTest, ExecuteAllPipelinesInOneWriteAndKeepsEachReply) {
+  Serve([](Peer& p) {
+    p.Handshake();
+    // All three requests arrive before any reply is sent (one round trip).
+    json a = p.Read(), b = p.Read(), c = p.Read();
+    EXPECT_EQ(a["execute"], "query-name");
+    EXPECT_EQ(b["execute"], "qom-get");
+    EXPECT_EQ(c["execute"], "query-kvm");
+    p.Send(Testdata("event-RESET.json"));
+    json ra = {{"return", {{"name", "vm"}}}, {"id", a["id"]}};
+    json rb = json::parse(Testdata("error-qom-get-missing.json"));
+    rb["id"] = b["id"];
+    json rc = {{"return", {{"enabled", true}, {"present", true}}}, {"id", c["id"]}};
+    // Out of order (QEMU never does this): each reply still finds its command.
+    p.Send(rc.dump());
+    p.Send(ra.dump());
+    p.Send(rb.dump());
+    p.Read();
+  });
+  absl::StatusOr<std::unique_ptr<QmpClient>> c = Connect();
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::vector<absl::StatusOr<json>> r = (*c)->ExecuteAll(
+      {{"query-name"}, {"qom-get", {{"path", "/x"}, {"property", "y"}}}, {"query-kvm"}});
+  ASSERT_EQ(r.size(), 3u);
+  ASSERT_TRUE(r[0].ok()) << r[0].status();
+  EXPECT_EQ((*r[0])["name"], "vm");
+  EXPECT_EQ(QmpErrorClass(r[1].status()), "DeviceNotFound") << "an error reply is that command's";
+  ASSERT_TRUE(r[2].ok()) << r[2].status();
+  EXPECT_EQ((*r[2])["enabled"], true);
+  EXPECT_EQ((*c)->events_seen(), 1u);
+}
+
+TEST_F(QmpClientTest, ExecuteAllAfterAHangReportsTheTimeoutForTheRest) {
+  Serve([](Peer& p) {
+    p.Handshake();
+    p.Read();
+    p.Read();  // neither answered
+    p.Read();
+  });
+  absl::StatusOr<std::unique_ptr<QmpClient>> c = Connect();
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::vector<absl::StatusOr<json>> r =
+      (*c)->ExecuteAll({{"query-name"}, {"query-pci"}}, absl::Milliseconds(100));
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[0].status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(r[1].status().code(), absl::StatusCode::kDeadlineExceeded);
+}
+
 TEST_F(QmpClientTest, GarbageIsDataLossAndPoisonsTheConnection) {
   Serve([](Peer& p) {
     p.Handshake();
