@@ -359,7 +359,7 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
 std::vector<MetricFamily> VkickCollector::Collect() const {
   // Renders the control loop's latest reading: a scrape reads no map and
   // changes nothing.
-  std::shared_ptr<const DaemonSnapshot> snap = daemon_.Latest();
+  std::shared_ptr<const DaemonSnapshot> snap = latest_();
   if (loop_) {
     LoopSnapshot l = loop_();
     return BuildMetricFamilies(*snap, namer_, version_, &l);

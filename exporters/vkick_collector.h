@@ -1,5 +1,6 @@
-// The exporter: turns one DaemonSnapshot (registry of attached VMs, QMP state,
-// probe counters read at scrape time) into Prometheus metric families.
+// The exporter: turns one DaemonSnapshot (attached VMs, QMP state, probe
+// counters, as the control loop's last tick read them) into Prometheus
+// metric families. It reads nothing itself.
 //
 // Label values only ever come from discovery (VmInfo / VirtioDeviceInfo) or
 // from fixed sets in this file. A counter whose ids discovery does not know
@@ -14,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "controller/daemon/daemon.h"
+#include "controller/model/daemon_snapshot.h"
 #include "controller/loop/loop_snapshot.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
@@ -33,20 +34,23 @@ std::vector<prometheus::MetricFamily> BuildMetricFamilies(const DaemonSnapshot& 
                                                           const std::string& version,
                                                           const LoopSnapshot* loop = nullptr);
 
-// The Collectable registered with the HTTP server: renders the daemon's
-// latest snapshot (Daemon::Latest) and the loop's on every Collect().
+// Where the collector gets what it renders (Daemon::Latest in vkickd).
+using SnapshotSource = std::function<std::shared_ptr<const DaemonSnapshot>()>;
+
+// The Collectable registered with the HTTP server: renders the latest
+// snapshot and the loop's on every Collect().
 class VkickCollector : public prometheus::Collectable {
  public:
-  VkickCollector(Daemon& daemon, ExitReasonNamer namer, std::string version,
+  VkickCollector(SnapshotSource latest, ExitReasonNamer namer, std::string version,
                  std::function<LoopSnapshot()> loop = nullptr)
-      : daemon_(daemon),
+      : latest_(std::move(latest)),
         namer_(std::move(namer)),
         version_(std::move(version)),
         loop_(std::move(loop)) {}
   std::vector<prometheus::MetricFamily> Collect() const override;
 
  private:
-  Daemon& daemon_;
+  const SnapshotSource latest_;
   const ExitReasonNamer namer_;
   const std::string version_;
   const std::function<LoopSnapshot()> loop_;

@@ -101,11 +101,12 @@ void AgentServer::AddConnection(int fd, std::string vm, std::vector<ChannelDevic
   StartConn(fd, std::move(vm), std::move(devices), std::move(tag));
 }
 
-bool AgentServer::HasTag(const std::string& tag) const {
+std::set<std::string> AgentServer::LiveTags() const {
+  std::set<std::string> out;
   absl::MutexLock l(&mu_);
   for (const auto& c : conns_)
-    if (!c->done && c->tag == tag) return true;
-  return false;
+    if (!c->done && !c->tag.empty()) out.insert(c->tag);
+  return out;
 }
 
 void AgentServer::ReadLoop(Conn* c) {

@@ -64,10 +64,12 @@ class AgentServer {
 
   // A connection vkickd opened itself (a VM's virtio-serial chardev socket):
   // served like an accepted one, matched against `devices`, labelled `vm`.
-  // `tag` names it (HasTag) so the caller reconnects only when it is gone.
+  // `tag` names it (LiveTags) so the caller reconnects only when it is gone.
   void AddConnection(int fd, std::string vm, std::vector<ChannelDevice> devices,
                      std::string tag);
-  bool HasTag(const std::string& tag) const;
+  // The tags of the connections still open, in one pass (a caller checking
+  // a fleet of VMs asks once, not once per VM).
+  std::set<std::string> LiveTags() const;
 
   struct Collected {
     std::map<QueueKey, proto::QueueSample> samples;

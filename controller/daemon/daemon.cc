@@ -10,20 +10,6 @@
 
 namespace vkick {
 
-const char* QmpErrorReasonName(QmpErrorReason reason) {
-  switch (reason) {
-    case QmpErrorReason::kConnect:
-      return "connect";
-    case QmpErrorReason::kTimeout:
-      return "timeout";
-    case QmpErrorReason::kProtocol:
-      return "protocol";
-    case QmpErrorReason::kGone:
-      return "gone";
-  }
-  return "protocol";
-}
-
 QmpErrorReason ClassifyQmpError(const absl::Status& status, bool connected) {
   switch (status.code()) {
     case absl::StatusCode::kDeadlineExceeded:
@@ -38,10 +24,6 @@ QmpErrorReason ClassifyQmpError(const absl::Status& status, bool connected) {
       // kDataLoss, kInvalidArgument, kInternal...: the peer spoke garbage.
       return QmpErrorReason::kProtocol;
   }
-}
-
-const char* ProbeMapName(ProbeMap map) {
-  return map == ProbeMap::kTracked ? "tracked" : "notify";
 }
 
 bool NeedsKickSyscalls(const VmInfo& info) {
@@ -81,6 +63,11 @@ bool AwaitingBars(const VmInfo& info) {
   });
 }
 
+// A socket that appeared in --qmp-dir is retried this often, uncounted,
+// for this long while QEMU does not accept on it yet.
+constexpr absl::Duration kArrivalRetry = absl::Milliseconds(20);
+constexpr absl::Duration kArrivalGrace = absl::Seconds(2);
+
 // Events drained per run: a VM flooding events is refreshed, not served
 // forever (the rest stays readable for its next run).
 constexpr int kMaxEventReadsPerRun = 8;
@@ -92,9 +79,12 @@ constexpr int kMaxEventReadsPerRun = 8;
 // through the Daemon's locked methods.
 class Daemon::Attachment : public ScheduledTask {
  public:
-  Attachment(Daemon& daemon, size_t index, std::string path)
+  // `arrived`: the socket just appeared (--qmp-dir), so QEMU may not be
+  // listening on it yet.
+  Attachment(Daemon& daemon, size_t index, std::string path, bool arrived)
       : d_(daemon), index_(index), path_(std::move(path)),
-        backoff_(daemon.options_.min_backoff) {}
+        backoff_(daemon.options_.min_backoff),
+        quiet_until_(arrived ? absl::Now() + kArrivalGrace : absl::InfinitePast()) {}
 
   const std::string& path() const { return path_; }
   size_t index() const { return index_; }
@@ -102,7 +92,15 @@ class Daemon::Attachment : public ScheduledTask {
   Next Run(bool readable) override {
     if (disc_ == nullptr) {
       auto disc = d_.factory_(path_);
-      if (!disc.ok()) return Retry(disc.status(), /*connected=*/false);
+      if (!disc.ok()) {
+        // QEMU creates its socket a moment before it listens: a refusal
+        // right after the socket appeared is no error yet.
+        if (absl::Now() < quiet_until_ &&
+            ClassifyQmpError(disc.status(), false) == QmpErrorReason::kConnect) {
+          return {absl::Now() + kArrivalRetry, -1};
+        }
+        return Retry(disc.status(), /*connected=*/false);
+      }
       disc_ = *std::move(disc);
       refresh_due_ = absl::InfinitePast();
     }
@@ -371,6 +369,7 @@ class Daemon::Attachment : public ScheduledTask {
   absl::Duration backoff_;
   absl::Time refresh_due_ = absl::InfinitePast();
   absl::Time last_refresh_ = absl::InfinitePast();
+  const absl::Time quiet_until_;
   absl::Duration bars_backoff_ = absl::ZeroDuration();
   std::optional<Current> cur_;
   State state_ = State::kInit;
@@ -393,7 +392,7 @@ class Daemon::DirTask : public ScheduledTask {
     for (const QmpPathSource::Change& c : *changes) {
       if (c.added) {
         paths_.insert(c.path);
-        d_.AddPath(c.path);
+        d_.AddPath(c.path, /*arrived=*/true);
       } else {
         paths_.erase(c.path);
         d_.RemovePath(c.path);
@@ -443,7 +442,7 @@ absl::Status Daemon::Start() {
   scheduler_ = *std::move(sched);
   running_ = true;
   StartVhostUser();
-  for (const std::string& p : options_.qmp_paths) AddPath(p);
+  for (const std::string& p : options_.qmp_paths) AddPath(p, /*arrived=*/false);
   if (options_.qmp_dir != nullptr) {
     dir_task_ = std::make_unique<DirTask>(*this);
     scheduler_->Add(kDirTaskId, dir_task_.get());
@@ -452,12 +451,12 @@ absl::Status Daemon::Start() {
   return absl::OkStatus();
 }
 
-void Daemon::AddPath(const std::string& path) {
+void Daemon::AddPath(const std::string& path, bool arrived) {
   absl::MutexLock l(&attach_mu_);
   if (stopped_ || index_of_.count(path)) return;
   const size_t index = next_index_++;
   index_of_[path] = index;
-  auto a = std::make_unique<Attachment>(*this, index, path);
+  auto a = std::make_unique<Attachment>(*this, index, path, arrived);
   {
     absl::MutexLock r(&registry_mu_);
     QmpAttachmentStatus st;

@@ -28,7 +28,6 @@
 #include <optional>
 #include <set>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -39,6 +38,7 @@
 #include "absl/types/span.h"
 #include "controller/daemon/attachment_scheduler.h"
 #include "controller/daemon/log.h"
+#include "controller/model/daemon_snapshot.h"
 #include "controller/discovery/vm_model.h"
 #include "controller/probes/probe_backend.h"
 #include "prometheus/client_metric.h"
@@ -46,41 +46,15 @@
 
 namespace vkick {
 
-// Why a QMP attachment failed; the `reason` label of vkick_qmp_errors_total.
-enum class QmpErrorReason {
-  kConnect = 0,   // socket missing / refused (the VM is not there)
-  kTimeout = 1,   // QMP did not answer in time (hung VM)
-  kProtocol = 2,  // garbage or an unexpected reply
-  kGone = 3,      // the connection closed under an attached VM
-};
-inline constexpr int kNumQmpErrorReasons = 4;
-const char* QmpErrorReasonName(QmpErrorReason reason);
 // Maps a discovery/connect error to a reason. `connected` tells whether the
 // error came from an established connection (kUnavailable then means "gone")
 // or from connecting (kUnavailable/kNotFound mean "connect").
 QmpErrorReason ClassifyQmpError(const absl::Status& status, bool connected);
 
-// Daemon-side probe errors added to the probe's own ProbeErrors; together the
-// `reason` label values of vkick_probe_errors_total.
-struct DaemonProbeErrors {
-  uint64_t control = 0;        // Track/Untrack/SetNotifyTargets/... failed (not for room)
-  uint64_t read_counters = 0;  // ReadCounters failed at a scrape
-};
-
-// The probe maps vkickd inserts VMs into; the `map` label of
-// vkick_probe_map_full_total.
-enum class ProbeMap { kTracked = 0, kNotify = 1 };
-inline constexpr int kNumProbeMaps = 2;
-const char* ProbeMapName(ProbeMap map);
-
 // Whether the probes need the kick syscall programs for this VM: a vhost-user
 // device, kicked by QEMU's write() to its eventfd, unless KVM runs the VM
 // (then the guest's write is an ioeventfd the kvm programs count).
 bool NeedsKickSyscalls(const VmInfo& info);
-
-// Queues per --vhost-user device the exporter labels (the protocol's
-// kMaxQueuesPerDevice).
-inline constexpr uint16_t kMaxVhostUserQueues = 64;
 
 // A host-process vhost-user driver (--vhost-user=ID=SOCKET_PATH): its
 // frontend is tracked from its connect() to `socket_path` (docs/probes.md).
@@ -143,45 +117,6 @@ struct DaemonOptions {
 using DiscoveryFactory =
     std::function<absl::StatusOr<std::unique_ptr<VmDiscovery>>(const std::string& qmp_path)>;
 
-struct AttachedVm {
-  uint32_t vm_id = 0;
-  VmInfo info;
-  // The --vhost-user pseudo-VM (pid 0): its devices' queues are the ones
-  // the probes learned (at least queue 0); `bound_queues` holds the
-  // (device_id, queue) pairs a live frontend has a kick fd for, i.e. whose
-  // host count is current.
-  bool vhost_user_frontends = false;
-  std::set<std::pair<uint16_t, uint16_t>> bound_queues;
-  // The probes count the VM: tracked and every notify target installed
-  // (vkick_vm_probed). Not, e.g., when a full probe map left it out; then
-  // `map_full` names that map (it is retried when room appears).
-  bool probed = false;
-  std::optional<ProbeMap> map_full;
-};
-
-struct QmpAttachmentStatus {
-  std::string qmp_path;
-  bool connected = false;  // a VM is attached through this path right now
-  uint64_t errors[kNumQmpErrorReasons] = {};
-};
-
-// Everything the exporter, the control loop and /healthz need, taken at one
-// moment by the one probe reader (Daemon::Tick). Immutable once published.
-struct DaemonSnapshot {
-  absl::Time taken = absl::InfinitePast();  // InfinitePast: no Tick() yet
-  std::vector<AttachedVm> vms;             // sorted by vm_id
-  std::vector<QmpAttachmentStatus> qmp;    // --qmp order, then --qmp-dir arrivals
-  prometheus::ClientMetric discovery_duration;  // histogram, seconds
-  bool probes_enabled = false;             // a ProbeBackend was given
-  // Counters read in the same scrape; empty when probes are disabled or the
-  // read failed (then probe_errors.read_counters was incremented).
-  std::optional<CounterSnapshot> counters;
-  std::string read_error;  // why `counters` is empty although probes are enabled
-  DaemonProbeErrors probe_errors;
-  uint64_t map_full[kNumProbeMaps] = {};  // VMs refused by a full map, by ProbeMap
-  bool kick_syscalls_attached = false;
-};
-
 // Bucket bounds of vkick_discovery_duration_seconds: a QMP refresh is a few
 // round trips on a local socket (ms), a slow one approaches the timeout (s).
 const std::vector<double>& DiscoveryDurationBuckets();
@@ -232,7 +167,8 @@ class Daemon {
 
   void Log(absl::string_view line) const { options_.log(line); }
   // Adds an attachment for `path` (no-op if one exists) / drops it.
-  void AddPath(const std::string& path) ABSL_LOCKS_EXCLUDED(attach_mu_);
+  // `arrived`: its socket just appeared (--qmp-dir).
+  void AddPath(const std::string& path, bool arrived) ABSL_LOCKS_EXCLUDED(attach_mu_);
   void RemovePath(const std::string& path) ABSL_LOCKS_EXCLUDED(attach_mu_);
   // Probe-control helpers: run `call` under backend_mu_, count failures.
   absl::Status ProbeCall(const std::function<absl::Status(ProbeBackend&)>& call);

@@ -146,8 +146,11 @@ absl::Status LoopRunner::Persist(const PolicyTable& t, bool all) {
 }
 
 void LoopRunner::Start() {
+  // The first step runs here, so that once Start() returns the probes have
+  // been read and /healthz and /metrics have a snapshot to render.
+  StepOnce();
   thread_ = std::thread([this] {
-    absl::Time next = absl::Now();
+    absl::Time next = absl::Now() + options_.interval;
     // Wake-ups (hellos, admin changes) are coalesced and at most one step
     // per min_gap runs early, so reconnecting agents cannot spin the loop.
     const absl::Duration min_gap = std::min(options_.interval / 4, absl::Milliseconds(100));
@@ -190,7 +193,11 @@ void LoopRunner::StepOnce() {
   const std::shared_ptr<const DaemonSnapshot> latest = daemon_.Tick();
   const DaemonSnapshot& snap = *latest;
   AgentServer::Collected col;
-  if (server_ != nullptr) col = server_->Collect();
+  std::set<std::string> live_tags;
+  if (server_ != nullptr) {
+    col = server_->Collect();
+    if (ports_ != nullptr) live_tags = server_->LiveTags();
+  }
 
   const std::map<ProbeQueueId, uint64_t> host =
       snap.counters ? NotificationTotals(*snap.counters) : std::map<ProbeQueueId, uint64_t>{};
@@ -204,7 +211,7 @@ void LoopRunner::StepOnce() {
       name = absl::StrCat(vm.info.name, "/pid", vm.info.pid);
       names.insert(name);
     }
-    ConnectVmAgent(vm, name);
+    ConnectVmAgent(vm, name, live_tags);
     for (const VirtioDeviceInfo& d : vm.info.devices) {
       for (uint16_t q = 0; q < d.num_queues && q < proto::kMaxQueuesPerDevice; ++q) {
         QueueInput in;
@@ -286,12 +293,13 @@ std::map<QueueKey, uint64_t> LoopRunner::HostTotalsNow(const std::set<QueueKey>&
   return out;
 }
 
-void LoopRunner::ConnectVmAgent(const AttachedVm& vm, const std::string& name) {
+void LoopRunner::ConnectVmAgent(const AttachedVm& vm, const std::string& name,
+                                const std::set<std::string>& live_tags) {
   if (ports_ == nullptr || server_ == nullptr) return;
   const std::string path = ports_->Get(vm.info.qmp_path);
   if (path.empty()) return;
   const std::string tag = absl::StrCat("virtio-serial ", path);
-  if (server_->HasTag(tag)) return;
+  if (live_tags.count(tag)) return;
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::string err;

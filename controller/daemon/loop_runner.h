@@ -78,6 +78,7 @@ class LoopRunner {
   // connects to it (once per step while it is not connected).
   void SetAgentPorts(const AgentPortRegistry* ports) { ports_ = ports; }
   void SetAdminRefusedCounter(std::function<uint64_t()> f) { admin_refused_ = std::move(f); }
+  // Steps once now, then every interval on its own thread.
   void Start();
   void Stop();
   void Wake();  // step now (thread-safe, cheap)
@@ -98,7 +99,10 @@ class LoopRunner {
  private:
   // `all`: the change was `--all` (it set the default: keep it too).
   absl::Status Persist(const PolicyTable& t, bool all);
-  void ConnectVmAgent(const AttachedVm& vm, const std::string& name);
+  // Connects to the VM's agent port unless `live_tags` (AgentServer::LiveTags)
+  // has it open.
+  void ConnectVmAgent(const AttachedVm& vm, const std::string& name,
+                      const std::set<std::string>& live_tags);
   void Log(absl::string_view s) const { options_.log(s); }
 
   const LoopRunnerOptions options_;

@@ -305,7 +305,7 @@ int main(int argc, char** argv) {
   }
 
   auto collector = std::make_shared<vkick::VkickCollector>(
-      daemon, vkick::ExitReasonNames(), VKICK_VERSION, [&runner] { return runner.Snapshot(); });
+      [&daemon] { return daemon.Latest(); }, vkick::ExitReasonNames(), VKICK_VERSION, [&runner] { return runner.Snapshot(); });
   auto server = vkick::MetricsHttpServer::Start(listen, {collector}, [&daemon, &loop_options] {
     // Stale after three missed control steps (the loop reads the probes).
     vkick::Daemon::Health h = daemon.CheckHealth(3 * loop_options.interval + absl::Seconds(1));

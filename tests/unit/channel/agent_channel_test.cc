@@ -394,7 +394,7 @@ TEST(AgentServerTest, OutgoingConnectionsPerVmWithoutListener) {
   d.vm = "web";
   d.device = "disk0";
   (*srv)->AddConnection(sv[0], "web", {d}, "virtio-serial /x");
-  EXPECT_TRUE((*srv)->HasTag("virtio-serial /x"));
+  EXPECT_TRUE((*srv)->LiveTags().count("virtio-serial /x"));
   proto::Hello h;
   h.agent_id = "guest";
   proto::GuestDevice g;
@@ -411,7 +411,7 @@ TEST(AgentServerTest, OutgoingConnectionsPerVmWithoutListener) {
   EXPECT_EQ(all[0].connected, 1u);
   std::vector<uint8_t> junk(16, 0);
   ASSERT_EQ(write(sv[1], junk.data(), junk.size()), 16);
-  ASSERT_TRUE(WaitFor([&] { return !(*srv)->HasTag("virtio-serial /x"); }));
+  ASSERT_TRUE(WaitFor([&] { return !(*srv)->LiveTags().count("virtio-serial /x"); }));
   EXPECT_EQ((*srv)->AllStats()[0].rejected[static_cast<size_t>(proto::Rejection::kBadMagic)], 1u);
   close(sv[1]);
 }

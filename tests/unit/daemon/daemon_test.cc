@@ -469,6 +469,31 @@ TEST(DaemonTest, QmpDirSocketsAreAttachedWhileTheyExist) {
   EXPECT_EQ(log.Count("/d/a.qmp", "left --qmp-dir"), 1);
 }
 
+TEST(DaemonTest, ASocketThatJustAppearedMayRefuseForAMomentUncounted) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  auto dir = std::make_shared<testing::FakeQmpDir>();
+  DaemonOptions o = FastOptions({}, log);
+  o.qmp_dir = dir;
+  Daemon d(o, &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  dir->Add("/d/slow.qmp");  // bound, not listening yet: connect refused
+  absl::SleepFor(absl::Milliseconds(150));
+  world.Set("/d/slow.qmp", QmpMode::kLive, TwoDiskVm("slow", 21));
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.size() == 1; }));
+  auto snap = d.Tick();
+  ASSERT_EQ(snap->qmp.size(), 1u);
+  EXPECT_EQ(snap->qmp[0].errors[static_cast<int>(QmpErrorReason::kConnect)], 0u);
+  EXPECT_EQ(log.Count("/d/slow.qmp", "connect error"), 0);
+
+  dir->Add("/d/dead.qmp");  // a stale socket nobody will listen on
+  ASSERT_TRUE(Eventually([&] {
+    auto s = d.Tick();
+    return s->qmp.size() == 2 && s->qmp[1].errors[static_cast<int>(QmpErrorReason::kConnect)] > 0;
+  }, absl::Seconds(5))) << "counted once the grace is over";
+}
+
 TEST(DaemonTest, NoThreadPerVm) {
   FakeWorld world;
   FakeProbeBackend probes;
@@ -532,7 +557,8 @@ TEST(DaemonTest, OnlyTickReadsTheProbes) {
     EXPECT_TRUE(d.CheckHealth(absl::Seconds(5)).ok);
   }
   const auto rendered = prometheus::TextSerializer().Serialize(
-      VkickCollector(d, [](uint32_t, uint32_t r) { return absl::StrCat("r", r); }, "test")
+      VkickCollector([&d] { return d.Latest(); },
+                     [](uint32_t, uint32_t r) { return absl::StrCat("r", r); }, "test")
           .Collect());
   EXPECT_THAT(rendered, HasSubstr("vm=\"vm\""));
   EXPECT_EQ(probes.read_calls(), reads) << "rendering read the maps";
