@@ -19,6 +19,7 @@ namespace vkick {
 namespace {
 
 using testing::Eventually;
+using testing::ThreadCount;
 
 // Runs every `period` (or only when its fd is readable), counting runs and
 // catching overlapping ones.
@@ -47,17 +48,6 @@ class CountingTask : public ScheduledTask {
   const int fd_;
   const absl::Duration hold_;
 };
-
-int ThreadCount() {
-  int n = 0;
-  FILE* f = fopen("/proc/self/status", "r");
-  char buf[256];
-  while (f != nullptr && fgets(buf, sizeof buf, f) != nullptr) {
-    if (sscanf(buf, "Threads: %d", &n) == 1) break;
-  }
-  if (f != nullptr) fclose(f);
-  return n;
-}
 
 TEST(AttachmentSchedulerTest, RunsAtOnceThenAtEachDueTime) {
   auto s = AttachmentScheduler::Create(2);

@@ -6,6 +6,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <string>
@@ -350,6 +351,18 @@ inline VmInfo TwoDiskVm(std::string name, uint32_t pid, uint64_t bar = 0xfe00000
   legacy.notify_targets.push_back(t);
   vm.devices = {modern, legacy};
   return vm;
+}
+
+// This process's threads now (/proc/self/status).
+inline int ThreadCount() {
+  int n = 0;
+  FILE* f = fopen("/proc/self/status", "r");
+  char buf[256];
+  while (f != nullptr && fgets(buf, sizeof buf, f) != nullptr) {
+    if (sscanf(buf, "Threads: %d", &n) == 1) break;
+  }
+  if (f != nullptr) fclose(f);
+  return n;
 }
 
 // Polls `pred` until true or `timeout`; returns its last value.
