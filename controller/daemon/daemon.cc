@@ -55,6 +55,29 @@ size_t CountQueues(const VmInfo& info) {
   return n;
 }
 
+// The counters of one VM: what a departed VM keeps for its retention.
+CounterSnapshot CountersOf(const CounterSnapshot& all, uint32_t vm_id) {
+  CounterSnapshot out;
+  auto mine = [vm_id](const auto& c) { return c.vm_id == vm_id; };
+  std::copy_if(all.exits.begin(), all.exits.end(), std::back_inserter(out.exits), mine);
+  std::copy_if(all.notifications.begin(), all.notifications.end(),
+               std::back_inserter(out.notifications), mine);
+  std::copy_if(all.unmatched_writes.begin(), all.unmatched_writes.end(),
+               std::back_inserter(out.unmatched_writes), mine);
+  std::copy_if(all.interrupts.begin(), all.interrupts.end(), std::back_inserter(out.interrupts),
+               mine);
+  return out;
+}
+
+void AppendCounters(CounterSnapshot& into, const CounterSnapshot& from) {
+  into.exits.insert(into.exits.end(), from.exits.begin(), from.exits.end());
+  into.notifications.insert(into.notifications.end(), from.notifications.begin(),
+                            from.notifications.end());
+  into.unmatched_writes.insert(into.unmatched_writes.end(), from.unmatched_writes.begin(),
+                               from.unmatched_writes.end());
+  into.interrupts.insert(into.interrupts.end(), from.interrupts.begin(), from.interrupts.end());
+}
+
 // Whether a device's notify addresses are still unknown (its BARs are not
 // assigned yet: firmware or the guest will assign them soon).
 bool AwaitingBars(const VmInfo& info) {
@@ -131,7 +154,7 @@ class Daemon::Attachment : public ScheduledTask {
   // probe counters.
   void Detach(absl::string_view why) {
     if (!cur_) return;
-    d_.RemoveVm(index_);
+    d_.RetireVm(index_, cur_->tracked);
     d_.SetConnected(index_, false);
     if (cur_->tracked) {
       uint32_t pid = cur_->pid, vm_id = cur_->vm_id;
@@ -614,9 +637,27 @@ void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
   vms_[attachment] = vm;
 }
 
-void Daemon::RemoveVm(size_t attachment) {
+void Daemon::RetireVm(size_t attachment, bool tracked) {
+  // Its final counts, read before the probes drop them (UntrackProcess).
+  std::optional<CounterSnapshot> last;
+  const bool retain = running_ && options_.departed_retention > absl::ZeroDuration();
+  if (retain && tracked && probes_ != nullptr) {
+    absl::MutexLock b(&backend_mu_);
+    if (absl::StatusOr<CounterSnapshot> c = probes_->ReadCounters(); c.ok()) {
+      last = *std::move(c);
+    }
+  }
   absl::MutexLock l(&registry_mu_);
-  vms_.erase(attachment);
+  auto it = vms_.find(attachment);
+  if (it == vms_.end()) return;
+  if (retain) {
+    DepartedVm d{std::move(it->second), CounterSnapshot{},
+                 absl::Now() + options_.departed_retention};
+    d.vm.departed = true;
+    if (last) d.counters = CountersOf(*last, d.vm.vm_id);
+    departed_.push_back(std::move(d));
+  }
+  vms_.erase(it);
 }
 
 void Daemon::SetConnected(size_t attachment, bool connected) {
@@ -696,6 +737,7 @@ std::shared_ptr<const DaemonSnapshot> Daemon::Tick() {
     if (vhost_vm_) snap->vms.push_back(VhostUserVm(snap->counters));
     std::sort(snap->vms.begin(), snap->vms.end(),
               [](const AttachedVm& a, const AttachedVm& b) { return a.vm_id < b.vm_id; });
+    AddDeparted(*snap);  // after the live ones: a live VM keeps its name
     for (const auto& [index, st] : qmp_status_) snap->qmp.push_back(st);
     snap->probe_errors = probe_errors_;
     std::copy(std::begin(map_full_), std::end(map_full_), std::begin(snap->map_full));
@@ -706,6 +748,15 @@ std::shared_ptr<const DaemonSnapshot> Daemon::Tick() {
   absl::MutexLock l(&latest_mu_);
   latest_ = snap;
   return snap;
+}
+
+void Daemon::AddDeparted(DaemonSnapshot& snap) {
+  const absl::Time now = absl::Now();
+  std::erase_if(departed_, [&](const DepartedVm& d) { return d.until <= now; });
+  for (const DepartedVm& d : departed_) {
+    snap.vms.push_back(d.vm);
+    if (snap.counters) AppendCounters(*snap.counters, d.counters);
+  }
 }
 
 AttachedVm Daemon::VhostUserVm(const std::optional<CounterSnapshot>& counters) const {

@@ -101,6 +101,10 @@ struct DaemonOptions {
   // While a device's BARs are unassigned (a booting guest), refreshes come
   // sooner: from 1 s, doubling up to this.
   absl::Duration refresh_interval = absl::Seconds(10);
+  // A VM that went away stays in snapshots (and on /metrics) with its final
+  // counts this long, so the kicks since the last scrape are not lost:
+  // longer than two scrape intervals.
+  absl::Duration departed_retention = absl::Seconds(60);
   // Threads doing QMP exchanges for all VMs (a hung VM holds one for at
   // most the QMP deadline).
   int discovery_workers = 4;
@@ -188,7 +192,10 @@ class Daemon {
 
   void StartVhostUser();
   void PublishVm(size_t attachment, const AttachedVm& vm);
-  void RemoveVm(size_t attachment);
+  // Takes the VM out of the registry; it stays in snapshots, with the
+  // counts it had (read here when `tracked`), for departed_retention.
+  void RetireVm(size_t attachment, bool tracked);
+  void AddDeparted(DaemonSnapshot& snap) ABSL_EXCLUSIVE_LOCKS_REQUIRED(registry_mu_);
   void SetConnected(size_t attachment, bool connected);
   void CountQmpError(size_t attachment, QmpErrorReason reason);
   // The --vhost-user pseudo-VM with the queues and bindings the probes know.
@@ -227,6 +234,12 @@ class Daemon {
   mutable absl::Mutex registry_mu_ ABSL_ACQUIRED_BEFORE(latest_mu_);
   std::map<size_t, AttachedVm> vms_ ABSL_GUARDED_BY(registry_mu_);
   std::optional<AttachedVm> vhost_vm_ ABSL_GUARDED_BY(registry_mu_);
+  struct DepartedVm {
+    AttachedVm vm;
+    CounterSnapshot counters;  // its final counts
+    absl::Time until;
+  };
+  std::vector<DepartedVm> departed_ ABSL_GUARDED_BY(registry_mu_);
   std::map<size_t, QmpAttachmentStatus> qmp_status_ ABSL_GUARDED_BY(registry_mu_);
   DaemonProbeErrors probe_errors_ ABSL_GUARDED_BY(registry_mu_);
   uint64_t map_full_[kNumProbeMaps] ABSL_GUARDED_BY(registry_mu_) = {};

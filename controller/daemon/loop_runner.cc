@@ -205,6 +205,7 @@ void LoopRunner::StepOnce() {
   std::map<QueueKey, ProbeQueueId> counted_ids;
   std::set<std::string> names;
   for (const AttachedVm& vm : snap.vms) {
+    if (vm.departed) continue;  // only on /metrics, for its final counts
     // The exporter's naming (a repeated -name is told apart by pid).
     std::string name = vm.info.name;
     if (!names.insert(name).second) {

@@ -48,6 +48,10 @@ ABSL_FLAG(absl::Duration, refresh_interval, absl::Seconds(10),
           "Re-read every VM over QMP at least this often. QMP events (reset, device removal, "
           "resume) trigger a refresh at once, and a VM whose BARs are not assigned yet (a "
           "booting guest) is re-read from every 1s, backing off to this.");
+ABSL_FLAG(absl::Duration, departed_retention, absl::Seconds(60),
+          "A VM that went away stays on /metrics with its final counts this long, so the "
+          "kicks since the last scrape are not lost; make it longer than two scrape intervals. "
+          "0 drops its series at once.");
 ABSL_FLAG(absl::Duration, qmp_timeout, absl::Seconds(2),
           "Deadline of one QMP exchange; a VM that does not answer in time is a timeout error.");
 ABSL_FLAG(std::string, agent_socket, "",
@@ -151,6 +155,10 @@ int main(int argc, char** argv) {
     }
   }
   options.refresh_interval = absl::GetFlag(FLAGS_refresh_interval);
+  options.departed_retention = absl::GetFlag(FLAGS_departed_retention);
+  if (options.departed_retention < absl::ZeroDuration()) {
+    return Fail("--departed-retention must not be negative");
+  }
   if (const std::string dir = absl::GetFlag(FLAGS_qmp_dir); !dir.empty()) {
     auto source = vkick::OpenQmpDir(dir);
     if (!source.ok()) return Fail(absl::StrCat("--qmp-dir: ", source.status().message()));

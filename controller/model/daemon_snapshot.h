@@ -73,6 +73,9 @@ struct AttachedVm {
   // `map_full` names that map (it is retried when room appears).
   bool probed = false;
   std::optional<ProbeMap> map_full;
+  // Gone (QEMU exited or its socket went): kept with its final counts for
+  // the retention period, then dropped. The control loop ignores it.
+  bool departed = false;
 };
 
 struct QmpAttachmentStatus {
@@ -85,7 +88,7 @@ struct QmpAttachmentStatus {
 // moment by the one probe reader (Daemon::Tick). Immutable once published.
 struct DaemonSnapshot {
   absl::Time taken = absl::InfinitePast();  // InfinitePast: no Tick() yet
-  std::vector<AttachedVm> vms;             // sorted by vm_id
+  std::vector<AttachedVm> vms;  // live ones by vm_id, then the departed ones
   std::vector<QmpAttachmentStatus> qmp;    // --qmp order, then --qmp-dir arrivals
   prometheus::ClientMetric discovery_duration;  // histogram, seconds
   bool probes_enabled = false;             // a ProbeBackend was given

@@ -41,7 +41,8 @@ def main():
         vm = QemuVm(tb, name, "kvm", kvm_blk_devices([p[:4] for p in PLAN] + [CANARY]),
                     plan_append([(p[1], p[4]) for p in PLAN],
                                 "canary=%x go=serial end=serial" % CANARY[1]))
-        vk = Vkickd(tb, [missing, silent.path, vm.qmp_vkickd, garbage.path])
+        vk = Vkickd(tb, [missing, silent.path, vm.qmp_vkickd, garbage.path],
+                    extra=("--departed-retention=4s",))
         vk.wait_vm(name, vm.pid)
 
         bad = [missing, silent.path, garbage.path]
@@ -77,9 +78,16 @@ def main():
         assert conn.get(vm.qmp_vkickd) == 1 and all(conn.get(p) == 0 for p in bad), \
             "vkick_qmp_connected: %r" % conn
 
-        # The VM goes away abruptly: its series must disappear.
+        # The VM goes away abruptly: its final counts stay for the retention
+        # (so a scrape in between misses nothing), then its series disappear.
         log("killing QEMU pid %d" % vm.pid)
         vm.proc.kill()
+        vk.wait_metric("%s detached (vkick_qmp_connected 0)" % name,
+                       lambda m: {l.get("qmp"): v for l, v in m.select("vkick_qmp_connected")}
+                       .get(vm.qmp_vkickd) == 0, 10, interval=0.2)
+        kept = vk.queue_counts(vk.metrics(), name)
+        kept = {k: kept.get(k) for k in got}
+        assert kept == got, "final counts kept after exit: want %r got %r" % (got, kept)
 
         def gone(m):
             left = [(n, l) for (n, l, _) in m.samples if l.get("vm") == name]

@@ -29,6 +29,7 @@ DaemonOptions FastOptions(std::vector<std::string> paths, LogCapture& log) {
   o.min_backoff = absl::Milliseconds(5);
   o.max_backoff = absl::Milliseconds(20);
   o.event_slice = absl::Milliseconds(5);
+  o.departed_retention = absl::ZeroDuration();  // DepartedVmKeepsItsFinalCounts sets it
   o.log = log.Sink();
   return o;
 }
@@ -559,6 +560,35 @@ TEST(DaemonTest, OnlyTickReadsTheProbes) {
   EXPECT_EQ(probes.sweeps(), sweeps) << "rendering changed probe state";
   d.Tick();
   EXPECT_EQ(probes.read_calls(), reads + 1);
+}
+
+TEST(DaemonTest, ADepartedVmKeepsItsFinalCountsForTheRetention) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  world.Set("/vm.qmp", QmpMode::kLive, TwoDiskVm("gone", 31));
+  DaemonOptions o = FastOptions({"/vm.qmp"}, log);
+  o.departed_retention = absl::Milliseconds(400);
+  Daemon d(o, &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return probes.tracked().size() == 1; }));
+  const uint32_t vm_id = probes.tracked().begin()->first;
+  CounterSnapshot c;
+  c.notifications.push_back({vm_id, 1, 1, 1234});  // disk0 queue 1
+  probes.set_counters(c);
+  const std::string series =
+      "vkick_virtqueue_notifications_total{vm=\"gone\",device=\"disk0\",queue=\"1\"} 1234";
+  ASSERT_THAT(Exposition(d), HasSubstr(series));
+
+  world.Set("/vm.qmp", QmpMode::kMissing);  // QEMU exits: untracked, its counters dropped
+  ASSERT_TRUE(Eventually([&] { return probes.tracked().empty(); }));
+  probes.set_counters({});
+  auto snap = d.Tick();
+  ASSERT_EQ(snap->vms.size(), 1u);
+  EXPECT_TRUE(snap->vms[0].departed);
+  EXPECT_THAT(Exposition(d), HasSubstr(series)) << "the kicks since the last scrape are kept";
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.empty(); }));
+  EXPECT_THAT(Exposition(d), Not(HasSubstr("vm=\"gone\"")));
 }
 
 }  // namespace

@@ -224,6 +224,7 @@ class VkickdQmpDirTest : public ::testing::Test {
   void StartVkickd() {
     ASSERT_TRUE(vk_.Start(VKICKD_BINARY, {"--no-probes", "--qmp-dir=" + dir_.path(),
                                           "--listen=127.0.0.1:0", "--control-interval=200ms",
+                                          "--departed-retention=1s",
                                           "--admin-socket=", "--state-dir=" + aux_.path()})
                     .ok());
     auto port = vk_.WaitForListening();
