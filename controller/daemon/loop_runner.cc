@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -122,12 +123,20 @@ absl::Status LoopRunner::Init() {
       def = *p;
       Log(absl::StrCat("restored default policy ", FormatPolicySpec(def), " from ", def_path));
     } else {
-      Log(absl::StrCat("ignoring ", def_path, ": ", p.status().ToString()));
+      // Kept for the operator, out of the way of the next --all.
+      const std::string aside = absl::StrCat(def_path, ".corrupt");
+      ::rename(def_path.c_str(), aside.c_str());
+      ++load_errors_;
+      Log(absl::StrCat("ignoring ", def_path, ": ", p.status().ToString(), " (moved to ", aside,
+                       "; using --default-policy)"));
     }
   }
   PolicyStore store(options_.state_dir);
   PolicyStore::Loaded loaded = store.Load(def);
-  if (!loaded.status.ok()) Log(absl::StrCat("policy state: ", loaded.status.ToString()));
+  if (!loaded.status.ok()) {
+    ++load_errors_;
+    Log(absl::StrCat("policy state: ", loaded.status.ToString()));
+  }
   table_ = std::move(loaded.table);
   if (!table_.entries().empty())
     Log(absl::StrCat("restored ", table_.entries().size(), " policy entries from ", store.path()));
@@ -400,6 +409,7 @@ LoopSnapshot LoopRunner::Snapshot() const {
   absl::MutexLock l(&mu_);
   s.queues = views_;
   s.state_save_errors = save_errors_;
+  s.state_load_errors = load_errors_;
   return s;
 }
 

@@ -121,6 +121,7 @@ class LoopRunner {
   std::set<QueueKey> vhost_seen_ ABSL_GUARDED_BY(mu_);  // bounded by the guard
   bool persist_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t save_errors_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t load_errors_ ABSL_GUARDED_BY(mu_) = 0;  // state files ignored at start
 
   // Host-counted queues of the last step -> their probe ids (a leaf lock:
   // HostTotalsNow runs on agent reader threads).

@@ -26,6 +26,7 @@ struct LoopSnapshot {
   prometheus::ClientMetric loop_duration;  // histogram, seconds
   uint64_t admin_refused = 0;              // peers refused by SO_PEERCRED
   uint64_t state_save_errors = 0;          // policy changes not persisted
+  uint64_t state_load_errors = 0;          // state files ignored (corrupt) at start
 };
 
 }  // namespace vkick

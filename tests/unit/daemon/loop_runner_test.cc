@@ -146,6 +146,24 @@ TEST(LoopRunnerTest, UnwritableStateDirRefusesTheChange) {
   EXPECT_EQ(r.Snapshot().state_save_errors, 1u);
 }
 
+TEST(LoopRunnerTest, CorruptStateFilesAreMovedAsideAndCounted) {
+  TempDir dir;
+  LogCapture log;
+  FakeWorld world;
+  std::ofstream(dir.path() + "/" + kDefaultPolicyFile) << "static:0,0\n";
+  std::ofstream(dir.path() + "/policies.v1") << "garbage\n";
+  Daemon d(Fast({}, log), nullptr, world.Factory());
+  LoopRunner r(RunnerOptions(dir.path(), log), d);
+  ASSERT_TRUE(r.Init().ok()) << "a corrupt state file does not stop vkickd";
+  EXPECT_EQ(r.Snapshot().state_load_errors, 2u);
+  EXPECT_EQ(r.Table().default_policy().mode, proto::KickMode::kImmediate) << "--default-policy";
+  struct stat st;
+  EXPECT_NE(stat((dir.path() + "/" + kDefaultPolicyFile).c_str(), &st), 0);
+  EXPECT_EQ(stat((dir.path() + "/" + kDefaultPolicyFile + ".corrupt").c_str(), &st), 0);
+  EXPECT_EQ(stat((dir.path() + "/policies.v1.corrupt").c_str(), &st), 0);
+  EXPECT_EQ(log.Count("default-policy.v1", "moved to"), 1);
+}
+
 TEST(LoopRunnerTest, RequiredStateDirMustBeUsableAndDefaultOneMayNot) {
   TempDir dir;
   LogCapture log;
