@@ -11,6 +11,12 @@
 namespace vkick {
 namespace {
 
+// Slow clients (slowloris): civetweb 1.15 has no per-source connection limit,
+// so what bounds them is the worker count and the request deadline; see
+// docs/operations.md ("/metrics under slow clients").
+constexpr char kHttpWorkers[] = "16";
+constexpr char kHttpRequestTimeoutMs[] = "2000";
+
 void Respond(mg_connection* conn, int code, const char* status, const char* content_type,
              const std::string& body) {
   mg_printf(conn,
@@ -125,9 +131,17 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   std::unique_ptr<MetricsHttpServer> s(new MetricsHttpServer());
   s->host_ = addr->host;
   std::string ports = absl::StrCat(addr->host, ":", addr->port);
-  // Scrapes are rare and small: two worker threads are plenty.
-  const char* options[] = {"listening_ports", ports.c_str(), "num_threads", "2",
-                           "request_timeout_ms", "10000", nullptr};
+  const char* options[] = {"listening_ports", ports.c_str(),
+                           // A worker is held by one connection until it is
+                           // done; a few slow clients must leave workers free.
+                           "num_threads", kHttpWorkers,
+                           // Total budget for the request headers (not reset
+                           // by trickled bytes), and for writing the reply: a
+                           // scraper sends its request in one segment.
+                           "request_timeout_ms", kHttpRequestTimeoutMs,
+                           // One request per connection: an idle keep-alive
+                           // would hold a worker too.
+                           "enable_keep_alive", "no", nullptr};
   try {
     s->server_ = std::make_unique<CivetServer>(options);
   } catch (const CivetException& e) {

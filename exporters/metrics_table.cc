@@ -79,12 +79,13 @@ absl::Span<const MetricSpec> MetricTable() {
        "1 when the queue's agent acknowledged the policy generation now in force, else 0."},
       {Metric::kQueueLeaseState, "vkick_queue_lease_state", MetricType::Gauge,
        {"vm", "device", "queue", "state"},
-       "Lease state the agent last reported for the queue: 1 for the current state (none, "
-       "active, expired), 0 for the others."},
+       "Lease state of the queue as its agent last reported it, or, once no agent reports on "
+       "it, expired when the lease vkickd last sent has run out: 1 for the current state "
+       "(none, active, expired), 0 for the others."},
       {Metric::kQueueLeaseExpired, "vkick_queue_lease_expired_total", MetricType::Counter,
        {"vm", "device", "queue"},
-       "Times the agent reported the queue's lease expired (it fell back to the driver's "
-       "default)."},
+       "Times the queue's lease expired (the driver fell back to its default): reported by "
+       "the agent, or run out with no agent reporting on the queue."},
       {Metric::kPolicySwitches, "vkick_policy_switches_total", MetricType::Counter,
        {"vm", "device", "queue"}, "Changes of the queue's policy mode."},
       {Metric::kAgentConnected, "vkick_agent_connected", MetricType::Gauge, {"vm"},
@@ -96,6 +97,12 @@ absl::Span<const MetricSpec> MetricTable() {
        MetricType::Counter, {"vm"},
        "Agent connections vkickd closed: fatal framing, repeated rejections, or an agent "
        "not reading its policies."},
+      {Metric::kAgentConnectionsRefused, "vkick_agent_connections_refused_total",
+       MetricType::Counter, {"reason"},
+       "Agent channel connections refused, or closed before they reported on anything, by "
+       "reason: host_limit (--agent-socket's connection cap), peer_limit (that uid's cap of "
+       "connections yet to say hello), hello_timeout (no hello naming a device it owns in "
+       "time), vm_channel_limit (VM channels over their cap)."},
       {Metric::kAdminRequestsRefused, "vkick_admin_requests_refused_total",
        MetricType::Counter, {},
        "Admin socket connections refused by the peer credential check."},

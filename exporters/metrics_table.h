@@ -40,6 +40,7 @@ enum class Metric {
   kAgentConnected,
   kAgentMessagesRejected,
   kAgentConnectionsDropped,
+  kAgentConnectionsRefused,
   kAdminRequestsRefused,
   kPolicySaveErrors,
   // Guest samples (from the agent; validated, labelled by the host).

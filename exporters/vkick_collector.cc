@@ -151,6 +151,11 @@ void AddLoopSeries(MetricFamily& f, Metric id, const LoopSnapshot& l) {
     case Metric::kAgentConnectionsDropped:
       for (const auto& a : l.agents) Add(f, id, {a.vm}, a.dropped);
       break;
+    case Metric::kAgentConnectionsRefused:
+      for (size_t r = 0; r < kAgentRefusalCount; ++r)
+        Add(f, id, {std::string(AgentRefusalName(static_cast<AgentRefusal>(r)))},
+            l.agent_refused[r]);
+      break;
     case Metric::kAdminRequestsRefused:
       Add(f, id, {}, l.admin_refused);
       break;

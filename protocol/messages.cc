@@ -90,6 +90,7 @@ std::string_view RejectionName(Rejection r) {
     case Rejection::kUnexpectedType: return "unexpected_type";
     case Rejection::kUnknownQueue: return "unknown_queue";
     case Rejection::kBadSequence: return "bad_sequence";
+    case Rejection::kDeviceOwned: return "device_owned";
     case Rejection::kCount: break;
   }
   return "unknown";

@@ -227,6 +227,10 @@ enum class Rejection : uint8_t {
   kUnexpectedType,   // wrong direction or order (sample before hello, 2nd hello)
   kUnknownQueue,     // a queue outside the hello's declared devices/queues
   kBadSequence,      // sample seq not increasing
+  // host channel (controller/channel): a hello naming a device another agent
+  // owns (registered first and still connected). Host-side only, never on the
+  // wire: adding it changes no frame.
+  kDeviceOwned,
   kCount,            // not a reason: the number of reasons
 };
 inline constexpr size_t kRejectionCount = static_cast<size_t>(Rejection::kCount);

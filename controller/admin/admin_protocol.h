@@ -37,6 +37,13 @@ struct AdminPolicyClear {
 };
 using AdminRequest = std::variant<AdminStatus, AdminPolicySet, AdminPolicyClear>;
 
+// Who sent a request: the connection's SO_PEERCRED (for the log of changes).
+struct AdminPeer {
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  int32_t pid = 0;  // 0: not from the socket (in-process callers, tests)
+};
+
 absl::StatusOr<AdminRequest> ParseAdminRequest(absl::string_view line);
 // The JSON of a spec ({"mode":..,"batch":..,"defer_us":..}) and back.
 nlohmann::json SpecToJson(const PolicySpec& s);

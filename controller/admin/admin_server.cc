@@ -6,10 +6,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
+#include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/unix_listener.h"
 
 namespace vkick {
@@ -45,39 +48,14 @@ absl::StatusOr<std::unique_ptr<AdminServer>> AdminServer::Start(AdminServerOptio
 
 AdminServer::~AdminServer() { Stop(); }
 
-void AdminServer::Stop() {
-  if (stop_.exchange(true)) return;
-  if (thread_.joinable()) thread_.join();
-  if (listen_fd_ >= 0) {
-    close(listen_fd_);
-    unlink(options_.socket_path.c_str());
-    listen_fd_ = -1;
-  }
-}
-
-void AdminServer::Loop() {
-  while (!stop_) {
-    pollfd p{listen_fd_, POLLIN, 0};
-    if (poll(&p, 1, 200) <= 0) continue;
-    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
-    Serve(fd);
-    close(fd);
-  }
-}
-
 namespace {
 
-void WriteLine(int fd, const std::string& s) {
-  std::string line = s + "\n";
-  size_t off = 0;
-  while (off < line.size()) {
-    pollfd p{fd, POLLOUT, 0};
-    if (poll(&p, 1, 2000) <= 0) return;
-    ssize_t w = send(fd, line.data() + off, line.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (w <= 0 && errno != EAGAIN) return;
-    if (w > 0) off += static_cast<size_t>(w);
-  }
+// Client threads wake at least this often to notice Stop().
+constexpr absl::Duration kPollSlice = absl::Milliseconds(200);
+
+int PollMs(absl::Duration left) {
+  int64_t ms = absl::ToInt64Milliseconds(std::min(left, kPollSlice));
+  return static_cast<int>(std::max<int64_t>(1, ms));
 }
 
 std::vector<uint32_t> PeerGroups(pid_t pid) {
@@ -89,44 +67,143 @@ std::vector<uint32_t> PeerGroups(pid_t pid) {
 
 }  // namespace
 
-void AdminServer::Serve(int fd) {
-  ucred cred{};
-  socklen_t len = sizeof cred;
-  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
-      !AdminAuthorized(cred.uid, cred.gid, PeerGroups(cred.pid), geteuid(), options_.admin_gid)) {
-    ++refused_;
-    if (options_.log)
-      options_.log(absl::StrCat("admin socket: refused uid ", cred.uid, " pid ", cred.pid));
-    WriteLine(fd, ErrorReply("permission denied: the admin socket is for root or the admin "
-                             "group"));
+void AdminServer::Stop() {
+  if (stop_.exchange(true)) return;
+  if (thread_.joinable()) thread_.join();
+  // The accept thread is gone: clients_ is ours. Each client sees stop_
+  // within a poll slice.
+  for (Client& c : clients_) c.thread.join();
+  clients_.clear();
+  if (listen_fd_ >= 0) {
+    close(listen_fd_);
+    unlink(options_.socket_path.c_str());
+    listen_fd_ = -1;
+  }
+}
+
+void AdminServer::Loop() {
+  while (!stop_) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    int n = poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(kPollSlice)));
+    Reap();  // before Admit: finished clients free their slots
+    if (n <= 0) continue;
+    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) Admit(fd);
+  }
+}
+
+void AdminServer::Reap() {
+  for (auto it = clients_.begin(); it != clients_.end();) {
+    if (!it->done) {
+      ++it;
+      continue;
+    }
+    it->thread.join();
+    it = clients_.erase(it);
+  }
+}
+
+void AdminServer::Admit(int fd) {
+  auto turn_away = [&] {
+    ++busy_refused_;
+    // One non-blocking try: the accept thread never waits on a peer.
+    std::string line = ErrorReply("busy: too many admin clients, try again") + "\n";
+    send(fd, line.data(), line.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    close(fd);
+  };
+  if (clients_.size() >= static_cast<size_t>(std::max(1, options_.max_clients))) {
+    turn_away();
     return;
   }
+  Client& c = clients_.emplace_back();
+  try {
+    c.thread = std::thread([this, fd, &c] {
+      Serve(fd);
+      close(fd);
+      c.done = true;
+    });
+  } catch (const std::system_error&) {  // no thread to be had: as if busy
+    clients_.pop_back();
+    turn_away();
+  }
+}
+
+// The reply gets line_deadline in all: a peer that stops reading is cut.
+void AdminServer::WriteLine(int fd, const std::string& s) {
+  std::string line = s + "\n";
+  const absl::Time deadline = absl::Now() + options_.line_deadline;
+  size_t off = 0;
+  while (off < line.size() && !stop_) {
+    absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) return;
+    pollfd p{fd, POLLOUT, 0};
+    if (poll(&p, 1, PollMs(left)) <= 0) continue;
+    ssize_t w = send(fd, line.data() + off, line.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w < 0 && errno != EAGAIN && errno != EINTR) return;
+    if (w > 0) off += static_cast<size_t>(w);
+  }
+}
+
+bool AdminServer::Authorize(int fd, AdminPeer& peer) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  bool ok = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 &&
+            AdminAuthorized(cred.uid, cred.gid, PeerGroups(cred.pid), geteuid(),
+                            options_.admin_gid);
+  peer = AdminPeer{cred.uid, cred.gid, cred.pid};
+  if (ok) return true;
+  ++refused_;
+  if (options_.log)
+    options_.log(absl::StrCat("admin socket: refused uid ", cred.uid, " pid ", cred.pid));
+  WriteLine(fd, ErrorReply("permission denied: the admin socket is for root or the admin "
+                           "group"));
+  return false;
+}
+
+void AdminServer::Answer(int fd, const std::string& line, const AdminPeer& peer) {
+  ++requests_;
+  absl::StatusOr<AdminRequest> req = ParseAdminRequest(line);
+  if (!req.ok()) {
+    ++bad_requests_;
+    WriteLine(fd, ErrorReply(req.status().message()));
+    return;
+  }
+  WriteLine(fd, options_.handler(*req, peer));
+}
+
+// Each request line has line_deadline from the connection (or the previous
+// reply) in total, so trickling bytes buys no time.
+void AdminServer::Serve(int fd) {
+  AdminPeer peer;
+  if (!Authorize(fd, peer)) return;
   std::string buf;
   char chunk[4096];
+  absl::Time deadline = absl::Now() + options_.line_deadline;
   while (!stop_) {
-    pollfd p{fd, POLLIN, 0};
-    if (poll(&p, 1, 5000) <= 0) return;  // idle: close
-    ssize_t r = read(fd, chunk, sizeof chunk);
-    if (r <= 0) return;
-    buf.append(chunk, static_cast<size_t>(r));
-    size_t nl;
-    while ((nl = buf.find('\n')) != std::string::npos) {
-      std::string line = buf.substr(0, nl);
+    for (size_t nl; (nl = buf.find('\n')) != std::string::npos;) {
+      Answer(fd, buf.substr(0, nl), peer);
       buf.erase(0, nl + 1);
-      ++requests_;
-      absl::StatusOr<AdminRequest> req = ParseAdminRequest(line);
-      if (!req.ok()) {
-        ++bad_requests_;
-        WriteLine(fd, ErrorReply(req.status().message()));
-      } else {
-        WriteLine(fd, options_.handler(*req));
-      }
+      deadline = absl::Now() + options_.line_deadline;
     }
     if (buf.size() > kMaxAdminLine) {
       ++bad_requests_;
       WriteLine(fd, ErrorReply("request too long"));
       return;
     }
+    absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      ++deadline_closed_;
+      WriteLine(fd, ErrorReply(absl::StrCat("no complete request line within ",
+                                            absl::FormatDuration(options_.line_deadline))));
+      return;
+    }
+    pollfd p{fd, POLLIN, 0};
+    int n = poll(&p, 1, PollMs(left));
+    if (n < 0 && errno != EINTR) return;
+    if (n <= 0) continue;
+    ssize_t r = read(fd, chunk, sizeof chunk);
+    if (r <= 0) return;
+    buf.append(chunk, static_cast<size_t>(r));
   }
 }
 

@@ -5,9 +5,17 @@
 // connection gets one reader thread and an AgentSession; the control loop
 // collects samples/acks and sends policies through Collect()/Send().
 //
-// Bounded: at most max_connections agents (more are closed and counted);
-// a session buffers at most one frame; a policy that cannot be written at
-// once (the agent does not read) drops the connection instead of queueing.
+// Bounded, and nothing a peer can hold: --agent-socket connections have
+// their own cap (max_connections), of which one uid may hold at most
+// max_pending_per_uid before it says hello, and a connection that has not
+// said a hello naming a device it owns within hello_timeout is closed; VM
+// channels have a separate cap, so host connections never crowd them out.
+// Every refusal is counted by reason (Refused()). One owner per (vm,
+// device): the process (SO_PEERCRED pid) or VM channel that announced it
+// first, while connected; another's announcement of it is rejected
+// (device_owned). A session buffers at most one frame; a policy that cannot
+// be written at once (the agent does not read) drops the connection instead
+// of queueing.
 #pragma once
 
 #include <array>
@@ -16,15 +24,22 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
+#include <sys/socket.h>
+
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "controller/channel/agent_session.h"
+#include "controller/loop/loop_snapshot.h"
 
 namespace vkick {
 
@@ -34,7 +49,18 @@ struct AgentServerOptions {
   std::string vm;           // the `vm` label of connections on this socket
   std::vector<ChannelDevice> devices;
   proto::GuardConfig guard;
+  // --agent-socket connections open at once (VM channels are not counted).
   size_t max_connections = 8;
+  // Of those, per peer uid (SO_PEERCRED): the ones yet to say a hello naming
+  // a device they own. One user's idle connections leave the rest free.
+  size_t max_pending_per_uid = 4;
+  // An --agent-socket connection that has not said such a hello within this
+  // (since it connected, or since its bye) is closed: an agent announcing
+  // nothing vkickd serves retries with its backoff.
+  absl::Duration hello_timeout = absl::Seconds(2);
+  // VM channels (AddConnection) open at once: one per VM, so vkickd sets it
+  // to the VMs it can attach.
+  size_t max_vm_channels = 64;
   std::function<void(const std::string&)> log;
   // Called (from a reader thread) when an agent's hello was accepted, so the
   // loop can send its policy at once instead of at the next interval.
@@ -53,7 +79,6 @@ struct AgentChannelStats {
   std::array<uint64_t, proto::kRejectionCount> rejected{};
   uint64_t connections_total = 0;
   uint64_t dropped_total = 0;   // closed by the guard or a failed send
-  uint64_t refused_total = 0;   // over max_connections
 };
 
 class AgentServer {
@@ -65,8 +90,9 @@ class AgentServer {
   // A connection vkickd opened itself (a VM's virtio-serial chardev socket):
   // served like an accepted one, matched against `devices`, labelled `vm`.
   // `tag` names it (LiveTags) so the caller reconnects only when it is gone.
-  void AddConnection(int fd, std::string vm, std::vector<ChannelDevice> devices,
-                     std::string tag);
+  // Not OK: refused (closed, counted), the message says why.
+  absl::Status AddConnection(int fd, std::string vm, std::vector<ChannelDevice> devices,
+                             std::string tag);
   // The tags of the connections still open, in one pass (a caller checking
   // a fleet of VMs asks once, not once per VM).
   std::set<std::string> LiveTags() const;
@@ -90,6 +116,8 @@ class AgentServer {
   void Send(const std::vector<PolicyOut>& policies);
   AgentChannelStats Stats() const;  // the listener's vm (options.vm)
   std::vector<AgentChannelStats> AllStats() const;  // every vm seen, sorted
+  // Connections refused (or closed before a hello) since start, by reason.
+  std::array<uint64_t, kAgentRefusalCount> Refused() const;
 
  private:
   struct Conn {
@@ -97,17 +125,38 @@ class AgentServer {
     std::string vm;
     std::string tag;
     uint64_t id = 0;                        // Collected::connection_of
+    std::optional<ucred> peer;              // --agent-socket; none: a VM channel
+    std::string owner;                      // "pid N", or the VM channel: owns what it claims
+    std::atomic<bool> reports{false};       // AgentSession::reports()
     std::unique_ptr<AgentSession> session;  // guarded by mu
     absl::Mutex mu;
     std::atomic<bool> done{false};
     std::thread thread;
   };
+  // Who reports on a device, and the claimant last refused (logged once).
+  struct Owner {
+    std::string who;           // Conn::owner of the holders
+    std::set<uint64_t> conns;  // its live connections reporting on the device
+    std::string last_refused;
+  };
   explicit AgentServer(AgentServerOptions options) : options_(std::move(options)) {}
   void AcceptLoop();
   void ReadLoop(Conn* c);
+  // Feeds `n` bytes (0: the peer closed) under the connection's lock; false:
+  // the connection ends. `dropped`: by the guard.
+  bool Feed(Conn* c, const uint8_t* buf, ssize_t n, bool& dropped);
   void Reap(bool all);
-  void StartConn(int fd, std::string vm, std::vector<ChannelDevice> devices, std::string tag)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void StartConn(int fd, std::string vm, std::vector<ChannelDevice> devices, std::string tag,
+                 std::optional<ucred> peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Why a new --agent-socket connection from `uid` is refused, if it is.
+  std::optional<AgentRefusal> HostRefusal(uid_t uid) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Counts a refusal; logs a line per reason at most once a minute.
+  void NoteRefusal(AgentRefusal why, const std::string& detail) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool Claim(Conn* c, const ChannelDevice& d);  // AgentSession's DeviceClaim
+  void Release(const Conn& c);                  // its claims end with it
+  std::string Name(const Conn& c) const {
+    return c.tag.empty() ? options_.socket_path : c.tag;
+  }
   void Log(const std::string& s) const {
     if (options_.log) options_.log(s);
   }
@@ -120,6 +169,12 @@ class AgentServer {
   mutable absl::Mutex mu_;
   std::vector<std::unique_ptr<Conn>> conns_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, AgentChannelStats> stats_ ABSL_GUARDED_BY(mu_);  // by vm
+  std::array<uint64_t, kAgentRefusalCount> refused_ ABSL_GUARDED_BY(mu_){};
+  std::array<uint64_t, kAgentRefusalCount> refused_logged_ ABSL_GUARDED_BY(mu_){};
+  std::array<int64_t, kAgentRefusalCount> refusal_log_ns_ ABSL_GUARDED_BY(mu_){};
+  // A leaf lock: taken by Claim under a connection's lock.
+  absl::Mutex owners_mu_;
+  std::map<std::pair<std::string, std::string>, Owner> owners_ ABSL_GUARDED_BY(owners_mu_);
 };
 
 }  // namespace vkick

@@ -39,8 +39,10 @@ std::vector<proto::KnownDevice> KnownOf(std::vector<ChannelDevice>& devices) {
 }  // namespace
 
 AgentSession::AgentSession(proto::GuardConfig config, std::vector<ChannelDevice> devices,
-                           int64_t now_ns)
-    : devices_(std::move(devices)), guard_(config, KnownOf(devices_), now_ns) {}
+                           int64_t now_ns, DeviceClaim claim)
+    : devices_(std::move(devices)),
+      guard_(config, KnownOf(devices_), now_ns),
+      claim_(std::move(claim)) {}
 
 bool AgentSession::Feed(std::span<const uint8_t> bytes, int64_t now_ns) {
   if (drop_) return false;
@@ -62,34 +64,9 @@ void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
   }
   if (v != proto::ConnectionGuard::Verdict::kAccept || !r.message) return;
   if (auto* h = std::get_if<proto::Hello>(&*r.message)) {
-    agent_id_ = h->agent_id;
-    for (size_t d = 0; d < h->devices.size(); ++d) {
-      for (uint16_t q = 0; q < h->devices[d].num_queues; ++q) {
-        proto::QueueRef ref{static_cast<uint16_t>(d), q};
-        auto hq = guard_.Resolve(ref);
-        if (!hq || hq->device_id >= devices_.size()) continue;
-        const ChannelDevice& dev = devices_[hq->device_id];
-        const QueueKey key{dev.vm, dev.device, hq->queue};
-        refs_[key] = ref;
-        drivers_[key] = h->devices[d].driver;
-      }
-    }
+    OnHello(*h);
   } else if (auto* s = std::get_if<proto::Sample>(&*r.message)) {
-    for (const proto::QueueSample& qs : s->queues) {
-      auto hq = guard_.Resolve(qs.ref);
-      if (!hq || hq->device_id >= devices_.size()) {
-        ++unmapped_samples_;
-        continue;
-      }
-      const ChannelDevice& dev = devices_[hq->device_id];
-      // Bounded: keys are host queues bound at hello (<= kMaxQueues).
-      const QueueKey key{dev.vm, dev.device, hq->queue};
-      auto [it, fresh] = samples_.try_emplace(key, qs);
-      if (!fresh) MergeSample(it->second, qs);
-      // A merged sample's window ends at its latest part: re-stamp.
-      unstamped_.insert(key);
-      stamps_.erase(key);
-    }
+    OnSample(*s);
   } else if (auto* a = std::get_if<proto::Ack>(&*r.message)) {
     if (acks_.size() < 64) acks_.push_back(a->generation);
   } else if (std::holds_alternative<proto::Bye>(*r.message)) {
@@ -101,6 +78,53 @@ void AgentSession::OnFrame(proto::DecodeResult&& r, int64_t now_ns) {
     drivers_.clear();
   }
   // error: nothing to do.
+}
+
+void AgentSession::OnHello(const proto::Hello& h) {
+  agent_id_ = h.agent_id;
+  for (size_t d = 0; d < h.devices.size(); ++d) {
+    const uint16_t di = static_cast<uint16_t>(d);
+    auto hq = guard_.Resolve({di, 0});
+    if (!hq || hq->device_id >= devices_.size()) continue;  // matches nothing: ignored
+    const ChannelDevice& dev = devices_[hq->device_id];
+    // Another agent reporting on it would steer its driver: refused.
+    if (claim_ && !claim_(dev)) {
+      ++refused_[static_cast<size_t>(proto::Rejection::kDeviceOwned)];
+      continue;
+    }
+    // Queues beyond the known count do not exist: never mapped, counted
+    // (once per device) so an agent announcing phantoms shows.
+    const proto::GuestDevice& g = h.devices[d];
+    if (g.num_queues > dev.known.num_queues)
+      ++refused_[static_cast<size_t>(proto::Rejection::kUnknownQueue)];
+    for (uint16_t q = 0; q < std::min(g.num_queues, dev.known.num_queues); ++q) {
+      const QueueKey key{dev.vm, dev.device, q};
+      refs_[key] = {di, q};
+      drivers_[key] = g.driver;
+    }
+  }
+}
+
+void AgentSession::OnSample(const proto::Sample& s) {
+  for (const proto::QueueSample& qs : s.queues) {
+    auto hq = guard_.Resolve(qs.ref);
+    if (!hq || hq->device_id >= devices_.size()) {
+      ++unmapped_samples_;
+      continue;
+    }
+    const ChannelDevice& dev = devices_[hq->device_id];
+    // Bounded: keys are host queues bound at hello (<= kMaxQueues).
+    const QueueKey key{dev.vm, dev.device, hq->queue};
+    if (!refs_.count(key)) {  // a device refused at hello (owned by another agent)
+      ++unmapped_samples_;
+      continue;
+    }
+    auto [it, fresh] = samples_.try_emplace(key, qs);
+    if (!fresh) MergeSample(it->second, qs);
+    // A merged sample's window ends at its latest part: re-stamp.
+    unstamped_.insert(key);
+    stamps_.erase(key);
+  }
 }
 
 std::set<QueueKey> AgentSession::ObservedOnly() const {
@@ -139,9 +163,10 @@ std::array<uint64_t, proto::kRejectionCount> AgentSession::TakeRejections() {
   std::array<uint64_t, proto::kRejectionCount> out{};
   for (size_t i = 0; i < proto::kRejectionCount; ++i) {
     uint64_t now = guard_.rejections(static_cast<proto::Rejection>(i));
-    out[i] = now - reported_[i];
+    out[i] = now - reported_[i] + refused_[i];
     reported_[i] = now;
   }
+  refused_ = {};
   return out;
 }
 

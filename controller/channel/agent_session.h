@@ -8,6 +8,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -35,9 +36,15 @@ struct ChannelDevice {
 // (lease, applied policy); mean depth is weighted by requests.
 void MergeSample(proto::QueueSample& acc, const proto::QueueSample& next);
 
+// Asked at each hello, per device the guard bound: may this connection
+// report on it? One owner per (vm, device): false when another agent owns it
+// (AgentServer keeps the owners). Null: every device may be claimed.
+using DeviceClaim = std::function<bool(const ChannelDevice&)>;
+
 class AgentSession {
  public:
-  AgentSession(proto::GuardConfig config, std::vector<ChannelDevice> devices, int64_t now_ns);
+  AgentSession(proto::GuardConfig config, std::vector<ChannelDevice> devices, int64_t now_ns,
+               DeviceClaim claim = nullptr);
 
   // Feeds received bytes. Returns false when the connection must be dropped
   // (fatal framing error, or the guard's verdict).
@@ -51,6 +58,9 @@ class AgentSession {
   bool dropped() const { return guard_.dropped(); }
   // Host queues this agent reports on (bound at hello).
   std::vector<QueueKey> Queues() const;
+  // It reports on at least one host queue (its announcement named a device
+  // the host serves, and it owns it).
+  bool reports() const { return !refs_.empty(); }
   // Who drives each of those queues in the guest (the hello's `driver`).
   const std::map<QueueKey, proto::DriverKind>& Drivers() const { return drivers_; }
   // Of those, the queues of devices the guest kernel's own virtio_blk runs
@@ -85,11 +95,17 @@ class AgentSession {
 
  private:
   void OnFrame(proto::DecodeResult&& r, int64_t now_ns);
+  void OnHello(const proto::Hello& h);
+  void OnSample(const proto::Sample& s);
 
   std::vector<ChannelDevice> devices_;  // index = KnownDevice::device_id
   proto::StreamDecoder decoder_;
   proto::ConnectionGuard guard_;
+  DeviceClaim claim_;
   std::array<uint64_t, proto::kRejectionCount> reported_{};
+  // Refusals the session decides (device_owned, a device's queues beyond
+  // the known count), not the guard: since the last TakeRejections.
+  std::array<uint64_t, proto::kRejectionCount> refused_{};
   bool drop_ = false;
   std::string agent_id_;
   std::map<QueueKey, proto::QueueRef> refs_;  // host queue -> guest ref

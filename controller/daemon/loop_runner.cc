@@ -241,19 +241,10 @@ void LoopRunner::StepOnce() {
       }
     }
   }
+  const int64_t now = MonoNs();
   {
-    std::set<QueueKey> have;
-    for (const QueueInput& in : inputs) have.insert(in.key);
     absl::MutexLock l(&mu_);
-    for (const QueueKey& k : col.connected_queues) {
-      if (k.vm == options_.vhost_user_vm) vhost_seen_.insert(k);
-    }
-    for (const QueueKey& k : vhost_seen_) {
-      if (have.count(k)) continue;  // the probes' pseudo-VM already has it
-      QueueInput in;
-      in.key = k;  // no probe counts it: the guest's kicks are believed
-      inputs.push_back(std::move(in));
-    }
+    AddAnnouncedVhostQueues(col.connected_queues, now, inputs);
   }
   {
     absl::MutexLock l(&ids_mu_);
@@ -274,12 +265,36 @@ void LoopRunner::StepOnce() {
   std::vector<PolicyOut> out;
   {
     absl::MutexLock l(&mu_);
-    out = loop_.Step(table_, inputs, MonoNs());
+    out = loop_.Step(table_, inputs, now);
     for (const auto& [k, g] : col.acks) loop_.OnAck(k, g);
     views_ = loop_.View();
   }
   if (server_ != nullptr && !out.empty()) server_->Send(out);
   duration_.Observe(absl::ToDoubleSeconds(absl::Now() - t0));
+}
+
+void LoopRunner::AddAnnouncedVhostQueues(const std::set<QueueKey>& connected, int64_t now_ns,
+                                         std::vector<QueueInput>& inputs) {
+  std::set<QueueKey> have;
+  for (const QueueInput& in : inputs) have.insert(in.key);
+  for (const QueueKey& k : connected)
+    if (k.vm == options_.vhost_user_vm) vhost_seen_[k] = now_ns;
+  // Such a device's queue count is not known (an agent may announce 64 for
+  // one): a queue no live agent reports on goes when the lease last sent
+  // for it has run out, so phantoms leave the status and the metrics.
+  const int64_t lease = static_cast<int64_t>(options_.loop.lease_ns);
+  for (auto it = vhost_seen_.begin(); it != vhost_seen_.end();) {
+    if (now_ns - it->second >= lease) {
+      it = vhost_seen_.erase(it);
+      continue;
+    }
+    if (!have.count(it->first)) {  // else the probes' pseudo-VM has it
+      QueueInput in;
+      in.key = it->first;  // no probe counts it: the guest's kicks are believed
+      inputs.push_back(std::move(in));
+    }
+    ++it;
+  }
 }
 
 std::map<QueueKey, uint64_t> LoopRunner::HostTotalsNow(const std::set<QueueKey>& queues) {
@@ -330,7 +345,6 @@ void LoopRunner::ConnectVmAgent(const AttachedVm& vm, const std::string& name,
     port_errors_[tag] = err;
     return;
   }
-  port_errors_.erase(tag);
   // The guest's devices are matched against what discovery found for this
   // VM: by PCI address (the guest sees the firmware's bus/slot/function).
   std::vector<ChannelDevice> devices;
@@ -343,11 +357,18 @@ void LoopRunner::ConnectVmAgent(const AttachedVm& vm, const std::string& name,
     devices.push_back(std::move(c));
     if (devices.size() >= proto::kMaxDevices * 4) break;  // bounded
   }
+  // Logged once per change, as a failed connect is: refused again every step.
+  if (absl::Status s = server_->AddConnection(fd, name, std::move(devices), tag); !s.ok()) {
+    const std::string why = absl::StrCat("refused: ", s.message());
+    if (port_errors_[tag] != why) Log(absl::StrCat("agent channel ", tag, ": ", why));
+    port_errors_[tag] = why;
+    return;
+  }
+  port_errors_.erase(tag);
   Log(absl::StrCat("agent channel ", tag, ": connected for VM '", name, "'"));
-  server_->AddConnection(fd, name, std::move(devices), tag);
 }
 
-std::string LoopRunner::HandleAdmin(const AdminRequest& req) {
+std::string LoopRunner::HandleAdmin(const AdminRequest& req, const AdminPeer& peer) {
   using nlohmann::json;
   auto dump = [](const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); };
   if (std::holds_alternative<AdminStatus>(req)) {
@@ -380,7 +401,7 @@ std::string LoopRunner::HandleAdmin(const AdminRequest& req) {
     }
     table_ = std::move(next);
   }
-  Log(absl::StrCat("admin: policy ", what));
+  Log(absl::StrCat("admin: policy ", what, " by uid ", peer.uid, " pid ", peer.pid));
   Wake();  // takes effect now, not at the next interval
   return dump(json{{"ok", true}, {"message", absl::StrCat("policy ", what)}});
 }
@@ -406,6 +427,7 @@ LoopSnapshot LoopRunner::Snapshot() const {
   }
   s.loop_duration = duration_.Collect();
   if (admin_refused_) s.admin_refused = admin_refused_();
+  if (server_ != nullptr) s.agent_refused = server_->Refused();
   absl::MutexLock l(&mu_);
   s.queues = views_;
   s.state_save_errors = save_errors_;

@@ -92,7 +92,8 @@ class LoopRunner {
   // thread-safe.
   std::map<QueueKey, uint64_t> HostTotalsNow(const std::set<QueueKey>& queues);
 
-  std::string HandleAdmin(const AdminRequest& req);
+  // `peer`: who asked (SO_PEERCRED), named in the log of a policy change.
+  std::string HandleAdmin(const AdminRequest& req, const AdminPeer& peer = {});
   LoopSnapshot Snapshot() const;
   PolicyTable Table() const;
 
@@ -103,6 +104,10 @@ class LoopRunner {
   // has it open.
   void ConnectVmAgent(const AttachedVm& vm, const std::string& name,
                       const std::set<std::string>& live_tags);
+  // Adds to `inputs` the --vhost-user queues only agents announced (not in
+  // the probes' pseudo-VM), until their lease runs out once unreported.
+  void AddAnnouncedVhostQueues(const std::set<QueueKey>& connected, int64_t now_ns,
+                               std::vector<QueueInput>& inputs) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Log(absl::string_view s) const { options_.log(s); }
 
   const LoopRunnerOptions options_;
@@ -118,7 +123,9 @@ class LoopRunner {
   PolicyTable table_ ABSL_GUARDED_BY(mu_);
   ControlLoop loop_ ABSL_GUARDED_BY(mu_);
   std::vector<QueueView> views_ ABSL_GUARDED_BY(mu_);
-  std::set<QueueKey> vhost_seen_ ABSL_GUARDED_BY(mu_);  // bounded by the guard
+  // --vhost-user queues agents announced -> the last step one reported on
+  // it (bounded by the guard: <= 64 per declared device).
+  std::map<QueueKey, int64_t> vhost_seen_ ABSL_GUARDED_BY(mu_);
   bool persist_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t save_errors_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t load_errors_ ABSL_GUARDED_BY(mu_) = 0;  // state files ignored at start

@@ -279,8 +279,11 @@ int main(int argc, char** argv) {
     ao.socket_path = agent_socket;  // "" = VM channels only
     ao.vm = loop_options.vhost_user_vm;
     ao.devices = vkick::VhostUserChannelDevices(loop_options);
-    ao.max_connections =
-        8 + options.qmp_paths.size() + (options.qmp_dir ? vkick::kMaxQmpDirSockets : 0);
+    // Separate caps: host connections never crowd out VM channels (one per
+    // VM vkickd can attach).
+    ao.max_connections = 8;
+    ao.max_vm_channels =
+        options.qmp_paths.size() + (options.qmp_dir ? vkick::kMaxQmpDirSockets : 0);
     ao.log = [](const std::string& s) { vkick::LogToStderr(s); };
     ao.on_hello = [&runner] { runner.Wake(); };
     ao.host_totals = [&runner](const std::set<vkick::QueueKey>& q) {
@@ -298,7 +301,9 @@ int main(int argc, char** argv) {
     vkick::AdminServerOptions ad;
     ad.socket_path = admin_socket;
     ad.admin_gid = admin_gid;
-    ad.handler = [&runner](const vkick::AdminRequest& r) { return runner.HandleAdmin(r); };
+    ad.handler = [&runner](const vkick::AdminRequest& r, const vkick::AdminPeer& p) {
+      return runner.HandleAdmin(r, p);
+    };
     ad.log = [](const std::string& s) { vkick::LogToStderr(s); };
     auto a = vkick::AdminServer::Start(std::move(ad));
     if (!a.ok()) {

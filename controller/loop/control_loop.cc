@@ -175,6 +175,11 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
     }
     v.depth_sum += s.mean_depth_milli / 1000.0 * s.requests;
   }
+  if (in.agent_connected) {
+    st.renewed_ns = now_ns;  // this Step's policy renews its lease
+  } else if (!in.sample) {
+    AgentGone(st, in.host_notifications_total.has_value(), now_ns);
+  }
 
   // (mode, B, T) to be in force.
   proto::KickMode mode = spec.mode;
@@ -233,6 +238,26 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
   v.last_action = action;
   if (changed) v.generation = next_generation_++;
   st.initialised = true;
+}
+
+void ControlLoop::AgentGone(State& st, bool host_counted, int64_t now_ns) const {
+  QueueView& v = st.view;
+  // No agent reports on the queue: its last rates are not current.
+  v.requests_per_s = 0;
+  v.notifications_per_request = 0;
+  v.mean_depth = 0;
+  if (!host_counted) v.notifications_per_s = 0;  // they were the guest's kicks
+  // Nor is its lease renewed: the lease last sent runs out lease_ns after
+  // that, and the driver falls back to its default (docs/protocol.md). Shown
+  // and counted as if reported, so VkickLeaseExpired fires for it too.
+  if (v.guest_lease != proto::LeaseState::kActive || !st.renewed_ns ||
+      now_ns - *st.renewed_ns < static_cast<int64_t>(config_.lease_ns))
+    return;
+  v.guest_lease = proto::LeaseState::kExpired;
+  ++v.lease_expiries;
+  v.applied_mode = proto::KickMode::kImmediate;
+  v.applied_batch = 1;
+  v.applied_defer_ns = 0;
 }
 
 std::vector<QueueView> ControlLoop::View() const {

@@ -145,10 +145,12 @@ class ControlLoop {
     std::optional<uint64_t> host_at_sample;    // host total at the last sample
     bool host_at_sample_stamped = false;       // ... taken on its arrival
     uint64_t agent_connection = 0;             // the last one seen (0: none yet)
+    std::optional<int64_t> renewed_ns;         // the last Step with an agent (lease renewed)
     std::optional<int64_t> last_step_ns;
     bool initialised = false;
   };
   void StepQueue(State& st, const PolicyTable& table, const QueueInput& in, int64_t now_ns);
+  void AgentGone(State& st, bool host_counted, int64_t now_ns) const;
 
   LoopConfig config_;
   uint64_t next_generation_;

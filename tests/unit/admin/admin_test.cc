@@ -5,6 +5,12 @@
 #include <grp.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <poll.h>
+
+#include <atomic>
+#include <chrono>
+#include <iostream>
+#include <thread>
 
 #include "controller/admin/admin_protocol.h"
 #include "controller/admin/admin_server.h"
@@ -93,15 +99,24 @@ TEST(AdminProtocolTest, StatusJson) {
   EXPECT_EQ(StatusJson({v}, {}, {}, 0)["queues"][0]["mode"], "observe");
 }
 
-std::string Roundtrip(const std::string& path, const std::string& req) {
+int ConnectUnix(const std::string& path) {
   int fd = socket(AF_UNIX, SOCK_STREAM, 0);
   sockaddr_un a{};
   a.sun_family = AF_UNIX;
   strncpy(a.sun_path, path.c_str(), sizeof a.sun_path - 1);
   if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
     close(fd);
-    return "connect failed";
+    return -1;
   }
+  return fd;
+}
+
+// Like vkickctl: gives up on a reply after `timeout_s`.
+std::string Roundtrip(const std::string& path, const std::string& req, int timeout_s = 10) {
+  int fd = ConnectUnix(path);
+  if (fd < 0) return "connect failed";
+  timeval tv{timeout_s, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   std::string line = req + "\n";
   send(fd, line.data(), line.size(), MSG_NOSIGNAL);  // may be refused and closed first
   std::string out;
@@ -117,8 +132,8 @@ TEST(AdminServerTest, ServesAndRefusesOtherUids) {
   chmod(dir.c_str(), 0755);
   AdminServerOptions o;
   o.socket_path = dir + "/admin.sock";
-  int calls = 0;
-  o.handler = [&](const AdminRequest& r) {
+  std::atomic<int> calls{0};  // bumped on a client thread
+  o.handler = [&](const AdminRequest& r, const AdminPeer&) {
     ++calls;
     return std::string(std::holds_alternative<AdminStatus>(r) ? R"({"ok":true})" : "{}");
   };
@@ -166,7 +181,7 @@ TEST(AdminServerTest, AdminGroupMembersAreServed) {
   AdminServerOptions o;
   o.socket_path = dir + "/admin.sock";
   o.admin_gid = 4242;  // any gid: the child below joins it
-  o.handler = [](const AdminRequest&) { return std::string(R"({"ok":true})"); };
+  o.handler = [](const AdminRequest&, const AdminPeer&) { return std::string(R"({"ok":true})"); };
   auto srv = AdminServer::Start(o);
   ASSERT_TRUE(srv.ok()) << srv.status();
   struct stat st;
@@ -191,6 +206,135 @@ TEST(AdminServerTest, AdminGroupMembersAreServed) {
   EXPECT_EQ((*srv)->refused(), 0u);
   (*srv)->Stop();
   system(("rm -rf " + dir).c_str());
+}
+
+using Clock = std::chrono::steady_clock;
+double SecondsSince(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// An authorized client that sends one byte of a request every 300 ms and
+// never a newline; notes when vkickd closes it.
+class Trickler {
+ public:
+  explicit Trickler(const std::string& path) : fd_(ConnectUnix(path)), start_(Clock::now()) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~Trickler() {
+    stop_ = true;
+    thread_.join();
+    if (fd_ >= 0) close(fd_);
+  }
+  bool connected() const { return fd_ >= 0; }
+  // Seconds from connect to vkickd's close; < 0 while it is open.
+  double closed_after_s() const { return closed_after_s_; }
+
+ private:
+  // Waits 300 ms for vkickd; false once it has closed the connection.
+  bool StillOpen() {
+    pollfd p{fd_, POLLIN, 0};
+    if (poll(&p, 1, 300) <= 0) return true;
+    char buf[512];
+    return read(fd_, buf, sizeof buf) > 0;  // its error line, then EOF
+  }
+  void Run() {
+    const std::string req = R"({"cmd":"status"})";
+    for (size_t i = 0; fd_ >= 0 && !stop_; ++i) {
+      if (send(fd_, &req[i % req.size()], 1, MSG_NOSIGNAL) != 1 || !StillOpen()) {
+        closed_after_s_ = SecondsSince(start_);
+        return;
+      }
+    }
+  }
+
+  const int fd_;
+  const Clock::time_point start_;
+  std::atomic<bool> stop_{false};
+  std::atomic<double> closed_after_s_{-1};
+  std::thread thread_;
+};
+
+struct TestSocketDir {
+  TestSocketDir() {
+    char t[] = "/tmp/vkick-admin-XXXXXX";
+    dir = mkdtemp(t);
+    chmod(dir.c_str(), 0755);
+  }
+  ~TestSocketDir() { system(("rm -rf " + dir).c_str()); }
+  std::string path() const { return dir + "/admin.sock"; }
+  std::string dir;
+};
+
+// One slow admin client must not lock vkickctl out (it was served one client
+// at a time), and its request line has a total deadline (5 s) however often
+// it sends a byte.
+TEST(AdminServerTest, TricklingClientNeitherBlocksOthersNorStays) {
+  TestSocketDir d;
+  AdminServerOptions o;
+  o.socket_path = d.path();
+  std::atomic<int32_t> peer_pid{0};
+  std::atomic<uint32_t> peer_uid{~0u};
+  o.handler = [&](const AdminRequest&, const AdminPeer& p) {
+    peer_pid = p.pid;
+    peer_uid = p.uid;
+    return std::string(R"({"ok":true})");
+  };
+  auto srv = AdminServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  Trickler slow(o.socket_path);
+  ASSERT_TRUE(slow.connected());
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));  // it is being served
+
+  Clock::time_point t0 = Clock::now();
+  EXPECT_EQ(Roundtrip(o.socket_path, R"({"cmd":"status"})", /*timeout_s=*/3), R"({"ok":true})");
+  double reply_s = SecondsSince(t0);
+  EXPECT_LT(reply_s, 1.0);
+
+  while (slow.closed_after_s() < 0 && SecondsSince(t0) < 9)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::cout << "[ FIGURE   ] status reply beside a trickling client: " << reply_s
+            << " s; trickler closed after " << slow.closed_after_s() << " s\n";
+  EXPECT_GE(slow.closed_after_s(), 0) << "still open 9 s after it connected";
+  EXPECT_GT(slow.closed_after_s(), 4.5) << "closed before its deadline";
+  EXPECT_LT(slow.closed_after_s(), 6.5) << "not closed at its 5 s deadline";
+  EXPECT_EQ((*srv)->deadline_closed(), 1u);
+  EXPECT_EQ((*srv)->requests(), 1u);
+  // The handler learns who asked (for the log of policy changes).
+  EXPECT_EQ(peer_pid, getpid());
+  EXPECT_EQ(peer_uid, geteuid());
+}
+
+// Beyond max_clients a client is told "busy" at once and counted; a slot
+// frees when a client leaves.
+TEST(AdminServerTest, ClientsBeyondTheBoundAreTurnedAway) {
+  TestSocketDir d;
+  AdminServerOptions o;
+  o.socket_path = d.path();
+  o.max_clients = 2;
+  o.handler = [](const AdminRequest&, const AdminPeer&) { return std::string(R"({"ok":true})"); };
+  auto srv = AdminServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  int idle1 = ConnectUnix(o.socket_path), idle2 = ConnectUnix(o.socket_path);
+  ASSERT_GE(idle1, 0);
+  ASSERT_GE(idle2, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));  // both admitted
+
+  Clock::time_point t0 = Clock::now();
+  std::string busy = Roundtrip(o.socket_path, R"({"cmd":"status"})", /*timeout_s=*/3);
+  EXPECT_LT(SecondsSince(t0), 1.0);
+  EXPECT_NE(busy.find("busy"), std::string::npos) << busy;
+  EXPECT_EQ((*srv)->busy_refused(), 1u);
+
+  close(idle1);
+  std::string ok;
+  for (int i = 0; i < 20 && ok != R"({"ok":true})"; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ok = Roundtrip(o.socket_path, R"({"cmd":"status"})", /*timeout_s=*/3);
+  }
+  EXPECT_EQ(ok, R"({"ok":true})") << "the slot idle1 left was not freed";
+  close(idle2);
+  (*srv)->Stop();
+  EXPECT_EQ((*srv)->deadline_closed(), 0u);
 }
 
 }  // namespace

@@ -1,6 +1,10 @@
+#include <poll.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -393,7 +397,7 @@ TEST(AgentServerTest, OutgoingConnectionsPerVmWithoutListener) {
   d.known.num_queues = 2;
   d.vm = "web";
   d.device = "disk0";
-  (*srv)->AddConnection(sv[0], "web", {d}, "virtio-serial /x");
+  ASSERT_TRUE((*srv)->AddConnection(sv[0], "web", {d}, "virtio-serial /x").ok());
   EXPECT_TRUE((*srv)->LiveTags().count("virtio-serial /x"));
   proto::Hello h;
   h.agent_id = "guest";
@@ -414,6 +418,275 @@ TEST(AgentServerTest, OutgoingConnectionsPerVmWithoutListener) {
   ASSERT_TRUE(WaitFor([&] { return !(*srv)->LiveTags().count("virtio-serial /x"); }));
   EXPECT_EQ((*srv)->AllStats()[0].rejected[static_cast<size_t>(proto::Rejection::kBadMagic)], 1u);
   close(sv[1]);
+}
+
+
+// True once vkickd closed its end of `fd` (EOF readable), without blocking.
+bool ClosedByServer(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  if (poll(&p, 1, 0) <= 0) return false;
+  char c;
+  return recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+// Another process on this host (its own SO_PEERCRED pid; with `uid` != 0 a
+// member of the socket's group: root's gid is kept): connects `n` times to
+// `path`, writes `bytes` on each connection, reports how many connected, then
+// holds them until killed. Everything is prepared before fork(): the child
+// only makes system calls (the parent has threads).
+class Peer {
+ public:
+  Peer(const std::string& path, int n, std::vector<uint8_t> bytes, uid_t uid = 0) {
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    strncpy(a.sun_path, path.c_str(), sizeof a.sun_path - 1);
+    int p[2];
+    if (pipe(p) != 0) return;
+    pid_ = fork();
+    if (pid_ == 0) {
+      close(p[0]);
+      if (uid != 0 && setresuid(uid, uid, uid) != 0) _exit(1);
+      uint8_t ok = 0;
+      for (int i = 0; i < n; ++i) {
+        int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) continue;
+        ++ok;  // vkickd may refuse it at once: the send's result says nothing
+        (void)!send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      }
+      if (write(p[1], &ok, 1) != 1) _exit(1);
+      for (;;) pause();
+    }
+    close(p[1]);
+    uint8_t ok = 0;
+    if (pid_ > 0 && read(p[0], &ok, 1) == 1) connected_ = ok;
+    close(p[0]);
+  }
+  ~Peer() { Kill(); }
+  void Kill() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  int connected() const { return connected_; }
+
+ private:
+  pid_t pid_ = -1;
+  int connected_ = 0;
+};
+
+std::vector<uint8_t> Cat(std::vector<uint8_t> a, const std::vector<uint8_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// Issue 12, item 1: nine idle connections of another user (one byte each,
+// never a hello) held every slot; a real agent got no policy. One user's
+// connections that have not said hello are capped, so the agent's gets in
+// at once (well before any deadline).
+TEST(AgentServerTest, IdleConnectionsOfAnotherUserLeaveARealAgentItsSlot) {
+  TempDir dir;
+  ASSERT_EQ(chmod(dir.path().c_str(), 0750), 0);  // the socket's group reaches it
+  AgentServerOptions o;
+  o.socket_path = dir.path() + "/agent.sock";
+  o.vm = "vhost-user";
+  o.devices = Devices();
+  std::atomic<int> hellos{0};
+  o.on_hello = [&] { ++hellos; };
+  auto srv = AgentServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  Peer idle(o.socket_path, 9, {'V'}, /*uid=*/65534);
+  ASSERT_EQ(idle.connected(), 9);
+  const size_t peer_limit = static_cast<size_t>(AgentRefusal::kPeerLimit);
+  ASSERT_TRUE(WaitFor([&] {
+    return (*srv)->Stats().connections_total + (*srv)->Refused()[peer_limit] == 9;
+  }));
+  EXPECT_EQ((*srv)->Refused()[peer_limit], 5u);  // 4 pending per uid
+  int fd = Connect(o.socket_path);
+  ASSERT_GE(fd, 0);
+  auto h = Enc(MakeHello());
+  ASSERT_EQ(write(fd, h.data(), h.size()), static_cast<ssize_t>(h.size()));
+  EXPECT_TRUE(WaitFor([&] { return hellos == 1; }, 1000));
+  EXPECT_FALSE(ClosedByServer(fd));
+  close(fd);
+}
+
+// Issue 12, item 1: the same user's idle connections are closed at the
+// hello deadline (2 s by default), so they hold nothing for long.
+TEST(AgentServerTest, ConnectionsWithoutAHelloAreClosedAtTheDeadline) {
+  TempDir dir;
+  AgentServerOptions o;
+  o.socket_path = dir.path() + "/agent.sock";
+  o.vm = "vhost-user";
+  o.devices = Devices();
+  std::atomic<int> hellos{0};
+  o.on_hello = [&] { ++hellos; };
+  auto srv = AgentServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  std::vector<int> idle;
+  for (int i = 0; i < 9; ++i) {
+    int fd = Connect(o.socket_path);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(write(fd, "V", 1), 1);
+    idle.push_back(fd);
+  }
+  EXPECT_TRUE(WaitFor([&] {
+    for (int fd : idle)
+      if (!ClosedByServer(fd)) return false;
+    return true;
+  }, 4000));
+  int fd = Connect(o.socket_path);
+  ASSERT_GE(fd, 0);
+  auto h = Enc(MakeHello());
+  ASSERT_EQ(write(fd, h.data(), h.size()), static_cast<ssize_t>(h.size()));
+  EXPECT_TRUE(WaitFor([&] { return hellos == 1; }, 1000));
+  auto refused = (*srv)->Refused();
+  EXPECT_EQ(refused[static_cast<size_t>(AgentRefusal::kPeerLimit)], 5u);
+  EXPECT_EQ(refused[static_cast<size_t>(AgentRefusal::kHelloTimeout)], 4u);
+  EXPECT_EQ(refused[static_cast<size_t>(AgentRefusal::kHostLimit)], 0u);
+  for (int i : idle) close(i);
+  close(fd);
+}
+
+proto::Hello VmHello() {
+  proto::Hello h;
+  h.agent_id = "guest";
+  proto::GuestDevice g;
+  g.pci_devfn = 4 << 3;  // 0000:00:04.0
+  g.num_queues = 2;
+  h.devices = {g};
+  return h;
+}
+
+ChannelDevice VmDisk(const std::string& vm) {
+  ChannelDevice d;
+  d.known.pci_address = "0000:00:04.0";
+  d.known.num_queues = 2;
+  d.vm = vm;
+  d.device = "disk0";
+  return d;
+}
+
+// Issue 12, item 1: VM channels (connections vkickd opens to a VM's
+// chardev) shared the host listener's cap: a full listener refused them.
+TEST(AgentServerTest, AFullHostListenerDoesNotRefuseVmChannels) {
+  TempDir dir;
+  AgentServerOptions o;
+  o.socket_path = dir.path() + "/agent.sock";
+  o.vm = "vhost-user";
+  o.devices = Devices();
+  o.max_connections = 2;
+  o.max_vm_channels = 1;
+  auto srv = AgentServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  int a = Connect(o.socket_path), b = Connect(o.socket_path);
+  ASSERT_GE(a, 0);
+  ASSERT_GE(b, 0);
+  ASSERT_TRUE(WaitFor([&] { return (*srv)->Stats().connections_total == 2; }));
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  ASSERT_TRUE((*srv)->AddConnection(sv[0], "web", {VmDisk("web")}, "virtio-serial /web").ok());
+  auto bytes = Enc(VmHello());
+  ASSERT_EQ(send(sv[1], bytes.data(), bytes.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(bytes.size()));
+  EXPECT_TRUE(WaitFor([&] { return (*srv)->Collect().connected_queues.size() == 2; }, 1000));
+  // VM channels have their own cap (one per VM): a channel over it is refused.
+  int sv2[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv2), 0);
+  absl::Status s = (*srv)->AddConnection(sv2[0], "db", {VmDisk("db")}, "virtio-serial /db");
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(ClosedByServer(sv2[1]));
+  EXPECT_EQ((*srv)->Refused()[static_cast<size_t>(AgentRefusal::kVmChannelLimit)], 1u);
+  close(sv2[1]);
+  close(sv[1]);
+  close(a);
+  close(b);
+}
+
+// Issue 12, item 3: a second process announcing a registered device's
+// serial took over its samples. The first process that registered a device
+// owns it while connected; another's announcement of it is rejected (its
+// samples never reach the loop) and, once the owner is gone, a new process
+// may register it.
+TEST(AgentServerTest, ASecondProcessCannotTakeOverARegisteredDevice) {
+  TempDir dir;
+  AgentServerOptions o;
+  o.socket_path = dir.path() + "/agent.sock";
+  o.vm = "vhost-user";
+  o.devices = Devices();
+  std::atomic<int> hellos{0};
+  o.on_hello = [&] { ++hellos; };
+  auto srv = AgentServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  int owner = Connect(o.socket_path);
+  ASSERT_GE(owner, 0);
+  auto h = Enc(MakeHello());
+  ASSERT_EQ(write(owner, h.data(), h.size()), static_cast<ssize_t>(h.size()));
+  ASSERT_TRUE(WaitFor([&] { return hellos == 1; }));
+
+  proto::QueueSample forged = Qs(0, 0);
+  forged.requests = forged.completed = forged.depth_hist[0] = forged.latency_hist[5] = 999;
+  forged.kicks = 999;
+  Peer thief(o.socket_path, 1, Cat(Enc(MakeHello()), Enc(proto::Sample{1, {forged}})));
+  ASSERT_EQ(thief.connected(), 1);
+  ASSERT_TRUE(WaitFor([&] { return hellos == 2; }));
+  auto smp = Enc(proto::Sample{1, {Qs(0, 0)}});
+  ASSERT_EQ(write(owner, smp.data(), smp.size()), static_cast<ssize_t>(smp.size()));
+  const QueueKey q0{"vhost-user", "blk0", 0};
+  std::vector<uint64_t> seen;  // requests of every blk0/0 sample taken
+  ASSERT_TRUE(WaitFor([&] {
+    auto c = (*srv)->Collect();
+    if (auto it = c.samples.find(q0); it != c.samples.end()) seen.push_back(it->second.requests);
+    return !seen.empty() && seen.back() == 10;
+  }));
+  for (uint64_t r : seen) EXPECT_NE(r, 999u) << "the second process's sample was taken";
+  EXPECT_EQ((*srv)->Stats().rejected[static_cast<size_t>(proto::Rejection::kDeviceOwned)], 1u);
+
+  // The owner leaves: the device is free for the next process.
+  close(owner);
+  thief.Kill();
+  ASSERT_TRUE(WaitFor([&] { return (*srv)->Stats().connected == 0; }));
+  proto::QueueSample next = forged;
+  next.requests = next.completed = next.depth_hist[0] = next.latency_hist[5] = next.kicks = 777;
+  Peer successor(o.socket_path, 1, Cat(Enc(MakeHello()), Enc(proto::Sample{1, {next}})));
+  EXPECT_TRUE(WaitFor([&] {
+    auto c = (*srv)->Collect();
+    auto it = c.samples.find(q0);
+    return it != c.samples.end() && it->second.requests == 777;
+  }));
+}
+
+// Issue 12, item 3 (a check): a VM channel is matched only against its own
+// VM's devices, so it cannot announce another VM's or a --vhost-user device.
+TEST(AgentServerTest, AVmChannelMapsOnlyItsOwnVmsDevices) {
+  AgentServerOptions o;
+  auto srv = AgentServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  ASSERT_TRUE((*srv)->AddConnection(sv[0], "web", {VmDisk("web")}, "virtio-serial /web").ok());
+  proto::Hello h = MakeHello();  // serials blk0 and evil, no PCI match
+  h.devices[0].pci_devfn = 5 << 3;  // another VM's disk at 0000:00:05.0
+  auto bytes = Cat(Enc(h), Enc(proto::Sample{1, {Qs(0, 0)}}));
+  ASSERT_EQ(write(sv[1], bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+  ASSERT_TRUE(WaitFor([&] { return (*srv)->AllStats().at(0).connected == 1; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  auto c = (*srv)->Collect();
+  EXPECT_TRUE(c.connected_queues.empty());
+  EXPECT_TRUE(c.samples.empty());
+  close(sv[1]);
+}
+
+// Issue 12, item 4: only queues that exist can be announced. A VM disk's
+// queue count is known from discovery: a hello claiming more maps only the
+// real ones, and the excess is counted as unknown_queue.
+TEST(AgentSessionTest, QueuesBeyondTheKnownCountAreRefusedAndCounted) {
+  AgentSession s({}, {VmDisk("web")}, 0);
+  proto::Hello h = VmHello();
+  h.devices[0].num_queues = 64;
+  ASSERT_TRUE(s.Feed(Enc(h), kMs));
+  EXPECT_EQ(s.Queues().size(), 2u);
+  EXPECT_EQ(s.TakeRejections()[static_cast<size_t>(proto::Rejection::kUnknownQueue)], 1u);
 }
 
 }  // namespace

@@ -6,7 +6,9 @@
 #include "controller/daemon/loop_runner.h"
 
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -17,6 +19,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "protocol/codec.h"
 #include "tests/unit/daemon/fakes.h"
 
 namespace vkick {
@@ -144,6 +147,23 @@ TEST(LoopRunnerTest, UnwritableStateDirRefusesTheChange) {
   EXPECT_THAT(reply, ::testing::HasSubstr("not applied"));
   EXPECT_TRUE(r.Table().entries().empty());
   EXPECT_EQ(r.Snapshot().state_save_errors, 1u);
+}
+
+// A policy change's log line names who made it (the admin socket's SO_PEERCRED).
+TEST(LoopRunnerTest, PolicyChangeLogNamesTheCaller) {
+  TempDir dir;
+  LogCapture log;
+  FakeWorld world;
+  Daemon d(Fast({}, log), nullptr, world.Factory());
+  LoopRunner r(RunnerOptions(dir.path(), log), d);
+  ASSERT_TRUE(r.Init().ok());
+  AdminPeer peer{1000, 1000, 4242};
+  EXPECT_THAT(r.HandleAdmin(Set({"vm1", "", -1}, {proto::KickMode::kEventIdx, 1, 0}), peer),
+              ::testing::HasSubstr("\"ok\":true"));
+  EXPECT_THAT(r.HandleAdmin(AdminPolicyClear{{"vm1", "", -1}}, peer),
+              ::testing::HasSubstr("\"ok\":true"));
+  EXPECT_EQ(log.Count("admin: policy set", "by uid 1000 pid 4242"), 1);
+  EXPECT_EQ(log.Count("admin: policy cleared", "by uid 1000 pid 4242"), 1);
 }
 
 TEST(LoopRunnerTest, CorruptStateFilesAreMovedAsideAndCounted) {
@@ -276,6 +296,125 @@ TEST(LoopRunnerTest, VhostUserFrontendsAreHostCountedWhileBound) {
   EXPECT_EQ(snap.vms[0].info.devices[0].num_queues, 2);
   EXPECT_EQ(snap.vms[0].bound_queues,
             (std::set<std::pair<uint16_t, uint16_t>>{{0, 0}, {0, 1}}));
+  d.Stop();
+}
+
+int UnixSocket(const std::string& path, bool listen_on) {
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  strncpy(a.sun_path, path.c_str(), sizeof a.sun_path - 1);
+  const bool ok = listen_on ? bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+                                  listen(fd, 4) == 0
+                            : connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  if (!ok) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+std::vector<uint8_t> Enc(const proto::Message& m) { return proto::Encode(m).bytes; }
+
+// Issue 12, item 4: an agent announced 64 queues for a one-queue
+// --vhost-user device; after it left they stayed in the status and the
+// metrics, lease "active", forever. Such a device's queue count is not
+// known (capped at the protocol's 64), so the queues only an agent
+// announced go when its lease runs out; the device's discovered queue stays,
+// its lease expired.
+TEST(LoopRunnerTest, QueuesOnlyAGoneAgentAnnouncedExpireWithItsLease) {
+  TempDir dir;
+  FakeWorld world;
+  LogCapture log;
+  DaemonOptions o = Fast({}, log);
+  o.vhost_user = {{"blk0", "/run/blk0.sock"}};
+  Daemon d(o, nullptr, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  LoopRunnerOptions ro = RunnerOptions(dir.path(), log);
+  ro.vhost_user = {{"blk0", "/run/blk0.sock"}};
+  ro.loop.lease_ns = 300'000'000;
+  LoopRunner r(ro, d);
+  ASSERT_TRUE(r.Init().ok());
+  AgentServerOptions ao;
+  ao.socket_path = dir.path() + "/agent.sock";
+  ao.vm = ro.vhost_user_vm;
+  ao.devices = VhostUserChannelDevices(ro);
+  auto srv = AgentServer::Start(ao);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  r.SetAgentServer(srv->get());
+
+  proto::Hello h;
+  h.agent_id = "phantoms";
+  proto::GuestDevice g;
+  g.serial = "blk0";
+  g.num_queues = 64;
+  h.devices = {g};
+  proto::Sample smp{1, {}};
+  for (uint16_t q : {0, 63}) {
+    proto::QueueSample qs;
+    qs.ref = {0, q};
+    qs.interval_ns = 1'000'000'000;
+    qs.requests = qs.kicks = qs.completed = 10;
+    qs.depth_hist[0] = qs.latency_hist[5] = 10;
+    qs.mean_depth_milli = 1000;
+    qs.max_depth = 1;
+    qs.lease = proto::LeaseState::kActive;
+    qs.applied_generation = 1;
+    smp.queues.push_back(qs);
+  }
+  int fd = UnixSocket(ao.socket_path, false);
+  ASSERT_GE(fd, 0);
+  for (const auto& b : {Enc(h), Enc(smp)})
+    ASSERT_EQ(write(fd, b.data(), b.size()), static_cast<ssize_t>(b.size()));
+  ASSERT_TRUE(Eventually([&] {
+    r.StepOnce();
+    return r.Snapshot().queues.size() == 64;
+  }));
+  const QueueView* phantom = Find(r.Snapshot(), {"vhost-user", "blk0", 63});
+  ASSERT_NE(phantom, nullptr);
+  EXPECT_TRUE(phantom->agent_connected);
+
+  close(fd);
+  ASSERT_TRUE(Eventually([&] { return (*srv)->Stats().connected == 0; }));
+  r.StepOnce();
+  absl::SleepFor(absl::Milliseconds(350));  // past the lease
+  r.StepOnce();
+  LoopSnapshot s = r.Snapshot();
+  EXPECT_EQ(s.queues.size(), 1u);
+  EXPECT_EQ(Find(s, {"vhost-user", "blk0", 63}), nullptr);
+  const QueueView* q0 = Find(s, {"vhost-user", "blk0", 0});
+  ASSERT_NE(q0, nullptr);
+  EXPECT_EQ(q0->guest_lease, proto::LeaseState::kExpired);
+  (*srv)->Stop();
+  d.Stop();
+}
+
+// Issue 12, item 1: the runner logged "connected" for a VM channel the
+// agent server then refused (closed at once).
+TEST(LoopRunnerTest, ARefusedVmChannelIsNotLoggedAsConnected) {
+  TempDir dir;
+  FakeWorld world;
+  LogCapture log;
+  world.Set("/vm1.qmp", QmpMode::kLive, TwoDiskVm("vm1", 1000));
+  Daemon d(Fast({"/vm1.qmp"}, log), nullptr, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return (*d.Tick()).vms.size() == 1; }));
+  const std::string chardev = dir.path() + "/vm1.agent";
+  int qemu = UnixSocket(chardev, true);  // QEMU's chardev (server=on)
+  ASSERT_GE(qemu, 0);
+  AgentPortRegistry ports;
+  ports.Set("/vm1.qmp", chardev);
+  auto srv = AgentServer::Start(AgentServerOptions{});
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  (*srv)->Stop();  // refuses every connection from now on
+  LoopRunner r(RunnerOptions(dir.path() + "/state", log), d);
+  ASSERT_TRUE(r.Init().ok());
+  r.SetAgentServer(srv->get(), /*listening=*/false);
+  r.SetAgentPorts(&ports);
+  r.StepOnce();
+  EXPECT_EQ(log.Count("virtio-serial", "connected for VM"), 0);
+  EXPECT_EQ(log.Count("virtio-serial", "refused"), 1);
+  close(qemu);
   d.Stop();
 }
 

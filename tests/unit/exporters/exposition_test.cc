@@ -312,6 +312,7 @@ TEST(ExpositionTest, LoopFamiliesPolicyChannelAndGuestHistograms) {
   a.rejected[static_cast<size_t>(proto::Rejection::kBadMagic)] = 2;
   a.dropped = 2;
   l.agents = {a};
+  l.agent_refused[static_cast<size_t>(AgentRefusal::kHelloTimeout)] = 4;
   l.admin_refused = 1;
   prometheus::Histogram h({0.001});
   h.Observe(0.0005);
@@ -331,6 +332,11 @@ TEST(ExpositionTest, LoopFamiliesPolicyChannelAndGuestHistograms) {
       R"(vkick_agent_messages_rejected_total{vm="vhost-user",reason="bad_magic"} 2)",
       R"(vkick_agent_messages_rejected_total{vm="vhost-user",reason="rate_limited"} 0)",
       R"(vkick_agent_connections_dropped_total{vm="vhost-user"} 2)",
+      R"(vkick_agent_connections_refused_total{reason="hello_timeout"} 4)",
+      R"(vkick_agent_connections_refused_total{reason="peer_limit"} 0)",
+      R"(vkick_agent_connections_refused_total{reason="host_limit"} 0)",
+      R"(vkick_agent_connections_refused_total{reason="vm_channel_limit"} 0)",
+      R"(vkick_agent_messages_rejected_total{vm="vhost-user",reason="device_owned"} 0)",
       R"(vkick_admin_requests_refused_total 1)",
       R"(vkick_control_loop_duration_seconds_count 1)",
       R"(vkick_virtqueue_depth_bucket{vm="vhost-user",device="blk0",queue="0",le="1"} 10)",

@@ -22,11 +22,12 @@ struct HttpReply {
   std::string body;
 };
 
+// `timeout_s`: per read, like a scraper's timeout (Prometheus' default is 10 s).
 inline absl::StatusOr<HttpReply> HttpGet(int port, const std::string& path,
-                                         const std::string& method = "GET") {
+                                         const std::string& method = "GET", int timeout_s = 5) {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return absl::InternalError("socket");
-  timeval tv{5, 0};
+  timeval tv{timeout_s, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   sockaddr_in a{};
   a.sin_family = AF_INET;

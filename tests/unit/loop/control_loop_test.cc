@@ -203,6 +203,33 @@ TEST(ControlLoopTest, LeaseExpiryCountedOnTransition) {
   EXPECT_EQ(loop.View()[0].guest_lease, proto::LeaseState::kExpired);
 }
 
+// Issue 12, item 4: after its agent left, a queue showed lease "active" and
+// its last rates forever. Nobody renews the lease once the agent is gone: it
+// runs out `lease_ns` after the last renewal (the last Step with the agent
+// connected), and the queue then shows (and counts) it expired, with no
+// guest rates.
+TEST(ControlLoopTest, AGoneAgentsLeaseExpiresWhenItRunsOut) {
+  PolicyTable table;
+  ControlLoop loop({.lease_ns = 5 * kSec, .law = {}}, 0);
+  FakeQueue q;
+  q.applied.generation = 1;  // the agent reports lease active
+  loop.Step(table, {q.Next()}, kSec);
+  ASSERT_EQ(loop.View().at(0).guest_lease, proto::LeaseState::kActive);
+  q.connected = false;
+  loop.Step(table, {q.Next()}, 2 * kSec);
+  loop.Step(table, {q.Next()}, 5 * kSec);
+  EXPECT_EQ(loop.View().at(0).guest_lease, proto::LeaseState::kActive) << "lease still runs";
+  loop.Step(table, {q.Next()}, 6 * kSec);  // 5 s after the last renewal
+  QueueView v = loop.View().at(0);
+  EXPECT_EQ(v.guest_lease, proto::LeaseState::kExpired);
+  EXPECT_EQ(v.lease_expiries, 1u);
+  EXPECT_EQ(v.requests_per_s, 0);
+  EXPECT_EQ(v.mean_depth, 0);
+  EXPECT_EQ(v.requests_total, 10'000u);  // cumulative data stays
+  loop.Step(table, {q.Next()}, 7 * kSec);
+  EXPECT_EQ(loop.View().at(0).lease_expiries, 1u);  // counted once
+}
+
 // The agent's sample windows and the loop's Steps are not in phase: a sample
 // arrives (its window ends), the Step comes `lag` of an interval later, and
 // the policy sent there takes effect from then. A host total read at the
