@@ -104,10 +104,16 @@ absl::Span<const MetricSpec> MetricTable() {
        "connections yet to say hello), hello_timeout (no hello naming a device it owns in "
        "time), vm_channel_limit (VM channels over their cap)."},
       {Metric::kAdminRequestsRefused, "vkick_admin_requests_refused_total",
-       MetricType::Counter, {},
-       "Admin socket connections refused by the peer credential check."},
+       MetricType::Counter, {"reason"},
+       "Admin socket clients turned away, by reason: peer_credentials (the SO_PEERCRED "
+       "check), busy (16 clients already connected), deadline (no complete request line "
+       "within 5 s)."},
       {Metric::kPolicySaveErrors, "vkick_policy_save_errors_total", MetricType::Counter, {},
        "Policy changes refused because the state directory could not be written."},
+      {Metric::kPolicyStateLoadErrors, "vkick_policy_state_load_errors_total",
+       MetricType::Counter, {},
+       "State files (policies.v1, default-policy.v1) that did not parse at start: moved "
+       "aside to <file>.corrupt, the defaults used instead."},
       {Metric::kVirtqueueDepth, "vkick_virtqueue_depth", MetricType::Histogram,
        {"vm", "device", "queue"},
        "Requests outstanding in the guest driver when a request is submitted (the new one "

@@ -43,6 +43,7 @@ enum class Metric {
   kAgentConnectionsRefused,
   kAdminRequestsRefused,
   kPolicySaveErrors,
+  kPolicyStateLoadErrors,
   // Guest samples (from the agent; validated, labelled by the host).
   kVirtqueueDepth,
   kVirtqueueRequestLatency,

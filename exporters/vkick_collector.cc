@@ -157,10 +157,14 @@ void AddLoopSeries(MetricFamily& f, Metric id, const LoopSnapshot& l) {
             l.agent_refused[r]);
       break;
     case Metric::kAdminRequestsRefused:
-      Add(f, id, {}, l.admin_refused);
+      for (size_t r = 0; r < l.admin_refused.size(); ++r)
+        Add(f, id, {kAdminRefusalNames[r]}, l.admin_refused[r]);
       break;
     case Metric::kPolicySaveErrors:
       Add(f, id, {}, l.state_save_errors);
+      break;
+    case Metric::kPolicyStateLoadErrors:
+      Add(f, id, {}, l.state_load_errors);
       break;
     case Metric::kVirtqueueDepth:
       for (const QueueView& v : l.queues) {

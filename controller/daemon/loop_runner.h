@@ -7,6 +7,7 @@
 // directory before they are acknowledged.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -77,7 +78,10 @@ class LoopRunner {
   // VMs whose QMP discovery found a virtio-serial agent port: the runner
   // connects to it (once per step while it is not connected).
   void SetAgentPorts(const AgentPortRegistry* ports) { ports_ = ports; }
-  void SetAdminRefusedCounter(std::function<uint64_t()> f) { admin_refused_ = std::move(f); }
+  // The admin socket's refusals, in kAdminRefusalNames order.
+  void SetAdminRefusedCounter(std::function<std::array<uint64_t, 3>()> f) {
+    admin_refused_ = std::move(f);
+  }
   // Steps once now, then every interval on its own thread.
   void Start();
   void Stop();
@@ -116,7 +120,7 @@ class LoopRunner {
   bool has_listener_ = false;
   const AgentPortRegistry* ports_ = nullptr;
   std::map<std::string, std::string> port_errors_;  // tag -> last logged error (loop thread)
-  std::function<uint64_t()> admin_refused_;
+  std::function<std::array<uint64_t, 3>()> admin_refused_;
   prometheus::Histogram duration_;
 
   mutable absl::Mutex mu_;

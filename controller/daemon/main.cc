@@ -313,7 +313,9 @@ int main(int argc, char** argv) {
     } else {
       admin = *std::move(a);
       vkick::AdminServer* raw = admin.get();
-      runner.SetAdminRefusedCounter([raw] { return raw->refused(); });
+      runner.SetAdminRefusedCounter([raw] {
+        return std::array<uint64_t, 3>{raw->refused(), raw->busy_refused(), raw->deadline_closed()};
+      });
     }
   }
 

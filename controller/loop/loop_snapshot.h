@@ -43,11 +43,16 @@ struct AgentChannelSnapshot {
   uint64_t dropped = 0;    // connections closed by the guard or a failed send
 };
 
+// Why the admin socket turned a client away; the `reason` label of
+// vkick_admin_requests_refused_total.
+inline constexpr const char* kAdminRefusalNames[] = {"peer_credentials", "busy", "deadline"};
+
 struct LoopSnapshot {
   std::vector<QueueView> queues;  // key order
   std::vector<AgentChannelSnapshot> agents;
   prometheus::ClientMetric loop_duration;  // histogram, seconds
-  uint64_t admin_refused = 0;              // peers refused by SO_PEERCRED
+  // Admin socket connections turned away, by why (AdminRefusalName).
+  std::array<uint64_t, 3> admin_refused{};
   std::array<uint64_t, kAgentRefusalCount> agent_refused{};  // by AgentRefusal
   uint64_t state_save_errors = 0;          // policy changes not persisted
   uint64_t state_load_errors = 0;          // state files ignored (corrupt) at start

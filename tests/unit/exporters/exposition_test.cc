@@ -313,7 +313,8 @@ TEST(ExpositionTest, LoopFamiliesPolicyChannelAndGuestHistograms) {
   a.dropped = 2;
   l.agents = {a};
   l.agent_refused[static_cast<size_t>(AgentRefusal::kHelloTimeout)] = 4;
-  l.admin_refused = 1;
+  l.admin_refused = {1, 0, 3};
+  l.state_load_errors = 2;
   prometheus::Histogram h({0.001});
   h.Observe(0.0005);
   l.loop_duration = h.Collect();
@@ -337,7 +338,10 @@ TEST(ExpositionTest, LoopFamiliesPolicyChannelAndGuestHistograms) {
       R"(vkick_agent_connections_refused_total{reason="host_limit"} 0)",
       R"(vkick_agent_connections_refused_total{reason="vm_channel_limit"} 0)",
       R"(vkick_agent_messages_rejected_total{vm="vhost-user",reason="device_owned"} 0)",
-      R"(vkick_admin_requests_refused_total 1)",
+      R"(vkick_admin_requests_refused_total{reason="peer_credentials"} 1)",
+      R"(vkick_admin_requests_refused_total{reason="busy"} 0)",
+      R"(vkick_admin_requests_refused_total{reason="deadline"} 3)",
+      R"(vkick_policy_state_load_errors_total 2)",
       R"(vkick_control_loop_duration_seconds_count 1)",
       R"(vkick_virtqueue_depth_bucket{vm="vhost-user",device="blk0",queue="0",le="1"} 10)",
       R"(vkick_virtqueue_depth_bucket{vm="vhost-user",device="blk0",queue="0",le="15"} 10)",
