@@ -19,7 +19,11 @@
  * arguments and call the same counting function.
  *
  * Hot-path rules: per-CPU counters, bounded preallocated maps, no locks, no
- * loops; every failed insert or read is counted in `errors`.
+ * loops; every failed insert or read is counted in `errors`. The kvm
+ * programs first test the tgid's bit in vmm_tgids (an inlined array load:
+ * all an untracked process pays); a tracked process's guest write is then
+ * one hash lookup ({tgid, space, addr} in `notify`) and an increment of the
+ * per-CPU array slot the target names (bench/probe_cost/RESULTS.md).
  */
 #include "vmlinux.h"
 
@@ -42,12 +46,26 @@ struct {
   __type(value, __u32); /* vm_id */
 } tracked SEC(".maps");
 
+/* {tgid, space, addr} -> the target and its counter slots (NotifyTargetTable
+ * keeps it: slots allocated and zeroed before a key points to them, freed
+ * only after no key does and an RCU grace period). */
 struct {
   __uint(type, BPF_MAP_TYPE_HASH);
   __uint(max_entries, VKICK_MAX_NOTIFY_TARGETS);
   __type(key, struct vkick_notify_key);
   __type(value, struct vkick_notify_target);
 } notify SEC(".maps");
+
+/* One bit per tgid vkickd tracked (TrackProcess): the kvm programs'
+ * filter, an array load the verifier inlines (maybe_vmm). A clear bit means
+ * not tracked; a set one only "look it up" (a stale one costs the hash
+ * lookups, nothing else). Written by vkickd only. */
+struct {
+  __uint(type, BPF_MAP_TYPE_ARRAY);
+  __uint(max_entries, VKICK_TGID_WORDS);
+  __type(key, __u32);
+  __type(value, __u64);
+} vmm_tgids SEC(".maps");
 
 struct {
   __uint(type, BPF_MAP_TYPE_HASH);
@@ -90,6 +108,20 @@ struct {
   __type(value, __u64);
 } exit_counts SEC(".maps");
 
+/* Per-queue counters of guest writes, at the slot the matched notify target
+ * names: an array lookup the verifier inlines and an increment, where a
+ * per-CPU hash costs a hashed lookup (and an insert at the first count). */
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+  __uint(max_entries, VKICK_MAX_QUEUE_SLOTS);
+  __type(key, __u32);
+  __type(value, __u64);
+} queue_counts SEC(".maps");
+
+/* The same counts keyed {vm, device, queue}, for what has no slot: kicks by
+ * write() to a vhost-user kick eventfd (learned by the programs, no slot
+ * vkickd could have allocated), a legacy queue value beyond the target's
+ * slots. ReadCounters adds the two. */
 struct {
   __uint(type, BPF_MAP_TYPE_PERCPU_HASH);
   __uint(max_entries, VKICK_MAX_NOTIFY_KEYS);
@@ -120,6 +152,18 @@ static __always_inline long lookup_vm(__u32 tgid) {
   return vm ? (long)*vm : -1;
 }
 
+/* Whether `tgid` may be a process vkickd tracks: its bit in vmm_tgids, or
+ * a tgid beyond the bitmap (no real process; the tests'). The array lookup
+ * is inlined by the verifier (bounds check, address computation): for every
+ * untracked process on the host this is the whole cost of a kvm event.
+ * Processes tracked by the connect program (vhost-user frontends) have no
+ * bit: they are no VMMs, they make no guest writes, exits or MSIs. */
+static __always_inline int maybe_vmm(__u32 tgid) {
+  __u32 word = tgid / 64;
+  __u64* bits = bpf_map_lookup_elem(&vmm_tgids, &word);
+  return !bits || ((*bits >> (tgid & 63)) & 1);
+}
+
 /* Increment a per-CPU counter, inserting it if absent (a full map counts
  * map_full: the event is lost, the loss is not). */
 static __always_inline void bump(void* map, const void* key) {
@@ -131,6 +175,7 @@ static __always_inline void bump(void* map, const void* key) {
 /* ---- exits ---------------------------------------------------------------- */
 
 static __always_inline void count_exit(__u32 tgid, __u32 vcpu_id, __u32 isa, __u32 reason) {
+  if (!maybe_vmm(tgid)) return;
   long vm = lookup_vm(tgid);
   if (vm < 0) return;
   struct vkick_exit_key key = {
@@ -186,33 +231,53 @@ static __always_inline __u64 load_guest_val(const struct guest_val* v) {
   return v->len == 1 ? *(const __u8*)p : 0;
 }
 
+static __always_inline void count_unmatched(__u32 vm_id, __u32 space) {
+  struct vkick_unmatched_key uk = {.vm_id = vm_id, .space = space};
+  bump(&unmatched_counts, &uk);
+}
+
+/* A tracked process's guest write: one hash lookup ({tgid, space, addr},
+ * no tgid -> vm_id lookup first) and, matched, an inlined per-CPU array
+ * increment at the target's slot. Unmatched writes (rare: not a notify
+ * address) pay the `tracked` lookup for their vm_id. */
 static __always_inline void count_guest_write(__u32 tgid, __u32 space, __u64 addr,
                                               const struct guest_val* gv) {
-  long vm = lookup_vm(tgid);
-  if (vm < 0) return;
-  struct vkick_notify_key nk = {.vm_id = (__u32)vm, .space = (__u8)space, .addr = addr};
+  if (!maybe_vmm(tgid)) return;
+  struct vkick_notify_key nk = {.tgid = tgid, .space = (__u8)space, .addr = addr};
   struct vkick_notify_target* t = bpf_map_lookup_elem(&notify, &nk);
-  if (t) {
-    __u16 queue = t->queue;
-    int ok = 1;
-    if (t->value_is_queue) {
-      /* Legacy virtio-pci: one port per device, the value is the queue. */
-      __u64 val = load_guest_val(gv);
-      if (val < VKICK_MAX_QUEUE) {
-        queue = (__u16)val;
-      } else {
-        count_error(VKICK_ERR_BAD_QUEUE);
-        ok = 0;
-      }
+  if (!t) {
+    long vm = lookup_vm(tgid);
+    if (vm >= 0) count_unmatched((__u32)vm, space);
+    return;
+  }
+  __u16 queue = t->queue;
+  __u32 idx = 0;
+  if (t->value_is_queue) {
+    /* Legacy virtio-pci: one port per device, the value is the queue. */
+    __u64 val = load_guest_val(gv);
+    if (val >= VKICK_MAX_QUEUE) {
+      count_error(VKICK_ERR_BAD_QUEUE);
+      count_unmatched(t->vm_id, space);
+      return;
     }
-    if (ok) {
-      struct vkick_queue_key qk = {.vm_id = (__u32)vm, .device_id = t->device_id, .queue = queue};
-      bump(&notify_counts, &qk);
+    queue = (__u16)val;
+    idx = (__u32)val;
+  }
+  if (idx < VKICK_TARGET_SLOTS) {
+    /* The mask (a power of two) is for the verifier: clang turns the test
+     * into `(idx & ~3) == 0` on a copy of idx, which bounds nothing, and
+     * would drop the mask as redundant without the barrier. VKICK_NO_SLOT
+     * is beyond the array: NULL, like any bad index. */
+    barrier_var(idx);
+    __u32 slot = t->slots[idx & (VKICK_TARGET_SLOTS - 1)];
+    __u64* c = bpf_map_lookup_elem(&queue_counts, &slot);
+    if (c) {
+      *c += 1; /* per-CPU slot: no atomic needed */
       return;
     }
   }
-  struct vkick_unmatched_key uk = {.vm_id = (__u32)vm, .space = space};
-  bump(&unmatched_counts, &uk);
+  struct vkick_queue_key qk = {.vm_id = t->vm_id, .device_id = t->device_id, .queue = queue};
+  bump(&notify_counts, &qk);
 }
 
 /* kvm_mmio(type, len, gpa, val): the record keeps min(len, 8) bytes of *val. */
@@ -290,6 +355,7 @@ int test_io(struct vkick_test_io_ctx* ctx) {
  * attributed; an irqfd signalled by another process (a vhost-user backend)
  * runs in that process and is not (docs/probes.md). */
 static __always_inline void count_msi(__u32 tgid, __u64 address, __u64 data) {
+  if (!maybe_vmm(tgid)) return;
   long vm = lookup_vm(tgid);
   if (vm < 0) return;
   struct vkick_irq_key key = {.vm_id = (__u32)vm, .data = (__u32)data, .address = address};

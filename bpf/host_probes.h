@@ -38,11 +38,19 @@
 /* tgid -> vm_id: every VM's process, and the frontends tracked from their
  * connect(), which must never crowd out a VM. */
 #define VKICK_SIZE_TRACKED(vms) ((vms) + VKICK_MAX_FRONTENDS)
-/* {vm, space, addr} -> {device, queue}: one notify address per queue. */
+/* {tgid, space, addr} -> {vm, device, queue, counter slots}: one notify
+ * address per queue (of the VM's one VMM process). */
 #define VKICK_SIZE_NOTIFY(vms, queues) ((vms) * (queues))
-/* {vm, device, queue} counters: every queue, plus one unknown-device or
- * out-of-range-queue key per VM. */
+/* {vm, device, queue} counters in a hash: every queue, plus one
+ * unknown-device or out-of-range-queue key per VM. What the guest-write path
+ * counts here is only what has no slot (below); the vhost-user kick path
+ * (write() to a kick eventfd) counts here always. */
 #define VKICK_SIZE_NOTIFY_COUNTS(vms, queues) ((vms) * ((queues) + 1))
+/* Counter slots of queue_counts (per-CPU array): one per {vm, device,
+ * queue} of an installed notify target, allocated by vkickd; the same
+ * room as notify_counts, so a legacy-only device's speculative slots
+ * (VKICK_TARGET_SLOTS) have a spare per VM. */
+#define VKICK_SIZE_QUEUE_SLOTS(vms, queues) ((vms) * ((queues) + 1))
 /* {vm, vcpu, isa, reason} counters. */
 #define VKICK_SIZE_EXIT_COUNTS(vms, vcpus) ((vms) * (vcpus) * VKICK_EXIT_REASONS_PER_VCPU)
 /* {vm, space}: MMIO and PIO per VM. */
@@ -60,12 +68,30 @@
 #define VKICK_MAX_NOTIFY_TARGETS VKICK_SIZE_NOTIFY(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
 #define VKICK_MAX_NOTIFY_KEYS \
   VKICK_SIZE_NOTIFY_COUNTS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
+#define VKICK_MAX_QUEUE_SLOTS \
+  VKICK_SIZE_QUEUE_SLOTS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
 #define VKICK_MAX_EXIT_KEYS VKICK_SIZE_EXIT_COUNTS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_VCPUS_PER_VM)
 #define VKICK_MAX_UNMATCHED_KEYS VKICK_SIZE_UNMATCHED(VKICK_DEFAULT_MAX_VMS)
 #define VKICK_MAX_IRQ_KEYS VKICK_SIZE_IRQ_COUNTS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
 #define VKICK_MAX_VHOST_SOCKS \
   VKICK_SIZE_VHOST_SOCKS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
 #define VKICK_MAX_KICK_FDS VKICK_SIZE_KICK_FDS(VKICK_DEFAULT_MAX_VMS, VKICK_DEFAULT_QUEUES_PER_VM)
+
+/* The kvm programs' filter (vmm_tgids): one bit per possible tgid, set for
+ * the processes vkickd tracks (TrackProcess), so an untracked process's kvm
+ * event costs an inlined array load, not a hash lookup. Linux pids
+ * are below PID_MAX_LIMIT (2^22 on 64-bit); a tgid at or above it has no bit
+ * and takes the hash path (the tests' fake tgids do). 512 KiB. */
+#define VKICK_TGID_BITS (1u << 22)
+#define VKICK_TGID_WORDS (VKICK_TGID_BITS / 64)
+
+/* Counter slots a notify target carries: a modern target uses slots[0]
+ * (its queue); a legacy one (value_is_queue) slots[v] for a written value
+ * v < VKICK_TARGET_SLOTS. VKICK_NO_SLOT, a value beyond, or a slot outside
+ * queue_counts: counted in the notify_counts hash instead (exact, the
+ * slower path). */
+#define VKICK_TARGET_SLOTS 4 /* a power of two: the program masks the index */
+#define VKICK_NO_SLOT 0xffffffffu
 
 /* Validation limits for what is read from a traced process. */
 #define VKICK_MAX_FD (1 << 20)        /* fds at or above are rejected */
@@ -102,18 +128,25 @@ enum vkick_error {
   VKICK_ERR_COUNT = 4,
 };
 
+/* Keyed by the writing process, not the VM: a matched write is then one
+ * hash lookup, without the tgid -> vm_id lookup in `tracked` first. vkickd
+ * installs a VM's targets once per process tracked under it (one: its
+ * VMM). */
 struct vkick_notify_key {
-  __u32 vm_id;
+  __u32 tgid;
   __u8 space; /* VKICK_SPACE_* */
   __u8 pad[3];
   __u64 addr; /* guest-physical address or I/O port */
 };
 
 struct vkick_notify_target {
+  __u32 vm_id;     /* for the hash and unmatched keys: no `tracked` lookup */
   __u16 device_id;
   __u16 queue;
   __u8 value_is_queue; /* legacy: the written value is the queue index */
   __u8 pad[3];
+  /* queue_counts indices (VKICK_TARGET_SLOTS above). */
+  __u32 slots[VKICK_TARGET_SLOTS];
 };
 
 struct vkick_exit_key {

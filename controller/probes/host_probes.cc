@@ -5,12 +5,14 @@
 #include <bpf/libbpf.h>
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -34,6 +36,56 @@ class BpfNotifyMap final : public MapOps<vkick_notify_key, vkick_notify_target> 
 
  private:
   const int fd_;
+};
+
+// The queue_counts per-CPU array as the control plane's CounterSlotOps.
+// WaitForPrograms is an update of a one-entry map-in-map of its own: the
+// kernel answers it only after an RCU grace period (maybe_wait_bpf_programs
+// in kernel/bpf/syscall.c: "Wait for any running non-sleepable BPF programs
+// to complete so that userspace, when we return to it, knows that all
+// non-sleepable programs that could be running use the new map value"),
+// and the tracepoint programs run under rcu_read_lock.
+class BpfCounterSlots final : public CounterSlotOps {
+ public:
+  static absl::StatusOr<std::unique_ptr<BpfCounterSlots>> Create(int fd, int num_cpus) {
+    std::unique_ptr<BpfCounterSlots> s(new BpfCounterSlots(fd, num_cpus));
+    s->inner_ = bpf_map_create(BPF_MAP_TYPE_ARRAY, "vkick_rcu_in", 4, 4, 1, nullptr);
+    if (s->inner_ < 0) return ProbeErrnoStatus(errno, "creating the RCU wait map");
+    LIBBPF_OPTS(bpf_map_create_opts, opts, .inner_map_fd = static_cast<__u32>(s->inner_));
+    s->outer_ = bpf_map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, "vkick_rcu_wait", 4, 4, 1, &opts);
+    if (s->outer_ < 0) return ProbeErrnoStatus(errno, "creating the RCU wait map");
+    return s;
+  }
+  ~BpfCounterSlots() override {
+    if (outer_ >= 0) close(outer_);
+    if (inner_ >= 0) close(inner_);
+  }
+  absl::Status Zero(uint32_t slot) override {
+    if (bpf_map_update_elem(fd_, &slot, zeros_.data(), BPF_ANY) == 0) return absl::OkStatus();
+    return ProbeErrnoStatus(errno, "queue_counts update");
+  }
+  absl::StatusOr<uint64_t> Sum(uint32_t slot) override {
+    std::vector<uint64_t> v(zeros_.size());
+    if (bpf_map_lookup_elem(fd_, &slot, v.data()) != 0) {
+      return ProbeErrnoStatus(errno, "queue_counts lookup");
+    }
+    uint64_t sum = 0;
+    for (uint64_t n : v) sum += n;
+    return sum;
+  }
+  absl::Status WaitForPrograms() override {
+    const uint32_t key = 0;
+    const int32_t inner = inner_;
+    if (bpf_map_update_elem(outer_, &key, &inner, BPF_ANY) == 0) return absl::OkStatus();
+    return ProbeErrnoStatus(errno, "waiting for running BPF programs (map-in-map update)");
+  }
+
+ private:
+  BpfCounterSlots(int fd, int num_cpus) : fd_(fd), zeros_(num_cpus, 0) {}
+  const int fd_;
+  const std::vector<uint64_t> zeros_;  // one u64 per possible CPU
+  int inner_ = -1;
+  int outer_ = -1;
 };
 
 // Whether the running kernel's BTF describes raw tracepoint `tp`
@@ -117,8 +169,13 @@ absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Load(const Options& opti
   if (num_cpus <= 0) return ProbeErrnoStatus(num_cpus, "counting possible CPUs");
   probes->reader_ = std::make_unique<MapReader>(num_cpus);
   probes->notify_map_ = std::make_unique<BpfNotifyMap>(bpf_map__fd(skel->maps.notify));
+  absl::StatusOr<std::unique_ptr<BpfCounterSlots>> slots =
+      BpfCounterSlots::Create(bpf_map__fd(skel->maps.queue_counts), num_cpus);
+  if (!slots.ok()) return slots.status();
+  probes->slots_ = *std::move(slots);
   probes->notify_ = std::make_unique<NotifyTargetTable>(
-      probes->notify_map_.get(), bpf_map__max_entries(skel->maps.notify));
+      probes->notify_map_.get(), bpf_map__max_entries(skel->maps.notify), probes->slots_.get(),
+      bpf_map__max_entries(skel->maps.queue_counts));
   absl::Status s = probes->Attach(options);
   if (!s.ok()) return s;
   return probes;
@@ -132,6 +189,7 @@ absl::Status HostProbes::SizeMaps(const ProbeCapacity& capacity) {
       {skel_->maps.tracked, z.tracked},
       {skel_->maps.notify, z.notify},
       {skel_->maps.notify_counts, z.notify_counts},
+      {skel_->maps.queue_counts, z.queue_counts},
       {skel_->maps.exit_counts, z.exit_counts},
       {skel_->maps.unmatched_counts, z.unmatched_counts},
       {skel_->maps.irq_counts, z.irq_counts},
@@ -239,7 +297,7 @@ HostProbes::~HostProbes() {
   host_probes__destroy(skel_);
 }
 
-absl::Status HostProbes::TrackProcess(uint32_t tgid, uint32_t vm_id) {
+absl::Status HostProbes::InsertTracked(uint32_t tgid, uint32_t vm_id) {
   if (bpf_map_update_elem(bpf_map__fd(skel_->maps.tracked), &tgid, &vm_id, BPF_ANY) != 0) {
     return ProbeErrnoStatus(errno, absl::StrCat("tracking pid ", tgid, " (at most ",
                                                 bpf_map__max_entries(skel_->maps.tracked),
@@ -248,13 +306,45 @@ absl::Status HostProbes::TrackProcess(uint32_t tgid, uint32_t vm_id) {
   return absl::OkStatus();
 }
 
+// vkickd is the bitmap's only writer (one thread): a word is read, changed
+// and written back without a race.
+absl::Status HostProbes::SetVmmBit(uint32_t tgid, bool on) {
+  if (tgid >= VKICK_TGID_BITS) return absl::OkStatus();  // beyond it: always the hash path
+  const int fd = bpf_map__fd(skel_->maps.vmm_tgids);
+  const uint32_t word = tgid / 64;
+  uint64_t bits = 0;
+  if (bpf_map_lookup_elem(fd, &word, &bits) != 0) {
+    return ProbeErrnoStatus(errno, "vmm_tgids lookup");
+  }
+  const uint64_t mask = uint64_t{1} << (tgid % 64);
+  bits = on ? bits | mask : bits & ~mask;
+  if (bpf_map_update_elem(fd, &word, &bits, BPF_ANY) != 0) {
+    return ProbeErrnoStatus(errno, "vmm_tgids update");
+  }
+  return absl::OkStatus();
+}
+
+// All or nothing: tracked, the VM's notify keys for the process, its bit.
+absl::Status HostProbes::TrackProcess(uint32_t tgid, uint32_t vm_id) {
+  if (absl::Status s = InsertTracked(tgid, vm_id); !s.ok()) return s;
+  absl::Status s = notify_->Track(tgid, vm_id);
+  if (s.ok()) s = SetVmmBit(tgid, true);
+  if (!s.ok()) {
+    SetVmmBit(tgid, false).IgnoreError();
+    notify_->Untrack(tgid).IgnoreError();
+    bpf_map_delete_elem(bpf_map__fd(skel_->maps.tracked), &tgid);
+  }
+  return s;
+}
+
 absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
   // Stop counting first, then drop what was counted.
+  if (absl::Status s = SetVmmBit(tgid, false); !s.ok()) return s;
   int fd = bpf_map__fd(skel_->maps.tracked);
   if (bpf_map_delete_elem(fd, &tgid) != 0 && errno != ENOENT) {
     return ProbeErrnoStatus(errno, absl::StrCat("untracking pid ", tgid));
   }
-  absl::Status status;
+  absl::Status status = notify_->Untrack(tgid);
   auto drop_vm = [&](auto key_type, bpf_map* map, auto belongs) {
     using Key = decltype(key_type);
     int mfd = bpf_map__fd(map);
@@ -268,7 +358,7 @@ absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
   drop_vm(vkick_queue_key{}, skel_->maps.notify_counts, by_vm);
   drop_vm(vkick_unmatched_key{}, skel_->maps.unmatched_counts, by_vm);
   drop_vm(vkick_irq_key{}, skel_->maps.irq_counts, by_vm);
-  status.Update(notify_->Drop(vm_id));  // its own keys, known: no walk
+  status.Update(notify_->Drop(vm_id));  // its own keys and slots, known: no walk
   drop_vm(vkick_sock_key{}, skel_->maps.kick_fds, by_tgid);
   drop_vm(vkick_sock_key{}, skel_->maps.vhost_sock, by_tgid);
   if (bpf_map_delete_elem(bpf_map__fd(skel_->maps.frontends), &tgid) != 0 && errno != ENOENT) {
@@ -339,7 +429,8 @@ absl::Status HostProbes::TrackFrontend(uint32_t tgid, int32_t socket_fd, uint32_
     return ProbeErrnoStatus(errno, absl::StrCat("adopting frontend pid ", tgid, " (at most ",
                                                 VKICK_MAX_FRONTENDS, ")"));
   }
-  if (absl::Status s = TrackProcess(tgid, vm_id); !s.ok()) return s;
+  // Tracked, not as a VMM: a frontend makes no guest writes to match.
+  if (absl::Status s = InsertTracked(tgid, vm_id); !s.ok()) return s;
   return SetVhostUserSocket(tgid, socket_fd, device_id);
 }
 
@@ -385,10 +476,28 @@ absl::StatusOr<CounterSnapshot> HostProbes::ReadCounters() {
        [&](const vkick_exit_key& k, uint64_t n) {
          snap.exits.push_back({k.vm_id, k.vcpu_id, k.isa, k.reason, n});
        });
+  // A queue's count: its slot, what a slot of it counted before it was
+  // given back, and the hash (kicks by write(), legacy values without a
+  // slot). One entry per queue; a slot that counted nothing adds none (a
+  // legacy-only device's speculative slots), as a hash key exists only once
+  // counted.
+  std::map<ProbeQueueId, uint64_t> notifications;
   read(skel_->maps.notify_counts, vkick_queue_key{}, uint64_t{}, kPerCpuSum,
        [&](const vkick_queue_key& k, uint64_t n) {
-         snap.notifications.push_back({k.vm_id, k.device_id, k.queue, n});
+         notifications[{k.vm_id, k.device_id, k.queue}] += n;
        });
+  status.Update(reader_->ForEachIndex<uint64_t>(
+      bpf_map__fd(skel_->maps.queue_counts), "queue_counts", notify_->slot_bound(), kPerCpuSum,
+      [&](uint32_t slot, uint64_t n) {
+        std::optional<ProbeQueueId> q = notify_->SlotOwner(slot);
+        if (q && n != 0) notifications[*q] += n;
+      }));
+  notify_->ForEachCarried([&](const ProbeQueueId& q, uint64_t n) {
+    if (n != 0) notifications[q] += n;
+  });
+  for (const auto& [q, n] : notifications) {
+    snap.notifications.push_back({std::get<0>(q), std::get<1>(q), std::get<2>(q), n});
+  }
   read(skel_->maps.unmatched_counts, vkick_unmatched_key{}, uint64_t{}, kPerCpuSum,
        [&](const vkick_unmatched_key& k, uint64_t n) {
          snap.unmatched_writes.push_back({k.vm_id, static_cast<NotifyTarget::Space>(k.space), n});
@@ -428,6 +537,7 @@ absl::Status HostProbes::ReadErrors(ProbeErrors* errors) {
 absl::StatusOr<std::map<ProbeQueueId, uint64_t>> HostProbes::ReadNotificationTotals(
     absl::Span<const ProbeQueueId> queues) {
   const int fd = bpf_map__fd(skel_->maps.notify_counts);
+  const int slots_fd = bpf_map__fd(skel_->maps.queue_counts);
   std::map<ProbeQueueId, uint64_t> out;
   for (const ProbeQueueId& q : queues) {
     vkick_queue_key k{};  // no padding today; zeroed so a future hole compares equal
@@ -436,7 +546,12 @@ absl::StatusOr<std::map<ProbeQueueId, uint64_t>> HostProbes::ReadNotificationTot
     if (!reader_->Lookup(fd, &k, kPerCpuSum, &n) && errno != ENOENT) {
       return ProbeErrnoStatus(errno, "reading notify_counts");
     }
-    out[q] = n;  // absent: nothing counted yet
+    uint64_t in_slot = 0;
+    if (std::optional<uint32_t> slot = notify_->SlotOf(q);
+        slot && !reader_->Lookup(slots_fd, &*slot, kPerCpuSum, &in_slot)) {
+      return ProbeErrnoStatus(errno, "reading queue_counts");
+    }
+    out[q] = n + in_slot + notify_->Carried(q);  // absent: nothing counted yet
   }
   return out;
 }

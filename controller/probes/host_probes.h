@@ -85,7 +85,8 @@ class HostProbes final : public ProbeBackend {
   absl::Status SetKickSyscalls(bool attached) override;
   // Batched (map_read.h) where the kernel can, else a key walk.
   absl::StatusOr<CounterSnapshot> ReadCounters() override;
-  // One lookup per queue in notify_counts, no walk.
+  // Per queue: its counter slot and the notify_counts hash (one lookup
+  // each), no walk.
   absl::StatusOr<std::map<ProbeQueueId, uint64_t>> ReadNotificationTotals(
       absl::Span<const ProbeQueueId> queues) override;
 
@@ -95,7 +96,8 @@ class HostProbes final : public ProbeBackend {
   // "tp_btf", "classic", or "tp_btf+classic" when the BTF has only some;
   // auto mode's fallback says why tp_btf was refused.
   std::string kvm_flavour() const;
-  // The notify map's occupancy, as vkickd (its only writer) keeps it.
+  // The notify map's and the counter slots' occupancy, as vkickd (their
+  // only writer) keeps it.
   const NotifyTargetTable& notify_targets() const { return *notify_; }
 
   // For tests: run the SEC("syscall") programs through BPF_PROG_TEST_RUN.
@@ -114,6 +116,10 @@ class HostProbes final : public ProbeBackend {
 
  private:
   using NotifyMap = MapOps<vkick_notify_key, vkick_notify_target>;
+  // Tracked processes' tgids in vmm_tgids (the guest-write programs' filter).
+  absl::Status SetVmmBit(uint32_t tgid, bool on);
+  // tracked[tgid] = vm_id, nothing else (a frontend is not a VMM).
+  absl::Status InsertTracked(uint32_t tgid, uint32_t vm_id);
 
   explicit HostProbes(host_probes* skel) : skel_(skel) {}
   static absl::StatusOr<std::unique_ptr<HostProbes>> Load(const Options& options,
@@ -134,6 +140,7 @@ class HostProbes final : public ProbeBackend {
   std::vector<Link> syscall_links_;  // the kick syscall group, while attached
   std::vector<bpf_program*> kvm_progs_;   // the flavour chosen for each kvm tracepoint
   std::unique_ptr<NotifyMap> notify_map_;
+  std::unique_ptr<CounterSlotOps> slots_;
   std::unique_ptr<NotifyTargetTable> notify_;
   std::unique_ptr<MapReader> reader_;  // remembers whether the kernel batches
   std::string btf_refused_;  // auto mode fell back to classic: the tp_btf load's error

@@ -10,6 +10,7 @@
 
 #include <bpf/bpf.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -68,6 +69,13 @@ class MapReader {
   // seen, as with a walk.
   template <typename Key, typename Value, typename Values, typename Fn>
   absl::Status ForEach(int fd, absl::string_view name, Values values, Fn fn);
+
+  // Calls fn(index, value) for indices 0..n-1 of array map `fd` (n at most
+  // its max_entries): batches of consecutive indices, or one lookup each
+  // where the kernel has no batch ops. For the counter slots, which are
+  // handed out lowest first: only the part in use is read.
+  template <typename Value, typename Values, typename Fn>
+  absl::Status ForEachIndex(int fd, absl::string_view name, uint32_t n, Values values, Fn fn);
 
   // One entry; false when it is absent or unreadable (errno says which).
   template <typename Value, typename Values>
@@ -137,6 +145,45 @@ absl::Status MapReader::ForEach(int fd, absl::string_view name, Values, Fn fn) {
     // A key deleted since the walk saw it is skipped, like a batch would.
     if (bpf_map_lookup_elem(fd, &k, buf.data()) == 0) fn(k, Decode<Value, Values>(buf.data()));
   });
+}
+
+template <typename Value, typename Values, typename Fn>
+absl::Status MapReader::ForEachIndex(int fd, absl::string_view name, uint32_t n, Values,
+                                     Fn fn) {
+  const size_t value_bytes = ValueBytes<Value, Values>();
+  uint32_t done = 0;
+  if (mode_ != Mode::kKeyWalk && n > 0) {
+    std::vector<uint32_t> keys(chunk_keys_);
+    std::vector<unsigned char> vals(chunk_keys_ * value_bytes);
+    uint32_t token = 0;
+    void* in = nullptr;  // from index 0; then after the last one read
+    while (done < n) {
+      uint32_t count = std::min(chunk_keys_, n - done);
+      const int err = bpf_map_lookup_batch(fd, in, &token, keys.data(), vals.data(), &count,
+                                           nullptr) ? errno : 0;
+      if (err != 0 && err != ENOENT) {
+        if (mode_ == Mode::kUntried && (err == EINVAL || err == EOPNOTSUPP || err == ENOTSUP)) {
+          mode_ = Mode::kKeyWalk;  // as ForEachBatched: decided once
+          break;
+        }
+        return ProbeErrnoStatus(err, absl::StrCat("batch-reading map ", name));
+      }
+      mode_ = Mode::kBatch;
+      for (uint32_t i = 0; i < count; ++i) fn(keys[i], Decode<Value, Values>(&vals[i * value_bytes]));
+      done += count;
+      if (err == ENOENT || count == 0) return absl::OkStatus();  // the array's end
+      in = &token;
+    }
+    if (mode_ == Mode::kBatch) return absl::OkStatus();
+  }
+  std::vector<unsigned char> buf(value_bytes);
+  for (uint32_t i = done; i < n; ++i) {
+    if (bpf_map_lookup_elem(fd, &i, buf.data()) != 0) {
+      return ProbeErrnoStatus(errno, absl::StrCat("reading map ", name, " index ", i));
+    }
+    fn(i, Decode<Value, Values>(buf.data()));
+  }
+  return absl::OkStatus();
 }
 
 template <typename Key, typename Value, typename Values, typename Fn>

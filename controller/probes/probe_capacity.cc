@@ -41,6 +41,7 @@ ProbeMapSizes MapSizesFor(const ProbeCapacity& c) {
       .tracked = VKICK_SIZE_TRACKED(vms),
       .notify = VKICK_SIZE_NOTIFY(vms, q),
       .notify_counts = VKICK_SIZE_NOTIFY_COUNTS(vms, q),
+      .queue_counts = VKICK_SIZE_QUEUE_SLOTS(vms, q),
       .exit_counts = VKICK_SIZE_EXIT_COUNTS(vms, v),
       .unmatched_counts = VKICK_SIZE_UNMATCHED(vms),
       .irq_counts = VKICK_SIZE_IRQ_COUNTS(vms, q),

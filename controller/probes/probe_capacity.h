@@ -21,8 +21,8 @@ struct ProbeCapacity {
 
 // max_entries of each map (the formulas of bpf/host_probes.h).
 struct ProbeMapSizes {
-  uint32_t tracked, notify, notify_counts, exit_counts, unmatched_counts, irq_counts,
-      vhost_sock, kick_fds;
+  uint32_t tracked, notify, notify_counts, queue_counts, exit_counts, unmatched_counts,
+      irq_counts, vhost_sock, kick_fds;
 };
 
 // Bounds: a VM count the maps can hold without wrapping u32 sizes or asking

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <numeric>
 #include <tuple>
@@ -240,16 +241,22 @@ TEST(HostProbesBpfTest, MapFullIsCountedNotSilent) {
     ASSERT_EQ(bpf_map_update_elem(fd, &k, zeros.data(), BPF_NOEXIST), 0) << "entry " << i;
   }
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 1).ok());
-  const NotifyTarget targets[] = {Mmio(0x1000, 1, 0)};
+  const NotifyTarget targets[] = {Mmio(0x1000, 1, 0), LegacyPio(0xc050, 2)};
   ASSERT_TRUE(p->SetNotifyTargets(1, targets).ok());
-  RunIo(*p, kFakeTgid1, Space::kMmio, 0x1000, 0, 3);
+  // What counts in the hash: a legacy value beyond the target's slots.
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, VKICK_TARGET_SLOTS, 3);
+  // What counts in a slot does not need the hash's room.
+  RunIo(*p, kFakeTgid1, Space::kMmio, 0x1000, 0, 2);
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 1, 1);
 
   auto c = p->ReadCounters();
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->errors.map_full, 3u);
-  EXPECT_EQ(c->notifications.size(), size_t{sizes.notify_counts});
-  EXPECT_TRUE(std::none_of(c->notifications.begin(), c->notifications.end(),
-                           [](const NotificationCount& n) { return n.vm_id == 1; }));
+  EXPECT_EQ(c->notifications.size(), size_t{sizes.notify_counts} + 2);
+  std::vector<NotificationCount> vm1;
+  std::copy_if(c->notifications.begin(), c->notifications.end(), std::back_inserter(vm1),
+               [](const NotificationCount& n) { return n.vm_id == 1; });
+  EXPECT_THAT(vm1, UnorderedElementsAre(NotificationCount{1, 1, 0, 2}, NotificationCount{1, 2, 1, 1}));
 
   // The bounded tracked map refuses one process more with a clear status.
   for (uint32_t i = 0; i < sizes.tracked - 1; ++i) {
@@ -289,6 +296,156 @@ TEST(HostProbesBpfTest, MapsAreSizedFromTheCapacityAndAFullNotifyMapRefusesAWhol
   ASSERT_TRUE(p->UntrackProcess(kFakeTgid3, 1).ok());
   EXPECT_TRUE(p->SetNotifyTargets(16, big).ok());
   EXPECT_EQ(p->notify_targets().size(), 14u * 2 + 3);
+}
+
+// Counter slots are reused: a slot of an untracked VM starts at 0 for its
+// next owner, and counts stay exact through untrack and re-track. One VM's
+// room: a legacy-only device takes all four slots, so every re-track reuses
+// them (after the wait for running programs, zeroed).
+TEST(HostProbesBpfTest, UntrackAndRetrackCountExactlyAndAReusedSlotStartsAtZero) {
+  HostProbesOptions o = NothingAttached();
+  o.capacity = {1, 3, 1};
+  VKICK_PROBES_OR_SKIP(p, o);
+  ASSERT_EQ(MapSizesFor(o.capacity).queue_counts, uint32_t{VKICK_TARGET_SLOTS});
+  const NotifyTarget legacy[] = {LegacyPio(0xc050, 2)};
+
+  ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 1).ok());
+  ASSERT_TRUE(p->SetNotifyTargets(1, legacy).ok());
+  EXPECT_EQ(p->notify_targets().slots_used(), size_t{VKICK_TARGET_SLOTS});
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 1, 5);
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 3, 2);
+  auto c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications,
+              UnorderedElementsAre(NotificationCount{1, 2, 1, 5}, NotificationCount{1, 2, 3, 2}));
+
+  ASSERT_TRUE(p->UntrackProcess(kFakeTgid1, 1).ok());
+  EXPECT_EQ(p->notify_targets().slots_used(), 0u);
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 1, 4);  // no longer counted
+  c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, IsEmpty()) << "an untracked VM's counters are dropped";
+
+  // The process comes back as VM 2 (vkickd's new vm_id): the same slots.
+  ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 2).ok());
+  ASSERT_TRUE(p->SetNotifyTargets(2, legacy).ok());
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 1, 3);
+  c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, UnorderedElementsAre(NotificationCount{2, 2, 1, 3}))
+      << "reused slots start at 0: nothing of VM 1's 5 and 2";
+  const ProbeQueueId asked[] = {{2, 2, 1}, {2, 2, 3}, {1, 2, 1}};
+  auto t = p->ReadNotificationTotals(asked);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_THAT(*t, ElementsAre(Pair(ProbeQueueId{1, 2, 1}, 0u), Pair(ProbeQueueId{2, 2, 1}, 3u),
+                              Pair(ProbeQueueId{2, 2, 3}, 0u)));
+
+  // And under the same vm_id again, targets set before the process is
+  // tracked (either order works).
+  ASSERT_TRUE(p->UntrackProcess(kFakeTgid1, 2).ok());
+  ASSERT_TRUE(p->SetNotifyTargets(2, legacy).ok());
+  ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 2).ok());
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 0, 1);
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 1, 2);
+  c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications,
+              UnorderedElementsAre(NotificationCount{2, 2, 0, 1}, NotificationCount{2, 2, 1, 2}));
+  EXPECT_EQ(c->errors.map_full, 0u);
+}
+
+// A real-range tgid (below 2^22) goes through the vmm_tgids bitmap, which
+// the fake tgids above it skip: its bit is set while tracked, and a process
+// without one is ignored before any hash lookup (guest writes, exits, MSIs).
+TEST(HostProbesBpfTest, TheTgidBitmapLetsTrackedProcessesThroughOnly) {
+  VKICK_PROBES_OR_SKIP(p, NothingAttached());
+  constexpr uint32_t kTgid = VKICK_TGID_BITS - 9;  // a real pid range, no process needed
+  constexpr uint32_t kNeighbour = kTgid - 1;        // same bitmap word, not tracked
+  const int bits_fd = p->MapFdForTest("vmm_tgids");
+  ASSERT_GE(bits_fd, 0);
+  auto bit = [&](uint32_t tgid) {
+    const uint32_t word = tgid / 64;
+    uint64_t bits = 0;
+    EXPECT_EQ(bpf_map_lookup_elem(bits_fd, &word, &bits), 0);
+    return (bits >> (tgid % 64)) & 1;
+  };
+  ASSERT_TRUE(p->TrackProcess(kTgid, 5).ok());
+  EXPECT_EQ(bit(kTgid), 1u);
+  EXPECT_EQ(bit(kNeighbour), 0u);
+  const NotifyTarget targets[] = {Mmio(0xfe000000, 1, 0)};
+  ASSERT_TRUE(p->SetNotifyTargets(5, targets).ok());
+  RunIo(*p, kTgid, Space::kMmio, 0xfe000000, 0, 4);
+  RunIo(*p, kTgid, Space::kMmio, 0xfe001000, 0, 1);  // unmatched, still the VM's
+  RunIo(*p, kNeighbour, Space::kMmio, 0xfe000000, 0, 3);
+  RunExit(*p, kTgid, 0, 1, 48, 2);
+  RunExit(*p, kNeighbour, 0, 1, 48, 1);
+  ASSERT_TRUE(p->TestRunMsi({kTgid, 0, 0xfee00000, 0x4021}).ok());
+  ASSERT_TRUE(p->TestRunMsi({kNeighbour, 0, 0xfee00000, 0x4021}).ok());
+  auto c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, UnorderedElementsAre(NotificationCount{5, 1, 0, 4}));
+  EXPECT_THAT(c->unmatched_writes, UnorderedElementsAre(UnmatchedCount{5, Space::kMmio, 1}));
+  EXPECT_THAT(c->exits, UnorderedElementsAre(ExitCount{5, 0, 1, 48, 2}));
+  EXPECT_THAT(c->interrupts, UnorderedElementsAre(InterruptCount{5, 0xfee00000, 0x4021, 1}));
+
+  ASSERT_TRUE(p->UntrackProcess(kTgid, 5).ok());
+  EXPECT_EQ(bit(kTgid), 0u);
+  RunIo(*p, kTgid, Space::kMmio, 0xfe000000, 0, 2);
+  RunExit(*p, kTgid, 0, 1, 48, 1);
+  c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, IsEmpty());
+  EXPECT_THAT(c->unmatched_writes, IsEmpty());
+  EXPECT_THAT(c->exits, IsEmpty());
+}
+
+TEST(HostProbesBpfTest, AFullSlotTableRefusesAWholeVm) {
+  HostProbesOptions o = NothingAttached();
+  o.capacity = {16, 2, 1};  // notify 32 keys, 48 counter slots
+  VKICK_PROBES_OR_SKIP(p, o);
+  EXPECT_EQ(MaxEntries(*p, "queue_counts"), 48u);
+  // Legacy-only devices take VKICK_TARGET_SLOTS slots for one key each.
+  for (uint32_t vm = 1; vm <= 48 / VKICK_TARGET_SLOTS; ++vm) {
+    const NotifyTarget t[] = {LegacyPio(static_cast<uint16_t>(0xc000 + 0x40 * vm), 1)};
+    ASSERT_TRUE(p->SetNotifyTargets(vm, t).ok()) << vm;
+  }
+  ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 13).ok());
+  const NotifyTarget t13[] = {LegacyPio(0xd000, 1)};
+  absl::Status s = p->SetNotifyTargets(13, t13);
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("counter slots full"));
+  EXPECT_EQ(p->notify_targets().owned(13), 0u);
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xd000, 1, 2);
+  auto c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, IsEmpty()) << "left out: nothing counted as a queue";
+  EXPECT_THAT(c->unmatched_writes, UnorderedElementsAre(UnmatchedCount{13, Space::kPio, 2}));
+  // A VM leaves: room.
+  ASSERT_TRUE(p->UntrackProcess(kFakeTgid3, 1).ok());
+  ASSERT_TRUE(p->SetNotifyTargets(13, t13).ok());
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xd000, 1, 2);
+  c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, UnorderedElementsAre(NotificationCount{13, 1, 1, 2}));
+}
+
+// A transitional device's queue 5 has a slot (its modern address) but a
+// legacy write of 5 is beyond the legacy target's slots: the hash. One
+// queue, one entry, the sum; the totals agree.
+TEST(HostProbesBpfTest, AQueueCountedInItsSlotAndInTheHashIsOneEntry) {
+  VKICK_PROBES_OR_SKIP(p, NothingAttached());
+  ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 3).ok());
+  const NotifyTarget targets[] = {Mmio(0xfe003014, 1, 5), LegacyPio(0xc050, 1)};
+  ASSERT_TRUE(p->SetNotifyTargets(3, targets).ok());
+  RunIo(*p, kFakeTgid1, Space::kMmio, 0xfe003014, 0, 4);
+  RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 5, 3);
+  auto c = p->ReadCounters();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->notifications, ElementsAre(NotificationCount{3, 1, 5, 7}));
+  const ProbeQueueId asked[] = {{3, 1, 5}};
+  auto t = p->ReadNotificationTotals(asked);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_THAT(*t, ElementsAre(Pair(ProbeQueueId{3, 1, 5}, 7u)));
 }
 
 // The kvm programs each tracepoint gets: the BTF raw tracepoint where the
@@ -486,10 +643,21 @@ TEST(HostProbesBpfTest, BatchedReadCountersEqualsTheKeyWalkOverManyChunks) {
   ASSERT_EQ(batched->notifications.size(), 702u);
   ASSERT_EQ(batched->exits.size(), 1501u);
 
-  // The test's own walk.
-  std::vector<NotificationCount> notifications;
+  // The test's own walk of the hash, plus one lookup per counter slot in use
+  // (owners as the notify table has them), summed per queue.
+  std::map<ProbeQueueId, uint64_t> by_queue;
   for (const auto& [k, n] : WalkPerCpu<vkick_queue_key>(p->MapFdForTest("notify_counts"))) {
-    notifications.push_back({k.vm_id, k.device_id, k.queue, n});
+    by_queue[{k.vm_id, k.device_id, k.queue}] += n;
+  }
+  std::vector<uint64_t> slot(libbpf_num_possible_cpus());
+  for (uint32_t i = 0; i < p->notify_targets().slot_bound(); ++i) {
+    ASSERT_EQ(bpf_map_lookup_elem(p->MapFdForTest("queue_counts"), &i, slot.data()), 0);
+    const uint64_t n = std::accumulate(slot.begin(), slot.end(), uint64_t{0});
+    if (auto owner = p->notify_targets().SlotOwner(i); owner && n != 0) by_queue[*owner] += n;
+  }
+  std::vector<NotificationCount> notifications;
+  for (const auto& [q, n] : by_queue) {
+    notifications.push_back({std::get<0>(q), std::get<1>(q), std::get<2>(q), n});
   }
   std::vector<ExitCount> exits;
   for (const auto& [k, n] : WalkPerCpu<vkick_exit_key>(p->MapFdForTest("exit_counts"))) {

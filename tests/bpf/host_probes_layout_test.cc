@@ -11,7 +11,12 @@ namespace vkick {
 namespace {
 
 static_assert(sizeof(vkick_notify_key) == 16 && offsetof(vkick_notify_key, addr) == 8);
-static_assert(sizeof(vkick_notify_target) == 8);
+static_assert(sizeof(vkick_notify_target) == 12 + 4 * VKICK_TARGET_SLOTS &&
+              offsetof(vkick_notify_target, slots) == 12);
+// The program masks a legacy value with VKICK_TARGET_SLOTS - 1.
+static_assert((VKICK_TARGET_SLOTS & (VKICK_TARGET_SLOTS - 1)) == 0);
+static_assert(VKICK_TARGET_SLOTS <= VKICK_MAX_QUEUE);
+static_assert(VKICK_TGID_WORDS * 64 == VKICK_TGID_BITS);
 static_assert(sizeof(vkick_exit_key) == 16);
 static_assert(sizeof(vkick_queue_key) == 8 && offsetof(vkick_queue_key, queue) == 6);
 static_assert(sizeof(vkick_unmatched_key) == 8);
@@ -42,6 +47,8 @@ TEST(HostProbesLayoutTest, KeysHaveNoUninitialisedPadding) {
   // named field (explicit pad members), so value-initialised keys built on
   // both sides match. Sum of member sizes == struct size proves it.
   EXPECT_EQ(sizeof(vkick_notify_key), 4 + 1 + 3 + 8u);
+  // Not a key, but compared field by field and written whole: no holes.
+  EXPECT_EQ(sizeof(vkick_notify_target), 4 + 2 + 2 + 1 + 3 + 4u * VKICK_TARGET_SLOTS);
   EXPECT_EQ(sizeof(vkick_exit_key), 4 * 4u);
   EXPECT_EQ(sizeof(vkick_queue_key), 4 + 2 + 2u);
   EXPECT_EQ(sizeof(vkick_irq_key), 4 + 4 + 8u);

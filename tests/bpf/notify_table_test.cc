@@ -1,11 +1,15 @@
-// The notify map's control plane (NotifyTargetTable) against a fake map with
-// the kernel's capacity behaviour: what each VM owns, what a Set costs in
-// map operations (never a walk), all or nothing when full, and the map
+// The notify map's and counter slots' control plane (NotifyTargetTable)
+// against a fake map with the kernel's capacity behaviour and a fake counter
+// array: what each VM owns, what a Set costs in map operations (never a
+// walk), all or nothing when full, keys per tracked process, slots handed
+// out, kept, given back and reused only zeroed and after a wait, and the map
 // sizes that follow from the capacity flags. Unit: no root, no kernel.
 #include "controller/probes/notify_table.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
+#include <set>
 #include <tuple>
 #include <vector>
 
@@ -35,10 +39,20 @@ class FakeNotifyMap : public MapOps<vkick_notify_key, vkick_notify_target> {
     ++deletes;
     return entries.erase(Key(k)) ? absl::OkStatus() : absl::NotFoundError("fake: no such key");
   }
+  // Keys of VM `vm` (by the vm_id in their value).
   size_t Of(uint32_t vm) const {
     size_t n = 0;
-    for (const auto& [k, v] : entries) n += std::get<0>(k) == vm;
+    for (const auto& [k, v] : entries) n += v.vm_id == vm;
     return n;
+  }
+  size_t OfPid(uint32_t tgid) const {
+    size_t n = 0;
+    for (const auto& [k, v] : entries) n += std::get<0>(k) == tgid;
+    return n;
+  }
+  const vkick_notify_target* At(uint32_t tgid, uint8_t space, uint64_t addr) const {
+    auto it = entries.find({tgid, space, addr});
+    return it == entries.end() ? nullptr : &it->second;
   }
   void ResetCounts() { updates = deletes = 0; }
 
@@ -50,14 +64,52 @@ class FakeNotifyMap : public MapOps<vkick_notify_key, vkick_notify_target> {
     // The kernel compares keys bytewise: the padding must be zero.
     static const uint8_t zero[3] = {};
     EXPECT_EQ(std::memcmp(k.pad, zero, sizeof(zero)), 0);
-    return {k.vm_id, k.space, k.addr};
+    return {k.tgid, k.space, k.addr};
   }
   const size_t capacity_;
 };
 
-std::vector<NotifyTarget> Queues(uint64_t base, int n, uint16_t device = 1) {
+// The counter array: one count per slot (the CPUs already summed), and
+// what a program would do with it. `waits` counts grace periods; a slot
+// freed is "dirty" until the next one: zeroing or reading it before that is
+// a test failure.
+class FakeSlots : public CounterSlotOps {
+ public:
+  explicit FakeSlots(uint32_t n) : counts(n, 0) {}
+  absl::Status Zero(uint32_t slot) override {
+    EXPECT_LT(slot, counts.size());
+    ++zeroes;
+    counts.at(slot) = 0;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<uint64_t> Sum(uint32_t slot) override {
+    EXPECT_GT(waits, 0) << "a slot's count is final only after a wait";
+    return counts.at(slot);
+  }
+  absl::Status WaitForPrograms() override {
+    ++waits;
+    return absl::OkStatus();
+  }
+  // A guest write the program matches with `map`'s key: +1 at the slot the
+  // target names for `value` (legacy) or its queue; false if it would go to
+  // the hash instead.
+  bool Write(const FakeNotifyMap& map, uint32_t tgid, uint64_t addr, uint64_t value = 0,
+             uint8_t space = 0) {
+    const vkick_notify_target* t = map.At(tgid, space, addr);
+    if (t == nullptr) return false;
+    const uint64_t idx = t->value_is_queue ? value : 0;
+    if (idx >= VKICK_TARGET_SLOTS || t->slots[idx] >= counts.size()) return false;
+    ++counts[t->slots[idx]];
+    return true;
+  }
+
+  std::vector<uint64_t> counts;
+  int zeroes = 0, waits = 0;
+};
+
+std::vector<NotifyTarget> Queues(uint64_t base, int n, uint16_t device = 1, int first = 0) {
   std::vector<NotifyTarget> out;
-  for (int q = 0; q < n; ++q) {
+  for (int q = first; q < first + n; ++q) {
     NotifyTarget t;
     t.space = Space::kMmio;
     t.addr = base + 4 * q;
@@ -68,16 +120,32 @@ std::vector<NotifyTarget> Queues(uint64_t base, int n, uint16_t device = 1) {
   return out;
 }
 
+NotifyTarget Legacy(uint64_t port, uint16_t device) {
+  NotifyTarget t;
+  t.space = Space::kPio;
+  t.addr = port;
+  t.device_id = device;
+  t.value_is_queue = true;
+  return t;
+}
+
+// The VMM process of VM `vm` in these tests.
+constexpr uint32_t Pid(uint32_t vm) { return 100000 + vm; }
+
 TEST(NotifyTargetTableTest, ASetCostsOnlyTheKeysThatChanged) {
   FakeNotifyMap map(64);
-  NotifyTargetTable table(&map, 64);
+  FakeSlots slots(128);
+  NotifyTargetTable table(&map, 64, &slots, 128);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
   ASSERT_TRUE(table.Set(1, Queues(0x1000, 3)).ok());
   EXPECT_EQ(map.updates, 3);
   EXPECT_EQ(map.Of(1), 3u);
+  EXPECT_EQ(slots.zeroes, 3) << "a slot per queue, zeroed before a key points to it";
 
   map.ResetCounts();
+  slots.zeroes = 0;
   ASSERT_TRUE(table.Set(1, Queues(0x1000, 3)).ok());
-  EXPECT_EQ(map.updates + map.deletes, 0) << "unchanged: no syscall at all";
+  EXPECT_EQ(map.updates + map.deletes + slots.zeroes, 0) << "unchanged: no syscall at all";
 
   map.ResetCounts();
   std::vector<NotifyTarget> moved = Queues(0x1000, 3);
@@ -86,16 +154,23 @@ TEST(NotifyTargetTableTest, ASetCostsOnlyTheKeysThatChanged) {
   ASSERT_TRUE(table.Set(1, moved).ok());
   EXPECT_EQ(map.deletes, 1);
   EXPECT_EQ(map.updates, 2);
+  EXPECT_EQ(slots.zeroes, 1) << "queue 7 is new";
   EXPECT_EQ(map.Of(1), 3u);
   EXPECT_EQ(table.size(), 3u);
+  EXPECT_EQ(slots.waits, 0) << "nothing was reused";
 }
 
 TEST(NotifyTargetTableTest, TouchesOnlyItsOwnVmsKeysNeverWalks) {
   FakeNotifyMap map(1 << 16);
-  NotifyTargetTable table(&map, 1 << 16);
+  FakeSlots slots(4096 * 9);
+  NotifyTargetTable table(&map, 1 << 16, &slots, 4096 * 9);
   // A fleet: 4096 VMs x 8 queues.
-  for (uint32_t vm = 1; vm <= 4096; ++vm) ASSERT_TRUE(table.Set(vm, Queues(vm << 16, 8)).ok());
+  for (uint32_t vm = 1; vm <= 4096; ++vm) {
+    ASSERT_TRUE(table.Track(Pid(vm), vm).ok());
+    ASSERT_TRUE(table.Set(vm, Queues(vm << 16, 8)).ok());
+  }
   EXPECT_EQ(table.size(), 4096u * 8);
+  EXPECT_EQ(table.slots_used(), 4096u * 8);
   map.ResetCounts();
   ASSERT_TRUE(table.Set(77, Queues(0x5000, 8)).ok());  // every address moved
   EXPECT_EQ(map.deletes, 8);
@@ -106,11 +181,15 @@ TEST(NotifyTargetTableTest, TouchesOnlyItsOwnVmsKeysNeverWalks) {
   EXPECT_EQ(map.Of(78), 0u);
   EXPECT_EQ(map.Of(79), 8u);
   EXPECT_EQ(table.size(), 4095u * 8);
+  EXPECT_EQ(table.slots_used(), 4095u * 8);
 }
 
 TEST(NotifyTargetTableTest, AVmThatDoesNotFitHasNoneInstalledAndCostsNoInsert) {
   FakeNotifyMap map(4);
-  NotifyTargetTable table(&map, 4);
+  FakeSlots slots(64);
+  NotifyTargetTable table(&map, 4, &slots, 64);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(table.Track(Pid(2), 2).ok());
   ASSERT_TRUE(table.Set(1, Queues(0x1000, 3)).ok());
   map.ResetCounts();
   absl::Status s = table.Set(2, Queues(0x2000, 2));
@@ -128,43 +207,230 @@ TEST(NotifyTargetTableTest, AVmThatDoesNotFitHasNoneInstalledAndCostsNoInsert) {
 
 TEST(NotifyTargetTableTest, AVmThatGrowsBeyondTheRoomGivesItsOldKeysBack) {
   FakeNotifyMap map(4);
-  NotifyTargetTable table(&map, 4);
+  FakeSlots slots(64);
+  NotifyTargetTable table(&map, 4, &slots, 64);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(table.Track(Pid(2), 2).ok());
   ASSERT_TRUE(table.Set(1, Queues(0x1000, 2)).ok());
   ASSERT_TRUE(table.Set(2, Queues(0x2000, 2)).ok());
   EXPECT_TRUE(absl::IsResourceExhausted(table.Set(1, Queues(0x1000, 3))));
   EXPECT_EQ(map.Of(1), 0u) << "all or nothing: never half counted";
   EXPECT_EQ(table.size(), 2u);
   EXPECT_EQ(map.Of(2), 2u);
+  EXPECT_EQ(table.slots_used(), 2u) << "its slots went back too";
 }
 
 TEST(NotifyTargetTableTest, ReplacingAFullSetDeletesBeforeInserting) {
   FakeNotifyMap map(3);
-  NotifyTargetTable table(&map, 3);
+  FakeSlots slots(64);
+  NotifyTargetTable table(&map, 3, &slots, 64);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
   ASSERT_TRUE(table.Set(1, Queues(0x1000, 3)).ok());
   ASSERT_TRUE(table.Set(1, Queues(0x8000, 3)).ok()) << "a full map still takes a new set";
   EXPECT_EQ(map.Of(1), 3u);
-  EXPECT_EQ(map.entries.count({1, 0, 0x8000}), 1u);
+  EXPECT_EQ(map.entries.count({Pid(1), 0, 0x8000}), 1u);
 }
 
 TEST(NotifyTargetTableTest, AKernelRefusalLeavesTheVmOutAndTheCountRight) {
   FakeNotifyMap map(2);             // smaller than the table believes (another writer)
-  NotifyTargetTable table(&map, 8);
+  FakeSlots slots(64);
+  NotifyTargetTable table(&map, 8, &slots, 64);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(table.Track(Pid(2), 2).ok());
   absl::Status s = table.Set(1, Queues(0x1000, 3));
   EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
   EXPECT_EQ(map.Of(1), 0u);
   EXPECT_EQ(table.size(), 0u);
+  EXPECT_EQ(table.slots_used(), 0u);
   ASSERT_TRUE(table.Set(2, Queues(0x2000, 2)).ok());
   EXPECT_EQ(table.size(), 2u);
 }
 
 TEST(NotifyTargetTableTest, AnUnknownSpaceChangesNothing) {
   FakeNotifyMap map(8);
-  NotifyTargetTable table(&map, 8);
+  FakeSlots slots(64);
+  NotifyTargetTable table(&map, 8, &slots, 64);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
   ASSERT_TRUE(table.Set(1, Queues(0x1000, 2)).ok());
   std::vector<NotifyTarget> bad = Queues(0x3000, 1);
   bad[0].space = static_cast<Space>(9);
   EXPECT_TRUE(absl::IsInvalidArgument(table.Set(1, bad)));
   EXPECT_EQ(map.Of(1), 2u);
+}
+
+TEST(NotifyTargetTableTest, KeysArePerProcessAndAVmWithoutOneHoldsItsRoom) {
+  FakeNotifyMap map(8);
+  FakeSlots slots(64);
+  NotifyTargetTable table(&map, 8, &slots, 64);
+  // Targets first (the order does not matter): room held, nothing written.
+  ASSERT_TRUE(table.Set(1, Queues(0x1000, 3)).ok());
+  EXPECT_EQ(map.updates, 0);
+  EXPECT_EQ(table.size(), 3u);
+  EXPECT_EQ(table.slots_used(), 3u);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  EXPECT_EQ(map.OfPid(Pid(1)), 3u);
+  EXPECT_EQ(table.size(), 3u) << "the room it held";
+  EXPECT_EQ(map.At(Pid(1), 0, 0x1004)->vm_id, 1u);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok()) << "idempotent";
+  EXPECT_EQ(map.updates, 3);
+
+  // A second process of the VM: its own keys, the same slots.
+  ASSERT_TRUE(table.Track(Pid(50), 1).ok());
+  EXPECT_EQ(map.OfPid(Pid(50)), 3u);
+  EXPECT_EQ(table.size(), 6u);
+  EXPECT_EQ(map.At(Pid(50), 0, 0x1000)->slots[0], map.At(Pid(1), 0, 0x1000)->slots[0]);
+  // A third does not fit: nothing of it installed.
+  absl::Status s = table.Track(Pid(51), 1);
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  EXPECT_EQ(map.OfPid(Pid(51)), 0u);
+  EXPECT_EQ(table.size(), 6u);
+
+  // A process moved to another VM takes its keys along.
+  ASSERT_TRUE(table.Set(2, Queues(0x2000, 1)).ok());
+  ASSERT_TRUE(table.Track(Pid(50), 2).ok());
+  EXPECT_EQ(map.OfPid(Pid(50)), 1u);
+  EXPECT_EQ(map.At(Pid(50), 0, 0x2000)->vm_id, 2u);
+  ASSERT_TRUE(table.Untrack(Pid(1)).ok());
+  EXPECT_EQ(map.OfPid(Pid(1)), 0u);
+  EXPECT_EQ(table.size(), 3u + 1u) << "VM 1 still holds the room for its targets";
+  EXPECT_EQ(map.entries.size(), 1u);
+}
+
+TEST(NotifyTargetTableTest, ModernQueuesGetASlotEachLegacyTargetsShareThem) {
+  FakeNotifyMap map(64);
+  FakeSlots slots(64);
+  NotifyTargetTable table(&map, 64, &slots, 64);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  // Device 1 transitional (modern q0..q5 + legacy port), device 2 legacy only.
+  std::vector<NotifyTarget> t = Queues(0x1000, 6, 1);
+  t.push_back(Legacy(0xc000, 1));
+  t.push_back(Legacy(0xc040, 2));
+  ASSERT_TRUE(table.Set(1, t).ok());
+  EXPECT_EQ(table.slots_used(), 6u + VKICK_TARGET_SLOTS);
+  std::set<uint32_t> distinct;
+  for (uint16_t q = 0; q < 6; ++q) distinct.insert(*table.SlotOf({1, 1, q}));
+  for (uint16_t q = 0; q < VKICK_TARGET_SLOTS; ++q) distinct.insert(*table.SlotOf({1, 2, q}));
+  EXPECT_EQ(distinct.size(), 6u + VKICK_TARGET_SLOTS);
+  EXPECT_FALSE(table.SlotOf({1, 2, VKICK_TARGET_SLOTS}).has_value());
+
+  const vkick_notify_target* modern = map.At(Pid(1), 0, 0x1008);
+  EXPECT_EQ(modern->slots[0], *table.SlotOf({1, 1, 2}));
+  EXPECT_EQ(modern->slots[1], VKICK_NO_SLOT);
+  const vkick_notify_target* legacy = map.At(Pid(1), 1, 0xc000);
+  for (uint16_t q = 0; q < VKICK_TARGET_SLOTS; ++q) {
+    EXPECT_EQ(legacy->slots[q], *table.SlotOf({1, 1, q})) << "the modern queue's slot";
+  }
+  // A write either way counts in the queue's one slot.
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0x1004));
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0xc000, /*value=*/1, /*space=*/1));
+  EXPECT_EQ(slots.counts[*table.SlotOf({1, 1, 1})], 2u);
+  // Legacy values beyond the slots go to the hash (the program's fallback).
+  EXPECT_FALSE(slots.Write(map, Pid(1), 0xc000, 5, 1));
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0xc040, 3, 1));
+  EXPECT_EQ(slots.counts[*table.SlotOf({1, 2, 3})], 1u);
+  for (uint32_t s = 0; s < table.slot_bound(); ++s) {
+    EXPECT_TRUE(table.SlotOwner(s).has_value()) << "handed out lowest first: " << s;
+  }
+}
+
+TEST(NotifyTargetTableTest, AQueueNoLongerNamedKeepsItsSlotAndCount) {
+  FakeNotifyMap map(64);
+  FakeSlots slots(64);
+  NotifyTargetTable table(&map, 64, &slots, 64);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(table.Set(1, Queues(0x1000, 2)).ok());
+  const uint32_t q1 = *table.SlotOf({1, 1, 1});
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(slots.Write(map, Pid(1), 0x1004));
+  // The guest's BARs are briefly unassigned: no targets.
+  ASSERT_TRUE(table.Set(1, {}).ok());
+  EXPECT_EQ(map.Of(1), 0u);
+  EXPECT_EQ(table.SlotOf({1, 1, 1}), q1) << "kept: a counter must not go back to 0";
+  EXPECT_EQ(table.SlotOwner(q1), (ProbeQueueId{1, 1, 1}));
+  // Back at another address: the same slot, the count goes on.
+  ASSERT_TRUE(table.Set(1, Queues(0x7000, 2)).ok());
+  EXPECT_EQ(map.At(Pid(1), 0, 0x7004)->slots[0], q1);
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0x7004));
+  EXPECT_EQ(slots.counts[q1], 6u);
+  EXPECT_EQ(slots.zeroes, 2) << "no new slot";
+  EXPECT_EQ(slots.waits, 0);
+}
+
+// Untrack then track again (as vkickd does for a restarted VM, under a new
+// vm_id): the slots are reused, zeroed, only after a wait; the new owner
+// starts at 0 and the old owner's counts are gone.
+TEST(NotifyTargetTableTest, AReusedSlotStartsAtZeroAfterAWait) {
+  FakeNotifyMap map(64);
+  FakeSlots slots(2);
+  NotifyTargetTable table(&map, 64, &slots, 2);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(table.Set(1, Queues(0x1000, 2)).ok());
+  for (int i = 0; i < 7; ++i) ASSERT_TRUE(slots.Write(map, Pid(1), 0x1000));
+  ASSERT_TRUE(table.Untrack(Pid(1)).ok());
+  ASSERT_TRUE(table.Drop(1).ok());
+  EXPECT_EQ(table.slots_used(), 0u);
+  EXPECT_FALSE(table.SlotOwner(0).has_value()) << "an untracked VM's counts are dropped";
+  EXPECT_FALSE(table.SlotOwner(1).has_value());
+  EXPECT_EQ(slots.waits, 0) << "a Drop does not wait";
+
+  ASSERT_TRUE(table.Track(Pid(1), 2).ok());
+  ASSERT_TRUE(table.Set(2, Queues(0x1000, 2)).ok());
+  EXPECT_EQ(slots.waits, 1) << "reused only after the programs that saw VM 1's keys finished";
+  EXPECT_EQ(slots.counts[*table.SlotOf({2, 1, 0})], 0u);
+  EXPECT_EQ(slots.counts[*table.SlotOf({2, 1, 1})], 0u);
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0x1000));
+  EXPECT_EQ(slots.counts[*table.SlotOf({2, 1, 0})], 1u);
+  EXPECT_EQ(table.SlotOwner(*table.SlotOf({2, 1, 0})), (ProbeQueueId{2, 1, 0}));
+}
+
+TEST(NotifyTargetTableTest, ShortOfSlotsAVmGivesBackItsOldQueuesCountsCarried) {
+  FakeNotifyMap map(64);
+  FakeSlots slots(3);
+  NotifyTargetTable table(&map, 64, &slots, 3);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(table.Set(1, Queues(0x1000, 2)).ok());
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(slots.Write(map, Pid(1), 0x1000));
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0x1004));
+  // The device is replaced by one with two other queues: 2 new slots, 1 free.
+  ASSERT_TRUE(table.Set(1, Queues(0x2000, 2, 1, /*first=*/2)).ok());
+  EXPECT_EQ(slots.waits, 1);
+  EXPECT_FALSE(table.SlotOf({1, 1, 0}).has_value());
+  EXPECT_EQ(table.Carried({1, 1, 0}), 4u) << "given back, its count kept";
+  EXPECT_EQ(table.Carried({1, 1, 1}), 1u);
+  EXPECT_EQ(table.slots_used(), 2u);
+  std::map<ProbeQueueId, uint64_t> carried;
+  table.ForEachCarried([&](const ProbeQueueId& q, uint64_t n) { carried[q] = n; });
+  EXPECT_EQ(carried.size(), 2u);
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0x200c));
+  EXPECT_EQ(slots.counts[*table.SlotOf({1, 1, 3})], 1u) << "a reused slot starts at 0";
+  ASSERT_TRUE(table.Drop(1).ok());
+  EXPECT_EQ(table.Carried({1, 1, 0}), 0u) << "untracked: dropped";
+}
+
+TEST(NotifyTargetTableTest, AVmShortOfSlotsHasNoneAndItsRoomGoesToOthers) {
+  FakeNotifyMap map(64);
+  FakeSlots slots(4);
+  NotifyTargetTable table(&map, 64, &slots, 4);
+  ASSERT_TRUE(table.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(table.Track(Pid(2), 2).ok());
+  ASSERT_TRUE(table.Set(1, Queues(0x1000, 2)).ok());
+  ASSERT_TRUE(table.Set(2, Queues(0x2000, 1)).ok());
+  ASSERT_TRUE(slots.Write(map, Pid(2), 0x2000));
+  map.ResetCounts();
+  slots.zeroes = 0;
+  // VM 2 grows to 3 queues: 2 new slots, 1 free.
+  absl::Status s = table.Set(2, Queues(0x2000, 3));
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  EXPECT_NE(s.message().find("counter slots full"), absl::string_view::npos) << s;
+  EXPECT_EQ(map.Of(2), 0u) << "none installed";
+  EXPECT_EQ(map.updates, 0);
+  EXPECT_EQ(slots.zeroes, 0);
+  EXPECT_EQ(table.slots_used(), 2u) << "its slot went back";
+  EXPECT_EQ(table.Carried({2, 1, 0}), 1u) << "with its count";
+  EXPECT_EQ(map.Of(1), 2u);
+  // VM 1 leaves: VM 2 fits.
+  ASSERT_TRUE(table.Drop(1).ok());
+  ASSERT_TRUE(table.Set(2, Queues(0x2000, 3)).ok());
+  EXPECT_EQ(map.Of(2), 3u);
 }
 
 TEST(ProbeCapacityTest, DefaultsAreTheHeadersAndSizesFollowTheFlags) {
@@ -177,6 +443,8 @@ TEST(ProbeCapacityTest, DefaultsAreTheHeadersAndSizesFollowTheFlags) {
   EXPECT_EQ(z.notify, uint32_t{VKICK_MAX_NOTIFY_TARGETS});
   EXPECT_EQ(z.notify, 4096u * 8);
   EXPECT_EQ(z.notify_counts, uint32_t{VKICK_MAX_NOTIFY_KEYS});
+  EXPECT_EQ(z.queue_counts, uint32_t{VKICK_MAX_QUEUE_SLOTS});
+  EXPECT_EQ(z.queue_counts, 4096u * 9);
   EXPECT_EQ(z.exit_counts, uint32_t{VKICK_MAX_EXIT_KEYS});
   EXPECT_EQ(z.exit_counts, 4096u * 8 * VKICK_EXIT_REASONS_PER_VCPU);
   EXPECT_EQ(z.kick_fds, uint32_t{VKICK_MAX_KICK_FDS});
@@ -184,6 +452,7 @@ TEST(ProbeCapacityTest, DefaultsAreTheHeadersAndSizesFollowTheFlags) {
   const ProbeMapSizes small = MapSizesFor({16, 2, 1});
   EXPECT_EQ(small.tracked, 16u + VKICK_MAX_FRONTENDS);
   EXPECT_EQ(small.notify, 32u);
+  EXPECT_EQ(small.queue_counts, 48u);
   EXPECT_EQ(small.exit_counts, 16u * VKICK_EXIT_REASONS_PER_VCPU);
 }
 

@@ -100,12 +100,14 @@ TEST(VkickdIntegrationTest, RealScrapePassesPromtool) {
 
   VkickdProcess vk;
   ASSERT_TRUE(vk.Start(VKICKD_BINARY, {"--no-probes", "--listen=127.0.0.1:0",
-                                       "--refresh-interval=100ms", "--qmp=" + missing,
+                                       "--refresh-interval=100ms", "--control-interval=100ms",
+                                       "--qmp=" + missing,
                                        "--qmp", garbage})
                   .ok());
   auto port = vk.WaitForListening();
   ASSERT_TRUE(port.ok()) << port.status();
-  absl::SleepFor(absl::Milliseconds(500));  // a few connect attempts
+  // A few connect attempts, and a control step (which /metrics renders) since.
+  absl::SleepFor(absl::Milliseconds(500));
   auto m = HttpGet(*port, "/metrics");
   ASSERT_TRUE(m.ok()) << m.status();
   ASSERT_EQ(m->code, 200);
