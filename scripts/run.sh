@@ -23,6 +23,7 @@ Options:
   --listen=HOST:PORT   where vkickd serves /metrics (default 127.0.0.1:9470)
   --duration=SECONDS   demo only: stop after this long (default: until Ctrl-C)
   --qmp=PATH           attach vkickd to this VM's QMP socket instead of the demo (repeatable)
+  --qmp-dir=DIR        attach vkickd to every QMP socket that appears in DIR instead
   -h, --help           this text
 EOF
 }
@@ -35,7 +36,7 @@ for a in "$@"; do
   case "$a" in
     -h|--help) usage; exit 0 ;;
     --no-setup) setup=0 ;;
-    --qmp=*) qmp+=("$a") ;;
+    --qmp=*|--qmp-dir=*) qmp+=("$a") ;;
     --listen=*) listen="${a#--listen=}"; demo_args+=("$a") ;;
     --duration=*) demo_args+=("$a") ;;
     *) echo "run.sh: unknown argument '$a' (try --help)" >&2; exit 2 ;;
@@ -53,7 +54,7 @@ fi
 "$here/host-prep.sh"
 
 if ((${#qmp[@]})); then
-  echo "[run] vkickd attached to ${#qmp[@]} VM(s); metrics on http://$listen/metrics (Ctrl-C stops)"
+  echo "[run] vkickd attached to ${qmp[*]}; metrics on http://$listen/metrics (Ctrl-C stops)"
   exec "$build/bin/vkickd" "${qmp[@]}" "--listen=$listen"
 fi
 exec python3 "$here/demo.py" --build-dir="$build" "${demo_args[@]}"
