@@ -32,6 +32,15 @@ struct NotifyTarget {
   // is the queue index: set value_is_queue and `queue` is ignored.
   uint16_t queue = 0;
   bool value_is_queue = false;
+
+  // A modern queue's own notify address.
+  static NotifyTarget Mmio(uint64_t addr, uint16_t device_id, uint16_t queue) {
+    return {Space::kMmio, addr, device_id, queue, false};
+  }
+  // A legacy device's notify port (the value written is the queue).
+  static NotifyTarget LegacyPio(uint64_t port, uint16_t device_id) {
+    return {Space::kPio, port, device_id, 0, true};
+  }
 };
 
 struct ExitCount {

@@ -92,23 +92,6 @@ void RunIo(HostProbes& p, uint32_t tgid, Space space, uint64_t addr, uint64_t va
   }
 }
 
-NotifyTarget Mmio(uint64_t addr, uint16_t device, uint16_t queue) {
-  NotifyTarget t;
-  t.space = Space::kMmio;
-  t.addr = addr;
-  t.device_id = device;
-  t.queue = queue;
-  return t;
-}
-
-NotifyTarget LegacyPio(uint16_t port, uint16_t device) {
-  NotifyTarget t;
-  t.space = Space::kPio;
-  t.addr = port;
-  t.device_id = device;
-  t.value_is_queue = true;
-  return t;
-}
 
 TEST(HostProbesBpfTest, CountsExitsPerVmVcpuIsaReason) {
   VKICK_PROBES_OR_SKIP(p, NothingAttached());
@@ -132,8 +115,8 @@ TEST(HostProbesBpfTest, MatchesNotifiesPerQueueAndCountsTheRestPerVm) {
   VKICK_PROBES_OR_SKIP(p, NothingAttached());
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 3).ok());
   ASSERT_TRUE(p->TrackProcess(kFakeTgid3, 4).ok());
-  const NotifyTarget targets[] = {Mmio(0xfe003000, 1, 0), Mmio(0xfe003004, 1, 1),
-                                  LegacyPio(0xc050, 2)};
+  const NotifyTarget targets[] = {NotifyTarget::Mmio(0xfe003000, 1, 0), NotifyTarget::Mmio(0xfe003004, 1, 1),
+                                  NotifyTarget::LegacyPio(0xc050, 2)};
   ASSERT_TRUE(p->SetNotifyTargets(3, targets).ok());
 
   RunIo(*p, kFakeTgid1, Space::kMmio, 0xfe003000, 0, 4);   // modern q0 (value ignored)
@@ -164,11 +147,11 @@ TEST(HostProbesBpfTest, SetNotifyTargetsReplacesTheVmsTargetsOnly) {
   VKICK_PROBES_OR_SKIP(p, NothingAttached());
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 1).ok());
   ASSERT_TRUE(p->TrackProcess(kFakeTgid3, 2).ok());
-  const NotifyTarget old_targets[] = {Mmio(0x1000, 1, 0)};
+  const NotifyTarget old_targets[] = {NotifyTarget::Mmio(0x1000, 1, 0)};
   ASSERT_TRUE(p->SetNotifyTargets(1, old_targets).ok());
   ASSERT_TRUE(p->SetNotifyTargets(2, old_targets).ok());
   // The guest moved the BAR: VM 1's target is now 0x2000.
-  const NotifyTarget new_targets[] = {Mmio(0x2000, 1, 0)};
+  const NotifyTarget new_targets[] = {NotifyTarget::Mmio(0x2000, 1, 0)};
   ASSERT_TRUE(p->SetNotifyTargets(1, new_targets).ok());
   RunIo(*p, kFakeTgid1, Space::kMmio, 0x1000, 0, 2);  // stale: unmatched
   RunIo(*p, kFakeTgid1, Space::kMmio, 0x2000, 0, 3);
@@ -199,7 +182,7 @@ TEST(HostProbesBpfTest, UntrackStopsCountingAndDropsTheVmsCounters) {
   VKICK_PROBES_OR_SKIP(p, NothingAttached());
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 1).ok());
   ASSERT_TRUE(p->TrackProcess(kFakeTgid3, 2).ok());
-  const NotifyTarget targets[] = {Mmio(0x1000, 1, 0)};
+  const NotifyTarget targets[] = {NotifyTarget::Mmio(0x1000, 1, 0)};
   ASSERT_TRUE(p->SetNotifyTargets(1, targets).ok());
   ASSERT_TRUE(p->SetNotifyTargets(2, targets).ok());
   RunIo(*p, kFakeTgid1, Space::kMmio, 0x1000, 0, 2);
@@ -241,7 +224,7 @@ TEST(HostProbesBpfTest, MapFullIsCountedNotSilent) {
     ASSERT_EQ(bpf_map_update_elem(fd, &k, zeros.data(), BPF_NOEXIST), 0) << "entry " << i;
   }
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 1).ok());
-  const NotifyTarget targets[] = {Mmio(0x1000, 1, 0), LegacyPio(0xc050, 2)};
+  const NotifyTarget targets[] = {NotifyTarget::Mmio(0x1000, 1, 0), NotifyTarget::LegacyPio(0xc050, 2)};
   ASSERT_TRUE(p->SetNotifyTargets(1, targets).ok());
   // What counts in the hash: a legacy value beyond the target's slots.
   RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, VKICK_TARGET_SLOTS, 3);
@@ -280,10 +263,10 @@ TEST(HostProbesBpfTest, MapsAreSizedFromTheCapacityAndAFullNotifyMapRefusesAWhol
 
   // 15 VMs x 2 targets fit; a VM with 3 does not, and has none installed.
   for (uint32_t vm = 1; vm <= 15; ++vm) {
-    const NotifyTarget t[] = {Mmio(vm << 12, 1, 0), Mmio((vm << 12) + 4, 1, 1)};
+    const NotifyTarget t[] = {NotifyTarget::Mmio(vm << 12, 1, 0), NotifyTarget::Mmio((vm << 12) + 4, 1, 1)};
     ASSERT_TRUE(p->SetNotifyTargets(vm, t).ok()) << vm;
   }
-  const NotifyTarget big[] = {Mmio(0x100000, 1, 0), Mmio(0x100004, 1, 1), Mmio(0x100008, 1, 2)};
+  const NotifyTarget big[] = {NotifyTarget::Mmio(0x100000, 1, 0), NotifyTarget::Mmio(0x100004, 1, 1), NotifyTarget::Mmio(0x100008, 1, 2)};
   absl::Status s = p->SetNotifyTargets(16, big);
   EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 16).ok());
@@ -307,7 +290,7 @@ TEST(HostProbesBpfTest, UntrackAndRetrackCountExactlyAndAReusedSlotStartsAtZero)
   o.capacity = {1, 3, 1};
   VKICK_PROBES_OR_SKIP(p, o);
   ASSERT_EQ(MapSizesFor(o.capacity).queue_counts, uint32_t{VKICK_TARGET_SLOTS});
-  const NotifyTarget legacy[] = {LegacyPio(0xc050, 2)};
+  const NotifyTarget legacy[] = {NotifyTarget::LegacyPio(0xc050, 2)};
 
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 1).ok());
   ASSERT_TRUE(p->SetNotifyTargets(1, legacy).ok());
@@ -372,7 +355,7 @@ TEST(HostProbesBpfTest, TheTgidBitmapLetsTrackedProcessesThroughOnly) {
   ASSERT_TRUE(p->TrackProcess(kTgid, 5).ok());
   EXPECT_EQ(bit(kTgid), 1u);
   EXPECT_EQ(bit(kNeighbour), 0u);
-  const NotifyTarget targets[] = {Mmio(0xfe000000, 1, 0)};
+  const NotifyTarget targets[] = {NotifyTarget::Mmio(0xfe000000, 1, 0)};
   ASSERT_TRUE(p->SetNotifyTargets(5, targets).ok());
   RunIo(*p, kTgid, Space::kMmio, 0xfe000000, 0, 4);
   RunIo(*p, kTgid, Space::kMmio, 0xfe001000, 0, 1);  // unmatched, still the VM's
@@ -406,11 +389,11 @@ TEST(HostProbesBpfTest, AFullSlotTableRefusesAWholeVm) {
   EXPECT_EQ(MaxEntries(*p, "queue_counts"), 48u);
   // Legacy-only devices take VKICK_TARGET_SLOTS slots for one key each.
   for (uint32_t vm = 1; vm <= 48 / VKICK_TARGET_SLOTS; ++vm) {
-    const NotifyTarget t[] = {LegacyPio(static_cast<uint16_t>(0xc000 + 0x40 * vm), 1)};
+    const NotifyTarget t[] = {NotifyTarget::LegacyPio(static_cast<uint16_t>(0xc000 + 0x40 * vm), 1)};
     ASSERT_TRUE(p->SetNotifyTargets(vm, t).ok()) << vm;
   }
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 13).ok());
-  const NotifyTarget t13[] = {LegacyPio(0xd000, 1)};
+  const NotifyTarget t13[] = {NotifyTarget::LegacyPio(0xd000, 1)};
   absl::Status s = p->SetNotifyTargets(13, t13);
   EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("counter slots full"));
@@ -435,7 +418,7 @@ TEST(HostProbesBpfTest, AFullSlotTableRefusesAWholeVm) {
 TEST(HostProbesBpfTest, AQueueCountedInItsSlotAndInTheHashIsOneEntry) {
   VKICK_PROBES_OR_SKIP(p, NothingAttached());
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 3).ok());
-  const NotifyTarget targets[] = {Mmio(0xfe003014, 1, 5), LegacyPio(0xc050, 1)};
+  const NotifyTarget targets[] = {NotifyTarget::Mmio(0xfe003014, 1, 5), NotifyTarget::LegacyPio(0xc050, 1)};
   ASSERT_TRUE(p->SetNotifyTargets(3, targets).ok());
   RunIo(*p, kFakeTgid1, Space::kMmio, 0xfe003014, 0, 4);
   RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 5, 3);
@@ -494,7 +477,7 @@ TEST(HostProbesBpfTest, ForcedClassicAttachesTheTracepointFallbackAndCountsTheSa
   EXPECT_EQ(p->kvm_flavour(), "classic");
   // The shared counting code runs the same under either flavour.
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 3).ok());
-  const NotifyTarget t[] = {LegacyPio(0xc050, 2)};
+  const NotifyTarget t[] = {NotifyTarget::LegacyPio(0xc050, 2)};
   ASSERT_TRUE(p->SetNotifyTargets(3, t).ok());
   RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 1, 2);
   auto c = p->ReadCounters();
@@ -625,7 +608,7 @@ TEST(HostProbesBpfTest, BatchedReadCountersEqualsTheKeyWalkOverManyChunks) {
   FillCounters(*p, 700, 1500);  // several 256-key chunks each
   // And counts made by the programs, in every map ReadCounters reads.
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 3).ok());
-  const NotifyTarget targets[] = {Mmio(0xfe003000, 1, 0), LegacyPio(0xc050, 2)};
+  const NotifyTarget targets[] = {NotifyTarget::Mmio(0xfe003000, 1, 0), NotifyTarget::LegacyPio(0xc050, 2)};
   ASSERT_TRUE(p->SetNotifyTargets(3, targets).ok());
   RunIo(*p, kFakeTgid1, Space::kMmio, 0xfe003000, 0, 4);
   RunIo(*p, kFakeTgid1, Space::kPio, 0xc050, 1, 2);
@@ -722,8 +705,8 @@ TEST(HostProbesBpfTest, MapReaderReadsEveryEntryWithAnyChunkSize) {
 TEST(HostProbesBpfTest, ReadNotificationTotalsReadsTheQueuesAskedOnly) {
   VKICK_PROBES_OR_SKIP(p, NothingAttached());
   ASSERT_TRUE(p->TrackProcess(kFakeTgid1, 3).ok());
-  const NotifyTarget targets[] = {Mmio(0xfe003000, 1, 0), Mmio(0xfe003004, 1, 1),
-                                  LegacyPio(0xc050, 2)};
+  const NotifyTarget targets[] = {NotifyTarget::Mmio(0xfe003000, 1, 0), NotifyTarget::Mmio(0xfe003004, 1, 1),
+                                  NotifyTarget::LegacyPio(0xc050, 2)};
   ASSERT_TRUE(p->SetNotifyTargets(3, targets).ok());
   RunIo(*p, kFakeTgid1, Space::kMmio, 0xfe003000, 0, 4);  // {3, 1, 0}
   RunIo(*p, kFakeTgid1, Space::kMmio, 0xfe003004, 0, 2);  // {3, 1, 1}: not asked

@@ -110,24 +110,11 @@ class FakeSlots : public CounterSlotOps {
 std::vector<NotifyTarget> Queues(uint64_t base, int n, uint16_t device = 1, int first = 0) {
   std::vector<NotifyTarget> out;
   for (int q = first; q < first + n; ++q) {
-    NotifyTarget t;
-    t.space = Space::kMmio;
-    t.addr = base + 4 * q;
-    t.device_id = device;
-    t.queue = static_cast<uint16_t>(q);
-    out.push_back(t);
+    out.push_back(NotifyTarget::Mmio(base + 4 * q, device, static_cast<uint16_t>(q)));
   }
   return out;
 }
 
-NotifyTarget Legacy(uint64_t port, uint16_t device) {
-  NotifyTarget t;
-  t.space = Space::kPio;
-  t.addr = port;
-  t.device_id = device;
-  t.value_is_queue = true;
-  return t;
-}
 
 // The VMM process of VM `vm` in these tests.
 constexpr uint32_t Pid(uint32_t vm) { return 100000 + vm; }
@@ -303,8 +290,8 @@ TEST(NotifyTargetTableTest, ModernQueuesGetASlotEachLegacyTargetsShareThem) {
   ASSERT_TRUE(table.Track(Pid(1), 1).ok());
   // Device 1 transitional (modern q0..q5 + legacy port), device 2 legacy only.
   std::vector<NotifyTarget> t = Queues(0x1000, 6, 1);
-  t.push_back(Legacy(0xc000, 1));
-  t.push_back(Legacy(0xc040, 2));
+  t.push_back(NotifyTarget::LegacyPio(0xc000, 1));
+  t.push_back(NotifyTarget::LegacyPio(0xc040, 2));
   ASSERT_TRUE(table.Set(1, t).ok());
   EXPECT_EQ(table.slots_used(), 6u + VKICK_TARGET_SLOTS);
   std::set<uint32_t> distinct;
