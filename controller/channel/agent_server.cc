@@ -1,17 +1,20 @@
 #include "controller/channel/agent_server.h"
 
 #include <algorithm>
+#include <climits>
 
 #include <errno.h>
-#include <poll.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/clock.h"
+#include "common/errno_status.h"
 #include "common/unix_listener.h"
 
 namespace vkick {
@@ -19,10 +22,29 @@ namespace {
 
 int64_t MonoNs() { return static_cast<int64_t>(MonotonicNowNs()); }
 
+// epoll data of the wake eventfd and of the listener; connection ids count
+// up from 1 and never reach them.
+constexpr uint64_t kWakeTag = ~uint64_t{0};
+constexpr uint64_t kListenTag = ~uint64_t{0} - 1;
+
+bool Watch(int ep, int fd, uint64_t tag) {
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP;
+  ev.data.u64 = tag;
+  return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<AgentServer>> AgentServer::Start(AgentServerOptions options) {
   std::unique_ptr<AgentServer> s(new AgentServer(std::move(options)));
+  s->epoll_.Reset(epoll_create1(EPOLL_CLOEXEC));
+  if (!s->epoll_.valid()) return ErrnoStatus(errno, "epoll_create1");
+  s->wake_.Reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!s->wake_.valid()) return ErrnoStatus(errno, "eventfd");
+  if (!Watch(s->epoll_.get(), s->wake_.get(), kWakeTag)) {
+    return ErrnoStatus(errno, "epoll_ctl(eventfd)");
+  }
   if (!s->options_.socket_path.empty()) {
     UnixListenOptions lo;
     lo.mode = static_cast<mode_t>(s->options_.socket_mode);
@@ -31,11 +53,14 @@ absl::StatusOr<std::unique_ptr<AgentServer>> AgentServer::Start(AgentServerOptio
     absl::StatusOr<UniqueFd> fd = ListenUnix(s->options_.socket_path, lo);
     if (!fd.ok()) return fd.status();
     s->listen_fd_ = fd->Release();
+    if (!Watch(s->epoll_.get(), s->listen_fd_, kListenTag)) {
+      return ErrnoStatus(errno, "epoll_ctl(--agent-socket)");
+    }
     absl::MutexLock l(&s->mu_);
     s->stats_[s->options_.vm].vm = s->options_.vm;
   }
   AgentServer* raw = s.get();
-  s->accept_thread_ = std::thread([raw] { raw->AcceptLoop(); });
+  s->loop_thread_ = std::thread([raw] { raw->Loop(); });
   return s;
 }
 
@@ -43,8 +68,9 @@ AgentServer::~AgentServer() { Stop(); }
 
 void AgentServer::Stop() {
   if (stop_.exchange(true)) return;
-  if (accept_thread_.joinable()) accept_thread_.join();
-  Reap(/*all=*/true);
+  Wake();
+  if (loop_thread_.joinable()) loop_thread_.join();
+  CloseAll();
   if (listen_fd_ >= 0) {
     close(listen_fd_);
     unlink(options_.socket_path.c_str());
@@ -52,37 +78,53 @@ void AgentServer::Stop() {
   }
 }
 
-void AgentServer::AcceptLoop() {
+void AgentServer::Wake() {
+  const uint64_t one = 1;
+  // Best effort: a full counter (never in practice) still wakes the loop.
+  (void)!write(wake_.get(), &one, sizeof one);
+}
+
+void AgentServer::Loop() {
+  epoll_event evs[64];
   while (!stop_) {
-    if (listen_fd_ < 0) {  // VM channels only: just reap
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      Reap(/*all=*/false);
-      continue;
+    const int n = epoll_wait(epoll_.get(), evs, 64, ExpireHellos(MonoNs()));
+    for (int i = 0; i < n && !stop_; ++i) {
+      const uint64_t tag = evs[i].data.u64;
+      if (tag == kWakeTag) {
+        uint64_t count;
+        (void)!read(wake_.get(), &count, sizeof count);
+      } else if (tag == kListenTag) {
+        Accept();
+      } else {
+        OnReadable(tag);
+      }
     }
-    pollfd p{listen_fd_, POLLIN, 0};
-    int n = poll(&p, 1, 200);
-    Reap(/*all=*/false);
-    if (n <= 0) continue;
-    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
-    ucred cr{};
-    socklen_t len = sizeof cr;
-    const bool known = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) == 0;
-    absl::MutexLock l(&mu_);
-    // A peer that cannot be told apart cannot be limited: refused.
-    std::optional<AgentRefusal> why = known ? HostRefusal(cr.uid) : AgentRefusal::kPeerLimit;
-    if (why) {
-      close(fd);
-      NoteRefusal(*why, known ? absl::StrCat("uid ", cr.uid, ", pid ", cr.pid) : "no SO_PEERCRED");
-      continue;
-    }
-    StartConn(fd, options_.vm, options_.devices, "", cr);
+    CloseKicked();
   }
 }
 
+void AgentServer::Accept() {
+  // One per readiness: the listener is level-triggered, so a backlog brings
+  // the loop straight back, between other connections' reads.
+  int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd < 0) return;
+  ucred cr{};
+  socklen_t len = sizeof cr;
+  const bool known = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) == 0;
+  absl::MutexLock l(&mu_);
+  // A peer that cannot be told apart cannot be limited: refused.
+  std::optional<AgentRefusal> why = known ? HostRefusal(cr.uid) : AgentRefusal::kPeerLimit;
+  if (why) {
+    close(fd);
+    NoteRefusal(*why, known ? absl::StrCat("uid ", cr.uid, ", pid ", cr.pid) : "no SO_PEERCRED");
+    return;
+  }
+  Conn* c = StartConn(fd, options_.vm, options_.devices, "", cr);
+  if (c != nullptr) SetDeadline(c, MonoNs() + absl::ToInt64Nanoseconds(options_.hello_timeout));
+}
 std::optional<AgentRefusal> AgentServer::HostRefusal(uid_t uid) const {
   size_t open = 0, pending = 0;
-  for (const auto& c : conns_) {
+  for (const auto& [id, c] : conns_) {
     if (c->done || !c->peer) continue;
     ++open;
     if (c->peer->uid == uid && !c->reports) ++pending;
@@ -106,14 +148,26 @@ void AgentServer::NoteRefusal(AgentRefusal why, const std::string& detail) {
   refusal_log_ns_[i] = now;
 }
 
-void AgentServer::StartConn(int fd, std::string vm, std::vector<ChannelDevice> devices,
-                            std::string tag, std::optional<ucred> peer) {
+AgentServer::Conn* AgentServer::StartConn(int fd, std::string vm,
+                                          std::vector<ChannelDevice> devices, std::string tag,
+                                          std::optional<ucred> peer) {
+  // Non-blocking: the one thread serving every connection must never wait
+  // on one of them (a spurious readiness would stall the rest).
+  const int flags = fcntl(fd, F_GETFL);
+  const uint64_t id = next_conn_id_++;
+  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0 || !Watch(epoll_.get(), fd, id)) {
+    const int err = errno;
+    Log(absl::StrCat("agent channel ", tag.empty() ? options_.socket_path : tag,
+                     ": cannot serve the connection (errno ", err, ")"));
+    close(fd);
+    return nullptr;
+  }
   AgentChannelStats& st = stats_[vm];
   st.vm = vm;
   ++st.connections_total;
   auto c = std::make_unique<Conn>();
   c->fd = fd;
-  c->id = next_conn_id_++;
+  c->id = id;
   c->vm = std::move(vm);
   c->tag = std::move(tag);
   c->peer = peer;
@@ -124,8 +178,8 @@ void AgentServer::StartConn(int fd, std::string vm, std::vector<ChannelDevice> d
   c->session = std::make_unique<AgentSession>(
       options_.guard, std::move(devices), MonoNs(),
       [this, raw](const ChannelDevice& d) { return Claim(raw, d); });
-  c->thread = std::thread([this, raw] { ReadLoop(raw); });
-  conns_.push_back(std::move(c));
+  conns_[id] = std::move(c);
+  return raw;
 }
 
 absl::Status AgentServer::AddConnection(int fd, std::string vm, std::vector<ChannelDevice> devices,
@@ -136,7 +190,7 @@ absl::Status AgentServer::AddConnection(int fd, std::string vm, std::vector<Chan
     return absl::UnavailableError("vkickd is stopping");
   }
   size_t open = 0;
-  for (const auto& c : conns_)
+  for (const auto& [id, c] : conns_)
     if (!c->done && !c->peer) ++open;
   if (open >= options_.max_vm_channels) {
     close(fd);
@@ -144,14 +198,16 @@ absl::Status AgentServer::AddConnection(int fd, std::string vm, std::vector<Chan
     return absl::ResourceExhaustedError(
         absl::StrCat(open, " VM channels are open, the most this vkickd serves"));
   }
-  StartConn(fd, std::move(vm), std::move(devices), std::move(tag), std::nullopt);
+  if (StartConn(fd, std::move(vm), std::move(devices), std::move(tag), std::nullopt) == nullptr) {
+    return absl::InternalError("cannot add the connection to the agent server's epoll set");
+  }
   return absl::OkStatus();
 }
 
 std::set<std::string> AgentServer::LiveTags() const {
   std::set<std::string> out;
   absl::MutexLock l(&mu_);
-  for (const auto& c : conns_)
+  for (const auto& [id, c] : conns_)
     if (!c->done && !c->tag.empty()) out.insert(c->tag);
   return out;
 }
@@ -208,67 +264,113 @@ bool AgentServer::Feed(Conn* c, const uint8_t* buf, ssize_t n, bool& dropped) {
   return keep;
 }
 
-void AgentServer::ReadLoop(Conn* c) {
+AgentServer::Conn* AgentServer::Find(uint64_t id) const {
+  absl::MutexLock l(&mu_);
+  auto it = conns_.find(id);
+  return it == conns_.end() ? nullptr : it->second.get();
+}
+
+void AgentServer::OnReadable(uint64_t id) {
+  Conn* c = Find(id);
+  if (c == nullptr) return;  // closed earlier in this batch
+  // One read per readiness (level-triggered): a busy agent cannot starve
+  // the others.
   uint8_t buf[4096];
-  bool hello = false;
+  const ssize_t r = read(c->fd, buf, sizeof buf);
+  if (r < 0 && (errno == EINTR || errno == EAGAIN)) return;
+  const bool reported = c->reports;
   bool dropped = false;
-  // Since when it has reported on nothing (connected, or said bye).
-  int64_t idle_since = MonoNs();
-  const int64_t deadline_ns = absl::ToInt64Nanoseconds(options_.hello_timeout);
-  while (!stop_) {
-    // Only --agent-socket connections: a VM channel is one per VM, and its
-    // guest's agent may start long after vkickd connected.
-    if (c->peer && !c->reports && MonoNs() - idle_since >= deadline_ns) {
+  const bool keep = Feed(c, buf, r, dropped);
+  // Only --agent-socket connections have a hello deadline: a VM channel is
+  // one per VM, and its guest's agent may start long after vkickd connected.
+  // A bye restarts it: the agent must announce again.
+  if (c->peer && reported != c->reports) {
+    SetDeadline(c, c->reports ? 0 : MonoNs() + absl::ToInt64Nanoseconds(options_.hello_timeout));
+  }
+  NoteHello(c);
+  if (!keep) Close(c, dropped);
+}
+
+void AgentServer::NoteHello(Conn* c) {
+  bool now_hello;
+  {
+    absl::MutexLock l(&c->mu);
+    now_hello = c->session->hello_seen();
+  }
+  if (!now_hello || c->hello) return;
+  c->hello = true;
+  Log(absl::StrCat("agent channel ", Name(*c), ": hello accepted (vm ", c->vm, ")"));
+  if (options_.on_hello) options_.on_hello();
+}
+
+void AgentServer::SetDeadline(Conn* c, int64_t ns) {
+  if (c->deadline_ns != 0) deadlines_.erase({c->deadline_ns, c->id});
+  c->deadline_ns = ns;
+  if (ns != 0) deadlines_.emplace(ns, c->id);
+}
+
+int AgentServer::ExpireHellos(int64_t now) {
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    Conn* c = Find(deadlines_.begin()->second);
+    if (c == nullptr) {  // cannot happen (Close clears it): do not spin on it
+      deadlines_.erase(deadlines_.begin());
+      continue;
+    }
+    {
       absl::MutexLock l(&mu_);
       NoteRefusal(AgentRefusal::kHelloTimeout,
                   absl::StrCat("uid ", c->peer->uid, ", pid ", c->peer->pid,
                                ": no hello naming a device it owns within ",
                                absl::FormatDuration(options_.hello_timeout)));
-      break;
     }
-    pollfd p{c->fd, POLLIN, 0};
-    int n = poll(&p, 1, 200);
-    if (n < 0 && errno != EINTR) break;
-    if (n <= 0) continue;
-    ssize_t r = read(c->fd, buf, sizeof buf);
-    if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    const bool reported = c->reports;
-    const bool keep = Feed(c, buf, r, dropped);
-    if (reported && !c->reports) idle_since = MonoNs();  // a bye: it must announce again
-    bool now_hello;
-    {
-      absl::MutexLock l(&c->mu);
-      now_hello = c->session->hello_seen();
-    }
-    if (now_hello && !hello) {
-      hello = true;
-      Log(absl::StrCat("agent channel ", Name(*c), ": hello accepted (vm ", c->vm, ")"));
-      if (options_.on_hello) options_.on_hello();
-    }
-    if (!keep) break;
+    Close(c, /*dropped=*/false);
   }
-  if (dropped) Log(absl::StrCat("agent channel ", Name(*c), ": connection dropped by the guard (vm ",
-                                c->vm, ")"));
-  Release(*c);
-  shutdown(c->fd, SHUT_RDWR);
-  c->done = true;
+  if (deadlines_.empty()) return -1;  // nothing is due: sleep until an event
+  // Rounded up: waking a little early would spin until the deadline.
+  const int64_t ms = (deadlines_.begin()->first - now + 999'999) / 1'000'000;
+  return static_cast<int>(std::min<int64_t>(ms, INT_MAX));
 }
 
-void AgentServer::Reap(bool all) {
-  std::vector<std::unique_ptr<Conn>> dead;
+void AgentServer::CloseKicked() {
+  std::vector<uint64_t> ids;
   {
     absl::MutexLock l(&mu_);
-    for (auto it = conns_.begin(); it != conns_.end();) {
-      if (all || (*it)->done) {
-        dead.push_back(std::move(*it));
-        it = conns_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    ids.swap(kicked_);
   }
-  for (auto& c : dead) {
-    if (c->thread.joinable()) c->thread.join();  // `stop_` or done: returns promptly
+  for (uint64_t id : ids) {
+    Conn* c = Find(id);
+    if (c == nullptr) continue;  // its EOF (Send shut it down) closed it already
+    bool dropped = false;
+    Feed(c, nullptr, 0, dropped);  // as if the peer had closed
+    Close(c, /*dropped=*/false);
+  }
+}
+
+void AgentServer::Close(Conn* c, bool dropped) {
+  if (dropped) Log(absl::StrCat("agent channel ", Name(*c), ": connection dropped by the guard (vm ",
+                                c->vm, ")"));
+  c->done = true;
+  Release(*c);
+  SetDeadline(c, 0);
+  epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c->fd, nullptr);
+  std::unique_ptr<Conn> gone;
+  {
+    absl::MutexLock l(&mu_);  // Send() writes under it: it no longer sees the fd
+    auto it = conns_.find(c->id);
+    gone = std::move(it->second);
+    conns_.erase(it);
+  }
+  close(gone->fd);
+}
+
+void AgentServer::CloseAll() {
+  std::map<uint64_t, std::unique_ptr<Conn>> all;
+  {
+    absl::MutexLock l(&mu_);
+    all.swap(conns_);
+  }
+  for (auto& [id, c] : all) {
+    Release(*c);
     close(c->fd);
   }
 }
@@ -276,7 +378,7 @@ void AgentServer::Reap(bool all) {
 AgentServer::Collected AgentServer::Collect() {
   Collected out;
   absl::MutexLock l(&mu_);
-  for (auto& c : conns_) {
+  for (auto& [cid, c] : conns_) {
     if (c->done) continue;
     absl::MutexLock cl(&c->mu);
     if (!c->session->hello_seen()) continue;
@@ -301,30 +403,38 @@ AgentServer::Collected AgentServer::Collect() {
 }
 
 void AgentServer::Send(const std::vector<PolicyOut>& policies) {
-  absl::MutexLock l(&mu_);
-  for (auto& c : conns_) {
-    if (c->done) continue;
-    std::vector<uint8_t> frame;
-    {
-      absl::MutexLock cl(&c->mu);
-      if (!c->session->hello_seen()) continue;
-      frame = c->session->EncodePolicies(policies);
-    }
-    if (frame.empty()) continue;
-    ssize_t w = send(c->fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-    if (w != static_cast<ssize_t>(frame.size())) {
-      // Not read by the agent (or closed): drop rather than queue.
-      ++stats_[c->vm].dropped_total;
-      shutdown(c->fd, SHUT_RDWR);
+  bool kicked = false;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [id, c] : conns_) {
+      if (c->done) continue;
+      std::vector<uint8_t> frame;
+      {
+        absl::MutexLock cl(&c->mu);
+        if (!c->session->hello_seen()) continue;
+        frame = c->session->EncodePolicies(policies);
+      }
+      if (frame.empty()) continue;
+      ssize_t w = send(c->fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (w != static_cast<ssize_t>(frame.size())) {
+        // Not read by the agent (or closed): drop rather than queue. The
+        // loop owns the connection's end, so it is told to close it.
+        ++stats_[c->vm].dropped_total;
+        shutdown(c->fd, SHUT_RDWR);
+        c->done = true;
+        kicked_.push_back(id);
+        kicked = true;
+      }
     }
   }
+  if (kicked) Wake();
 }
 
 std::vector<AgentChannelStats> AgentServer::AllStats() const {
   absl::MutexLock l(&mu_);
   std::map<std::string, AgentChannelStats> all = stats_;
   for (auto& [vm, st] : all) st.connected = 0;
-  for (const auto& c : conns_) {
+  for (const auto& [id, c] : conns_) {
     if (c->done) continue;
     absl::MutexLock cl(&c->mu);
     if (c->session->hello_seen()) ++all[c->vm].connected;

@@ -2,8 +2,10 @@
 // (vhost-user frontends such as vkick-blk) have their agent connect to
 // --agent-socket, a unix socket vkickd listens on (mode 0660); every such
 // connection is matched against the --vhost-user declarations. Each
-// connection gets one reader thread and an AgentSession; the control loop
-// collects samples/acks and sends policies through Collect()/Send().
+// connection gets an AgentSession; one thread serves the listener and every
+// connection with epoll (a thread per connection cost 1000 threads at 1000
+// VMs); the control loop collects samples/acks and sends policies through
+// Collect()/Send().
 //
 // Bounded, and nothing a peer can hold: --agent-socket connections have
 // their own cap (max_connections), of which one uid may hold at most
@@ -38,6 +40,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/unique_fd.h"
 #include "controller/channel/agent_session.h"
 #include "controller/loop/loop_snapshot.h"
 
@@ -62,10 +65,10 @@ struct AgentServerOptions {
   // to the VMs it can attach.
   size_t max_vm_channels = 64;
   std::function<void(const std::string&)> log;
-  // Called (from a reader thread) when an agent's hello was accepted, so the
+  // Called (from the server's thread) when an agent's hello was accepted, so the
   // loop can send its policy at once instead of at the next interval.
   std::function<void()> on_hello;
-  // Called (from a reader thread, with that connection's lock held) when
+  // Called (from the server's thread, with that connection's lock held) when
   // samples arrived: the host-counted notification totals of those queues
   // (only), right now; queues the probes do not cover are left out. Stamped
   // on the samples (Collected::host_at_sample). Must not call back into the
@@ -130,8 +133,10 @@ class AgentServer {
     std::atomic<bool> reports{false};       // AgentSession::reports()
     std::unique_ptr<AgentSession> session;  // guarded by mu
     absl::Mutex mu;
-    std::atomic<bool> done{false};
-    std::thread thread;
+    std::atomic<bool> done{false};          // Send() failed: the loop closes it
+    // The server's thread only:
+    bool hello = false;                     // hello logged, on_hello called
+    int64_t deadline_ns = 0;                // hello deadline (deadlines_); 0: none
   };
   // Who reports on a device, and the claimant last refused (logged once).
   struct Owner {
@@ -140,14 +145,25 @@ class AgentServer {
     std::string last_refused;
   };
   explicit AgentServer(AgentServerOptions options) : options_(std::move(options)) {}
-  void AcceptLoop();
-  void ReadLoop(Conn* c);
+  void Loop();
+  void Wake();
+  void Accept();
+  void OnReadable(uint64_t id);
   // Feeds `n` bytes (0: the peer closed) under the connection's lock; false:
   // the connection ends. `dropped`: by the guard.
   bool Feed(Conn* c, const uint8_t* buf, ssize_t n, bool& dropped);
-  void Reap(bool all);
-  void StartConn(int fd, std::string vm, std::vector<ChannelDevice> devices, std::string tag,
-                 std::optional<ucred> peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void NoteHello(Conn* c);
+  // Closes the --agent-socket connections past their hello deadline; the
+  // epoll_wait timeout until the next deadline (-1: none).
+  int ExpireHellos(int64_t now);
+  void SetDeadline(Conn* c, int64_t ns);
+  void CloseKicked();
+  void Close(Conn* c, bool dropped);
+  void CloseAll();
+  Conn* Find(uint64_t id) const;
+  // Registers `fd` with the loop; nullptr (fd closed) if it cannot.
+  Conn* StartConn(int fd, std::string vm, std::vector<ChannelDevice> devices, std::string tag,
+                  std::optional<ucred> peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Why a new --agent-socket connection from `uid` is refused, if it is.
   std::optional<AgentRefusal> HostRefusal(uid_t uid) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Counts a refusal; logs a line per reason at most once a minute.
@@ -163,11 +179,18 @@ class AgentServer {
 
   const AgentServerOptions options_;
   int listen_fd_ = -1;
+  UniqueFd epoll_;
+  UniqueFd wake_;  // eventfd: Stop() and Send()'s failures wake the loop
   std::atomic<bool> stop_{false};
-  std::thread accept_thread_;
+  std::thread loop_thread_;
+  // Pending hello deadlines (ns, connection id): the server's thread only.
+  std::set<std::pair<int64_t, uint64_t>> deadlines_;
   uint64_t next_conn_id_ ABSL_GUARDED_BY(mu_) = 1;
   mutable absl::Mutex mu_;
-  std::vector<std::unique_ptr<Conn>> conns_ ABSL_GUARDED_BY(mu_);
+  // By id. Only the server's thread erases (Stop() once it has ended), so it
+  // may use a Conn* without mu_ held.
+  std::map<uint64_t, std::unique_ptr<Conn>> conns_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> kicked_ ABSL_GUARDED_BY(mu_);  // Send() failed: to close
   std::map<std::string, AgentChannelStats> stats_ ABSL_GUARDED_BY(mu_);  // by vm
   std::array<uint64_t, kAgentRefusalCount> refused_ ABSL_GUARDED_BY(mu_){};
   std::array<uint64_t, kAgentRefusalCount> refused_logged_ ABSL_GUARDED_BY(mu_){};

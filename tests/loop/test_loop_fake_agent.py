@@ -233,7 +233,8 @@ def main():
             os.chmod(admin, 0o666)  # let connect() through: SO_PEERCRED must refuse
             r = ctl(admin, "status", check=False, user=nobody)
             assert r.returncode == 2 and "permission denied" in r.stderr, r
-            assert vk.metrics().value("vkick_admin_requests_refused_total") == 1
+            assert vk.metrics().value("vkick_admin_requests_refused_total",
+                                      reason="peer_credentials") == 1
 
         # Still healthy, and the metrics are promtool-clean if promtool exists.
         assert vk.metrics().value("vkick_build_info") is not None

@@ -8,6 +8,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
+#include <iterator>
 #include <set>
 #include <thread>
 
@@ -675,6 +677,40 @@ TEST(AgentServerTest, AVmChannelMapsOnlyItsOwnVmsDevices) {
   EXPECT_TRUE(c.connected_queues.empty());
   EXPECT_TRUE(c.samples.empty());
   close(sv[1]);
+}
+
+size_t ThreadsOfThisProcess() {
+  namespace fs = std::filesystem;
+  return static_cast<size_t>(
+      std::distance(fs::directory_iterator("/proc/self/task"), fs::directory_iterator{}));
+}
+
+// At 1000 VMs a reader thread per connection cost 1000 threads and 200 ms
+// polls: every connection is served by the server's one thread, each still
+// its own session, and Stop() closes them all at once.
+TEST(AgentServerTest, ManyVmChannelsShareOneThread) {
+  const size_t before = ThreadsOfThisProcess();
+  AgentServerOptions o;
+  auto srv = AgentServer::Start(o);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  std::vector<int> peers;
+  for (int i = 0; i < 20; ++i) {
+    int sv[2];
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    const std::string vm = "vm" + std::to_string(i);
+    ASSERT_TRUE((*srv)->AddConnection(sv[0], vm, {VmDisk(vm)}, "virtio-serial /" + vm).ok());
+    auto bytes = Enc(VmHello());
+    ASSERT_EQ(write(sv[1], bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    peers.push_back(sv[1]);
+  }
+  ASSERT_TRUE(WaitFor([&] { return (*srv)->Collect().connected_queues.size() == 40; }));
+  EXPECT_EQ(ThreadsOfThisProcess(), before + 1);
+  EXPECT_EQ((*srv)->LiveTags().size(), 20u);
+  (*srv)->Stop();
+  for (int fd : peers) {
+    EXPECT_TRUE(ClosedByServer(fd));
+    close(fd);
+  }
 }
 
 // Issue 12, item 4: only queues that exist can be announced. A VM disk's
