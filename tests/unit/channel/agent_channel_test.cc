@@ -307,16 +307,30 @@ bool WaitFor(F f, int ms = 3000) {
   return f();
 }
 
-TEST(AgentServerTest, SocketRoundTripAndHostileClient) {
+// A host listener on a fresh temp dir for the "vhost-user" VM's Devices(),
+// counting hellos. A test may change `o` before it calls Start().
+class AgentServerHostTest : public ::testing::Test {
+ protected:
+  AgentServerHostTest() {
+    o.socket_path = dir.path() + "/agent.sock";
+    o.vm = "vhost-user";
+    o.devices = Devices();
+    o.on_hello = [this] { ++hellos; };
+  }
+
+  absl::Status Start() {
+    srv = AgentServer::Start(o);
+    return srv.status();
+  }
+
   TempDir dir;
   AgentServerOptions o;
-  o.socket_path = dir.path() + "/agent.sock";
-  o.vm = "vhost-user";
-  o.devices = Devices();
   std::atomic<int> hellos{0};
-  o.on_hello = [&] { ++hellos; };
-  auto srv = AgentServer::Start(o);
-  ASSERT_TRUE(srv.ok()) << srv.status();
+  absl::StatusOr<std::unique_ptr<AgentServer>> srv;
+};
+
+TEST_F(AgentServerHostTest, SocketRoundTripAndHostileClient) {
+  ASSERT_TRUE(Start().ok()) << srv.status();
   struct stat st;
   ASSERT_EQ(stat(o.socket_path.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0660u);
@@ -486,17 +500,9 @@ std::vector<uint8_t> Cat(std::vector<uint8_t> a, const std::vector<uint8_t>& b) 
 // never a hello) held every slot; a real agent got no policy. One user's
 // connections that have not said hello are capped, so the agent's gets in
 // at once (well before any deadline).
-TEST(AgentServerTest, IdleConnectionsOfAnotherUserLeaveARealAgentItsSlot) {
-  TempDir dir;
+TEST_F(AgentServerHostTest, IdleConnectionsOfAnotherUserLeaveARealAgentItsSlot) {
   ASSERT_EQ(chmod(dir.path().c_str(), 0750), 0);  // the socket's group reaches it
-  AgentServerOptions o;
-  o.socket_path = dir.path() + "/agent.sock";
-  o.vm = "vhost-user";
-  o.devices = Devices();
-  std::atomic<int> hellos{0};
-  o.on_hello = [&] { ++hellos; };
-  auto srv = AgentServer::Start(o);
-  ASSERT_TRUE(srv.ok()) << srv.status();
+  ASSERT_TRUE(Start().ok()) << srv.status();
   Peer idle(o.socket_path, 9, {'V'}, /*uid=*/65534);
   ASSERT_EQ(idle.connected(), 9);
   const size_t peer_limit = static_cast<size_t>(AgentRefusal::kPeerLimit);
@@ -515,16 +521,8 @@ TEST(AgentServerTest, IdleConnectionsOfAnotherUserLeaveARealAgentItsSlot) {
 
 // Issue 12, item 1: the same user's idle connections are closed at the
 // hello deadline (2 s by default), so they hold nothing for long.
-TEST(AgentServerTest, ConnectionsWithoutAHelloAreClosedAtTheDeadline) {
-  TempDir dir;
-  AgentServerOptions o;
-  o.socket_path = dir.path() + "/agent.sock";
-  o.vm = "vhost-user";
-  o.devices = Devices();
-  std::atomic<int> hellos{0};
-  o.on_hello = [&] { ++hellos; };
-  auto srv = AgentServer::Start(o);
-  ASSERT_TRUE(srv.ok()) << srv.status();
+TEST_F(AgentServerHostTest, ConnectionsWithoutAHelloAreClosedAtTheDeadline) {
+  ASSERT_TRUE(Start().ok()) << srv.status();
   std::vector<int> idle;
   for (int i = 0; i < 9; ++i) {
     int fd = Connect(o.socket_path);
@@ -571,16 +569,10 @@ ChannelDevice VmDisk(const std::string& vm) {
 
 // Issue 12, item 1: VM channels (connections vkickd opens to a VM's
 // chardev) shared the host listener's cap: a full listener refused them.
-TEST(AgentServerTest, AFullHostListenerDoesNotRefuseVmChannels) {
-  TempDir dir;
-  AgentServerOptions o;
-  o.socket_path = dir.path() + "/agent.sock";
-  o.vm = "vhost-user";
-  o.devices = Devices();
+TEST_F(AgentServerHostTest, AFullHostListenerDoesNotRefuseVmChannels) {
   o.max_connections = 2;
   o.max_vm_channels = 1;
-  auto srv = AgentServer::Start(o);
-  ASSERT_TRUE(srv.ok()) << srv.status();
+  ASSERT_TRUE(Start().ok()) << srv.status();
   int a = Connect(o.socket_path), b = Connect(o.socket_path);
   ASSERT_GE(a, 0);
   ASSERT_GE(b, 0);
@@ -610,16 +602,8 @@ TEST(AgentServerTest, AFullHostListenerDoesNotRefuseVmChannels) {
 // owns it while connected; another's announcement of it is rejected (its
 // samples never reach the loop) and, once the owner is gone, a new process
 // may register it.
-TEST(AgentServerTest, ASecondProcessCannotTakeOverARegisteredDevice) {
-  TempDir dir;
-  AgentServerOptions o;
-  o.socket_path = dir.path() + "/agent.sock";
-  o.vm = "vhost-user";
-  o.devices = Devices();
-  std::atomic<int> hellos{0};
-  o.on_hello = [&] { ++hellos; };
-  auto srv = AgentServer::Start(o);
-  ASSERT_TRUE(srv.ok()) << srv.status();
+TEST_F(AgentServerHostTest, ASecondProcessCannotTakeOverARegisteredDevice) {
+  ASSERT_TRUE(Start().ok()) << srv.status();
   int owner = Connect(o.socket_path);
   ASSERT_GE(owner, 0);
   auto h = Enc(MakeHello());
