@@ -208,7 +208,7 @@ def case_adaptive(tmp):
               f"late agent: mapped {j['control_maps']}x, {j['policy_changes']} policy changes, batching")
         check(j["kicks_by_why"]["immediate"] > 0, "late agent: immediate fallback before it")
         # 2. Rewritten every 50 ms during a verify run; removed and recreated.
-        p = subprocess.Popen([BLK, "--socket", q.sock, "--run-dir", tmp, "--rw=verify", "--verify_size=96m",
+        p = subprocess.Popen([BLK, "--socket", q.sock, "--run-dir", tmp, "--rw=verify", "--verify_size=160m",
                               "--qd=64", "--queues=2", "--policy=adaptive", "--control", cbp, "--json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         cycle = [("static", 16, 50_000), ("event-idx", 1, 0), ("immediate", 1, 0), ("static", 4, 10_000),
@@ -216,12 +216,12 @@ def case_adaptive(tmp):
         i = 0
         while p.poll() is None and i < 200:
             m, b, t = cycle[i % len(cycle)]
-            # Removed for 250 ms (> 2 re-check periods of 100 ms), then recreated.
+            # Removed for 500 ms (5 re-check periods of 100 ms), then recreated.
             if i == 10:
                 cw.remove()
-            elif i == 15:
+            elif i == 20:
                 cw.create(m, b, t)
-            elif not 10 < i < 15:
+            elif not 10 < i < 20:
                 cw.update(m, b, t)
             i += 1
             time.sleep(0.05)
@@ -229,9 +229,12 @@ def case_adaptive(tmp):
         check(p.returncode == 0, f"live switch verify: exit 0 ({err.strip()[:200]})")
         j = json.loads(out.strip().splitlines()[-1])
         sound(j, "live switch verify")
-        check(i > 16, f"live switch: run long enough for {i} control block writes")
+        check(i > 21, f"live switch: run long enough for {i} control block writes")
         check(j["policy_changes"] >= 4, f"live switch: {j['policy_changes']} policy changes seen")
-        check(j["control_unmaps"] >= 1 and j["control_maps"] >= 2,
+        # Each of the 2 queues maps the recreated block (a new inode): 2 + 2.
+        # Seeing it absent (an unmap) needs the watcher to run inside the
+        # window, which a loaded CI host does not promise: not asserted.
+        check(j["control_maps"] >= 4,
               f"live switch: removed/recreated block followed (maps {j['control_maps']}, unmaps {j['control_unmaps']})")
     finally:
         q.kill()
