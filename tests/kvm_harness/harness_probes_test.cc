@@ -45,20 +45,7 @@ class HarnessProbesTest : public ::testing::Test {
   }
 
   absl::Status Track(pid_t pid) {
-    absl::Status s = probes_->TrackProcess(pid, kVmId);
-    if (!s.ok()) return s;
-    NotifyTarget mmio;
-    mmio.space = NotifyTarget::Space::kMmio;
-    mmio.addr = kMmioAddr;
-    mmio.device_id = 1;
-    mmio.queue = 0;
-    NotifyTarget pio;
-    pio.space = NotifyTarget::Space::kPio;
-    pio.addr = kPioPort;
-    pio.device_id = 2;
-    pio.value_is_queue = true;
-    const NotifyTarget targets[] = {mmio, pio};
-    return probes_->SetNotifyTargets(kVmId, targets);
+    return testing::TrackHarness(*probes_, pid, kVmId, kMmioAddr, kPioPort);
   }
 
   // {device, queue} -> count, and {space} -> unmatched, for kVmId.

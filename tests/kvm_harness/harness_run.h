@@ -14,10 +14,21 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "controller/probes/probe_backend.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
 namespace vkick::testing {
+
+// Tracks the harness process `pid` as `vm_id` with its two notify targets:
+// the MMIO address (device 1, queue 0) and the legacy PIO port (device 2).
+inline absl::Status TrackHarness(ProbeBackend& probes, pid_t pid, uint32_t vm_id,
+                                 uint64_t mmio_addr, uint16_t pio_port) {
+  if (absl::Status s = probes.TrackProcess(pid, vm_id); !s.ok()) return s;
+  const NotifyTarget targets[] = {NotifyTarget::Mmio(mmio_addr, 1, 0),
+                                  NotifyTarget::LegacyPio(pio_port, 2)};
+  return probes.SetNotifyTargets(vm_id, targets);
+}
 
 struct HarnessRun {
   int wait_status = -1;

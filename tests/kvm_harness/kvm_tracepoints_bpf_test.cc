@@ -49,18 +49,7 @@ class KvmTracepointsBpfTest : public ::testing::TestWithParam<KvmTracepoints> {
   }
 
   absl::Status Track(pid_t pid) {
-    if (absl::Status s = probes_->TrackProcess(pid, kVmId); !s.ok()) return s;
-    NotifyTarget mmio;
-    mmio.space = NotifyTarget::Space::kMmio;
-    mmio.addr = kMmioAddr;
-    mmio.device_id = 1;
-    NotifyTarget pio;
-    pio.space = NotifyTarget::Space::kPio;
-    pio.addr = kPioPort;
-    pio.device_id = 2;
-    pio.value_is_queue = true;
-    const NotifyTarget targets[] = {mmio, pio};
-    return probes_->SetNotifyTargets(kVmId, targets);
+    return testing::TrackHarness(*probes_, pid, kVmId, kMmioAddr, kPioPort);
   }
 
   Matched Counted(uint64_t* unmatched) {

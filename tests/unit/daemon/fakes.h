@@ -330,12 +330,7 @@ inline VmInfo TwoDiskVm(std::string name, uint32_t pid, uint64_t bar = 0xfe00000
   modern.num_queues = 2;
   modern.modern = true;
   for (uint16_t q = 0; q < 2; ++q) {
-    NotifyTarget t;
-    t.space = NotifyTarget::Space::kMmio;
-    t.addr = bar + 0x3000 + 4 * q;
-    t.device_id = 1;
-    t.queue = q;
-    modern.notify_targets.push_back(t);
+    modern.notify_targets.push_back(NotifyTarget::Mmio(bar + 0x3000 + 4 * q, 1, q));
   }
   VirtioDeviceInfo legacy;
   legacy.label = "disk1";
@@ -343,12 +338,7 @@ inline VmInfo TwoDiskVm(std::string name, uint32_t pid, uint64_t bar = 0xfe00000
   legacy.device_id = 2;
   legacy.num_queues = 1;
   legacy.legacy = true;
-  NotifyTarget t;
-  t.space = NotifyTarget::Space::kPio;
-  t.addr = 0xc040 + 16;
-  t.device_id = 2;
-  t.value_is_queue = true;
-  legacy.notify_targets.push_back(t);
+  legacy.notify_targets.push_back(NotifyTarget::LegacyPio(0xc040 + 16, 2));
   vm.devices = {modern, legacy};
   return vm;
 }
