@@ -137,7 +137,8 @@ def main():
             os.path.join(bindir, "vkickd"), "--listen=" + args.listen,
             "--agent-socket=" + agent_sock, "--vhost-user-kicks", "--vhost-user=disk0=" + sock,
             "--state-dir=" + os.path.join(tmp, "state"), "--admin-socket=" + admin,
-            "--default-policy=adaptive", "--control-interval=1s", "--lease=5s"], tmp)
+            "--default-policy=adaptive", "--control-interval=1s", "--lease=5s",
+            "--pin-dir="], tmp)  # a demo keeps nothing across runs
         procs.append(vkickd)
         wait_for(lambda: http_ok("http://%s/healthz" % args.listen) or not vkickd.alive(), 20,
                  "vkickd /healthz")

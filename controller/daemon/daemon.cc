@@ -156,7 +156,7 @@ class Daemon::Attachment : public ScheduledTask {
     if (!cur_) return;
     d_.RetireVm(index_, cur_->tracked);
     d_.SetConnected(index_, false);
-    if (cur_->tracked) {
+    if (cur_->tracked && !d_.KeepTrackedOnStop()) {
       uint32_t pid = cur_->pid, vm_id = cur_->vm_id;
       absl::Status s =
           d_.ProbeCall([&](ProbeBackend& p) { return p.UntrackProcess(pid, vm_id); });
@@ -266,7 +266,7 @@ class Daemon::Attachment : public ScheduledTask {
     bool fresh = !cur_.has_value();
     if (fresh) {
       cur_.emplace();
-      cur_->vm_id = d_.NextVmId();
+      cur_->vm_id = d_.ClaimVmId(info.pid);
       cur_->pid = info.pid;
     }
     cur_->name = info.name;
@@ -463,6 +463,16 @@ absl::Status Daemon::Start() {
       AttachmentScheduler::Create(options_.discovery_workers);
   if (!sched.ok()) return sched.status();
   scheduler_ = *std::move(sched);
+  if (probes_ != nullptr) {
+    AdoptedVms a = probes_->adopted_vms();
+    next_vm_id_ = std::max<uint32_t>(next_vm_id_, a.next_vm_id);
+    absl::MutexLock l(&adopt_mu_);
+    adopted_ = std::move(a.vm_of_pid);
+    // Every attachment asks its VM at once and then every refresh_interval:
+    // two intervals give each one a full retry (a QMP socket busy at our
+    // start) before its VM's counts are dropped as nobody's.
+    adopt_until_ = absl::Now() + 2 * options_.refresh_interval;
+  }
   running_ = true;
   StartVhostUser();
   for (const std::string& p : options_.qmp_paths) AddPath(p, /*arrived=*/false);
@@ -560,6 +570,35 @@ void Daemon::StartVhostUser() {
   }
   absl::MutexLock l(&registry_mu_);
   vhost_vm_ = std::move(vm);
+}
+
+uint32_t Daemon::ClaimVmId(uint32_t pid) {
+  {
+    absl::MutexLock l(&adopt_mu_);
+    if (auto it = adopted_.find(pid); it != adopted_.end()) {
+      const uint32_t vm_id = it->second;
+      adopted_.erase(it);
+      return vm_id;
+    }
+  }
+  return NextVmId();  // above every adopted id (Start)
+}
+
+void Daemon::DropUnclaimed() {
+  std::map<uint32_t, uint32_t> unclaimed;
+  {
+    absl::MutexLock l(&adopt_mu_);
+    if (adopted_.empty() || absl::Now() < adopt_until_) return;
+    unclaimed.swap(adopted_);
+  }
+  for (const auto& [pid, vm_id] : unclaimed) {
+    absl::Status s = ProbeCall([&](ProbeBackend& p) { return p.UntrackProcess(pid, vm_id); });
+    Log(absl::StrFormat("pid %d (vm_id %d, adopted from the pinned maps) was claimed by no VM "
+                        "within %s: its counts are dropped%s",
+                        pid, vm_id, absl::FormatDuration(2 * options_.refresh_interval),
+                        s.ok() ? "" : absl::StrCat(" (", s.ToString(), ")")));
+    if (s.ok()) FreedRoom();
+  }
 }
 
 void Daemon::Stop() {
@@ -710,6 +749,7 @@ std::shared_ptr<const DaemonSnapshot> Daemon::Latest() const {
 }
 
 std::shared_ptr<const DaemonSnapshot> Daemon::Tick() {
+  DropUnclaimed();
   auto snap = std::make_shared<DaemonSnapshot>();
   snap->probes_enabled = probes_ != nullptr;
   absl::MutexLock b(&backend_mu_);

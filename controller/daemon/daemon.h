@@ -177,6 +177,17 @@ class Daemon {
   // Probe-control helpers: run `call` under backend_mu_, count failures.
   absl::Status ProbeCall(const std::function<absl::Status(ProbeBackend&)>& call);
   uint32_t NextVmId() { return next_vm_id_.fetch_add(1); }
+  // The vm_id for the VM whose process is `pid`: its adopted one (the probes
+  // kept counting it across our restart), else a new one.
+  uint32_t ClaimVmId(uint32_t pid) ABSL_LOCKS_EXCLUDED(adopt_mu_);
+  // Adopted VMs no attachment claimed within the grace: dropped (their
+  // counts freed).
+  void DropUnclaimed() ABSL_LOCKS_EXCLUDED(adopt_mu_, backend_mu_);
+  // A clean stop with pinned probes leaves the VMs tracked for the next
+  // vkickd to adopt: a restart loses no count.
+  bool KeepTrackedOnStop() const {
+    return !running_ && probes_ != nullptr && probes_->keeps_counts_across_restart();
+  }
 
   // Room in the probe maps: moves whenever a VM gave keys back (untracked,
   // fewer targets). A VM a full map refused waits for it to move.
@@ -209,6 +220,11 @@ class Daemon {
   ProbeBackend* const probes_;
   const DiscoveryFactory factory_;
   std::atomic<uint32_t> next_vm_id_{1};
+  // pid -> vm_id the probes adopted (ProbeBackend::adopted_vms), until an
+  // attachment claims it or adopt_until_ passes.
+  absl::Mutex adopt_mu_ ABSL_ACQUIRED_BEFORE(backend_mu_);
+  std::map<uint32_t, uint32_t> adopted_ ABSL_GUARDED_BY(adopt_mu_);
+  absl::Time adopt_until_ ABSL_GUARDED_BY(adopt_mu_) = absl::InfinitePast();
   // prometheus::Histogram is internally synchronised.
   prometheus::Histogram discovery_duration_;
 

@@ -107,6 +107,14 @@ ABSL_FLAG(std::string, kvm_tracepoints, "auto",
           "auto | tp_btf | classic: the kvm programs' flavour. auto: BTF raw tracepoints "
           "(called directly, cheapest) where the kernel's BTF has them, else the classic "
           "tracepoints; tp_btf: fail without the BTF; classic: force the fallback.");
+ABSL_FLAG(std::string, pin_dir, "/sys/fs/bpf/vkick",
+          "bpffs directory where the probe maps and the kvm programs' links are pinned, so "
+          "nothing is lost across a vkickd restart: the programs keep counting while vkickd is "
+          "down (also after kill -9) and the next vkickd continues every VM's counters under "
+          "the same vm_id. Incompatible pins (other --max-* capacities, another map layout "
+          "after an upgrade) are discarded, logged, and counting starts from zero. Empty: "
+          "nothing pinned, counts start at 0 at each start. Remove for good: stop vkickd, "
+          "rm -r the directory (docs/operations.md).");
 
 #ifndef VKICK_VERSION
 #define VKICK_VERSION "unknown"
@@ -240,7 +248,8 @@ int main(int argc, char** argv) {
   std::unique_ptr<vkick::ProbeBackend> probes;
   std::string probes_described;
   if (!absl::GetFlag(FLAGS_no_probes)) {
-    auto p = vkick::CreateHostProbes(capacity, *kvm_tracepoints, &probes_described);
+    auto p = vkick::CreateHostProbes(capacity, *kvm_tracepoints,
+                                      absl::GetFlag(FLAGS_pin_dir), &probes_described);
     if (!p.ok()) {
       std::string why = p.status().ToString();
       if (geteuid() != 0) {

@@ -26,15 +26,18 @@ namespace vkick {
 
 absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(const ProbeCapacity& capacity,
                                                                KvmTracepoints kvm,
+                                                               const std::string& pin_dir,
                                                                std::string* described) {
   HostProbes::Options o;
   o.attach_vhost_user = false;
   o.kvm_tracepoints = kvm;
   o.capacity = capacity;
+  o.pin_dir = pin_dir;
   absl::StatusOr<std::unique_ptr<HostProbes>> p = HostProbes::Create(o);
   if (!p.ok()) return p.status();
   *described = absl::StrCat("kvm tracepoints ", (*p)->kvm_flavour(), ", maps for ",
-                            DescribeCapacity(capacity));
+                            DescribeCapacity(capacity), "; ",
+                            pin_dir.empty() ? "nothing pinned (--pin-dir=)" : (*p)->pin_state());
   return std::unique_ptr<ProbeBackend>(std::move(*p));
 }
 

@@ -27,6 +27,7 @@ namespace vkick {
 // start-up log.
 absl::StatusOr<std::unique_ptr<ProbeBackend>> CreateHostProbes(const ProbeCapacity& capacity,
                                                                KvmTracepoints kvm,
+                                                               const std::string& pin_dir,
                                                                std::string* described);
 
 // Connects to a QEMU QMP socket; every QMP exchange bounded by `timeout`.

@@ -4,12 +4,15 @@
 #include <bpf/btf.h>
 #include <bpf/libbpf.h>
 
+#include <dirent.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <map>
 #include <optional>
+#include <set>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -142,6 +145,21 @@ absl::StatusOr<KvmTracepoints> ParseKvmTracepoints(absl::string_view s) {
 
 absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Create(Options options) {
   if (absl::Status s = ValidateProbeCapacity(options.capacity); !s.ok()) return s;
+  absl::StatusOr<std::unique_ptr<HostProbes>> p = LoadAnyFlavour(options);
+  if (p.ok() || options.pin_dir.empty() || !absl::IsDataLoss(p.status())) return p;
+  // The pinned maps fit this object but contradict each other (Relearn):
+  // nothing of them can be trusted, so none is reused.
+  const std::string why = p.status().ToString();
+  if (absl::Status s = RemovePins(PinPaths{options.pin_dir}); !s.ok()) return s;
+  p = LoadAnyFlavour(options);
+  if (p.ok()) {
+    (*p)->pin_state_ = absl::StrCat("discarded every pin in ", options.pin_dir,
+                                    " and started from zero: ", why);
+  }
+  return p;
+}
+
+absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::LoadAnyFlavour(const Options& options) {
   absl::StatusOr<std::unique_ptr<HostProbes>> p = Load(options, options.kvm_tracepoints);
   if (p.ok() || options.kvm_tracepoints != KvmTracepoints::kAuto) return p;
   // A kernel whose BTF has the tracepoints may still refuse the tp_btf
@@ -157,8 +175,13 @@ absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Load(const Options& opti
   host_probes* skel = host_probes__open();
   if (skel == nullptr) return ProbeErrnoStatus(errno, "opening the host_probes BPF object");
   std::unique_ptr<HostProbes> probes(new HostProbes(skel));
+  probes->pins_.dir = options.pin_dir;
+  while (probes->pins_.dir.size() > 1 && probes->pins_.dir.back() == '/') probes->pins_.dir.pop_back();
   if (absl::Status s = probes->SizeMaps(options.capacity); !s.ok()) return s;
   if (absl::Status s = probes->ChooseKvmPrograms(kvm); !s.ok()) return s;
+  if (!options.pin_dir.empty()) {
+    if (absl::Status s = probes->PinMaps(); !s.ok()) return s;
+  }
   int err = host_probes__load(skel);
   if (err != 0) {
     return ProbeErrnoStatus(err, absl::StrCat("loading the host_probes BPF programs, maps sized ",
@@ -176,6 +199,9 @@ absl::StatusOr<std::unique_ptr<HostProbes>> HostProbes::Load(const Options& opti
   probes->notify_ = std::make_unique<NotifyTargetTable>(
       probes->notify_map_.get(), bpf_map__max_entries(skel->maps.notify), probes->slots_.get(),
       bpf_map__max_entries(skel->maps.queue_counts));
+  if (probes->maps_reused_) {
+    if (absl::Status s = probes->Relearn(); !s.ok()) return s;
+  }
   absl::Status s = probes->Attach(options);
   if (!s.ok()) return s;
   return probes;
@@ -250,8 +276,14 @@ absl::Status HostProbes::Attach(const Options& options) {
   if (options.attach_exits) progs.push_back(skel_->progs.tp_kvm_exit);
   if (options.attach_notifications) progs.insert(progs.end(), kvm_progs_.begin(), kvm_progs_.begin() + 3);
   if (options.attach_interrupts) progs.push_back(kvm_progs_[3]);
+  std::set<std::string> names;
   for (bpf_program* prog : progs) {
-    if (absl::Status s = AttachOne(prog, &links_); !s.ok()) return s;
+    names.insert(bpf_program__name(prog));
+    absl::Status s = pins_.dir.empty() ? AttachOne(prog, &links_) : AttachPinned(prog);
+    if (!s.ok()) return s;
+  }
+  if (!pins_.dir.empty()) {
+    if (absl::Status s = UnpinStrayLinks(names); !s.ok()) return s;
   }
   return options.attach_vhost_user ? SetKickSyscalls(true) : absl::OkStatus();
 }
@@ -273,6 +305,198 @@ absl::Status HostProbes::SetKickSyscalls(bool attached) {
   return absl::OkStatus();
 }
 
+// The maps every program shares (not .rodata/.bss: per object, the
+// programs' own), each at <dir>/maps/<name>; libbpf reuses a pinned one at
+// the load and pins the ones it creates. All or none: a map that does not
+// fit (capacity flags, a struct changed by an upgrade), or a partial set,
+// discards every pin, so no VM is half re-learned.
+absl::Status HostProbes::PinMaps() {
+  if (absl::Status s = MakePinDirs(pins_); !s.ok()) return s;
+  const btf* obj_btf = bpf_object__btf(skel_->obj);
+  std::vector<bpf_map*> maps;
+  std::string why;
+  size_t pinned = 0;
+  bpf_map* map;
+  bpf_object__for_each_map(map, skel_->obj) {
+    if (bpf_map__is_internal(map)) continue;
+    maps.push_back(map);
+    absl::StatusOr<std::string> m = PinnedMapMismatch(map, obj_btf, pins_.map(bpf_map__name(map)));
+    if (absl::IsNotFound(m.status())) continue;
+    if (!m.ok()) return m.status();
+    ++pinned;
+    if (why.empty()) why = *m;
+  }
+  if (pinned > 0 && pinned < maps.size() && why.empty()) {
+    why = absl::StrCat("only ", pinned, " of the ", maps.size(), " maps are pinned");
+  }
+  if (!why.empty()) {
+    if (absl::Status s = RemovePins(pins_); !s.ok()) return s;
+    pin_state_ = absl::StrCat("discarded every pin in ", pins_.dir,
+                              " (its counts are lost) and started from zero: ", why);
+  } else if (pinned == 0) {
+    pin_state_ = absl::StrCat("pinned new maps in ", pins_.dir);
+  } else {
+    maps_reused_ = true;
+    pin_state_ = absl::StrCat("reused the pinned maps in ", pins_.dir);
+  }
+  for (bpf_map* m : maps) {
+    if (int err = bpf_map__set_pin_path(m, pins_.map(bpf_map__name(m)).c_str()); err != 0) {
+      return ProbeErrnoStatus(err, absl::StrCat("setting the pin path of map ", bpf_map__name(m)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::set<uint32_t> HostProbes::MapIds() const {
+  std::set<uint32_t> ids;
+  bpf_map* map;
+  bpf_object__for_each_map(map, skel_->obj) {
+    if (absl::StatusOr<uint32_t> id = MapIdOf(bpf_map__fd(map)); id.ok()) ids.insert(*id);
+  }
+  return ids;
+}
+
+// A pinned link whose program is this code over these maps is kept: it
+// has counted all along, and attaching a second copy would count every
+// event twice. Any other (other code after an upgrade, or maps started
+// afresh) is detached first and the new one attached after, so in the
+// microseconds between, events of that tracepoint are lost, never counted
+// twice: the counters stay a lower bound.
+absl::Status HostProbes::AttachPinned(bpf_program* prog) {
+  const std::string path = pins_.link(bpf_program__name(prog));
+  bpf_link* old = access(path.c_str(), F_OK) == 0 ? bpf_link__open(path.c_str()) : nullptr;
+  if (old != nullptr) {
+    absl::StatusOr<std::string> why =
+        maps_reused_ ? PinnedLinkMismatch(bpf_link__fd(old), bpf_program__fd(prog), MapIds())
+                     : std::string("the maps were not reused");
+    if (why.ok() && why->empty()) {
+      links_.push_back({old, prog});
+      return absl::OkStatus();
+    }
+    bpf_link__unpin(old);
+    bpf_link__destroy(old);  // our fd was its last holder: detached
+    absl::StrAppend(&pin_state_, "; replaced pinned link ", bpf_program__name(prog), ": ",
+                    why.ok() ? *why : why.status().ToString());
+  } else {
+    unlink(path.c_str());  // none, or not a link: a stranger's pin in our directory
+  }
+  if (absl::Status s = AttachOne(prog, &links_); !s.ok()) return s;
+  if (int err = bpf_link__pin(links_.back().link, path.c_str()); err != 0) {
+    return ProbeErrnoStatus(err, absl::StrCat("pinning the link of ", bpf_program__name(prog),
+                                              " at ", path));
+  }
+  return absl::OkStatus();
+}
+
+// Links pinned for programs this object does not attach (the other kvm
+// flavour, a group switched off, an older version's program): unpinned,
+// which detaches them (no one else holds them).
+absl::Status HostProbes::UnpinStrayLinks(const std::set<std::string>& wanted) {
+  DIR* d = opendir(pins_.links().c_str());
+  if (d == nullptr) return ProbeErrnoStatus(errno, absl::StrCat("listing ", pins_.links()));
+  std::vector<std::string> stray;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] != '.' && !wanted.contains(e->d_name)) stray.push_back(e->d_name);
+  }
+  closedir(d);
+  for (const std::string& name : stray) {
+    if (unlink(pins_.link(name.c_str()).c_str()) != 0 && errno != ENOENT) {
+      return ProbeErrnoStatus(errno, absl::StrCat("unpinning stray link ", name));
+    }
+    absl::StrAppend(&pin_state_, "; detached pinned link ", name, " (not attached any more)");
+  }
+  return absl::OkStatus();
+}
+
+// Rebuilds from the reused maps what only the previous vkickd's memory
+// held: the notify table (vm_ids, counter slots) and the VM processes to
+// adopt. Processes gone meanwhile are dropped now, counts and all.
+absl::Status HostProbes::Relearn() {
+  const int nfd = bpf_map__fd(skel_->maps.notify);
+  std::vector<NotifyTargetTable::Entry> entries;
+  absl::Status s = ForEachKey<vkick_notify_key>(nfd, "notify", [&](const vkick_notify_key& k) {
+    NotifyTargetTable::Entry e{k, {}};
+    if (bpf_map_lookup_elem(nfd, &k, &e.target) == 0) entries.push_back(e);
+  });
+  if (!s.ok()) return s;
+  if (s = notify_->Adopt(entries); !s.ok()) return s;
+  const int tfd = bpf_map__fd(skel_->maps.tracked);
+  std::map<uint32_t, uint32_t> tracked;
+  s = ForEachKey<uint32_t>(tfd, "tracked", [&](uint32_t tgid) {
+    if (uint32_t vm = 0; bpf_map_lookup_elem(tfd, &tgid, &vm) == 0) tracked[tgid] = vm;
+  });
+  if (!s.ok()) return s;
+  std::set<uint32_t> frontends, frontend_vms;
+  const int ffd = bpf_map__fd(skel_->maps.frontends);
+  s = ForEachKey<uint32_t>(ffd, "frontends", [&](uint32_t tgid) {
+    frontends.insert(tgid);
+    if (vkick_frontend_value v{}; bpf_map_lookup_elem(ffd, &tgid, &v) == 0) {
+      frontend_vms.insert(v.vm_id);
+    }
+  });
+  const int pfd = bpf_map__fd(skel_->maps.vhost_paths);
+  s.Update(ForEachKey<vkick_path_key>(pfd, "vhost_paths", [&](const vkick_path_key& k) {
+    if (vkick_frontend_value v{}; bpf_map_lookup_elem(pfd, &k, &v) == 0) {
+      frontend_vms.insert(v.vm_id);
+    }
+  }));
+  if (!s.ok()) return s;
+  uint32_t max_id = 0;
+  AdoptedVms adopted;
+  for (const auto& [tgid, vm] : tracked) {
+    max_id = std::max(max_id, vm);
+    if (!frontends.contains(tgid)) adopted.vm_of_pid[tgid] = vm;
+  }
+  for (const auto& [tgid, vm] : notify_->processes()) {
+    max_id = std::max(max_id, vm);
+    auto it = adopted.vm_of_pid.emplace(tgid, vm).first;
+    if (it->second != vm) {
+      return absl::DataLossError(absl::StrCat("pid ", tgid, " is tracked as vm_id ", it->second,
+                                              " but has notify keys of vm_id ", vm));
+    }
+  }
+  for (uint32_t vm : frontend_vms) max_id = std::max(max_id, vm);
+  if (s = ForgetFrontends(frontends, frontend_vms); !s.ok()) return s;
+  size_t gone = 0;
+  for (auto it = adopted.vm_of_pid.begin(); it != adopted.vm_of_pid.end();) {
+    if (kill(static_cast<pid_t>(it->first), 0) == 0 || errno != ESRCH) {
+      ++it;
+      continue;
+    }
+    if (s = UntrackProcess(it->first, it->second); !s.ok()) return s;
+    it = adopted.vm_of_pid.erase(it);
+    ++gone;
+  }
+  adopted.next_vm_id = max_id + 1;
+  adopted_ = std::move(adopted);
+  absl::StrAppend(&pin_state_, ": ", adopted_.vm_of_pid.size(), " VM processes to adopt, ", gone,
+                  " gone since (dropped)", frontends.empty() ? "" : ", frontends forgotten");
+  return absl::OkStatus();
+}
+
+absl::Status HostProbes::ForgetFrontends(const std::set<uint32_t>& tgids,
+                                         const std::set<uint32_t>& vms) {
+  absl::Status status;
+  const int tfd = bpf_map__fd(skel_->maps.tracked);
+  const int ffd = bpf_map__fd(skel_->maps.frontends);
+  for (uint32_t tgid : tgids) {
+    bpf_map_delete_elem(tfd, &tgid);
+    bpf_map_delete_elem(ffd, &tgid);
+  }
+  const int pfd = bpf_map__fd(skel_->maps.vhost_paths);
+  status.Update(ForEachKey<vkick_path_key>(pfd, "vhost_paths", [&](const vkick_path_key& k) {
+    bpf_map_delete_elem(pfd, &k);
+  }));
+  for (uint32_t vm : vms) DropVmCounters(vm, &status);
+  for (bpf_map* map : {skel_->maps.kick_fds, skel_->maps.vhost_sock}) {
+    const int mfd = bpf_map__fd(map);
+    status.Update(ForEachKey<vkick_sock_key>(mfd, bpf_map__name(map), [&](const vkick_sock_key& k) {
+      if (tgids.contains(k.tgid)) bpf_map_delete_elem(mfd, &k);
+    }));
+  }
+  return status;
+}
+
 std::string HostProbes::kvm_flavour() const {
   size_t btf = 0;
   for (bpf_program* prog : kvm_progs_) {
@@ -291,9 +515,18 @@ std::vector<std::string> HostProbes::attached_programs() const {
 }
 
 HostProbes::~HostProbes() {
-  for (const auto* links : {&links_, &syscall_links_}) {
-    for (const Link& l : *links) bpf_link__destroy(l.link);
+  for (const Link& l : links_) {
+    if (!pins_.dir.empty()) {
+      // Pinned: it stays attached. Only our fd goes: libbpf's detach of a
+      // perf link (classic tracepoint) would also disable its perf event,
+      // which the pinned link keeps. (That event's own fd stays open in
+      // this process, inert once the link is gone: one per classic link.)
+      bpf_link__disconnect(l.link);
+      close(bpf_link__fd(l.link));
+    }
+    bpf_link__destroy(l.link);
   }
+  for (const Link& l : syscall_links_) bpf_link__destroy(l.link);
   host_probes__destroy(skel_);
 }
 
@@ -345,26 +578,32 @@ absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
     return ProbeErrnoStatus(errno, absl::StrCat("untracking pid ", tgid));
   }
   absl::Status status = notify_->Untrack(tgid);
-  auto drop_vm = [&](auto key_type, bpf_map* map, auto belongs) {
-    using Key = decltype(key_type);
-    int mfd = bpf_map__fd(map);
-    status.Update(ForEachKey<Key>(mfd, bpf_map__name(map), [&](const Key& k) {
-      if (belongs(k)) bpf_map_delete_elem(mfd, &k);
-    }));
-  };
-  auto by_vm = [vm_id](const auto& k) { return k.vm_id == vm_id; };
-  auto by_tgid = [tgid](const auto& k) { return k.tgid == tgid; };
-  drop_vm(vkick_exit_key{}, skel_->maps.exit_counts, by_vm);
-  drop_vm(vkick_queue_key{}, skel_->maps.notify_counts, by_vm);
-  drop_vm(vkick_unmatched_key{}, skel_->maps.unmatched_counts, by_vm);
-  drop_vm(vkick_irq_key{}, skel_->maps.irq_counts, by_vm);
+  DropVmCounters(vm_id, &status);
   status.Update(notify_->Drop(vm_id));  // its own keys and slots, known: no walk
-  drop_vm(vkick_sock_key{}, skel_->maps.kick_fds, by_tgid);
-  drop_vm(vkick_sock_key{}, skel_->maps.vhost_sock, by_tgid);
+  for (bpf_map* map : {skel_->maps.kick_fds, skel_->maps.vhost_sock}) {
+    const int mfd = bpf_map__fd(map);
+    status.Update(ForEachKey<vkick_sock_key>(mfd, bpf_map__name(map), [&](const vkick_sock_key& k) {
+      if (k.tgid == tgid) bpf_map_delete_elem(mfd, &k);
+    }));
+  }
   if (bpf_map_delete_elem(bpf_map__fd(skel_->maps.frontends), &tgid) != 0 && errno != ENOENT) {
     status.Update(ProbeErrnoStatus(errno, absl::StrCat("dropping frontend pid ", tgid)));
   }
   return status;
+}
+
+void HostProbes::DropVmCounters(uint32_t vm_id, absl::Status* status) {
+  auto drop = [&](auto key_type, bpf_map* map) {
+    using Key = decltype(key_type);
+    const int mfd = bpf_map__fd(map);
+    status->Update(ForEachKey<Key>(mfd, bpf_map__name(map), [&](const Key& k) {
+      if (k.vm_id == vm_id) bpf_map_delete_elem(mfd, &k);
+    }));
+  };
+  drop(vkick_exit_key{}, skel_->maps.exit_counts);
+  drop(vkick_queue_key{}, skel_->maps.notify_counts);
+  drop(vkick_unmatched_key{}, skel_->maps.unmatched_counts);
+  drop(vkick_irq_key{}, skel_->maps.irq_counts);
 }
 
 absl::Status HostProbes::SetNotifyTargets(uint32_t vm_id, absl::Span<const NotifyTarget> targets) {

@@ -1,7 +1,10 @@
 // HostProbes: the ProbeBackend over the libbpf skeleton of
 // bpf/host_probes.bpf.c. RAII: Create() opens, sizes the maps, chooses the
 // kvm programs' flavour (tp_btf or classic), loads and attaches; the
-// destructor detaches and frees everything (links, maps, programs).
+// destructor detaches and frees everything (links, maps, programs), except
+// what is pinned (Options::pin_dir): pinned maps and kvm links outlive the
+// object and the process, so counting goes on while vkickd is down and the
+// next HostProbes on the same pin dir continues the counts.
 //
 // Not thread-safe: callers serialise (vkickd calls it from one thread).
 #pragma once
@@ -9,6 +12,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -22,6 +26,7 @@
 #include "controller/probes/notify_table.h"
 #include "controller/probes/probe_backend.h"
 #include "controller/probes/probe_capacity.h"
+#include "controller/probes/probe_pins.h"
 
 struct host_probes;    // generated skeleton (host_probes.skel.h)
 struct bpf_link;
@@ -55,6 +60,15 @@ struct HostProbesOptions {
   bool attach_vhost_user = true;
   KvmTracepoints kvm_tracepoints = KvmTracepoints::kAuto;
   ProbeCapacity capacity;  // max_entries of the maps, set before the load
+  // A bpffs directory (vkickd's --pin-dir) for the maps (<dir>/maps/) and
+  // the kvm groups' links (<dir>/links/); empty: nothing pinned. Pinned
+  // maps compatible with this object are reused and the VMs in them
+  // adopted (adopted_vms()); else every pin is discarded (pin_state() says
+  // why) and all starts fresh. A pinned link whose program is this
+  // object's code over these maps is kept (not attached twice); any other
+  // is detached and replaced. The kick syscall group is never pinned: it
+  // is attached only while needed, so it detaches when vkickd dies.
+  std::string pin_dir;
 };
 
 class HostProbes final : public ProbeBackend {
@@ -73,6 +87,8 @@ class HostProbes final : public ProbeBackend {
   HostProbes& operator=(const HostProbes&) = delete;
 
   // ProbeBackend.
+  AdoptedVms adopted_vms() const override { return adopted_; }
+  bool keeps_counts_across_restart() const override { return !pins_.dir.empty(); }
   absl::Status TrackProcess(uint32_t tgid, uint32_t vm_id) override;
   absl::Status UntrackProcess(uint32_t tgid, uint32_t vm_id) override;
   absl::Status SetNotifyTargets(uint32_t vm_id, absl::Span<const NotifyTarget> targets) override;
@@ -96,6 +112,8 @@ class HostProbes final : public ProbeBackend {
   // "tp_btf", "classic", or "tp_btf+classic" when the BTF has only some;
   // auto mode's fallback says why tp_btf was refused.
   std::string kvm_flavour() const;
+  // With a pin dir: what was found there and done with it, for the log.
+  const std::string& pin_state() const { return pin_state_; }
   // The notify map's and the counter slots' occupancy, as vkickd (their
   // only writer) keeps it.
   const NotifyTargetTable& notify_targets() const { return *notify_; }
@@ -132,6 +150,21 @@ class HostProbes final : public ProbeBackend {
     bpf_program* prog;
   };
   absl::Status AttachOne(bpf_program* prog, std::vector<Link>* links);
+  // Pinning (probe_pins.h): before the load, the maps' pin paths (every pin
+  // discarded first if one does not fit); after it, the kvm links kept or
+  // replaced, and the tables re-learned from the reused maps.
+  absl::Status PinMaps();
+  absl::Status AttachPinned(bpf_program* prog);
+  absl::Status UnpinStrayLinks(const std::set<std::string>& wanted);
+  std::set<uint32_t> MapIds() const;
+  absl::Status Relearn();
+  // Frontends are not adopted (their vm_id is the --vhost-user pseudo-VM's,
+  // given anew at each start): their tracking and counts are dropped.
+  absl::Status ForgetFrontends(const std::set<uint32_t>& tgids, const std::set<uint32_t>& vms);
+  // Deletes the VM's keys of the counter hashes (exits, notify_counts,
+  // unmatched, interrupts); errors added to *status.
+  void DropVmCounters(uint32_t vm_id, absl::Status* status);
+  static absl::StatusOr<std::unique_ptr<HostProbes>> LoadAnyFlavour(const Options& options);
   absl::Status ReadErrors(ProbeErrors* errors);
   absl::Status TestRun(int prog_fd, const void* ctx, size_t size, absl::string_view what);
 
@@ -144,6 +177,10 @@ class HostProbes final : public ProbeBackend {
   std::unique_ptr<NotifyTargetTable> notify_;
   std::unique_ptr<MapReader> reader_;  // remembers whether the kernel batches
   std::string btf_refused_;  // auto mode fell back to classic: the tp_btf load's error
+  PinPaths pins_;             // dir empty: nothing pinned
+  bool maps_reused_ = false;  // pinned maps of a previous vkickd are ours now
+  std::string pin_state_;
+  AdoptedVms adopted_;
 };
 
 }  // namespace vkick

@@ -387,4 +387,85 @@ absl::Status NotifyTargetTable::Untrack(uint32_t tgid) {
   return status;
 }
 
+absl::Status NotifyTargetTable::ClaimSlot(uint32_t slot, const ProbeQueueId& q, Vm& vm) {
+  if (slot == VKICK_NO_SLOT) return absl::OkStatus();
+  const Queue queue{std::get<1>(q), std::get<2>(q)};
+  if (slot >= slot_capacity_) {
+    return absl::DataLossError(absl::StrCat("notify target names counter slot ", slot, ", beyond ",
+                                            "the ", slot_capacity_, " slots"));
+  }
+  if (slot >= owner_.size()) owner_.resize(slot + 1);
+  if (owner_[slot].has_value()) {
+    if (*owner_[slot] == q) return absl::OkStatus();  // another key or process of the queue
+    return absl::DataLossError(absl::StrCat("counter slot ", slot, " is named for two queues"));
+  }
+  if (auto it = vm.slots.find(queue); it != vm.slots.end() && it->second != slot) {
+    return absl::DataLossError(absl::StrCat("vm_id ", std::get<0>(q), " device ", queue.first,
+                                            " queue ", queue.second, " has two counter slots"));
+  }
+  owner_[slot] = q;
+  vm.slots[queue] = slot;
+  ++slots_used_;
+  return absl::OkStatus();
+}
+
+absl::Status NotifyTargetTable::AdoptEntry(const Entry& e) {
+  const vkick_notify_target& t = e.target;
+  const uint32_t tgid = e.key.tgid;
+  if (auto it = vm_of_.find(tgid); it != vm_of_.end() && it->second != t.vm_id) {
+    return absl::DataLossError(absl::StrCat("pid ", tgid, " has notify keys of vm_id ", it->second,
+                                            " and ", t.vm_id));
+  }
+  if (e.key.space != VKICK_SPACE_MMIO && e.key.space != VKICK_SPACE_PIO) {
+    return absl::DataLossError(absl::StrCat("notify key of pid ", tgid, " has address space ",
+                                            e.key.space));
+  }
+  Vm& vm = vms_[t.vm_id];
+  vm_of_[tgid] = t.vm_id;
+  const Addr addr{e.key.space, e.key.addr};
+  vm.installed[tgid][addr] = t;
+  vm.targets[addr] = t;  // every process of a VM has the same targets
+  for (uint16_t i = 0; i < VKICK_TARGET_SLOTS; ++i) {
+    if (!t.value_is_queue && i > 0) {
+      if (t.slots[i] != VKICK_NO_SLOT) {
+        return absl::DataLossError("a modern notify target names more than one counter slot");
+      }
+      continue;
+    }
+    const uint16_t queue = t.value_is_queue ? i : t.queue;
+    if (absl::Status s = ClaimSlot(t.slots[i], ProbeQueueId{t.vm_id, t.device_id, queue}, vm);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NotifyTargetTable::Adopt(absl::Span<const Entry> entries) {
+  if (!vms_.empty() || !owner_.empty()) {
+    return absl::FailedPreconditionError("Adopt on a table already in use");
+  }
+  absl::Status s;
+  for (const Entry& e : entries) {
+    if (s = AdoptEntry(e); !s.ok()) break;
+  }
+  for (const auto& [vm_id, vm] : vms_) size_ += Reserved(vm);
+  if (s.ok() && size_ > capacity_) {
+    s = absl::DataLossError(absl::StrCat(size_, " notify keys, more than the map's ", capacity_));
+  }
+  if (!s.ok()) {
+    vms_.clear();
+    vm_of_.clear();
+    owner_.clear();
+    size_ = slots_used_ = 0;
+    return s;
+  }
+  // Unowned slots below the bound: no key names them (their programs are
+  // long done), so they are free now; Allocate zeroes them.
+  for (uint32_t i = 0; i < owner_.size(); ++i) {
+    if (!owner_[i]) clean_.insert(i);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace vkick

@@ -71,6 +71,25 @@ class NotifyTargetTable {
   // dropped (UntrackProcess). Its processes stay known (Track).
   absl::Status Drop(uint32_t vm_id);
 
+  // One key of a notify map that outlived the vkickd that wrote it (pinned).
+  struct Entry {
+    vkick_notify_key key;
+    vkick_notify_target target;
+  };
+  // Rebuilds the bookkeeping from such a map's entries, on an empty table:
+  // every key's process is tracked again under its target's vm_id, every
+  // slot a target names is owned again by its queue, and nothing is zeroed,
+  // so a VM that sets the same targets again (same vm_id) keeps its slots
+  // and counts without a syscall. Slots no key names are free (they are
+  // zeroed when handed out). What lived only in the old table is lost: the
+  // carried counts, and slots kept for queues the VM no longer named.
+  // kDataLoss, the table left empty, for entries that contradict each
+  // other (a slot of two queues or beyond the array, a process under two
+  // VMs, a queue in two slots) or do not fit the capacities.
+  absl::Status Adopt(absl::Span<const Entry> entries);
+  // tgid -> vm_id of every process the table knows (Track, Adopt).
+  const std::map<uint32_t, uint32_t>& processes() const { return vm_of_; }
+
   // The counts' owners, for reading them. Slots are handed out lowest
   // first, so every owned slot is below slot_bound().
   std::optional<ProbeQueueId> SlotOwner(uint32_t slot) const;
@@ -124,6 +143,9 @@ class NotifyTargetTable {
   void Fill(const Vm& vm, vkick_notify_target* t) const;
   void Account(const Vm& before_after, bool add);
   void Forget(uint32_t vm_id);  // erases the VM if nothing of it is left
+  // Adopt's per-entry step: records the key and claims its slots.
+  absl::Status AdoptEntry(const Entry& e);
+  absl::Status ClaimSlot(uint32_t slot, const ProbeQueueId& q, Vm& vm);
 
   Map* const map_;
   const size_t capacity_;

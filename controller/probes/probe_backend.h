@@ -122,9 +122,23 @@ inline std::map<ProbeQueueId, uint64_t> NotificationTotals(const CounterSnapshot
   return out;
 }
 
+// What a backend found of a previous vkickd's state (pinned maps): the VM
+// processes still counted, each with the vm_id it had, and the first vm_id
+// no state uses. The daemon gives a VM whose pid is here its old vm_id (its
+// counters continue) and never hands such an id to another VM.
+struct AdoptedVms {
+  std::map<uint32_t, uint32_t> vm_of_pid;  // tgid -> vm_id
+  uint32_t next_vm_id = 1;
+};
+
 class ProbeBackend {
  public:
   virtual ~ProbeBackend() = default;
+  // The adopted state, as found at creation (not updated afterwards).
+  virtual AdoptedVms adopted_vms() const { return {}; }
+  // Whether the counters outlive this process (pinned): then a clean stop
+  // leaves the VMs tracked, for the next vkickd to adopt.
+  virtual bool keeps_counts_across_restart() const { return false; }
 
   // Start counting events of process `tgid` (a QEMU, or any vhost-user
   // frontend) under `vm_id`. Idempotent.

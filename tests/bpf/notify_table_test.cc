@@ -420,6 +420,120 @@ TEST(NotifyTargetTableTest, AVmShortOfSlotsHasNoneAndItsRoomGoesToOthers) {
   EXPECT_EQ(map.Of(2), 3u);
 }
 
+// A restarted vkickd: a new table over the same (pinned) map and counters.
+std::vector<NotifyTargetTable::Entry> EntriesOf(const FakeNotifyMap& map) {
+  std::vector<NotifyTargetTable::Entry> out;
+  for (const auto& [k, v] : map.entries) {
+    NotifyTargetTable::Entry e{};
+    e.key.tgid = std::get<0>(k);
+    e.key.space = std::get<1>(k);
+    e.key.addr = std::get<2>(k);
+    e.target = v;
+    out.push_back(e);
+  }
+  return out;
+}
+
+TEST(NotifyTargetTableTest, AdoptedFromThePinnedMapAVmKeepsItsSlotsAndCounts) {
+  FakeNotifyMap map(64);
+  FakeSlots slots(64);
+  std::vector<NotifyTarget> legacy = {NotifyTarget::LegacyPio(0xc000, 2)};
+  std::vector<NotifyTarget> vm1 = Queues(0x1000, 3);
+  vm1.insert(vm1.end(), legacy.begin(), legacy.end());
+  {
+    NotifyTargetTable before(&map, 64, &slots, 64);
+    ASSERT_TRUE(before.Track(Pid(1), 1).ok());
+    ASSERT_TRUE(before.Set(1, vm1).ok());
+    ASSERT_TRUE(before.Track(Pid(2), 2).ok());
+    ASSERT_TRUE(before.Set(2, Queues(0x2000, 2)).ok());
+    ASSERT_TRUE(before.Drop(2).ok());  // vm 2 left: its slots are free
+    ASSERT_TRUE(before.Track(Pid(3), 3).ok());
+    ASSERT_TRUE(before.Set(3, Queues(0x3000, 1)).ok());
+  }  // vkickd dies: the map and the counts stay
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0x1004));
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0x1004));
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0xc000, /*value=*/3, /*space=*/1));
+  ASSERT_TRUE(slots.Write(map, Pid(3), 0x3000));
+  const std::vector<uint64_t> counted = slots.counts;
+
+  NotifyTargetTable after(&map, 64, &slots, 64);
+  ASSERT_TRUE(after.Adopt(EntriesOf(map)).ok());
+  EXPECT_EQ(after.processes(), (std::map<uint32_t, uint32_t>{{Pid(1), 1}, {Pid(3), 3}}));
+  EXPECT_EQ(after.owned(1), 4u);
+  EXPECT_EQ(after.size(), 5u);
+  EXPECT_EQ(after.slots_used(), 3u + 4u + 1u) << "3 modern queues, 4 legacy ones, vm 3's";
+  std::optional<uint32_t> q1 = after.SlotOf({1, 1, 1});
+  ASSERT_TRUE(q1.has_value());
+  EXPECT_EQ(after.SlotOwner(*q1), (ProbeQueueId{1, 1, 1}));
+  EXPECT_EQ(slots.counts[*q1], 2u);
+  std::optional<uint32_t> legacy3 = after.SlotOf({1, 2, 3});
+  ASSERT_TRUE(legacy3.has_value());
+  EXPECT_EQ(slots.counts[*legacy3], 1u);
+
+  // The daemon attaches the same QEMU again under the same vm_id: no
+  // syscall, nothing zeroed, the counts continue.
+  map.ResetCounts();
+  slots.zeroes = 0;
+  ASSERT_TRUE(after.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(after.Set(1, vm1).ok());
+  EXPECT_EQ(map.updates + map.deletes + slots.zeroes, 0);
+  EXPECT_EQ(slots.counts, counted);
+  ASSERT_TRUE(slots.Write(map, Pid(1), 0x1004));
+  EXPECT_EQ(slots.counts[*q1], 3u);
+
+  // A new VM gets vm 2's old slots, zeroed; never an adopted one.
+  ASSERT_TRUE(after.Track(Pid(4), 4).ok());
+  ASSERT_TRUE(after.Set(4, Queues(0x4000, 2)).ok());
+  EXPECT_EQ(slots.zeroes, 2);
+  for (uint16_t q = 0; q < 2; ++q) {
+    std::optional<uint32_t> s4 = after.SlotOf({4, 1, q});
+    ASSERT_TRUE(s4.has_value());
+    EXPECT_EQ(slots.counts[*s4], 0u);
+    EXPECT_EQ(after.SlotOwner(*s4), (ProbeQueueId{4, 1, q}));
+  }
+  EXPECT_EQ(slots.counts[*q1], 3u);
+
+  // An adopted VM nobody claims is dropped like any other: keys and slots.
+  ASSERT_TRUE(after.Untrack(Pid(3)).ok());
+  ASSERT_TRUE(after.Drop(3).ok());
+  EXPECT_EQ(map.Of(3), 0u);
+  EXPECT_EQ(after.slots_used(), 3u + 4u + 2u);
+}
+
+TEST(NotifyTargetTableTest, AdoptRefusesContradictoryEntriesAndStaysEmpty) {
+  FakeNotifyMap map(64);
+  FakeSlots slots(16);
+  NotifyTargetTable before(&map, 64, &slots, 16);
+  ASSERT_TRUE(before.Track(Pid(1), 1).ok());
+  ASSERT_TRUE(before.Set(1, Queues(0x1000, 2)).ok());
+  ASSERT_TRUE(before.Track(Pid(2), 2).ok());
+  ASSERT_TRUE(before.Set(2, Queues(0x2000, 2)).ok());
+  const std::vector<NotifyTargetTable::Entry> good = EntriesOf(map);
+
+  auto adopt = [&](std::vector<NotifyTargetTable::Entry> e, uint32_t slot_capacity = 16) {
+    NotifyTargetTable t(&map, 64, &slots, slot_capacity);
+    absl::Status s = t.Adopt(e);
+    if (!s.ok()) {
+      EXPECT_EQ(t.size(), 0u);
+      EXPECT_EQ(t.slots_used(), 0u);
+      EXPECT_TRUE(t.processes().empty());
+    }
+    return s;
+  };
+  EXPECT_TRUE(adopt(good).ok());
+  std::vector<NotifyTargetTable::Entry> shared = good;
+  shared.back().target.slots[0] = shared.front().target.slots[0];  // two queues, one slot
+  EXPECT_TRUE(absl::IsDataLoss(adopt(shared)));
+  std::vector<NotifyTargetTable::Entry> two_vms = good;
+  two_vms.back().key.tgid = Pid(1);  // a process under vm 1 and vm 2
+  EXPECT_TRUE(absl::IsDataLoss(adopt(two_vms)));
+  EXPECT_TRUE(absl::IsDataLoss(adopt(good, /*slot_capacity=*/2))) << "a slot beyond the array";
+  NotifyTargetTable used(&map, 64, &slots, 16);
+  ASSERT_TRUE(used.Track(Pid(9), 9).ok());
+  ASSERT_TRUE(used.Set(9, Queues(0x9000, 1)).ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(used.Adopt(good)));
+}
+
 TEST(ProbeCapacityTest, DefaultsAreTheHeadersAndSizesFollowTheFlags) {
   const ProbeCapacity def;
   EXPECT_EQ(def.max_vms, 4096u);

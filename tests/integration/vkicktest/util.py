@@ -200,6 +200,17 @@ class Process:
         return "\n".join(self.output().splitlines()[-n:])
 
 
+def no_shared_pins(argv):
+    """A vkickd started by a test never shares the host's pins
+    (/sys/fs/bpf/vkick, vkickd's default --pin-dir): nothing is pinned
+    unless the test passes a --pin-dir of its own."""
+    if os.path.basename(argv[0]) != "vkickd":
+        return list(argv)
+    if any(a.startswith(("--pin-dir", "--pin_dir", "-pin-dir", "-pin_dir")) for a in argv[1:]):
+        return list(argv)
+    return list(argv) + ["--pin-dir="]
+
+
 class Testbed(contextlib.ExitStack):
     """Owns one test's temp dir and processes; everything is cleaned up on
     exit, also on failure. On failure the process logs are printed."""
@@ -216,6 +227,7 @@ class Testbed(contextlib.ExitStack):
         return os.path.join(self.tmp, name)
 
     def spawn(self, name, argv, env=None):
+        argv = no_shared_pins(argv)
         p = Process(name, argv, self.tmp, env=env)
         self.procs.append(p)
         self.callback(p.stop)

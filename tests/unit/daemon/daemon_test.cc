@@ -89,6 +89,59 @@ TEST(DaemonTest, AttachesTracksAndProgramsTargetsOnce) {
   EXPECT_TRUE(probes.tracked().empty()) << "Stop() untracks";
 }
 
+// A restart with pinned probes: the VM whose QMP reports an adopted pid
+// gets that pid's old vm_id (its counters continue); a new VM never gets an
+// adopted id; an adopted pid no VM claims within the grace (two refresh
+// intervals) is dropped; a clean stop leaves the VMs tracked.
+TEST(DaemonTest, AdoptedVmIdsGoToTheirPidUnclaimedOnesAreDroppedAfterTheGrace) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  probes.set_adopted({{{1000, 5}, {2000, 7}}, 9});
+  probes.set_keeps_counts(true);
+  LogCapture log;
+  world.Set("/a.qmp", QmpMode::kLive, TwoDiskVm("a", 1000));
+  world.Set("/b.qmp", QmpMode::kLive, TwoDiskVm("b", 3000));
+  Daemon d(FastOptions({"/a.qmp", "/b.qmp"}, log), &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return probes.tracked().size() == 2; }));
+  std::map<uint32_t, uint32_t> tracked = probes.tracked();  // vm_id -> pid
+  EXPECT_EQ(tracked[5], 1000u) << "the adopted pid keeps its vm_id";
+  ASSERT_EQ(tracked.count(7), 0u);
+  EXPECT_EQ(tracked.rbegin()->first, 9u) << "the new VM's id is above every adopted one";
+  EXPECT_EQ(tracked.rbegin()->second, 3000u);
+
+  ASSERT_TRUE(Eventually([&] {
+    d.Tick();
+    return !probes.untracked().empty();
+  }));
+  EXPECT_EQ(probes.untracked(), (std::vector<std::pair<uint32_t, uint32_t>>{{2000, 7}}));
+  EXPECT_EQ(log.Count("pid 2000 (vm_id 7, adopted", "claimed by no VM"), 1);
+  d.Tick();
+  EXPECT_EQ(probes.untracked().size(), 1u) << "dropped once";
+
+  d.Stop();
+  EXPECT_EQ(probes.tracked().size(), 2u) << "pinned: a clean stop keeps the VMs for the next start";
+  EXPECT_EQ(probes.untracked().size(), 1u);
+}
+
+TEST(DaemonTest, AnAdoptedPidIsKeptThroughTheGrace) {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  probes.set_adopted({{{2000, 3}}, 4});
+  LogCapture log;
+  world.Set("/b.qmp", QmpMode::kLive, TwoDiskVm("b", 3000));
+  DaemonOptions o = FastOptions({"/b.qmp"}, log);
+  o.refresh_interval = absl::Hours(1);  // grace: 2 h
+  Daemon d(o, &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return probes.tracked().size() == 1; }));
+  EXPECT_EQ(probes.tracked().begin()->first, 4u);
+  for (int i = 0; i < 5; ++i) d.Tick();
+  EXPECT_TRUE(probes.untracked().empty()) << "within the grace its VM may still show up";
+  d.Stop();
+  EXPECT_TRUE(probes.tracked().empty()) << "not pinned: a clean stop untracks";
+}
+
 TEST(DaemonTest, RefreshAppliesChangedTargetsAndEventsTriggerRefresh) {
   FakeWorld world;
   FakeProbeBackend probes;

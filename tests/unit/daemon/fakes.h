@@ -23,6 +23,12 @@ namespace vkick::testing {
 
 class FakeProbeBackend : public ProbeBackend {
  public:
+  // What a restarted vkickd's pinned probes would report (set before the
+  // daemon starts).
+  AdoptedVms adopted_vms() const override { return adopted_; }
+  bool keeps_counts_across_restart() const override { return keeps_counts_; }
+  void set_adopted(AdoptedVms a) { adopted_ = std::move(a); }
+  void set_keeps_counts(bool k) { keeps_counts_ = k; }
   absl::Status TrackProcess(uint32_t tgid, uint32_t vm_id) override {
     absl::MutexLock l(&mu_);
     ++track_calls_;
@@ -150,6 +156,8 @@ class FakeProbeBackend : public ProbeBackend {
   size_t tracked_capacity_ = ~size_t{0};
   bool kick_syscalls_ = false;
   int kick_syscall_switches_ = 0;
+  AdoptedVms adopted_;
+  bool keeps_counts_ = false;
 };
 
 // How a fake QMP socket behaves right now.

@@ -45,6 +45,10 @@ class VkickdProcess {
       if (run_as >= 0 && (::setgid(run_as) != 0 || ::setuid(run_as) != 0)) _exit(126);
       std::vector<char*> argv{const_cast<char*>(binary.c_str())};
       for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      // Tests never share the host's pins (/sys/fs/bpf/vkick, vkickd's
+      // default): nothing pinned unless the test passes its own --pin-dir.
+      static char no_pins[] = "--pin-dir=";
+      if (!HasPinDir(args)) argv.push_back(no_pins);
       argv.push_back(nullptr);
       ::execv(binary.c_str(), argv.data());
       _exit(127);
@@ -100,6 +104,13 @@ class VkickdProcess {
     if (pid_ > 0) ::kill(pid_, sig);
   }
   const std::string& log() const { return log_; }
+
+  static bool HasPinDir(const std::vector<std::string>& args) {
+    for (const auto& a : args) {
+      if (a.rfind("--pin-dir", 0) == 0 || a.rfind("--pin_dir", 0) == 0) return true;
+    }
+    return false;
+  }
 
  private:
   // Appends available stderr; false at EOF or deadline.
