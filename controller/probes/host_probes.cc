@@ -276,14 +276,16 @@ absl::Status HostProbes::Attach(const Options& options) {
   if (options.attach_exits) progs.push_back(skel_->progs.tp_kvm_exit);
   if (options.attach_notifications) progs.insert(progs.end(), kvm_progs_.begin(), kvm_progs_.begin() + 3);
   if (options.attach_interrupts) progs.push_back(kvm_progs_[3]);
-  std::set<std::string> names;
+  if (!pins_.dir.empty()) {
+    // Before attaching: a link of the other flavour still attached beside
+    // its new twin would count every event twice.
+    std::set<std::string> names;
+    for (bpf_program* prog : progs) names.insert(bpf_program__name(prog));
+    if (absl::Status s = UnpinStrayLinks(names); !s.ok()) return s;
+  }
   for (bpf_program* prog : progs) {
-    names.insert(bpf_program__name(prog));
     absl::Status s = pins_.dir.empty() ? AttachOne(prog, &links_) : AttachPinned(prog);
     if (!s.ok()) return s;
-  }
-  if (!pins_.dir.empty()) {
-    if (absl::Status s = UnpinStrayLinks(names); !s.ok()) return s;
   }
   return options.attach_vhost_user ? SetKickSyscalls(true) : absl::OkStatus();
 }
