@@ -6,11 +6,14 @@
 // everything. Counting runs through BPF_PROG_TEST_RUN of the SEC("syscall")
 // twins, which update the same maps the tracepoint programs do.
 #include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
 #include <dirent.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -260,6 +263,42 @@ TEST_P(PinTest, IncompatiblePinsAreDiscardedWholeAndCountingStartsFresh) {
   VKICK_PROBES_OR_SKIP(p, Pinned(dir.path(), GetParam(), other));
   EXPECT_THAT(p->pin_state(), HasSubstr("discarded every pin"));
   EXPECT_THAT(p->pin_state(), HasSubstr("maps are pinned"));
+  EXPECT_THAT(p->adopted_vms().vm_of_pid, IsEmpty());
+}
+
+// An upgrade that changed a struct but not its size: sizes alone would
+// let the pins be reused and the new code misread them. The BTF layout
+// tells: here `tracked`'s value (a u32 vm_id) became a struct.
+TEST(PinLayoutTest, AChangedLayoutOfTheSameSizeIsNotReused) {
+  TempPinDir dir;
+  const std::string tracked = dir.path() + "/maps/tracked";
+  bpf_map_info old{};
+  {
+    VKICK_PROBES_OR_SKIP(p, Pinned(dir.path(), KvmTracepoints::kAuto));
+    ASSERT_TRUE(p->TrackProcess(static_cast<uint32_t>(getpid()), 1).ok());
+    uint32_t len = sizeof(old);
+    ASSERT_EQ(bpf_obj_get_info_by_fd(p->MapFdForTest("tracked"), &old, &len), 0);
+  }
+  btf* b = btf__new_empty();
+  ASSERT_NE(b, nullptr);
+  const int u32 = btf__add_int(b, "unsigned int", 4, 0);
+  const int other = btf__add_struct(b, "vkick_vm_ref", 4);
+  ASSERT_EQ(btf__add_field(b, "generation", u32, 0, 0), 0);
+  ASSERT_EQ(btf__load_into_kernel(b), 0);
+  LIBBPF_OPTS(bpf_map_create_opts, o, .btf_fd = static_cast<__u32>(btf__fd(b)),
+              .btf_key_type_id = static_cast<__u32>(u32),
+              .btf_value_type_id = static_cast<__u32>(other), .map_flags = old.map_flags);
+  const int fd = bpf_map_create(static_cast<bpf_map_type>(old.type), "tracked", old.key_size,
+                                old.value_size, old.max_entries, &o);
+  btf__free(b);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  ASSERT_EQ(unlink(tracked.c_str()), 0);
+  ASSERT_EQ(bpf_obj_pin(fd, tracked.c_str()), 0);
+  close(fd);
+
+  VKICK_PROBES_OR_SKIP(p, Pinned(dir.path(), KvmTracepoints::kAuto));
+  EXPECT_THAT(p->pin_state(), HasSubstr("discarded every pin"));
+  EXPECT_THAT(p->pin_state(), HasSubstr("map tracked: value layout changed"));
   EXPECT_THAT(p->adopted_vms().vm_of_pid, IsEmpty());
 }
 
