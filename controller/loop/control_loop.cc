@@ -94,7 +94,7 @@ std::vector<PolicyOut> ControlLoop::Step(const PolicyTable& table,
   std::vector<PolicyOut> out;
   for (const auto& [key, st] : queues_) {
     const QueueView& v = st.view;
-    if (!v.agent_connected || v.observe_only) continue;
+    if (!v.agent_connected || v.observe_only || v.frozen) continue;
     PolicyOut p;
     p.key = key;
     p.mode = v.mode;
@@ -110,6 +110,17 @@ std::vector<PolicyOut> ControlLoop::Step(const PolicyTable& table,
 void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInput& in,
                             int64_t now_ns) {
   QueueView& v = st.view;
+  v.frozen = in.frozen;
+  v.vm_state = in.vm_state;
+  if (in.frozen && st.initialised) {
+    // The law holds: nothing is learnt from the absence of samples, and an
+    // operator's change takes effect at the resume. The agent may still
+    // come or go (a migration's new channel): that is shown.
+    v.agent_connected = in.agent_connected;
+    HoldFrozen(st, now_ns);
+    if (in.host_notifications_total) st.host_prev = *in.host_notifications_total;
+    return;
+  }
   auto [spec, source] = ResolveWithSource(table, in.key);
   const bool mode_changed = !st.initialised || spec.mode != v.spec.mode;
   const bool spec_changed = !st.initialised || !(spec == v.spec);
@@ -258,6 +269,17 @@ void ControlLoop::AgentGone(State& st, bool host_counted, int64_t now_ns) const 
   v.applied_mode = proto::KickMode::kImmediate;
   v.applied_batch = 1;
   v.applied_defer_ns = 0;
+}
+
+void ControlLoop::HoldFrozen(State& st, int64_t now_ns) const {
+  QueueView& v = st.view;
+  v.requests_per_s = 0;
+  v.notifications_per_s = 0;
+  v.notifications_per_request = 0;
+  v.mean_depth = 0;
+  // The lease last sent is as good as it was: the guest has not run since.
+  if (st.renewed_ns) st.renewed_ns = now_ns;
+  st.last_step_ns = now_ns;
 }
 
 std::vector<QueueView> ControlLoop::View() const {
