@@ -23,6 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vkicktest.util import Fatal
 from vkicktest import (Testbed, QemuVm, Vkickd, log, run_test, guest_elf, wait_until,
                        require_root, require_kvm, require_tracefs, require_binary, build_dir)
 from vkicktest.flows import kvm_blk_devices, plan_append, sync_with_canary
@@ -64,14 +65,14 @@ def canaries(vm, n):
 def migrate(vm, uri):
     """Runs `migrate` to uri; returns query-migrate's final answer."""
     t0 = time.monotonic()
-    vm.qmp.execute("migrate", {"uri": uri})
+    vm.qmp.execute("migrate", uri=uri)
     res = {}
 
     def done():
         nonlocal res
         res = vm.qmp.execute("query-migrate")
         if res.get("status") == "failed":
-            raise AssertionError("migration to %s failed: %r" % (uri, res))
+            raise Fatal("migration to %s failed: %r" % (uri, res))
         return res.get("status") == "completed"
     wait_until(done, 120, "migration to %s" % uri, interval=0.05)
     log("migrate %s: completed in %.2fs (QEMU: total %s ms, downtime %s ms)" % (
