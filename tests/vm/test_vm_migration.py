@@ -5,7 +5,10 @@ a vhost-user-blk disk, moved from one QEMU process to another on this host.
 
 1. Source (scripts/vm-testbed.sh): vkickctl sets static B=4 for vkblk0; a
    vkick-blk run (--policy=adaptive: it follows the agent) gets that policy
-   through the agent, acked on both queues, lease active. Host counts H.
+   through the agent, acked on both queues, lease active. Paused (`stop`)
+   for 8 s under I/O, longer than the 5 s lease: state "paused",
+   vkick_vm_running 0, the lease still active, the generation unchanged,
+   no lease expiry counted; `cont`, the run completes. Host counts H.
 2. Destination: the source's command line (qemu.cmdline) with sockets,
    pidfile and serial log of its own, a second qemu-storage-daemon on the
    same disk image, -S -incoming unix:...; vkickd attaches it through a
@@ -35,6 +38,7 @@ from vkicktest.vm import (TestbedVm, GuestShell, VM_NAME, VHOST_DEVICE as DEVICE
                           stable_counts, status_rows, require_vm_testbed, read_text)
 
 PRELUDE = "vkick-agent --interval=200ms >/tmp/vkick-agent.log 2>&1 &"
+PAUSE_S = 8  # `stop` this long (> --lease=5s) under I/O
 MAX_STARTUP_KICKS = 2  # per queue, QEMU's own kick when it starts a vhost queue
 DRIVER = ("vkick-blk --pci=%s --rw=randread --queues=2 --qd=8 --runtime=%d --policy=adaptive "
           "--json > /tmp/run%d.out 2>&1; echo rc=$? >> /tmp/run%d.out")
@@ -47,10 +51,11 @@ def set_policy(vkickctl, admin):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def drive_and_check_policy(sh, vkickctl, admin, n, runtime=12):
+def drive_and_check_policy(sh, vkickctl, admin, n, runtime=12, while_running=None):
     """Runs vkick-blk in the guest (background) until the static policy is
-    in force and acked on both queues with an active lease; waits for the
-    driver to end; returns (its JSON result, its per-queue notify writes)."""
+    in force and acked on both queues with an active lease, then
+    while_running(rows) if given; waits for the driver to end; returns (its
+    JSON result, its per-queue notify writes)."""
     sh.check("(%s) </dev/null >/dev/null 2>&1 &" % (DRIVER % (PCI, runtime, n, n)))
     rows = []
 
@@ -65,6 +70,8 @@ def drive_and_check_policy(sh, vkickctl, admin, n, runtime=12):
                interval=0.5)
     log("run %d: policy in force: %s" % (n, [(q["queue"], q["mode"], q["batch"], q["lease"],
                                               q["state"]) for q in rows]))
+    if while_running:
+        while_running(rows)
     out = ""
 
     def done():
@@ -134,7 +141,33 @@ def main():
         log(vm.boot_log())
         sh = GuestShell(tb, vm.path("test.sock"))
         set_policy(vkickctl, admin)
-        res1, notes1 = drive_and_check_policy(sh, vkickctl, admin, 1)
+
+        def pause(rows):
+            """`stop` for longer than the lease under I/O: the law and the
+            lease hold (no new generation, no expiry), then `cont`."""
+            expired = vk.metrics().value("vkick_queue_lease_expired_total", vm=VM_NAME,
+                                         device=DEVICE, queue="0") or 0
+            vm.ctl.execute("stop")
+            wait_until(lambda: all(q["state"] == "paused" for q in
+                                   status_rows(vkickctl, admin, DEVICE)), 10, "state paused")
+            time.sleep(PAUSE_S)
+            held = status_rows(vkickctl, admin, DEVICE)
+            m = vk.metrics()
+            figures["paused_rows"] = [(q["queue"], q["state"], q["lease"], q["batch"],
+                                       q["generation"] == r["generation"])
+                                      for q, r in zip(held, rows)]
+            assert m.value("vkick_vm_running", vm=VM_NAME) == 0
+            for q, r in zip(held, rows):
+                assert q["state"] == "paused" and q["frozen"], q
+                assert q["lease"] == "active" and q["generation"] == r["generation"] and \
+                    q["batch"] == 4, "held while paused %ds: %r (before %r)" % (PAUSE_S, q, r)
+            assert (m.value("vkick_queue_lease_expired_total", vm=VM_NAME, device=DEVICE,
+                            queue="0") or 0) == expired, "a lease expired while paused"
+            vm.ctl.execute("cont")
+            vk.wait_metric("running again", lambda m: m.value("vkick_vm_running", vm=VM_NAME) == 1,
+                           30)
+        res1, notes1 = drive_and_check_policy(sh, vkickctl, admin, 1, runtime=25,
+                                              while_running=pause)
         base = stable_counts(vk, keys)
         figures["source_counts"] = {q: int(base[(DEVICE, q)]) for q in range(2)}
         log("source pid %d: host counts %s, run 1 wrote %s" % (vm.qemu_pid, base, notes1))
