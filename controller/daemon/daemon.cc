@@ -635,7 +635,6 @@ void Daemon::NeedKickSyscalls(size_t who, bool need, absl::string_view why) {
 }
 
 void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
-  bool takeover = false;
   {
     absl::MutexLock l(&registry_mu_);
     if (auto s = superseded_.find(attachment); s != superseded_.end()) {
@@ -655,11 +654,15 @@ void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
       return;
     }
     held_.erase(attachment);
-    if (vms_.count(attachment) != 0 || !HasPredecessor(attachment, vm)) {
+    if (vms_.count(attachment) != 0) {
       vms_[attachment] = vm;
       return;
     }
-    takeover = true;
+    if (!HasPredecessor(attachment, vm)) {
+      was_held_.erase(attachment);  // published: what it came from is settled
+      vms_[attachment] = vm;
+      return;
+    }
   }
   // The predecessor's final counts, read with the lock order's backend_mu_
   // first; the registry is looked at again below.
@@ -669,9 +672,10 @@ void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
     if (absl::StatusOr<CounterSnapshot> c = probes_->ReadCounters(); c.ok()) now = *std::move(c);
   }
   absl::MutexLock l(&registry_mu_);
-  if (takeover && vms_.count(attachment) == 0 && HasPredecessor(attachment, vm)) {
+  if (vms_.count(attachment) == 0 && HasPredecessor(attachment, vm)) {
     TakeOver(attachment, vm, now);
   }
+  was_held_.erase(attachment);  // published: what it came from is settled
   vms_[attachment] = vm;
 }
 
@@ -707,7 +711,12 @@ void Daemon::TakeOver(size_t attachment, const AttachedVm& vm,
         !(held || LeftByMigration(it->second)))
       continue;
     from = it->second;
-    if (now) base = CountersOf(*now, from.vm_id);
+    if (now) {
+      base = CountersOf(*now, from.vm_id);
+    } else if (probes_ != nullptr) {
+      Log(absl::StrFormat("VM '%s': probes unreadable at the takeover: pid %d's counts are not "
+                          "carried over", vm.info.name, from.info.pid));
+    }
     if (auto c = carried_.find(from.vm_id); c != carried_.end()) {
       AppendCounters(base, c->second);
       carried_.erase(c);

@@ -368,7 +368,14 @@ absl::StatusOr<bool> QmpVmDiscovery::WaitForEvent(absl::Duration timeout) {
     if (!ev->has_value()) return false;
     const std::string& name = (*ev)->name;
     if (name == "SHUTDOWN") {
-      return absl::UnavailableError(absl::StrCat("QMP ", path_, ": VM shut down"));
+      // QEMU exits after a SHUTDOWN unless it runs with -no-shutdown; then
+      // it stays, in run state "shutdown", the same VM. A host's quit or
+      // signal ends it for certain: gone now, not at the socket's close.
+      const std::string why = (*ev)->data.is_object() ? StringMemberOr((*ev)->data, "reason") : "";
+      if (why == "host-qmp-quit" || why == "host-signal") {
+        return absl::UnavailableError(absl::StrCat("QMP ", path_, ": VM shut down (", why, ")"));
+      }
+      return true;
     }
     if (name == "DEVICE_DELETED") {
       // A device re-added under the same id may differ: ask again.

@@ -61,6 +61,20 @@ double LatencyMidSeconds(size_t bucket) {
 // Modes whose B and T the driver applies (event-idx batches when B > 1).
 bool Batching(proto::KickMode m) { return m != proto::KickMode::kImmediate; }
 
+// A sample's cumulative data (requests, kicks, histograms) into the view.
+void AddToTotals(QueueView& v, const proto::QueueSample& s) {
+  v.requests_total += s.requests;
+  v.guest_kicks_total += s.kicks;
+  v.timer_kicks_total += s.timer_kicks;
+  v.completed_total += s.completed;
+  for (size_t i = 0; i < proto::kDepthBuckets; ++i) v.depth_hist[i] += s.depth_hist[i];
+  for (size_t i = 0; i < proto::kLatencyBuckets; ++i) {
+    v.latency_hist[i] += s.latency_hist[i];
+    v.latency_sum_s += s.latency_hist[i] * LatencyMidSeconds(i);
+  }
+  v.depth_sum += s.mean_depth_milli / 1000.0 * s.requests;
+}
+
 }  // namespace
 
 ControlLoop::ControlLoop(LoopConfig config, uint64_t generation_base)
@@ -117,6 +131,9 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
     // operator's change takes effect at the resume. The agent may still
     // come or go (a migration's new channel): that is shown.
     v.agent_connected = in.agent_connected;
+    // A sample sent just before the guest stopped still counts in the
+    // totals (the histograms and counters): it only steers nothing.
+    if (in.sample) AddToTotals(v, *in.sample);
     HoldFrozen(st, now_ns);
     if (in.host_notifications_total) st.host_prev = *in.host_notifications_total;
     return;
@@ -175,16 +192,7 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
     v.applied_mode = s.applied_mode;
     v.applied_batch = s.applied_batch;
     v.applied_defer_ns = s.applied_defer_ns;
-    v.requests_total += s.requests;
-    v.guest_kicks_total += s.kicks;
-    v.timer_kicks_total += s.timer_kicks;
-    v.completed_total += s.completed;
-    for (size_t i = 0; i < proto::kDepthBuckets; ++i) v.depth_hist[i] += s.depth_hist[i];
-    for (size_t i = 0; i < proto::kLatencyBuckets; ++i) {
-      v.latency_hist[i] += s.latency_hist[i];
-      v.latency_sum_s += s.latency_hist[i] * LatencyMidSeconds(i);
-    }
-    v.depth_sum += s.mean_depth_milli / 1000.0 * s.requests;
+    AddToTotals(v, s);
   }
   if (in.agent_connected) {
     st.renewed_ns = now_ns;  // this Step's policy renews its lease

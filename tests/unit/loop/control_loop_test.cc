@@ -585,6 +585,16 @@ TEST(ControlLoopTest, AFrozenQueueHoldsItsLawAndLeaseAndIsSentNothing) {
     EXPECT_EQ(v.lease_expiries, 0u);
     EXPECT_EQ(v.requests_per_s, 0);
   }
+  // A sample that arrived as the guest stopped: counted, steers nothing.
+  const uint64_t requests = loop.View().at(0).requests_total;
+  QueueInput late;
+  late.key = q.key;
+  late.frozen = true;
+  late.sample = MakeSample(1, 500, q.applied.mode, q.applied.batch, q.applied.defer_ns,
+                           q.applied.generation);
+  EXPECT_TRUE(loop.Step(table, {late}, t += kSec).empty());
+  EXPECT_EQ(loop.View().at(0).requests_total, requests + 500);
+  EXPECT_EQ(loop.View().at(0).b, before.b) << "depth 1 would have taken B to 1";
   // Resumed, agent back: the law goes on from where it was.
   auto out = loop.Step(table, {q.Next()}, t += kSec);
   ASSERT_EQ(out.size(), 1u);

@@ -341,6 +341,10 @@ TEST_F(FakeDiscoveryTest, EventsThatMatter) {
   EXPECT_TRUE(*reset);
   server_->SendEvent(R"({"event": "DEVICE_DELETED", "data": {"device": "modern0", "path": "/machine/peripheral/modern0"}})");
   EXPECT_TRUE(*disc->WaitForEvent(absl::Seconds(2)));
+  // A guest's poweroff: QEMU may stay (-no-shutdown), in state "shutdown".
+  server_->SendEvent(R"({"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}})");
+  EXPECT_TRUE(*disc->WaitForEvent(absl::Seconds(2)));
+  // `quit`: QEMU exits for certain.
   server_->SendEvent(R"({"event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}})");
   EXPECT_EQ(disc->WaitForEvent(absl::Seconds(2)).status().code(), absl::StatusCode::kUnavailable);
 }
