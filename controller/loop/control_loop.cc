@@ -127,15 +127,27 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
   v.frozen = in.frozen;
   v.vm_state = in.vm_state;
   if (in.frozen && st.initialised) {
-    // The law holds: nothing is learnt from the absence of samples, and an
-    // operator's change takes effect at the resume. The agent may still
-    // come or go (a migration's new channel): that is shown.
+    // The law holds: nothing is learnt from the absence of samples. The
+    // agent may still come or go (a migration's new channel): that is shown.
     v.agent_connected = in.agent_connected;
     // A sample sent just before the guest stopped still counts in the
     // totals (the histograms and counters): it only steers nothing.
     if (in.sample) AddToTotals(v, *in.sample);
     HoldFrozen(st, now_ns);
     if (in.host_notifications_total) st.host_prev = *in.host_notifications_total;
+    auto [spec, source] = ResolveWithSource(table, in.key);
+    if (spec == v.spec && source == v.source) return;
+    // An operator changed the policy meanwhile: taken now (status shows
+    // it, with a new generation), sent at the resume. As a Step without a
+    // sample, and without a lease expiry: the guest has not run.
+    QueueInput change = in;
+    change.frozen = false;
+    change.sample.reset();
+    change.agent_connected = true;
+    StepQueue(st, table, change, now_ns);
+    v.frozen = true;
+    v.agent_connected = in.agent_connected;
+    HoldFrozen(st, now_ns);
     return;
   }
   auto [spec, source] = ResolveWithSource(table, in.key);

@@ -621,10 +621,11 @@ TEST(ControlLoopTest, ALeaseStillRunsOutAfterTheResumeWithoutAnAgent) {
   EXPECT_EQ(loop.View().at(0).guest_lease, proto::LeaseState::kExpired) << "5 s since the resume";
 }
 
-TEST(ControlLoopTest, AnOperatorsChangeWhileFrozenTakesEffectAtTheResume) {
+TEST(ControlLoopTest, AnOperatorsChangeWhileFrozenIsTakenAtOnceAndSentAtTheResume) {
   PolicyTable table;
-  ControlLoop loop({}, 0);
+  ControlLoop loop({.lease_ns = 5 * kSec, .law = {}}, 0);
   FakeQueue q;
+  q.applied.generation = 1;
   auto out = loop.Step(table, {q.Next()}, kSec);
   ASSERT_EQ(out.at(0).mode, proto::KickMode::kImmediate);
   const uint64_t gen = out[0].generation;
@@ -632,15 +633,23 @@ TEST(ControlLoopTest, AnOperatorsChangeWhileFrozenTakesEffectAtTheResume) {
   QueueInput frozen;
   frozen.key = q.key;
   frozen.frozen = true;
-  frozen.agent_connected = true;
-  EXPECT_TRUE(loop.Step(table, {frozen}, 2 * kSec).empty());
-  EXPECT_EQ(loop.View().at(0).mode, proto::KickMode::kImmediate);
-  EXPECT_EQ(loop.View().at(0).generation, gen);
-  out = loop.Step(table, {q.Next()}, 3 * kSec);
+  frozen.agent_connected = false;  // a paused guest's agent may be gone too
+  EXPECT_TRUE(loop.Step(table, {frozen}, 2 * kSec).empty()) << "nothing sent to a stopped VM";
+  QueueView v = loop.View().at(0);
+  EXPECT_EQ(v.mode, proto::KickMode::kStatic) << "vkickctl status shows the change";
+  EXPECT_EQ(v.b, 4u);
+  EXPECT_EQ(v.source, PolicySource::kVm);
+  EXPECT_GT(v.generation, gen);
+  EXPECT_TRUE(v.frozen);
+  EXPECT_FALSE(v.agent_connected);
+  for (int64_t t = 3; t <= 12; ++t) loop.Step(table, {frozen}, t * kSec);
+  EXPECT_EQ(loop.View().at(0).lease_expiries, 0u);
+  EXPECT_EQ(loop.View().at(0).generation, v.generation) << "taken once";
+  out = loop.Step(table, {q.Next()}, 13 * kSec);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_EQ(out[0].mode, proto::KickMode::kStatic);
   EXPECT_EQ(out[0].batch, 4);
-  EXPECT_GT(out[0].generation, gen);
+  EXPECT_EQ(out[0].generation, v.generation);
 }
 
 TEST(ControlLoopTest, AQueueFirstSeenFrozenGetsItsInitialPolicy) {
