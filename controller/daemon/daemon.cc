@@ -636,7 +636,7 @@ void Daemon::NeedKickSyscalls(size_t who, bool need, absl::string_view why) {
 
 void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
   {
-    absl::MutexLock l(&registry_mu_);
+    absl::ReleasableMutexLock l(&registry_mu_);
     if (auto s = superseded_.find(attachment); s != superseded_.end()) {
       if (s->second == vm.info.pid) return;  // its guest runs in another QEMU now
       superseded_.erase(s);
@@ -644,13 +644,15 @@ void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
     if (vm.info.run_state == RunState::kInMigrate) {
       // Not a VM of its own: the guest it receives still runs elsewhere (or
       // comes from a file). Its probes count under its own vm_id from now.
-      if (held_.count(attachment) == 0) {
-        Log(absl::StrFormat("VM '%s' pid %d is migrating in (inmigrate): held until it takes "
-                            "over", vm.info.name, vm.info.pid));
-      }
+      const bool first = held_.count(attachment) == 0;
       held_[attachment] = vm;
       was_held_.insert(attachment);
       vms_.erase(attachment);
+      l.Release();
+      if (first) {
+        Log(absl::StrFormat("VM '%s' pid %d is migrating in (inmigrate): held until it takes "
+                            "over", vm.info.name, vm.info.pid));
+      }
       return;
     }
     held_.erase(attachment);
@@ -671,12 +673,16 @@ void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
     absl::MutexLock b(&backend_mu_);
     if (absl::StatusOr<CounterSnapshot> c = probes_->ReadCounters(); c.ok()) now = *std::move(c);
   }
-  absl::MutexLock l(&registry_mu_);
-  if (vms_.count(attachment) == 0 && HasPredecessor(attachment, vm)) {
-    TakeOver(attachment, vm, now);
+  std::string note;
+  {
+    absl::MutexLock l(&registry_mu_);
+    if (vms_.count(attachment) == 0 && HasPredecessor(attachment, vm)) {
+      note = TakeOver(attachment, vm, now);
+    }
+    was_held_.erase(attachment);  // published: what it came from is settled
+    vms_[attachment] = vm;
   }
-  was_held_.erase(attachment);  // published: what it came from is settled
-  vms_[attachment] = vm;
+  if (!note.empty()) Log(note);
 }
 
 namespace {
@@ -700,47 +706,48 @@ bool Daemon::HasPredecessor(size_t attachment, const AttachedVm& vm) const {
   });
 }
 
-void Daemon::TakeOver(size_t attachment, const AttachedVm& vm,
-                      const std::optional<CounterSnapshot>& now) {
+std::string Daemon::TakeOver(size_t attachment, const AttachedVm& vm,
+                             const std::optional<CounterSnapshot>& now) {
   const bool held = was_held_.count(attachment) != 0;
+  auto from_here = [&](const AttachedVm& other) {
+    return SameGuest(other.info, vm.info) && (held || LeftByMigration(other));
+  };
   AttachedVm from;
   CounterSnapshot base;
-  bool found = false;
-  for (auto it = vms_.begin(); it != vms_.end() && !found; ++it) {
-    if (it->first == attachment || !SameGuest(it->second.info, vm.info) ||
-        !(held || LeftByMigration(it->second)))
-      continue;
-    from = it->second;
+  std::string unread;
+  auto live = std::find_if(vms_.begin(), vms_.end(), [&](const auto& kv) {
+    return kv.first != attachment && from_here(kv.second);
+  });
+  // The latest departed one: its final counts (carried ones included) are
+  // kept by the retention code (RetireVm).
+  auto gone = std::find_if(departed_.rbegin(), departed_.rend(),
+                           [&](const DepartedVm& d) { return from_here(d.vm); });
+  if (live != vms_.end()) {
+    from = live->second;
     if (now) {
       base = CountersOf(*now, from.vm_id);
     } else if (probes_ != nullptr) {
-      Log(absl::StrFormat("VM '%s': probes unreadable at the takeover: pid %d's counts are not "
-                          "carried over", vm.info.name, from.info.pid));
+      unread = "; probes unreadable at the takeover: its counts are not carried over";
     }
     if (auto c = carried_.find(from.vm_id); c != carried_.end()) {
       AppendCounters(base, c->second);
       carried_.erase(c);
     }
-    superseded_[it->first] = from.info.pid;
-    vms_.erase(it);
-    found = true;
+    superseded_[live->first] = from.info.pid;
+    vms_.erase(live);
+  } else if (gone != departed_.rend()) {
+    from = gone->vm;
+    base = gone->counters;
+    departed_.erase(std::next(gone).base());
+  } else {
+    return "";
   }
-  // The latest departed one: its final counts (carried ones included) are
-  // kept by the retention code (RetireVm).
-  for (auto it = departed_.rbegin(); it != departed_.rend() && !found; ++it) {
-    if (!SameGuest(it->vm.info, vm.info) || !(held || LeftByMigration(it->vm))) continue;
-    from = it->vm;
-    base = it->counters;
-    departed_.erase(std::next(it).base());
-    found = true;
-  }
-  if (!found) return;
   carried_[vm.vm_id] = CarryCounters(base, from.info, vm.info, vm.vm_id);
   uint64_t n = 0;
   for (const NotificationCount& c : carried_[vm.vm_id].notifications) n += c.count;
-  Log(absl::StrFormat("VM '%s' migrated: pid %d (vm_id %d) takes over from pid %d (vm_id %d), "
-                      "continuing from its %d notifications",
-                      vm.info.name, vm.info.pid, vm.vm_id, from.info.pid, from.vm_id, n));
+  return absl::StrFormat("VM '%s' migrated: pid %d (vm_id %d) takes over from pid %d (vm_id %d), "
+                         "continuing from its %d notifications%s",
+                         vm.info.name, vm.info.pid, vm.vm_id, from.info.pid, from.vm_id, n, unread);
 }
 
 void Daemon::RetireVm(size_t attachment, bool tracked) {

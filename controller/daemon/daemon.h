@@ -203,7 +203,9 @@ class Daemon {
   // The predecessor leaves (a live one is not published again while its
   // QEMU lives; a departed one is dropped) and its final counts, read in
   // `now`, become the base `vm`'s own counts are added to (carried_).
-  void TakeOver(size_t attachment, const AttachedVm& vm, const std::optional<CounterSnapshot>& now)
+  // Returns the line to log (after the lock), "" when there was none.
+  std::string TakeOver(size_t attachment, const AttachedVm& vm,
+                       const std::optional<CounterSnapshot>& now)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(registry_mu_);
   // Takes the VM out of the registry; it stays in snapshots, with the
   // counts it had (read here when `tracked`), for departed_retention.

@@ -154,7 +154,12 @@ TEST(LoopRunnerTest, AMigratedVmKeepsItsQueuesPolicyAndGeneration) {
   LoopRunner r(RunnerOptions(dir.path(), log), d);
   ASSERT_TRUE(r.Init().ok());
   r.HandleAdmin(Set({"vm1", "", -1}, {proto::KickMode::kStatic, 4, 20'000}));
-  probes.set_counters({{}, {{src, 1, 0, 100}}});
+  auto counts = [](std::vector<NotificationCount> n) {
+    CounterSnapshot c;
+    c.notifications = std::move(n);
+    return c;
+  };
+  probes.set_counters(counts({{src, 1, 0, 100}}));
   r.StepOnce();
   const QueueView before = *Find(r.Snapshot(), {"vm1", "disk0", 0});
   ASSERT_EQ(before.spec.mode, proto::KickMode::kStatic);
@@ -178,7 +183,7 @@ TEST(LoopRunnerTest, AMigratedVmKeepsItsQueuesPolicyAndGeneration) {
   for (const auto& [vm_id, tgid] : probes.tracked()) {
     if (tgid == 2000) dst = vm_id;
   }
-  probes.set_counters({{}, {{src, 1, 0, 100}, {dst, 1, 0, 50}}});
+  probes.set_counters(counts({{src, 1, 0, 100}, {dst, 1, 0, 50}}));
   r.StepOnce();
   s = r.Snapshot();
   ASSERT_EQ(s.queues.size(), 3u);
