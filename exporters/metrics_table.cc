@@ -42,6 +42,10 @@ absl::Span<const MetricSpec> MetricTable() {
       {Metric::kVmProbed, "vkick_vm_probed", MetricType::Gauge, {"vm"},
        "1 when the host probes count the VM (tracked, every notify address installed); 0 when "
        "they do not: a full probe map left it out (vkick_probe_map_full_total), or --no-probes."},
+      {Metric::kVmRunning, "vkick_vm_running", MetricType::Gauge, {"vm"},
+       "1 while the VM's guest runs; 0 while it is paused, suspended, migrating or shut down "
+       "(vkickctl status names the state), or departed. While 0 the control loop holds its "
+       "queues' policy and lease."},
       {Metric::kVirtqueueNotifications, "vkick_virtqueue_notifications_total",
        MetricType::Counter, {"vm", "device", "queue"},
        "Guest to host notifications (kicks) per virtqueue; every discovered queue is "

@@ -23,6 +23,7 @@ enum class Metric {
   kDiscoveryDuration,
   kVmInfo,
   kVmProbed,
+  kVmRunning,
   kVirtqueueNotifications,
   kVmUnmatchedIoWrites,
   kVmExits,

@@ -317,6 +317,11 @@ std::vector<MetricFamily> BuildMetricFamilies(const DaemonSnapshot& snap,
       case Metric::kVmProbed:
         for (const VmSlot& s : slots) Add(f, spec.id, {s.name}, s.vm->probed ? 1 : 0);
         break;
+      case Metric::kVmRunning:
+        for (const VmSlot& s : slots) {
+          Add(f, spec.id, {s.name}, !s.vm->departed && !IsFrozen(s.vm->info.run_state) ? 1 : 0);
+        }
+        break;
       case Metric::kVirtqueueNotifications:
         for (const VmSlot& s : slots) {
           const auto& devs = s.vm->info.devices;

@@ -151,7 +151,10 @@ json StatusJson(const std::vector<QueueView>& queues, const std::vector<AgentVie
                      {"requests_per_s", v.requests_per_s},
                      {"notifications_per_request", v.notifications_per_request},
                      {"mean_depth", v.mean_depth},
-                     {"action", v.last_action}});
+                     {"action", v.last_action},
+                     // The VM's run state; a frozen queue's policy and lease are held.
+                     {"state", v.vm_state.empty() ? std::string("running") : v.vm_state},
+                     {"frozen", v.frozen}});
   }
   json a = json::array();
   for (const AgentView& av : agents) a.push_back(json{{"vm", av.vm}, {"connected", av.connected}});

@@ -212,6 +212,22 @@ std::set<std::string> AgentServer::LiveTags() const {
   return out;
 }
 
+void AgentServer::CloseTags(const std::set<std::string>& tags) {
+  bool kicked = false;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [id, c] : conns_) {
+      if (c->done || c->tag.empty() || tags.count(c->tag) == 0) continue;
+      // As a failed Send() does: the server's thread closes it.
+      shutdown(c->fd, SHUT_RDWR);
+      c->done = true;
+      kicked_.push_back(id);
+      kicked = true;
+    }
+  }
+  if (kicked) Wake();
+}
+
 bool AgentServer::Claim(Conn* c, const ChannelDevice& d) {
   std::string owner;
   {

@@ -99,6 +99,9 @@ class AgentServer {
   // The tags of the connections still open, in one pass (a caller checking
   // a fleet of VMs asks once, not once per VM).
   std::set<std::string> LiveTags() const;
+  // Closes the connections with these tags (on the server's thread, soon):
+  // their devices are free to be announced by another connection then.
+  void CloseTags(const std::set<std::string>& tags);
 
   struct Collected {
     std::map<QueueKey, proto::QueueSample> samples;

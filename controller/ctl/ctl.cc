@@ -103,7 +103,7 @@ std::string Str(const json& j, const char* key) {
 std::string FormatStatusTable(const json& status) {
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"VM", "DEVICE", "QUEUE", "POLICY", "B", "T(us)", "NOTIF/S", "REQ/S",
-                  "NOTIF/REQ", "DEPTH", "AGENT", "LEASE"});
+                  "NOTIF/REQ", "DEPTH", "AGENT", "LEASE", "STATE"});
   if (status.contains("queues") && status["queues"].is_array()) {
     for (const json& q : status["queues"]) {
       std::string policy = Str(q, "mode");
@@ -121,7 +121,9 @@ std::string FormatStatusTable(const json& status) {
                       q.value("has_sample", false) ? Num(q, "notifications_per_request", 3)
                                                    : "-",
                       q.value("has_sample", false) ? Num(q, "mean_depth", 1) : "-",
-                      agent ? "up" : "down", lease});
+                      agent ? "up" : "down", lease,
+                      // The VM's run state: "paused", "migrating"... hold the law.
+                      q.contains("state") ? Str(q, "state") : "-"});
     }
   }
   std::vector<size_t> w(rows[0].size(), 0);

@@ -218,7 +218,9 @@ class Daemon::Attachment : public ScheduledTask {
     // A booting guest assigns its BARs within seconds: look again soon,
     // backing off to the periodic interval for a guest that never does.
     const absl::Duration every = d_.options_.refresh_interval;
-    bars_backoff_ = AwaitingBars(*info)
+    // So does a VM migrating in or out (it leaves that state by itself,
+    // and the MIGRATION event is off unless the `events` capability is on).
+    bars_backoff_ = AwaitingBars(*info) || InTransition(info->run_state)
                         ? std::min(every, bars_backoff_ == absl::ZeroDuration()
                                               ? absl::Seconds(1) : bars_backoff_ * 2)
                         : absl::ZeroDuration();
@@ -672,8 +674,119 @@ void Daemon::NeedKickSyscalls(size_t who, bool need, absl::string_view why) {
 }
 
 void Daemon::PublishVm(size_t attachment, const AttachedVm& vm) {
-  absl::MutexLock l(&registry_mu_);
-  vms_[attachment] = vm;
+  {
+    absl::ReleasableMutexLock l(&registry_mu_);
+    if (auto s = superseded_.find(attachment); s != superseded_.end()) {
+      if (s->second == vm.info.pid) return;  // its guest runs in another QEMU now
+      superseded_.erase(s);
+    }
+    if (vm.info.run_state == RunState::kInMigrate) {
+      // Not a VM of its own: the guest it receives still runs elsewhere (or
+      // comes from a file). Its probes count under its own vm_id from now.
+      const bool first = held_.count(attachment) == 0;
+      held_[attachment] = vm;
+      was_held_.insert(attachment);
+      vms_.erase(attachment);
+      l.Release();
+      if (first) {
+        Log(absl::StrFormat("VM '%s' pid %d is migrating in (inmigrate): held until it takes "
+                            "over", vm.info.name, vm.info.pid));
+      }
+      return;
+    }
+    held_.erase(attachment);
+    if (vms_.count(attachment) != 0) {
+      vms_[attachment] = vm;
+      return;
+    }
+    if (!HasPredecessor(attachment, vm)) {
+      was_held_.erase(attachment);  // published: what it came from is settled
+      vms_[attachment] = vm;
+      return;
+    }
+  }
+  // The predecessor's final counts, read with the lock order's backend_mu_
+  // first; the registry is looked at again below.
+  std::optional<CounterSnapshot> now;
+  if (probes_ != nullptr) {
+    absl::MutexLock b(&backend_mu_);
+    if (absl::StatusOr<CounterSnapshot> c = probes_->ReadCounters(); c.ok()) now = *std::move(c);
+  }
+  std::string note;
+  {
+    absl::MutexLock l(&registry_mu_);
+    if (vms_.count(attachment) == 0 && HasPredecessor(attachment, vm)) {
+      note = TakeOver(attachment, vm, now);
+    }
+    was_held_.erase(attachment);  // published: what it came from is settled
+    vms_[attachment] = vm;
+  }
+  if (!note.empty()) Log(note);
+}
+
+namespace {
+
+// A VM that left by migration: the destination takes over without having
+// been seen inmigrate (it completed between two refreshes).
+bool LeftByMigration(const AttachedVm& vm) {
+  return vm.info.run_state == RunState::kPostMigrate;
+}
+
+}  // namespace
+
+bool Daemon::HasPredecessor(size_t attachment, const AttachedVm& vm) const {
+  const bool held = was_held_.count(attachment) != 0;
+  for (const auto& [index, other] : vms_) {
+    if (index != attachment && SameGuest(other.info, vm.info) && (held || LeftByMigration(other)))
+      return true;
+  }
+  return std::any_of(departed_.begin(), departed_.end(), [&](const DepartedVm& d) {
+    return SameGuest(d.vm.info, vm.info) && (held || LeftByMigration(d.vm));
+  });
+}
+
+std::string Daemon::TakeOver(size_t attachment, const AttachedVm& vm,
+                             const std::optional<CounterSnapshot>& now) {
+  const bool held = was_held_.count(attachment) != 0;
+  auto from_here = [&](const AttachedVm& other) {
+    return SameGuest(other.info, vm.info) && (held || LeftByMigration(other));
+  };
+  AttachedVm from;
+  CounterSnapshot base;
+  std::string unread;
+  auto live = std::find_if(vms_.begin(), vms_.end(), [&](const auto& kv) {
+    return kv.first != attachment && from_here(kv.second);
+  });
+  // The latest departed one: its final counts (carried ones included) are
+  // kept by the retention code (RetireVm).
+  auto gone = std::find_if(departed_.rbegin(), departed_.rend(),
+                           [&](const DepartedVm& d) { return from_here(d.vm); });
+  if (live != vms_.end()) {
+    from = live->second;
+    if (now) {
+      base = CountersOf(*now, from.vm_id);
+    } else if (probes_ != nullptr) {
+      unread = "; probes unreadable at the takeover: its counts are not carried over";
+    }
+    if (auto c = carried_.find(from.vm_id); c != carried_.end()) {
+      AppendCounters(base, c->second);
+      carried_.erase(c);
+    }
+    superseded_[live->first] = from.info.pid;
+    vms_.erase(live);
+  } else if (gone != departed_.rend()) {
+    from = gone->vm;
+    base = gone->counters;
+    departed_.erase(std::next(gone).base());
+  } else {
+    return "";
+  }
+  carried_[vm.vm_id] = CarryCounters(base, from.info, vm.info, vm.vm_id);
+  uint64_t n = 0;
+  for (const NotificationCount& c : carried_[vm.vm_id].notifications) n += c.count;
+  return absl::StrFormat("VM '%s' migrated: pid %d (vm_id %d) takes over from pid %d (vm_id %d), "
+                         "continuing from its %d notifications%s",
+                         vm.info.name, vm.info.pid, vm.vm_id, from.info.pid, from.vm_id, n, unread);
 }
 
 void Daemon::RetireVm(size_t attachment, bool tracked) {
@@ -687,13 +800,22 @@ void Daemon::RetireVm(size_t attachment, bool tracked) {
     }
   }
   absl::MutexLock l(&registry_mu_);
+  held_.erase(attachment);
+  was_held_.erase(attachment);
   auto it = vms_.find(attachment);
   if (it == vms_.end()) return;
+  // What it carried from a migration is part of its final counts.
+  std::optional<CounterSnapshot> carried;
+  if (auto c = carried_.find(it->second.vm_id); c != carried_.end()) {
+    carried = std::move(c->second);
+    carried_.erase(c);
+  }
   if (retain) {
     DepartedVm d{std::move(it->second), CounterSnapshot{},
                  absl::Now() + options_.departed_retention};
     d.vm.departed = true;
     if (last) d.counters = CountersOf(*last, d.vm.vm_id);
+    if (carried) AppendCounters(d.counters, *carried);
     departed_.push_back(std::move(d));
   }
   vms_.erase(it);
@@ -735,10 +857,18 @@ std::optional<std::map<ProbeQueueId, uint64_t>> Daemon::NotificationTotals(
     absl::MutexLock b(&backend_mu_);
     c = probes_->ReadNotificationTotals(queues);
   }
+  absl::MutexLock r(&registry_mu_);
   if (!c.ok()) {
-    absl::MutexLock r(&registry_mu_);
     ++probe_errors_.read_counters;
     return std::nullopt;
+  }
+  // A migrated VM's totals continue from its predecessor's, as in Tick().
+  for (const ProbeQueueId& q : queues) {
+    auto base = carried_.find(std::get<0>(q));
+    if (base == carried_.end()) continue;
+    for (const NotificationCount& n : base->second.notifications) {
+      if (n.device_id == std::get<1>(q) && n.queue == std::get<2>(q)) (*c)[q] += n.count;
+    }
   }
   return *std::move(c);
 }
@@ -774,6 +904,9 @@ std::shared_ptr<const DaemonSnapshot> Daemon::Tick() {
     absl::MutexLock r(&registry_mu_);
     if (read_failed) ++probe_errors_.read_counters;
     for (const auto& [index, vm] : vms_) snap->vms.push_back(vm);
+    if (snap->counters) {
+      for (const auto& [vm_id, base] : carried_) AppendCounters(*snap->counters, base);
+    }
     if (vhost_vm_) snap->vms.push_back(VhostUserVm(snap->counters));
     std::sort(snap->vms.begin(), snap->vms.end(),
               [](const AttachedVm& a, const AttachedVm& b) { return a.vm_id < b.vm_id; });

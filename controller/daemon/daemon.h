@@ -202,7 +202,22 @@ class Daemon {
   static constexpr size_t kVhostUserNeed = ~size_t{0};
 
   void StartVhostUser();
+  // Registers the VM's current state. A VM migrating in (inmigrate) is held
+  // out of the registry; a VM that arrived by migration takes over its
+  // predecessor (TakeOver). See docs/operations.md, "VM lifecycle".
   void PublishVm(size_t attachment, const AttachedVm& vm);
+  // Whether `vm` (not yet published) came by migration from a VM in the
+  // registry or the departed list: it was held while incoming, or that VM
+  // is postmigrate (the destination was first seen after it completed).
+  bool HasPredecessor(size_t attachment, const AttachedVm& vm) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(registry_mu_);
+  // The predecessor leaves (a live one is not published again while its
+  // QEMU lives; a departed one is dropped) and its final counts, read in
+  // `now`, become the base `vm`'s own counts are added to (carried_).
+  // Returns the line to log (after the lock), "" when there was none.
+  std::string TakeOver(size_t attachment, const AttachedVm& vm,
+                       const std::optional<CounterSnapshot>& now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(registry_mu_);
   // Takes the VM out of the registry; it stays in snapshots, with the
   // counts it had (read here when `tracked`), for departed_retention.
   void RetireVm(size_t attachment, bool tracked);
@@ -256,6 +271,15 @@ class Daemon {
     absl::Time until;
   };
   std::vector<DepartedVm> departed_ ABSL_GUARDED_BY(registry_mu_);
+  // Migration (PublishVm): incoming VMs held out of the registry, by
+  // attachment; attachments that were held (their VM came by migration);
+  // attachments whose VM a destination took over -> that VM's pid (not
+  // published again while it lives); the counts a migrated VM's own are
+  // added to, by its vm_id (a live VM's only: moved to departed_ with it).
+  std::map<size_t, AttachedVm> held_ ABSL_GUARDED_BY(registry_mu_);
+  std::set<size_t> was_held_ ABSL_GUARDED_BY(registry_mu_);
+  std::map<size_t, uint32_t> superseded_ ABSL_GUARDED_BY(registry_mu_);
+  std::map<uint32_t, CounterSnapshot> carried_ ABSL_GUARDED_BY(registry_mu_);
   std::map<size_t, QmpAttachmentStatus> qmp_status_ ABSL_GUARDED_BY(registry_mu_);
   DaemonProbeErrors probe_errors_ ABSL_GUARDED_BY(registry_mu_);
   uint64_t map_full_[kNumProbeMaps] ABSL_GUARDED_BY(registry_mu_) = {};

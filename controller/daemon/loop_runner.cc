@@ -14,6 +14,7 @@
 #include <map>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -213,6 +214,7 @@ void LoopRunner::StepOnce() {
   std::vector<QueueInput> inputs;
   std::map<QueueKey, ProbeQueueId> counted_ids;
   std::set<std::string> names;
+  std::set<std::string> vm_tags;  // the agent channels of the VMs here now
   for (const AttachedVm& vm : snap.vms) {
     if (vm.departed) continue;  // only on /metrics, for its final counts
     // The exporter's naming (a repeated -name is told apart by pid).
@@ -222,10 +224,13 @@ void LoopRunner::StepOnce() {
       names.insert(name);
     }
     ConnectVmAgent(vm, name, live_tags);
+    if (ports_ != nullptr) vm_tags.insert(VmAgentTag(ports_->Get(vm.info.qmp_path)));
     for (const VirtioDeviceInfo& d : vm.info.devices) {
       for (uint16_t q = 0; q < d.num_queues && q < proto::kMaxQueuesPerDevice; ++q) {
         QueueInput in;
         in.key = {name, d.label, q};
+        in.frozen = IsFrozen(vm.info.run_state);
+        in.vm_state = RunStateName(vm.info.run_state);
         // A --vhost-user frontend's queue is host-counted only while a live
         // frontend has a kick fd bound for it (one connected before vkickd
         // started is not, until it reconnects): otherwise the driver's own
@@ -241,6 +246,7 @@ void LoopRunner::StepOnce() {
       }
     }
   }
+  CloseStaleVmChannels(live_tags, vm_tags);
   const int64_t now = MonoNs();
   {
     absl::MutexLock l(&mu_);
@@ -323,7 +329,7 @@ void LoopRunner::ConnectVmAgent(const AttachedVm& vm, const std::string& name,
   if (ports_ == nullptr || server_ == nullptr) return;
   const std::string path = ports_->Get(vm.info.qmp_path);
   if (path.empty()) return;
-  const std::string tag = absl::StrCat("virtio-serial ", path);
+  const std::string tag = VmAgentTag(path);
   if (live_tags.count(tag)) return;
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -366,6 +372,24 @@ void LoopRunner::ConnectVmAgent(const AttachedVm& vm, const std::string& name,
   }
   port_errors_.erase(tag);
   Log(absl::StrCat("agent channel ", tag, ": connected for VM '", name, "'"));
+}
+
+void LoopRunner::CloseStaleVmChannels(const std::set<std::string>& live_tags,
+                                      const std::set<std::string>& vm_tags) {
+  if (server_ == nullptr) return;
+  // A VM channel whose VM left the snapshot while its QEMU still runs: a
+  // migration source whose guest runs in the destination now. Its agent
+  // owns the guest's devices while connected, so the destination's channel
+  // (the same agent, reconnected) could not announce them: closed.
+  std::set<std::string> stale;
+  for (const std::string& tag : live_tags) {
+    if (absl::StartsWith(tag, kVmAgentTagPrefix) && vm_tags.count(tag) == 0) stale.insert(tag);
+  }
+  if (stale.empty()) return;
+  for (const std::string& tag : stale) {
+    Log(absl::StrCat("agent channel ", tag, ": closed, its VM is no longer here (migrated)"));
+  }
+  server_->CloseTags(stale);
 }
 
 std::string LoopRunner::HandleAdmin(const AdminRequest& req, const AdminPeer& peer) {

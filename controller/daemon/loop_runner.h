@@ -59,6 +59,10 @@ struct LoopRunnerOptions {
 // The known devices an agent on --agent-socket is matched against.
 std::vector<ChannelDevice> VhostUserChannelDevices(const LoopRunnerOptions& o);
 
+// The AgentServer tag of a VM's virtio-serial channel at `path`.
+inline constexpr char kVmAgentTagPrefix[] = "virtio-serial ";
+inline std::string VmAgentTag(const std::string& path) { return kVmAgentTagPrefix + path; }
+
 // Where --all's spec is kept (PolicyStore persists entries only).
 inline constexpr char kDefaultPolicyFile[] = "default-policy.v1";
 
@@ -108,6 +112,9 @@ class LoopRunner {
   // has it open.
   void ConnectVmAgent(const AttachedVm& vm, const std::string& name,
                       const std::set<std::string>& live_tags);
+  // Closes the VM channels in `live_tags` that are not in `vm_tags`.
+  void CloseStaleVmChannels(const std::set<std::string>& live_tags,
+                            const std::set<std::string>& vm_tags);
   // Adds to `inputs` the --vhost-user queues only agents announced (not in
   // the probes' pseudo-VM), until their lease runs out once unreported.
   void AddAnnouncedVhostQueues(const std::set<QueueKey>& connected, int64_t now_ns,

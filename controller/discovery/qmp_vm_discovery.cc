@@ -20,6 +20,17 @@ constexpr absl::string_view kPeripheral = "/machine/peripheral/";
 constexpr absl::string_view kBackendSuffix = "/virtio-backend";
 constexpr int kMaxEventsPerWait = 256;
 
+// A string member of a QMP reply, "" when absent or not a string (the
+// lifecycle fields are best effort: unknown rather than a failed refresh).
+std::string StringMemberOr(const json& j, const char* key) {
+  if (!j.is_object()) return "";
+  auto it = j.find(key);
+  if (it == j.end() || !it->is_string()) return "";
+  // Bounded: a state or uuid name is short; a peer's long string is garbage.
+  std::string v = it->get<std::string>();
+  return v.size() <= 64 ? v : "";
+}
+
 std::string Dirname(absl::string_view path) {
   size_t slash = path.rfind('/');
   if (slash == absl::string_view::npos || slash == 0) return "/";
@@ -32,8 +43,11 @@ bool IsDiscoveryEvent(absl::string_view name) {
   // RESET: firmware re-assigns BARs. DEVICE_DELETED/DEVICE_ADDED (8.x):
   // device set changes. WAKEUP: firmware ran again after S3. RESUME: a VM
   // resumed after migration or `cont` (first BAR assignment follows).
+  // STOP, SUSPEND, MIGRATION (with the `events` capability): the run state
+  // changed (vm_lifecycle.h), re-read it.
   return name == "RESET" || name == "DEVICE_DELETED" || name == "DEVICE_ADDED" ||
-         name == "WAKEUP" || name == "RESUME";
+         name == "WAKEUP" || name == "RESUME" || name == "STOP" || name == "SUSPEND" ||
+         name == "MIGRATION";
 }
 
 absl::StatusOr<std::unique_ptr<QmpVmDiscovery>> QmpVmDiscovery::Connect(std::string path,
@@ -163,18 +177,35 @@ absl::StatusOr<VmInfo> QmpVmDiscovery::Refresh() {
 
   // One round trip: the name (fixed for the process, asked once per
   // connection), the vCPUs and the PCI tree, pipelined.
-  std::vector<QmpCommand> ask = {{"query-cpus-fast"}, {"query-pci"}};
+  // The run state and the uuid ride along (lifecycle: vm_lifecycle.h).
+  std::vector<QmpCommand> ask = {{"query-cpus-fast"}, {"query-pci"}, {"query-status"},
+                                 {"query-migrate"}};
+  const size_t name_at = ask.size();
   if (!name_) ask.push_back({"query-name"});
+  const size_t uuid_at = ask.size();
+  if (!uuid_) ask.push_back({"query-uuid"});
   std::vector<absl::StatusOr<json>> replies = client_->ExecuteAll(ask);
-  for (const auto& r : replies) {
-    if (!r.ok()) return r.status();
+  for (size_t i = 0; i < replies.size(); ++i) {
+    // QEMU refusing a lifecycle query (a peer that does not implement it)
+    // leaves that part unknown; anything else fails the refresh.
+    const bool lifecycle = i == 2 || i == 3 || i == uuid_at;
+    if (!replies[i].ok() && !(lifecycle && QmpErrorClass(replies[i].status()).has_value())) {
+      return replies[i].status();
+    }
   }
   if (!name_) {
-    absl::StatusOr<std::string> parsed_name = ParseQueryName(*replies[2]);
+    absl::StatusOr<std::string> parsed_name = ParseQueryName(*replies[name_at]);
     if (!parsed_name.ok()) return parsed_name.status();
     name_ = parsed_name->empty() ? absl::StrCat("pid", info.pid) : *parsed_name;
   }
   info.name = *name_;
+  if (!uuid_) {
+    uuid_ = replies[uuid_at].ok() ? StringMemberOr(*replies[uuid_at], "UUID") : std::string();
+  }
+  info.uuid = *uuid_;
+  info.run_state = RunStateFrom(
+      replies[2].ok() ? StringMemberOr(*replies[2], "status") : std::string(),
+      replies[3].ok() ? StringMemberOr(*replies[3], "status") : std::string());
 
   absl::StatusOr<std::vector<uint32_t>> tids = ParseQueryCpusFast(*replies[0]);
   if (!tids.ok()) return tids.status();
@@ -337,7 +368,14 @@ absl::StatusOr<bool> QmpVmDiscovery::WaitForEvent(absl::Duration timeout) {
     if (!ev->has_value()) return false;
     const std::string& name = (*ev)->name;
     if (name == "SHUTDOWN") {
-      return absl::UnavailableError(absl::StrCat("QMP ", path_, ": VM shut down"));
+      // QEMU exits after a SHUTDOWN unless it runs with -no-shutdown; then
+      // it stays, in run state "shutdown", the same VM. A host's quit or
+      // signal ends it for certain: gone now, not at the socket's close.
+      const std::string why = (*ev)->data.is_object() ? StringMemberOr((*ev)->data, "reason") : "";
+      if (why == "host-qmp-quit" || why == "host-signal") {
+        return absl::UnavailableError(absl::StrCat("QMP ", path_, ": VM shut down (", why, ")"));
+      }
+      return true;
     }
     if (name == "DEVICE_DELETED") {
       // A device re-added under the same id may differ: ask again.

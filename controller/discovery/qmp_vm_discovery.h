@@ -85,6 +85,7 @@ class QmpVmDiscovery : public VmDiscovery {
   std::map<std::string, uint16_t> device_ids_;      // by label, never reused
   uint16_t next_device_id_ = 0;
   std::optional<std::string> name_;  // -name, or "pid<N>"; asked once
+  std::optional<std::string> uuid_;  // -uuid; asked once ("" if QEMU refused)
   bool kvm_asked_ = false;
   std::optional<bool> kvm_;
 };

@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "controller/discovery/vm_lifecycle.h"
 #include "controller/probes/probe_backend.h"
 
 namespace vkick {
@@ -46,6 +47,12 @@ struct VmInfo {
   // a VM with a vhost-user device, the one case it decides anything (which
   // probes count its kicks); unknown otherwise, or when QEMU did not say.
   std::optional<bool> kvm;
+  // query-uuid (-uuid; the nil uuid without it): with the name, tells the
+  // same guest in another QEMU process (a migration destination) apart.
+  std::string uuid;
+  // query-status (and query-migrate): whether the guest runs
+  // (vm_lifecycle.h). kUnknown when QEMU did not say.
+  RunState run_state = RunState::kUnknown;
 };
 
 // One QMP connection to one VM. Implementations: QmpVmDiscovery (live QEMU)

@@ -61,6 +61,20 @@ double LatencyMidSeconds(size_t bucket) {
 // Modes whose B and T the driver applies (event-idx batches when B > 1).
 bool Batching(proto::KickMode m) { return m != proto::KickMode::kImmediate; }
 
+// A sample's cumulative data (requests, kicks, histograms) into the view.
+void AddToTotals(QueueView& v, const proto::QueueSample& s) {
+  v.requests_total += s.requests;
+  v.guest_kicks_total += s.kicks;
+  v.timer_kicks_total += s.timer_kicks;
+  v.completed_total += s.completed;
+  for (size_t i = 0; i < proto::kDepthBuckets; ++i) v.depth_hist[i] += s.depth_hist[i];
+  for (size_t i = 0; i < proto::kLatencyBuckets; ++i) {
+    v.latency_hist[i] += s.latency_hist[i];
+    v.latency_sum_s += s.latency_hist[i] * LatencyMidSeconds(i);
+  }
+  v.depth_sum += s.mean_depth_milli / 1000.0 * s.requests;
+}
+
 }  // namespace
 
 ControlLoop::ControlLoop(LoopConfig config, uint64_t generation_base)
@@ -94,7 +108,7 @@ std::vector<PolicyOut> ControlLoop::Step(const PolicyTable& table,
   std::vector<PolicyOut> out;
   for (const auto& [key, st] : queues_) {
     const QueueView& v = st.view;
-    if (!v.agent_connected || v.observe_only) continue;
+    if (!v.agent_connected || v.observe_only || v.frozen) continue;
     PolicyOut p;
     p.key = key;
     p.mode = v.mode;
@@ -110,6 +124,32 @@ std::vector<PolicyOut> ControlLoop::Step(const PolicyTable& table,
 void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInput& in,
                             int64_t now_ns) {
   QueueView& v = st.view;
+  v.frozen = in.frozen;
+  v.vm_state = in.vm_state;
+  if (in.frozen && st.initialised) {
+    // The law holds: nothing is learnt from the absence of samples. The
+    // agent may still come or go (a migration's new channel): that is shown.
+    v.agent_connected = in.agent_connected;
+    // A sample sent just before the guest stopped still counts in the
+    // totals (the histograms and counters): it only steers nothing.
+    if (in.sample) AddToTotals(v, *in.sample);
+    HoldFrozen(st, now_ns);
+    if (in.host_notifications_total) st.host_prev = *in.host_notifications_total;
+    auto [spec, source] = ResolveWithSource(table, in.key);
+    if (spec == v.spec && source == v.source) return;
+    // An operator changed the policy meanwhile: taken now (status shows
+    // it, with a new generation), sent at the resume. As a Step without a
+    // sample, and without a lease expiry: the guest has not run.
+    QueueInput change = in;
+    change.frozen = false;
+    change.sample.reset();
+    change.agent_connected = true;
+    StepQueue(st, table, change, now_ns);
+    v.frozen = true;
+    v.agent_connected = in.agent_connected;
+    HoldFrozen(st, now_ns);
+    return;
+  }
   auto [spec, source] = ResolveWithSource(table, in.key);
   const bool mode_changed = !st.initialised || spec.mode != v.spec.mode;
   const bool spec_changed = !st.initialised || !(spec == v.spec);
@@ -164,16 +204,7 @@ void ControlLoop::StepQueue(State& st, const PolicyTable& table, const QueueInpu
     v.applied_mode = s.applied_mode;
     v.applied_batch = s.applied_batch;
     v.applied_defer_ns = s.applied_defer_ns;
-    v.requests_total += s.requests;
-    v.guest_kicks_total += s.kicks;
-    v.timer_kicks_total += s.timer_kicks;
-    v.completed_total += s.completed;
-    for (size_t i = 0; i < proto::kDepthBuckets; ++i) v.depth_hist[i] += s.depth_hist[i];
-    for (size_t i = 0; i < proto::kLatencyBuckets; ++i) {
-      v.latency_hist[i] += s.latency_hist[i];
-      v.latency_sum_s += s.latency_hist[i] * LatencyMidSeconds(i);
-    }
-    v.depth_sum += s.mean_depth_milli / 1000.0 * s.requests;
+    AddToTotals(v, s);
   }
   if (in.agent_connected) {
     st.renewed_ns = now_ns;  // this Step's policy renews its lease
@@ -258,6 +289,17 @@ void ControlLoop::AgentGone(State& st, bool host_counted, int64_t now_ns) const 
   v.applied_mode = proto::KickMode::kImmediate;
   v.applied_batch = 1;
   v.applied_defer_ns = 0;
+}
+
+void ControlLoop::HoldFrozen(State& st, int64_t now_ns) const {
+  QueueView& v = st.view;
+  v.requests_per_s = 0;
+  v.notifications_per_s = 0;
+  v.notifications_per_request = 0;
+  v.mean_depth = 0;
+  // The lease last sent is as good as it was: the guest has not run since.
+  if (st.renewed_ns) st.renewed_ns = now_ns;
+  st.last_step_ns = now_ns;
 }
 
 std::vector<QueueView> ControlLoop::View() const {

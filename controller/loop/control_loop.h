@@ -54,6 +54,14 @@ struct QueueInput {
   // from the spec's starting point: a B tuned for the previous driver
   // process says nothing about the next one, and B = 1 never adds latency.
   uint64_t agent_connection = 0;
+  // The VM runs no vCPU or is being migrated (vm_lifecycle.h IsFrozen):
+  // the queue is held as it is. No (mode, B, T) change, none sent (nobody
+  // would read it), and its lease does not run out: the guest's clock stands
+  // still too, so the lease counts again from the resume.
+  bool frozen = false;
+  // The VM's run state as vkickctl shows it ("running", "paused", ...;
+  // RunStateName), passed through; "" for queues of no VM (--vhost-user).
+  std::string vm_state;
   // A sample received since the last Step (consumed by this Step).
   std::optional<proto::QueueSample> sample;
   // The host total when that sample (its latest part) arrived. The guest's
@@ -83,6 +91,8 @@ struct QueueView {
   uint64_t acked_generation = 0;  // the highest generation the agent acked
   bool agent_connected = false;
   bool observe_only = false;      // the guest kernel's driver: no policy
+  bool frozen = false;            // QueueInput::frozen: held as it is
+  std::string vm_state;           // QueueInput::vm_state
   proto::DriverKind driver = proto::DriverKind::kVkickBlk;  // QueueInput::driver
   bool has_sample = false;        // the fields below come from a sample
   proto::LeaseState guest_lease = proto::LeaseState::kNone;
@@ -151,6 +161,8 @@ class ControlLoop {
   };
   void StepQueue(State& st, const PolicyTable& table, const QueueInput& in, int64_t now_ns);
   void AgentGone(State& st, bool host_counted, int64_t now_ns) const;
+  // A frozen queue's Step: its policy and lease held, its rates zero.
+  void HoldFrozen(State& st, int64_t now_ns) const;
 
   LoopConfig config_;
   uint64_t next_generation_;

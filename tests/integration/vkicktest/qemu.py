@@ -17,12 +17,15 @@ class QemuVm:
     the test can read the guest's summary and send it go/quit bytes."""
 
     def __init__(self, tb, name, accel, devices, append, mem_mb=64, shared_mem=False,
-                 extra=()):
+                 extra=(), tag=None):
+        """`tag` names the sockets and the process (default: `name`): a
+        migration destination has the source's -name and sockets of its own."""
         self.tb = tb
         self.name = name
-        self.qmp_vkickd = tb.path("%s-qmp-vkickd.sock" % name)
-        self.qmp_test = tb.path("%s-qmp-test.sock" % name)
-        self.serial_path = tb.path("%s-serial.sock" % name)
+        tag = tag or name
+        self.qmp_vkickd = tb.path("%s-qmp-vkickd.sock" % tag)
+        self.qmp_test = tb.path("%s-qmp-test.sock" % tag)
+        self.serial_path = tb.path("%s-serial.sock" % tag)
         argv = [require_binary("qemu-system-x86_64"), "-name", name, "-S",
                 "-nodefaults", "-display", "none", "-no-reboot", "-m", "%dM" % mem_mb,
                 "-qmp", "unix:%s,server=on,wait=off" % self.qmp_vkickd,
@@ -44,7 +47,7 @@ class QemuVm:
             argv += list(d)
         argv += list(extra)
         argv += ["-kernel", guest_elf(), "-append", append]
-        self.proc = tb.spawn("qemu-" + name, argv)
+        self.proc = tb.spawn("qemu-" + tag, argv)
         self.pid = self.proc.pid
         # The sockets appear once QEMU has parsed its options.
         wait_until(lambda: all(os.path.exists(p) for p in

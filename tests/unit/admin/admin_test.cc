@@ -89,6 +89,14 @@ TEST(AdminProtocolTest, StatusJson) {
   EXPECT_EQ(j["queues"][0]["defer_us"], 50.0);
   EXPECT_EQ(j["agents"][0]["connected"], 1);
   EXPECT_EQ(j["default"]["mode"], "immediate");
+  EXPECT_EQ(j["queues"][0]["state"], "running") << "no VM state: a --vhost-user queue";
+  EXPECT_EQ(j["queues"][0]["frozen"], false);
+  v.vm_state = "suspended";
+  v.frozen = true;
+  EXPECT_EQ(StatusJson({v}, {}, {}, 0)["queues"][0]["state"], "suspended");
+  EXPECT_EQ(StatusJson({v}, {}, {}, 0)["queues"][0]["frozen"], true);
+  v.vm_state.clear();
+  v.frozen = false;
   // The driver the agent announced, steered or observed.
   v.driver = proto::DriverKind::kVkickVirtioBlk;
   EXPECT_EQ(StatusJson({v}, {}, {}, 0)["queues"][0]["driver"], "vkick-virtio-blk");

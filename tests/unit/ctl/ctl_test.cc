@@ -66,7 +66,7 @@ TEST(CtlTest, StatusTable) {
      "notifications_per_request":0.0625,"mean_depth":31.5},
     {"vm":"vm1","device":"disk0","queue":1,"mode":"immediate","source":"default","batch":1,
      "defer_us":0,"generation":2,"acked_generation":0,"agent":false,"has_sample":false,
-     "lease":"none","notifications_per_s":0}]})");
+     "lease":"none","notifications_per_s":0,"state":"paused","frozen":true}]})");
   std::string t = FormatStatusTable(j);
   std::vector<std::string> lines = absl::StrSplit(t, '\n', absl::SkipEmpty());
   ASSERT_EQ(lines.size(), 3u) << t;
@@ -79,6 +79,9 @@ TEST(CtlTest, StatusTable) {
   // Columns align: every row puts POLICY at the same offset.
   EXPECT_EQ(lines[1].find("adaptive"), lines[0].find("POLICY"));
   EXPECT_EQ(lines[2].find("immediate"), lines[0].find("POLICY"));
+  // The VM's run state (older vkickd: no "state", shown as "-").
+  EXPECT_EQ(lines[2].find("paused"), lines[0].find("STATE")) << t;
+  EXPECT_EQ(lines[1].rfind("-"), lines[0].find("STATE")) << t;
   EXPECT_NE(FormatStatusTable(nlohmann::json::parse(R"({"ok":true,"queues":[]})"))
                 .find("no queues"),
             std::string::npos);

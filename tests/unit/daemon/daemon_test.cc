@@ -644,5 +644,242 @@ TEST(DaemonTest, ADepartedVmKeepsItsFinalCountsForTheRetention) {
   EXPECT_THAT(Exposition(d), Not(HasSubstr("vm=\"gone\"")));
 }
 
+// ---- VM lifecycle: run state, migration (docs/operations.md "VM lifecycle")
+
+namespace lifecycle {
+
+constexpr char kUuid[] = "6c1e9d8a-1f0b-4e5c-9a1d-0000000000aa";
+
+VmInfo Guest(uint32_t pid, RunState state, uint64_t bar = 0xfe000000) {
+  VmInfo vm = TwoDiskVm("guest", pid, bar);
+  vm.uuid = kUuid;
+  vm.run_state = state;
+  return vm;
+}
+
+// The destination's discovery numbers its devices its own way.
+VmInfo Destination(uint32_t pid, RunState state) {
+  VmInfo vm = Guest(pid, state, 0xfd000000);
+  vm.devices[0].device_id = 7;  // disk0
+  for (NotifyTarget& t : vm.devices[0].notify_targets) t.device_id = 7;
+  return vm;
+}
+
+uint64_t Notifications(const DaemonSnapshot& s, uint32_t vm_id, uint16_t dev, uint16_t q) {
+  uint64_t n = 0;
+  if (!s.counters) return 0;
+  for (const NotificationCount& c : s.counters->notifications) {
+    if (c.vm_id == vm_id && c.device_id == dev && c.queue == q) n += c.count;
+  }
+  return n;
+}
+
+const AttachedVm* Live(const DaemonSnapshot& s, uint32_t pid) {
+  for (const AttachedVm& vm : s.vms) {
+    if (!vm.departed && vm.info.pid == pid) return &vm;
+  }
+  return nullptr;
+}
+
+struct Migration {
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  std::unique_ptr<Daemon> d;
+
+  void Start(absl::Duration retention = absl::Seconds(60)) {
+    DaemonOptions o = FastOptions({"/src.qmp", "/dst.qmp"}, log);
+    o.departed_retention = retention;
+    d = std::make_unique<Daemon>(o, &probes, world.Factory());
+    ASSERT_TRUE(d->Start().ok());
+  }
+  uint32_t VmIdOf(uint32_t pid) {
+    uint32_t id = 0;
+    EXPECT_TRUE(Eventually([&] {
+      for (const auto& [vm_id, tgid] : probes.tracked()) {
+        if (tgid == pid) id = vm_id;
+      }
+      return id != 0;
+    }));
+    return id;
+  }
+  // Counts of disk0 queue 0 (device id `dev` in that QEMU) per vm_id.
+  void Count(std::vector<std::tuple<uint32_t, uint16_t, uint64_t>> counts) {
+    CounterSnapshot c;
+    for (auto [vm_id, dev, n] : counts) c.notifications.push_back({vm_id, dev, 0, n});
+    probes.set_counters(c);
+  }
+};
+
+TEST(DaemonLifecycleTest, RunStateIsPublishedAndExported) {
+  Migration m;
+  m.world.Set("/src.qmp", QmpMode::kLive, Guest(100, RunState::kRunning));
+  m.Start();
+  ASSERT_TRUE(Eventually([&] { return Live(*m.d->Tick(), 100) != nullptr; }));
+  EXPECT_THAT(Exposition(*m.d), HasSubstr("vkick_vm_running{vm=\"guest\"} 1"));
+  m.world.Update("/src.qmp", Guest(100, RunState::kPaused));
+  m.world.PushEvent("/src.qmp");  // STOP
+  ASSERT_TRUE(Eventually([&] {
+    const AttachedVm* vm = Live(*m.d->Tick(), 100);
+    return vm != nullptr && vm->info.run_state == RunState::kPaused;
+  }));
+  EXPECT_THAT(Exposition(*m.d), HasSubstr("vkick_vm_running{vm=\"guest\"} 0"));
+}
+
+TEST(DaemonLifecycleTest, ALiveMigratedVmTakesOverItsLabelAndContinuesItsCounts) {
+  Migration m;
+  m.world.Set("/src.qmp", QmpMode::kLive, Guest(100, RunState::kRunning));
+  m.Start();
+  const uint32_t src = m.VmIdOf(100);
+  m.Count({{src, 1, 300}});
+
+  // The destination starts with -incoming: held, not a second VM.
+  m.world.Set("/dst.qmp", QmpMode::kLive, Destination(200, RunState::kInMigrate));
+  const uint32_t dst = m.VmIdOf(200);
+  ASSERT_TRUE(Eventually([&] { return m.log.Count("migrating in (inmigrate)") == 1; }));
+  auto snap = m.d->Tick();
+  ASSERT_EQ(snap->vms.size(), 1u);
+  EXPECT_EQ(snap->vms[0].info.pid, 100u);
+
+  // Completed: the source is postmigrate, the destination runs.
+  m.world.Update("/src.qmp", Guest(100, RunState::kPostMigrate));
+  m.world.PushEvent("/src.qmp");
+  m.world.Update("/dst.qmp", Destination(200, RunState::kRunning));
+  m.world.PushEvent("/dst.qmp");
+  ASSERT_TRUE(Eventually([&] { return Live(*m.d->Tick(), 200) != nullptr; }));
+  m.Count({{src, 1, 300}, {dst, 7, 45}});
+  snap = m.d->Tick();
+  ASSERT_EQ(snap->vms.size(), 1u) << "the source left with its guest";
+  EXPECT_EQ(snap->vms[0].info.pid, 200u);
+  EXPECT_EQ(snap->vms[0].info.name, "guest");
+  EXPECT_EQ(Notifications(*snap, dst, 7, 0), 345u) << "300 of the source + 45 of its own";
+  const std::string series =
+      "vkick_virtqueue_notifications_total{vm=\"guest\",device=\"disk0\",queue=\"0\"} 345";
+  EXPECT_THAT(Exposition(*m.d), HasSubstr(series));
+  const ProbeQueueId q{dst, 7, 0};
+  auto totals = m.d->NotificationTotals({&q, 1});
+  ASSERT_TRUE(totals.has_value());
+  EXPECT_EQ((*totals)[q], 345u) << "sample stamps continue from the same base";
+  EXPECT_EQ(m.log.Count("migrated: pid 200", "takes over from pid 100"), 1);
+
+  // The source's QEMU refreshes on, then quits: never shown again, and
+  // nothing counted twice (no departed copy of its 300).
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_EQ(m.d->Tick()->vms.size(), 1u);
+  m.world.Set("/src.qmp", QmpMode::kMissing);
+  ASSERT_TRUE(Eventually([&] { return m.probes.tracked().count(src) == 0; }));
+  snap = m.d->Tick();
+  ASSERT_EQ(snap->vms.size(), 1u);
+  EXPECT_THAT(Exposition(*m.d), HasSubstr(series));
+
+  // And the destination departing keeps the carried counts in its final ones.
+  m.world.Set("/dst.qmp", QmpMode::kMissing);
+  ASSERT_TRUE(Eventually([&] { return m.probes.tracked().empty(); }));
+  m.Count({});  // untracked: the probes dropped its counts
+  snap = m.d->Tick();
+  ASSERT_EQ(snap->vms.size(), 1u);
+  EXPECT_TRUE(snap->vms[0].departed);
+  EXPECT_THAT(Exposition(*m.d), HasSubstr(series));
+}
+
+TEST(DaemonLifecycleTest, ARestoredVmContinuesFromTheSavedOnesFinalCounts) {
+  Migration m;
+  m.world.Set("/src.qmp", QmpMode::kLive, Guest(100, RunState::kRunning));
+  m.Start();
+  const uint32_t src = m.VmIdOf(100);
+  m.Count({{src, 1, 500}});
+  // migrate "exec:cat > FILE": postmigrate, then the operator quits it.
+  m.world.Update("/src.qmp", Guest(100, RunState::kPostMigrate));
+  m.world.PushEvent("/src.qmp");
+  ASSERT_TRUE(Eventually([&] {
+    const AttachedVm* vm = Live(*m.d->Tick(), 100);
+    return vm != nullptr && vm->info.run_state == RunState::kPostMigrate;
+  }));
+  m.world.Set("/src.qmp", QmpMode::kMissing);
+  ASSERT_TRUE(Eventually([&] { return m.d->Tick()->vms.at(0).departed; }));
+  m.Count({});  // its probe counts are gone with it; the departed copy has them
+
+  // A new QEMU with -incoming "exec:cat FILE".
+  m.world.Set("/dst.qmp", QmpMode::kLive, Destination(300, RunState::kInMigrate));
+  const uint32_t dst = m.VmIdOf(300);
+  ASSERT_TRUE(Eventually([&] { return m.log.Count("migrating in") == 1; }));
+  EXPECT_TRUE(m.d->Tick()->vms.at(0).departed) << "held: not shown";
+  m.world.Update("/dst.qmp", Destination(300, RunState::kRunning));
+  m.world.PushEvent("/dst.qmp");
+  ASSERT_TRUE(Eventually([&] { return Live(*m.d->Tick(), 300) != nullptr; }));
+  m.Count({{dst, 7, 20}});
+  auto snap = m.d->Tick();
+  ASSERT_EQ(snap->vms.size(), 1u) << "the departed copy is now the base";
+  EXPECT_FALSE(snap->vms[0].departed);
+  EXPECT_EQ(Notifications(*snap, dst, 7, 0), 520u);
+}
+
+TEST(DaemonLifecycleTest, ADestinationSeenOnlyAfterTheMigrationStillTakesOver) {
+  Migration m;
+  m.world.Set("/src.qmp", QmpMode::kLive, Guest(100, RunState::kPostMigrate));
+  m.Start();
+  const uint32_t src = m.VmIdOf(100);
+  m.Count({{src, 1, 77}});
+  ASSERT_TRUE(Eventually([&] { return Live(*m.d->Tick(), 100) != nullptr; }));
+  m.world.Set("/dst.qmp", QmpMode::kLive, Destination(200, RunState::kRunning));
+  const uint32_t dst = m.VmIdOf(200);
+  ASSERT_TRUE(Eventually([&] { return Live(*m.d->Tick(), 200) != nullptr; }));
+  auto snap = m.d->Tick();
+  ASSERT_EQ(snap->vms.size(), 1u);
+  EXPECT_EQ(Notifications(*snap, dst, 7, 0), 77u);
+}
+
+TEST(DaemonLifecycleTest, TwoRunningVmsWithOneIdentityAreNotAMigration) {
+  Migration m;
+  m.world.Set("/src.qmp", QmpMode::kLive, Guest(100, RunState::kRunning));
+  m.world.Set("/dst.qmp", QmpMode::kLive, Destination(200, RunState::kRunning));
+  m.Start();
+  const uint32_t a = m.VmIdOf(100), b = m.VmIdOf(200);
+  m.Count({{a, 1, 10}, {b, 7, 20}});
+  ASSERT_TRUE(Eventually([&] { return m.d->Tick()->vms.size() == 2; }));
+  auto snap = m.d->Tick();
+  EXPECT_EQ(Notifications(*snap, b, 7, 0), 20u) << "nothing carried";
+  EXPECT_EQ(m.log.Count("migrated"), 0);
+}
+
+TEST(DaemonLifecycleTest, AnotherGuestIsNotTakenOver) {
+  Migration m;
+  m.world.Set("/src.qmp", QmpMode::kLive, Guest(100, RunState::kPostMigrate));
+  m.Start();
+  const uint32_t src = m.VmIdOf(100);
+  m.Count({{src, 1, 10}});
+  VmInfo other = Destination(200, RunState::kInMigrate);
+  other.uuid = "6c1e9d8a-1f0b-4e5c-9a1d-0000000000bb";  // same name, another -uuid
+  m.world.Set("/dst.qmp", QmpMode::kLive, other);
+  const uint32_t dst = m.VmIdOf(200);
+  ASSERT_TRUE(Eventually([&] { return m.log.Count("migrating in") == 1; }));
+  other.run_state = RunState::kRunning;
+  m.world.Update("/dst.qmp", other);
+  m.world.PushEvent("/dst.qmp");
+  ASSERT_TRUE(Eventually([&] { return m.d->Tick()->vms.size() == 2; }));
+  EXPECT_EQ(Notifications(*m.d->Tick(), dst, 7, 0), 0u);
+  EXPECT_EQ(m.log.Count("migrated"), 0);
+}
+
+TEST(DaemonLifecycleTest, AFailedIncomingMigrationLeavesNoTrace) {
+  Migration m;
+  m.world.Set("/src.qmp", QmpMode::kLive, Guest(100, RunState::kMigrating));
+  m.world.Set("/dst.qmp", QmpMode::kLive, Destination(200, RunState::kInMigrate));
+  m.Start();
+  m.VmIdOf(200);
+  ASSERT_TRUE(Eventually([&] { return m.log.Count("migrating in") == 1; }));
+  m.world.Set("/dst.qmp", QmpMode::kMissing);  // the incoming QEMU exits
+  ASSERT_TRUE(Eventually([&] { return m.probes.tracked().size() == 1; }));
+  m.world.Update("/src.qmp", Guest(100, RunState::kRunning));  // migration failed: runs on
+  m.world.PushEvent("/src.qmp");
+  ASSERT_TRUE(Eventually([&] {
+    auto s = m.d->Tick();
+    return s->vms.size() == 1 && s->vms[0].info.run_state == RunState::kRunning;
+  }));
+  EXPECT_EQ(m.log.Count("migrated"), 0);
+}
+
+}  // namespace lifecycle
+
 }  // namespace
 }  // namespace vkick

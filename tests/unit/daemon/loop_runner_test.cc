@@ -132,6 +132,73 @@ TEST(LoopRunnerTest, PoliciesForDiscoveredQueuesPersistAndRestore) {
   d.Stop();
 }
 
+// A VM live-migrated to another QEMU process keeps its queues: the same keys
+// (no "vm1/pidN"), its policy, its generation, its host total continuing;
+// while the source is stopped at the end of the migration they are held.
+TEST(LoopRunnerTest, AMigratedVmKeepsItsQueuesPolicyAndGeneration) {
+  TempDir dir;
+  FakeWorld world;
+  FakeProbeBackend probes;
+  LogCapture log;
+  auto guest = [](uint32_t pid, RunState st) {
+    VmInfo vm = TwoDiskVm("vm1", pid);
+    vm.uuid = "6c1e9d8a-1f0b-4e5c-9a1d-0000000000aa";
+    vm.run_state = st;
+    return vm;
+  };
+  world.Set("/src.qmp", QmpMode::kLive, guest(1000, RunState::kRunning));
+  Daemon d(Fast({"/src.qmp", "/dst.qmp"}, log), &probes, world.Factory());
+  ASSERT_TRUE(d.Start().ok());
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.size() == 1; }));
+  const uint32_t src = d.Tick()->vms[0].vm_id;
+  LoopRunner r(RunnerOptions(dir.path(), log), d);
+  ASSERT_TRUE(r.Init().ok());
+  r.HandleAdmin(Set({"vm1", "", -1}, {proto::KickMode::kStatic, 4, 20'000}));
+  auto counts = [](std::vector<NotificationCount> n) {
+    CounterSnapshot c;
+    c.notifications = std::move(n);
+    return c;
+  };
+  probes.set_counters(counts({{src, 1, 0, 100}}));
+  r.StepOnce();
+  const QueueView before = *Find(r.Snapshot(), {"vm1", "disk0", 0});
+  ASSERT_EQ(before.spec.mode, proto::KickMode::kStatic);
+  EXPECT_EQ(before.vm_state, "running");
+
+  world.Set("/dst.qmp", QmpMode::kLive, guest(2000, RunState::kInMigrate));
+  ASSERT_TRUE(Eventually([&] { return log.Count("migrating in") == 1; }));
+  world.Update("/src.qmp", guest(1000, RunState::kPostMigrate));
+  world.PushEvent("/src.qmp");
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.at(0).info.run_state == RunState::kPostMigrate; }));
+  r.StepOnce();
+  LoopSnapshot s = r.Snapshot();
+  ASSERT_EQ(s.queues.size(), 3u) << "the held destination adds no queues";
+  EXPECT_TRUE(Find(s, {"vm1", "disk0", 0})->frozen);
+  EXPECT_EQ(Find(s, {"vm1", "disk0", 0})->vm_state, "postmigrate");
+
+  world.Update("/dst.qmp", guest(2000, RunState::kRunning));
+  world.PushEvent("/dst.qmp");
+  ASSERT_TRUE(Eventually([&] { return d.Tick()->vms.at(0).info.pid == 2000; }));
+  uint32_t dst = 0;
+  for (const auto& [vm_id, tgid] : probes.tracked()) {
+    if (tgid == 2000) dst = vm_id;
+  }
+  probes.set_counters(counts({{src, 1, 0, 100}, {dst, 1, 0, 50}}));
+  r.StepOnce();
+  s = r.Snapshot();
+  ASSERT_EQ(s.queues.size(), 3u);
+  const QueueView* q = Find(s, {"vm1", "disk0", 0});
+  ASSERT_NE(q, nullptr) << "same key: no vm1/pid2000";
+  EXPECT_FALSE(q->frozen);
+  EXPECT_EQ(q->vm_state, "running");
+  EXPECT_EQ(q->spec, (PolicySpec{proto::KickMode::kStatic, 4, 20'000}));
+  EXPECT_EQ(q->source, PolicySource::kVm);
+  EXPECT_EQ(q->generation, before.generation) << "the policy did not change";
+  const std::set<QueueKey> k0 = {{"vm1", "disk0", 0}};
+  EXPECT_EQ(r.HostTotalsNow(k0).at({"vm1", "disk0", 0}), 150u) << "100 + 50, continuing";
+  d.Stop();
+}
+
 TEST(LoopRunnerTest, UnwritableStateDirRefusesTheChange) {
   TempDir dir;
   LogCapture log;

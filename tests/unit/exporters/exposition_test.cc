@@ -127,6 +127,9 @@ vkick_vm_info{vm="web",pid="4242"} 1
 # HELP vkick_vm_probed 1 when the host probes count the VM (tracked, every notify address installed); 0 when they do not: a full probe map left it out (vkick_probe_map_full_total), or --no-probes.
 # TYPE vkick_vm_probed gauge
 vkick_vm_probed{vm="web"} 1
+# HELP vkick_vm_running 1 while the VM's guest runs; 0 while it is paused, suspended, migrating or shut down (vkickctl status names the state), or departed. While 0 the control loop holds its queues' policy and lease.
+# TYPE vkick_vm_running gauge
+vkick_vm_running{vm="web"} 1
 # HELP vkick_virtqueue_notifications_total Guest to host notifications (kicks) per virtqueue; every discovered queue is present from discovery on. device/queue "unknown" sums kicks for ids discovery does not know.
 # TYPE vkick_virtqueue_notifications_total counter
 vkick_virtqueue_notifications_total{vm="web",device="disk0",queue="0"} 3000

@@ -549,6 +549,123 @@ TEST(ControlLoopTest, PersistentDistrustSwitchesToPlainKicksWithANewGeneration) 
   EXPECT_EQ(ValidateOut(q.applied), proto::Rejection::kNone);
 }
 
+// A paused, suspended or migrating VM (QueueInput::frozen) sends no samples:
+// that absence must change nothing, its lease must not run out (the guest's
+// clock stands still too), and nothing is sent to it meanwhile.
+TEST(ControlLoopTest, AFrozenQueueHoldsItsLawAndLeaseAndIsSentNothing) {
+  PolicyTable table({proto::KickMode::kAdaptive, 1, 0});
+  ControlLoop loop({.lease_ns = 5 * kSec, .law = {}}, 0);
+  FakeQueue q;
+  q.depth = 32;
+  q.rate = 100'000;
+  int64_t t = 0;
+  for (int i = 0; i < 10; ++i) {
+    auto out = loop.Step(table, {q.Next()}, t += kSec);
+    ASSERT_EQ(out.size(), 1u);
+    q.applied = out[0];
+  }
+  ASSERT_EQ(q.applied.batch, 16u);
+  const QueueView before = loop.View().at(0);
+  ASSERT_EQ(before.guest_lease, proto::LeaseState::kActive);
+  // Paused for 30 s (six leases): the agent is silent, or its channel down.
+  for (int i = 0; i < 30; ++i) {
+    QueueInput in;
+    in.key = q.key;
+    in.frozen = true;
+    in.agent_connected = i < 10;
+    in.host_notifications_total = q.host_total;
+    EXPECT_TRUE(loop.Step(table, {in}, t += kSec).empty()) << "nothing is sent to a frozen VM";
+    QueueView v = loop.View().at(0);
+    EXPECT_TRUE(v.frozen);
+    EXPECT_EQ(v.b, before.b);
+    EXPECT_EQ(v.t_ns, before.t_ns);
+    EXPECT_EQ(v.mode, before.mode);
+    EXPECT_EQ(v.generation, before.generation);
+    EXPECT_EQ(v.guest_lease, proto::LeaseState::kActive) << "at " << i << " s";
+    EXPECT_EQ(v.lease_expiries, 0u);
+    EXPECT_EQ(v.requests_per_s, 0);
+  }
+  // A sample that arrived as the guest stopped: counted, steers nothing.
+  const uint64_t requests = loop.View().at(0).requests_total;
+  QueueInput late;
+  late.key = q.key;
+  late.frozen = true;
+  late.sample = MakeSample(1, 500, q.applied.mode, q.applied.batch, q.applied.defer_ns,
+                           q.applied.generation);
+  EXPECT_TRUE(loop.Step(table, {late}, t += kSec).empty());
+  EXPECT_EQ(loop.View().at(0).requests_total, requests + 500);
+  EXPECT_EQ(loop.View().at(0).b, before.b) << "depth 1 would have taken B to 1";
+  // Resumed, agent back: the law goes on from where it was.
+  auto out = loop.Step(table, {q.Next()}, t += kSec);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].batch, 16u);
+  EXPECT_EQ(out[0].generation, before.generation) << "no change, so no new generation";
+  EXPECT_FALSE(loop.View().at(0).frozen);
+}
+
+TEST(ControlLoopTest, ALeaseStillRunsOutAfterTheResumeWithoutAnAgent) {
+  PolicyTable table;
+  ControlLoop loop({.lease_ns = 5 * kSec, .law = {}}, 0);
+  FakeQueue q;
+  q.applied.generation = 1;
+  loop.Step(table, {q.Next()}, kSec);
+  QueueInput frozen;
+  frozen.key = q.key;
+  frozen.frozen = true;
+  for (int64_t t = 2; t <= 20; ++t) loop.Step(table, {frozen}, t * kSec);
+  ASSERT_EQ(loop.View().at(0).guest_lease, proto::LeaseState::kActive);
+  q.connected = false;  // resumed, but no agent renews it
+  loop.Step(table, {q.Next()}, 24 * kSec);
+  EXPECT_EQ(loop.View().at(0).guest_lease, proto::LeaseState::kActive) << "4 s since the resume";
+  loop.Step(table, {q.Next()}, 25 * kSec);
+  EXPECT_EQ(loop.View().at(0).guest_lease, proto::LeaseState::kExpired) << "5 s since the resume";
+}
+
+TEST(ControlLoopTest, AnOperatorsChangeWhileFrozenIsTakenAtOnceAndSentAtTheResume) {
+  PolicyTable table;
+  ControlLoop loop({.lease_ns = 5 * kSec, .law = {}}, 0);
+  FakeQueue q;
+  q.applied.generation = 1;
+  auto out = loop.Step(table, {q.Next()}, kSec);
+  ASSERT_EQ(out.at(0).mode, proto::KickMode::kImmediate);
+  const uint64_t gen = out[0].generation;
+  ASSERT_TRUE(table.Set({"vm1", "", -1}, {proto::KickMode::kStatic, 4, 20'000}).ok());
+  QueueInput frozen;
+  frozen.key = q.key;
+  frozen.frozen = true;
+  frozen.agent_connected = false;  // a paused guest's agent may be gone too
+  EXPECT_TRUE(loop.Step(table, {frozen}, 2 * kSec).empty()) << "nothing sent to a stopped VM";
+  QueueView v = loop.View().at(0);
+  EXPECT_EQ(v.mode, proto::KickMode::kStatic) << "vkickctl status shows the change";
+  EXPECT_EQ(v.b, 4u);
+  EXPECT_EQ(v.source, PolicySource::kVm);
+  EXPECT_GT(v.generation, gen);
+  EXPECT_TRUE(v.frozen);
+  EXPECT_FALSE(v.agent_connected);
+  for (int64_t t = 3; t <= 12; ++t) loop.Step(table, {frozen}, t * kSec);
+  EXPECT_EQ(loop.View().at(0).lease_expiries, 0u);
+  EXPECT_EQ(loop.View().at(0).generation, v.generation) << "taken once";
+  out = loop.Step(table, {q.Next()}, 13 * kSec);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].mode, proto::KickMode::kStatic);
+  EXPECT_EQ(out[0].batch, 4);
+  EXPECT_EQ(out[0].generation, v.generation);
+}
+
+TEST(ControlLoopTest, AQueueFirstSeenFrozenGetsItsInitialPolicy) {
+  PolicyTable table({proto::KickMode::kStatic, 8, 50'000});
+  ControlLoop loop({}, 0);
+  QueueInput in;
+  in.key = {"vm1", "disk0", 0};
+  in.frozen = true;  // started with -S, or discovered paused
+  loop.Step(table, {in}, kSec);
+  QueueView v = loop.View().at(0);
+  EXPECT_EQ(v.mode, proto::KickMode::kStatic);
+  EXPECT_EQ(v.b, 8u);
+  EXPECT_NE(v.generation, 0u);
+  EXPECT_TRUE(v.frozen);
+}
+
 TEST(ControlLoopTest, BucketBoundsMatchProtocol) {
   const auto& d = DepthBucketBounds();
   ASSERT_EQ(d.size(), proto::kDepthBuckets - 1);

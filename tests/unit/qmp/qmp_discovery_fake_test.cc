@@ -170,7 +170,8 @@ TEST_F(FakeDiscoveryTest, CapturedVmMapsEveryVirtioDevice) {
   ASSERT_TRUE(again.ok()) << again.status();
   std::vector<std::string> cmds = server_->commands();
   std::vector<std::string> second(cmds.begin() + before, cmds.end());
-  EXPECT_THAT(second, ::testing::ElementsAre("query-cpus-fast", "query-pci", "x-query-virtio"));
+  EXPECT_THAT(second, ::testing::ElementsAre("query-cpus-fast", "query-pci", "query-status",
+                                             "query-migrate", "x-query-virtio"));
   for (const VirtioDeviceInfo& d : again->devices) {
     EXPECT_EQ(d.device_id, Find(*vm, d.label)->device_id) << d.label;
   }
@@ -284,6 +285,40 @@ TEST_F(FakeDiscoveryTest, HangIsDeadlineExceeded) {
   EXPECT_EQ(disc->Refresh().status().code(), absl::StatusCode::kDeadlineExceeded);
 }
 
+TEST_F(FakeDiscoveryTest, RunStateAndUuidFromQueryStatusMigrateAndUuid) {
+  std::string status = "running", migration = "active";
+  ServeCapturedVm([&](const std::string& cmd, const json&) -> std::optional<FakeReply> {
+    if (cmd == "query-status") return Return({{"status", status}, {"running", status == "running"}});
+    if (cmd == "query-migrate") return Return({{"status", migration}});
+    if (cmd == "query-uuid") return Return({{"UUID", "5f0c1c2e-0000-4000-8000-00000000beef"}});
+    return std::nullopt;
+  });
+  std::unique_ptr<QmpVmDiscovery> disc = Connect();
+  ASSERT_NE(disc, nullptr);
+  absl::StatusOr<VmInfo> vm = disc->Refresh();
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  EXPECT_EQ(vm->run_state, RunState::kMigrating);
+  EXPECT_EQ(vm->uuid, "5f0c1c2e-0000-4000-8000-00000000beef");
+  status = "postmigrate";
+  migration = "completed";
+  vm = disc->Refresh();
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  EXPECT_EQ(vm->run_state, RunState::kPostMigrate);
+  size_t uuids = 0;
+  for (const std::string& c : server_->commands()) uuids += c == "query-uuid";
+  EXPECT_EQ(uuids, 1u) << "fixed for the process: asked once";
+}
+
+TEST_F(FakeDiscoveryTest, RunStateUnknownWhenQemuRefusesTheQueries) {
+  ServeCapturedVm();  // query-status/-migrate/-uuid: CommandNotFound
+  std::unique_ptr<QmpVmDiscovery> disc = Connect();
+  ASSERT_NE(disc, nullptr);
+  absl::StatusOr<VmInfo> vm = disc->Refresh();
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  EXPECT_EQ(vm->run_state, RunState::kUnknown);
+  EXPECT_EQ(vm->uuid, "");
+}
+
 TEST_F(FakeDiscoveryTest, EventsThatMatter) {
   ServeCapturedVm();
   std::unique_ptr<QmpVmDiscovery> disc = Connect();
@@ -291,17 +326,25 @@ TEST_F(FakeDiscoveryTest, EventsThatMatter) {
   absl::StatusOr<bool> none = disc->WaitForEvent(absl::Milliseconds(50));
   ASSERT_TRUE(none.ok());
   EXPECT_FALSE(*none);
-  // STOP changes nothing discovery cares about; RESET does.
+  // POWERDOWN changes nothing discovery cares about; STOP (the run state) does.
+  server_->SendEvent(R"({"event": "POWERDOWN", "timestamp": {"seconds": 1, "microseconds": 0}})");
+  absl::StatusOr<bool> other = disc->WaitForEvent(absl::Milliseconds(200));
+  ASSERT_TRUE(other.ok());
+  EXPECT_FALSE(*other);
   server_->SendEvent(R"({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}})");
-  absl::StatusOr<bool> stop = disc->WaitForEvent(absl::Milliseconds(200));
+  absl::StatusOr<bool> stop = disc->WaitForEvent(absl::Seconds(2));
   ASSERT_TRUE(stop.ok());
-  EXPECT_FALSE(*stop);
+  EXPECT_TRUE(*stop);
   server_->SendEvent(R"({"event": "RESET", "data": {"guest": true, "reason": "guest-reset"}})");
   absl::StatusOr<bool> reset = disc->WaitForEvent(absl::Seconds(2));
   ASSERT_TRUE(reset.ok());
   EXPECT_TRUE(*reset);
   server_->SendEvent(R"({"event": "DEVICE_DELETED", "data": {"device": "modern0", "path": "/machine/peripheral/modern0"}})");
   EXPECT_TRUE(*disc->WaitForEvent(absl::Seconds(2)));
+  // A guest's poweroff: QEMU may stay (-no-shutdown), in state "shutdown".
+  server_->SendEvent(R"({"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}})");
+  EXPECT_TRUE(*disc->WaitForEvent(absl::Seconds(2)));
+  // `quit`: QEMU exits for certain.
   server_->SendEvent(R"({"event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}})");
   EXPECT_EQ(disc->WaitForEvent(absl::Seconds(2)).status().code(), absl::StatusCode::kUnavailable);
 }
@@ -318,7 +361,10 @@ TEST_F(FakeDiscoveryTest, PeerClosingIsUnavailable) {
 TEST(IsDiscoveryEvent, Names) {
   EXPECT_TRUE(IsDiscoveryEvent("RESET"));
   EXPECT_TRUE(IsDiscoveryEvent("DEVICE_DELETED"));
-  EXPECT_FALSE(IsDiscoveryEvent("STOP"));
+  for (const char* e : {"STOP", "RESUME", "SUSPEND", "WAKEUP", "MIGRATION"}) {
+    EXPECT_TRUE(IsDiscoveryEvent(e)) << e;
+  }
+  EXPECT_FALSE(IsDiscoveryEvent("MIGRATION_PASS"));
   EXPECT_FALSE(IsDiscoveryEvent("BLOCK_JOB_COMPLETED"));
 }
 
