@@ -113,6 +113,10 @@ bool CheckFlags(absl::string_view binary, std::vector<std::string>& args) {
   return true;
 }
 
+#ifndef VKICK_VERSION
+#error "VKICK_VERSION is set by common/CMakeLists.txt"
+#endif
+
 // --help (and --helpshort) is a successful run: exit 0 with the binary's
 // own flags (Abseil 20220623 exits 1, which the binaries reserve for
 // failures). --helpfull and the others keep Abseil's handling.
@@ -120,6 +124,12 @@ void HelpIfAsked(const std::vector<std::string>& args, const FlagsSpec& spec) {
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "--") return;
+    // --version: one line, "NAME VERSION" (help2man makes the man pages from
+    // --help and --version; the version is debian/changelog's, via CMake).
+    if (a == "--version" || a == "-version") {
+      std::cout << spec.binary << " " << VKICK_VERSION << "\n";
+      std::exit(0);
+    }
     if (a == "--help" || a == "-help" || a == "--helpshort" || a == "-helpshort") {
       absl::flags_internal::FlagsHelp(std::cout, spec.binary, absl::flags_internal::HelpFormat::kHumanReadable,
                                       absl::ProgramUsageMessage());

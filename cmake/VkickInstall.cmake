@@ -1,0 +1,77 @@
+# cmake --install: everything an operator installs, at FHS paths under
+# CMAKE_INSTALL_PREFIX (/usr for the Debian packages, debian/rules):
+#   bin/vkickd, bin/vkickctl, bin/vkick-agent       the binaries
+#   share/man/man1/*.1                              man pages (help2man, from --help/--version)
+#   <VKICK_SYSTEMD_UNITDIR>/vkickd.service, vkick-agent.service
+#   lib/sysusers.d/vkick.conf, lib/tmpfiles.d/vkick.conf
+#   <VKICK_UDEV_RULESDIR>/60-vkick-agent.rules       starts vkick-agent when its virtio-serial port appears
+#   /etc/vkick/vkickd.conf                          the unit's EnvironmentFile (from vkickd.conf.example)
+#   share/doc/vkick/                                README and docs/
+#   share/vkick/prometheus/*.rules.yml, share/vkick/grafana/vkick-dashboard.json
+# The units name the installed binaries: their /usr/bin and /usr/share/doc
+# paths are rewritten when the prefix is not /usr.
+set(VKICK_SYSTEMD_UNITDIR ${CMAKE_INSTALL_PREFIX}/lib/systemd/system CACHE PATH
+    "systemd system units (Debian 12 packages: /lib/systemd/system)")
+set(VKICK_UDEV_RULESDIR ${CMAKE_INSTALL_PREFIX}/lib/udev/rules.d CACHE PATH
+    "udev rules (Debian 12 packages: /lib/udev/rules.d)")
+set(VKICK_SYSUSERSDIR ${CMAKE_INSTALL_PREFIX}/lib/sysusers.d CACHE PATH "sysusers.d(5) files")
+set(VKICK_TMPFILESDIR ${CMAKE_INSTALL_PREFIX}/lib/tmpfiles.d CACHE PATH "tmpfiles.d(5) files")
+set(VKICK_DOCDIR ${CMAKE_INSTALL_FULL_DATADIR}/doc/vkick)
+set(VKICK_DATADIR ${CMAKE_INSTALL_FULL_DATADIR}/vkick)
+
+set(_bins vkickd vkickctl)
+if(TARGET vkick-agent)
+  list(APPEND _bins vkick-agent)
+endif()
+install(TARGETS ${_bins} RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+
+# Units, with the installed paths.
+set(_unit_dir ${CMAKE_BINARY_DIR}/deploy/systemd)
+foreach(unit vkickd.service vkick-agent.service)
+  file(READ ${PROJECT_SOURCE_DIR}/deploy/systemd/${unit} _text)
+  string(REPLACE "/usr/bin/" "${CMAKE_INSTALL_FULL_BINDIR}/" _text "${_text}")
+  string(REPLACE "/usr/share/doc/vkick/" "${VKICK_DOCDIR}/" _text "${_text}")
+  file(CONFIGURE OUTPUT ${_unit_dir}/${unit} CONTENT "${_text}" @ONLY)
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/deploy/systemd/${unit})
+endforeach()
+install(FILES ${_unit_dir}/vkickd.service DESTINATION ${VKICK_SYSTEMD_UNITDIR})
+if(TARGET vkick-agent)
+  install(FILES ${_unit_dir}/vkick-agent.service DESTINATION ${VKICK_SYSTEMD_UNITDIR})
+  install(FILES deploy/systemd/vkick-agent.udev.rules DESTINATION ${VKICK_UDEV_RULESDIR} RENAME 60-vkick-agent.rules)
+endif()
+install(FILES deploy/systemd/vkick.sysusers DESTINATION ${VKICK_SYSUSERSDIR} RENAME vkick.conf)
+install(FILES deploy/systemd/vkick.tmpfiles DESTINATION ${VKICK_TMPFILESDIR} RENAME vkick.conf)
+install(FILES deploy/systemd/vkickd.conf.example DESTINATION ${CMAKE_INSTALL_FULL_SYSCONFDIR}/vkick RENAME vkickd.conf)
+
+install(FILES README.md DESTINATION ${VKICK_DOCDIR})
+install(DIRECTORY docs/ DESTINATION ${VKICK_DOCDIR} FILES_MATCHING PATTERN "*.md")
+install(FILES deploy/systemd/vkickd.conf.example DESTINATION ${VKICK_DOCDIR}/examples)
+install(FILES deploy/prometheus/vkick-alerts.rules.yml deploy/prometheus/vkick-recording.rules.yml
+              deploy/prometheus/prometheus.yml
+        DESTINATION ${VKICK_DATADIR}/prometheus)
+install(FILES deploy/grafana/vkick-dashboard.json DESTINATION ${VKICK_DATADIR}/grafana)
+
+# Man pages from --help and --version (help2man). VKICK_MANPAGES: AUTO (when
+# help2man is there), ON (required: the package build), OFF.
+set(VKICK_MANPAGES AUTO CACHE STRING "Generate man pages with help2man (AUTO, ON, OFF)")
+find_program(VKICK_HELP2MAN help2man)
+if(VKICK_MANPAGES STREQUAL "ON" AND NOT VKICK_HELP2MAN)
+  message(FATAL_ERROR "VKICK_MANPAGES=ON but help2man is not installed")
+endif()
+if(VKICK_HELP2MAN AND NOT VKICK_MANPAGES STREQUAL "OFF")
+  set(_man_vkickd "vkick host daemon: virtio kick and VM exit counters, kick batching control")
+  set(_man_vkickctl "show vkickd's control loop and switch kick policies live")
+  set(_man_vkick-agent "vkick guest agent: samples virtio-blk queues, applies the host's kick policies")
+  set(_pages)
+  foreach(b ${_bins})
+    set(_page ${CMAKE_BINARY_DIR}/man/${b}.1)
+    add_custom_command(OUTPUT ${_page}
+      COMMAND ${CMAKE_COMMAND} -E make_directory ${CMAKE_BINARY_DIR}/man
+      COMMAND ${VKICK_HELP2MAN} --no-info --section=1 --name=${_man_${b}} --output=${_page} $<TARGET_FILE:${b}>
+      DEPENDS ${b}
+      COMMENT "help2man ${b}.1")
+    list(APPEND _pages ${_page})
+  endforeach()
+  add_custom_target(vkick_manpages ALL DEPENDS ${_pages})
+  install(FILES ${_pages} DESTINATION ${CMAKE_INSTALL_MANDIR}/man1)
+endif()
