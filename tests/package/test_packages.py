@@ -155,8 +155,6 @@ def build():
         check("/etc/vkick/vkickd.conf" in conff, f"/etc/vkick/vkickd.conf is a conffile ({conff})")
         postinst = open(os.path.join(x, "DEBIAN/postinst")).read()
         check("systemd-sysusers" in postinst and "vkick.conf" in postinst, "postinst runs systemd-sysusers vkick.conf")
-        check("deb-systemd-helper enable" not in postinst.replace("deb-systemd-helper unmask", ""),
-              "postinst does not enable vkickd.service (decision: enabled by the operator)")
         r = run([x + "/usr/bin/vkickd", "--version"])
         check(r.returncode == 0 and r.stdout.strip() == f"vkickd {v1}",
               f"packaged vkickd --version says 'vkickd {v1}' (got {r.stdout.strip()!r})")
@@ -182,50 +180,59 @@ def mirror_sources():
 
 
 def chroot_tarball(extra):
-    """A cached mmdebstrap bookworm root (variant apt) with the packages named."""
+    """A cached mmdebstrap bookworm root (variant apt) with the packages named:
+    a directory, used read-only as the lower layer of an overlay (Root)."""
     if not shutil.which("mmdebstrap"):
         skip("mmdebstrap is not installed (scripts/setup.sh installs it)")
     sources = mirror_sources()
     if "deb" not in sources:
         skip("no Debian bookworm archive in /etc/apt/sources.list*")
     key = hashlib.sha256((sources + " ".join(sorted(extra))).encode()).hexdigest()[:12]
-    tar = os.path.join(PKG, f"root-{key}.tar")
-    if os.path.exists(tar):
-        log(f"chroot: cached {tar}")
-        return tar
+    root = os.path.join(PKG, f"root-{key}")
+    if os.path.isfile(os.path.join(root, ".complete")):
+        log(f"chroot: cached {root}")
+        return root
     os.makedirs(PKG, exist_ok=True)
     src = os.path.join(PKG, f"root-{key}.sources")
     open(src, "w").write(sources)
     t0 = time.time()
-    log(f"mmdebstrap bookworm (variant apt, {len(extra)} packages) -> {tar}")
+    tmp = root + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    log(f"mmdebstrap bookworm (variant apt, {len(extra)} packages: {' '.join(sorted(extra))}) -> {root}")
     r = run(["mmdebstrap", "--variant=apt", "--include=" + ",".join(sorted(extra)),
-             "bookworm", tar + ".tmp", src], capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             "bookworm", tmp, src], capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if r.returncode != 0:
         print(r.stdout[-3000:])
-        try:
-            os.unlink(tar + ".tmp")
-        except OSError:
-            pass
+        shutil.rmtree(tmp, ignore_errors=True)
         if re.search(r"(Could not resolve|Temporary failure|Failed to fetch|Connection)", r.stdout):
             skip("mmdebstrap could not reach the Debian archive")
         check(False, "mmdebstrap made the root")
         finish()
-    os.rename(tar + ".tmp", tar)
-    log(f"chroot: made in {time.time() - t0:.0f} s, {os.path.getsize(tar) >> 20} MiB")
-    return tar
+    open(os.path.join(tmp, ".complete"), "w").close()
+    os.rename(tmp, root)
+    log(f"chroot: made in {time.time() - t0:.0f} s")
+    return root
 
 
 class Root:
-    """The tarball unpacked into a temporary directory, /proc /dev and a
-    private bpffs mounted; unmounted and removed on exit."""
+    """A throw-away root: an overlay on the cached one (writes go to a
+    temporary upper layer), /proc /sys /dev and a private bpffs mounted;
+    unmounted and removed on exit."""
 
-    def __init__(self, tar):
-        self.tar = tar
+    def __init__(self, lower):
+        self.lower = lower
         self.mounts = []
 
     def __enter__(self):
-        self.dir = tempfile.mkdtemp(prefix="root-", dir=PKG)
-        subprocess.run(["tar", "-C", self.dir, "-xf", self.tar], check=True)
+        self.tmp = tempfile.mkdtemp(prefix="overlay-", dir=PKG)
+        self.dir = os.path.join(self.tmp, "root")
+        for d in ("upper", "work", "root"):
+            os.makedirs(os.path.join(self.tmp, d))
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={self.lower},upperdir={self.tmp}/upper,workdir={self.tmp}/work", self.dir],
+                       check=True)
+        self.mounts.append(self.dir)
         for args, where in ((["-t", "proc", "proc"], "proc"), (["--rbind", "/dev"], "dev"),
                             (["-t", "sysfs", "sysfs"], "sys"), (["-t", "bpf", "bpf"], "sys/fs/bpf")):
             tgt = os.path.join(self.dir, where)
@@ -259,7 +266,7 @@ class Root:
     def __exit__(self, *a):
         for m in reversed(self.mounts):
             subprocess.run(["umount", "-R", "-l", m])
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def need_debs():
