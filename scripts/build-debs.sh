@@ -45,8 +45,10 @@ if [[ -n $version ]]; then
   (cd "$tree" && DEBFULLNAME="vkick build" DEBEMAIL="vkick@example.org" \
      dch --newversion "$version" --distribution bookworm --force-distribution "Rebuild as $version." >/dev/null)
 fi
-# Stamps of a previous run would make dh skip the build.
-rm -f "$tree"/debian/debhelper-build-stamp "$tree"/debian/*.debhelper.log
+# What a previous run left (kept for the incremental build dir): its stamps
+# would make dh skip the build, its debian/files would list its .debs.
+rm -f "$tree"/debian/debhelper-build-stamp "$tree"/debian/*.debhelper.log "$tree"/debian/files \
+  "$tree"/debian/*.substvars
 
 ver=$(cd "$tree" && dpkg-parsechangelog -SVersion)
 log "dpkg-buildpackage -b -us -uc: vkick $ver in $tree"
@@ -63,7 +65,7 @@ log "built in $out:"
 (cd "$out" && ls -l ./*_"$ver"_*.deb)
 if ((lint)); then
   log "lintian"
-  lintian --info --display-info --pedantic "$out/vkick_${ver}_${arch}.changes" | tee "$work/lintian.log" || true
+  lintian --info --display-info --pedantic --show-overrides "$out/vkick_${ver}_${arch}.changes" | tee "$work/lintian.log" || true
   if grep -q '^[EW]: ' "$work/lintian.log"; then
     log "lintian: errors or warnings above"; exit 1
   fi
