@@ -376,8 +376,9 @@ def dkms():
         log(f"install + dkms in {time.time() - t0:.0f} s")
         print(r.stdout[-2000:])
         up = v1.split("-")[0]
-        r = root.sh("dkms status")
-        log("dkms status:", r.stdout.strip())
+        r = root.sh("dkms status vkick-virtio-blk")
+        check(re.search(rf"vkick-virtio-blk/{re.escape(up)}, {re.escape(kernel)}, \S+: installed", r.stdout) is not None,
+              f"the package's postinst built and installed the module for {kernel} (dkms autoinstall): {r.stdout.strip()!r}")
         # postinst builds for the kernels whose headers are installed; build
         # explicitly too, so the test says which step failed.
         root.sh(f"dkms build -m vkick-virtio-blk -v {up} -k {kernel}", check_rc=f"dkms build -k {kernel}")
