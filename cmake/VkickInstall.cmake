@@ -2,22 +2,26 @@
 # CMAKE_INSTALL_PREFIX (/usr for the Debian packages, debian/rules):
 #   bin/vkickd, bin/vkickctl, bin/vkick-agent       the binaries
 #   share/man/man1/*.1                              man pages (help2man, from --help/--version)
-#   <VKICK_SYSTEMD_UNITDIR>/vkickd.service, vkick-agent.service
+#   lib/systemd/system/vkickd.service, vkick-agent.service (VKICK_SYSTEMD_UNITDIR)
 #   lib/sysusers.d/vkick.conf, lib/tmpfiles.d/vkick.conf
-#   <VKICK_UDEV_RULESDIR>/60-vkick-agent.rules       starts vkick-agent when its virtio-serial port appears
+#   lib/udev/rules.d/60-vkick-agent.rules          starts vkick-agent when its virtio-serial port appears
 #   /etc/vkick/vkickd.conf                          the unit's EnvironmentFile (from vkickd.conf.example)
 #   share/doc/vkick/                                README and docs/
 #   share/vkick/prometheus/*.rules.yml, share/vkick/grafana/vkick-dashboard.json
-# The units name the installed binaries: their /usr/bin and /usr/share/doc
-# paths are rewritten when the prefix is not /usr.
-set(VKICK_SYSTEMD_UNITDIR ${CMAKE_INSTALL_PREFIX}/lib/systemd/system CACHE PATH
-    "systemd system units (Debian 12 packages: /lib/systemd/system)")
-set(VKICK_UDEV_RULESDIR ${CMAKE_INSTALL_PREFIX}/lib/udev/rules.d CACHE PATH
-    "udev rules (Debian 12 packages: /lib/udev/rules.d)")
-set(VKICK_SYSUSERSDIR ${CMAKE_INSTALL_PREFIX}/lib/sysusers.d CACHE PATH "sysusers.d(5) files")
-set(VKICK_TMPFILESDIR ${CMAKE_INSTALL_PREFIX}/lib/tmpfiles.d CACHE PATH "tmpfiles.d(5) files")
-set(VKICK_DOCDIR ${CMAKE_INSTALL_FULL_DATADIR}/doc/vkick)
-set(VKICK_DATADIR ${CMAKE_INSTALL_FULL_DATADIR}/vkick)
+# Relative directories are under the prefix given at install time
+# (cmake --install build --prefix /usr); the units are written at install
+# time with the binaries' and docs' paths under that prefix, so ExecStart and
+# EnvironmentFile always name what was installed.
+set(VKICK_SYSTEMD_UNITDIR lib/systemd/system CACHE STRING
+    "systemd system units, relative to the prefix or absolute (Debian 12 packages: /lib/systemd/system)")
+set(VKICK_UDEV_RULESDIR lib/udev/rules.d CACHE STRING
+    "udev rules, relative to the prefix or absolute (Debian 12 packages: /lib/udev/rules.d)")
+set(VKICK_SYSUSERSDIR lib/sysusers.d CACHE STRING "sysusers.d(5) files")
+set(VKICK_TMPFILESDIR lib/tmpfiles.d CACHE STRING "tmpfiles.d(5) files")
+# /etc whatever the prefix: the unit reads /etc/vkick/vkickd.conf.
+set(VKICK_SYSCONFDIR /etc CACHE PATH "where vkick/vkickd.conf goes (the unit's EnvironmentFile)")
+set(VKICK_DOCDIR ${CMAKE_INSTALL_DATADIR}/doc/vkick)
+set(VKICK_DATADIR ${CMAKE_INSTALL_DATADIR}/vkick)
 
 set(_bins vkickd vkickctl)
 if(TARGET vkick-agent)
@@ -25,23 +29,29 @@ if(TARGET vkick-agent)
 endif()
 install(TARGETS ${_bins} RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 
-# Units, with the installed paths.
+# Units, with the installed paths (written at install time).
 set(_unit_dir ${CMAKE_BINARY_DIR}/deploy/systemd)
-foreach(unit vkickd.service vkick-agent.service)
-  file(READ ${PROJECT_SOURCE_DIR}/deploy/systemd/${unit} _text)
-  string(REPLACE "/usr/bin/" "${CMAKE_INSTALL_FULL_BINDIR}/" _text "${_text}")
-  string(REPLACE "/usr/share/doc/vkick/" "${VKICK_DOCDIR}/" _text "${_text}")
-  file(CONFIGURE OUTPUT ${_unit_dir}/${unit} CONTENT "${_text}" @ONLY)
-  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/deploy/systemd/${unit})
-endforeach()
-install(FILES ${_unit_dir}/vkickd.service DESTINATION ${VKICK_SYSTEMD_UNITDIR})
+set(_units vkickd.service)
 if(TARGET vkick-agent)
-  install(FILES ${_unit_dir}/vkick-agent.service DESTINATION ${VKICK_SYSTEMD_UNITDIR})
+  list(APPEND _units vkick-agent.service)
+endif()
+foreach(unit ${_units})
+  install(CODE "
+    file(READ \"${PROJECT_SOURCE_DIR}/deploy/systemd/${unit}\" _text)
+    foreach(b ${_bins})
+      string(REPLACE \"=/usr/bin/\${b} \" \"=\${CMAKE_INSTALL_PREFIX}/${CMAKE_INSTALL_BINDIR}/\${b} \" _text \"\${_text}\")
+    endforeach()
+    string(REPLACE \"/usr/share/doc/vkick/\" \"\${CMAKE_INSTALL_PREFIX}/${VKICK_DOCDIR}/\" _text \"\${_text}\")
+    string(REPLACE \"/etc/vkick/\" \"${VKICK_SYSCONFDIR}/vkick/\" _text \"\${_text}\")
+    file(WRITE \"${_unit_dir}/${unit}\" \"\${_text}\")")
+  install(FILES ${_unit_dir}/${unit} DESTINATION ${VKICK_SYSTEMD_UNITDIR})
+endforeach()
+if(TARGET vkick-agent)
   install(FILES deploy/systemd/vkick-agent.udev.rules DESTINATION ${VKICK_UDEV_RULESDIR} RENAME 60-vkick-agent.rules)
 endif()
 install(FILES deploy/systemd/vkick.sysusers DESTINATION ${VKICK_SYSUSERSDIR} RENAME vkick.conf)
 install(FILES deploy/systemd/vkick.tmpfiles DESTINATION ${VKICK_TMPFILESDIR} RENAME vkick.conf)
-install(FILES deploy/systemd/vkickd.conf.example DESTINATION ${CMAKE_INSTALL_FULL_SYSCONFDIR}/vkick RENAME vkickd.conf)
+install(FILES deploy/systemd/vkickd.conf.example DESTINATION ${VKICK_SYSCONFDIR}/vkick RENAME vkickd.conf)
 
 install(FILES README.md DESTINATION ${VKICK_DOCDIR})
 install(DIRECTORY docs/ DESTINATION ${VKICK_DOCDIR} FILES_MATCHING PATTERN "*.md")

@@ -12,6 +12,9 @@
                             paths, `systemd-analyze verify` accepts the installed units,
                             an upgrade to v2 keeps an edit of /etc/vkick/vkickd.conf,
                             purge leaves no file behind.
+  test_packages.py cmake-install
+                            `cmake --install` of the build dir (prefix /usr, DESTDIR):
+                            every file at its FHS place, the units name what was installed.
   test_packages.py dkms     in that root with the guest kernel's headers: installing
                             vkick-virtio-blk-dkms builds vkick_virtio_blk.ko for the
                             pinned guest kernel (scripts/guest-kernel.env).
@@ -394,6 +397,40 @@ def dkms():
               "purge removed the module and its source")
 
 
+def cmake_install():
+    """`cmake --install` of this build dir with prefix /usr into a DESTDIR:
+    the FHS layout the packages also use (units under /usr/lib here), and the
+    installed units name the installed binary and configuration."""
+    want = ["/usr/bin/vkickd", "/usr/bin/vkickctl", "/usr/bin/vkick-agent",
+            "/usr/lib/systemd/system/vkickd.service", "/usr/lib/systemd/system/vkick-agent.service",
+            "/usr/lib/udev/rules.d/60-vkick-agent.rules",
+            "/usr/lib/sysusers.d/vkick.conf", "/usr/lib/tmpfiles.d/vkick.conf", "/etc/vkick/vkickd.conf",
+            "/usr/share/doc/vkick/operations.md", "/usr/share/doc/vkick/README.md",
+            "/usr/share/vkick/prometheus/vkick-alerts.rules.yml", "/usr/share/vkick/prometheus/vkick-recording.rules.yml",
+            "/usr/share/vkick/grafana/vkick-dashboard.json"]
+    if shutil.which("help2man"):
+        want += ["/usr/share/man/man1/vkickd.1", "/usr/share/man/man1/vkickctl.1", "/usr/share/man/man1/vkick-agent.1"]
+    with tempfile.TemporaryDirectory() as d:
+        r = run(["cmake", "--install", BUILD, "--prefix", "/usr"], env=dict(os.environ, DESTDIR=d))
+        if not check(r.returncode == 0, f"DESTDIR={d} cmake --install {BUILD} --prefix /usr"
+                     + ("" if r.returncode == 0 else f": {(r.stdout + r.stderr)[-1500:]}")):
+            return
+        files = sorted("/" + os.path.relpath(os.path.join(dp, f), d) for dp, _, fs in os.walk(d) for f in fs)
+        log(f"{len(files)} files installed")
+        missing = [w for w in want if w not in files]
+        check(not missing, f"installed at the FHS paths (missing: {missing})")
+        for unit in ("vkickd.service", "vkick-agent.service"):
+            text = open(f"{d}/usr/lib/systemd/system/{unit}").read()
+            exe = re.search(r"^ExecStart=(\S+)", text, re.M).group(1)
+            check(exe.startswith("/usr/bin/") and os.access(d + exe, os.X_OK), f"{unit}: ExecStart {exe} installed")
+            env = re.search(r"^EnvironmentFile=(-?)(\S+)", text, re.M)
+            if env and not env.group(1):
+                check(os.path.isfile(d + env.group(2)), f"{unit}: EnvironmentFile {env.group(2)} installed")
+        stray = [f for f in files if not re.match(r"^/(usr/(bin|lib/(systemd/system|udev/rules.d|sysusers.d|tmpfiles.d)"
+                                                     r"|share/(doc/vkick|vkick|man/man1))|etc/vkick)/", f)]
+        check(not stray, f"nothing outside those places (stray: {stray})")
+
+
 def finish():
     if fails:
         log(f"{len(fails)} check(s) failed:", *fails, sep="\n  ")
@@ -405,6 +442,6 @@ def finish():
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     t0 = time.time()
-    {"build": build, "install": install, "dkms": dkms}[what]()
+    {"build": build, "install": install, "dkms": dkms, "cmake-install": cmake_install}[what]()
     log(f"{what}: {time.time() - t0:.0f} s")
     finish()
