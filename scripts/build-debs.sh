@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build vkick's Debian packages (debian/): vkick (host), vkick-guest (agent)
 # and vkick-virtio-blk-dkms, with dpkg-buildpackage -b -us -uc in a copy of
-# the tracked tree, so the work tree stays clean.
+# the tree (without .git and what .gitignore names), so the work tree stays clean.
 #   scripts/build-debs.sh [--out DIR] [--work DIR] [--version V] [--lintian]
 #     --out DIR      where the .deb/.buildinfo/.changes go (default build/debs)
 #     --work DIR     build directory (default build/deb-work): kept, so a
