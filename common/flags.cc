@@ -14,6 +14,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 
 namespace vkick {
@@ -113,6 +114,46 @@ bool CheckFlags(absl::string_view binary, std::vector<std::string>& args) {
   return true;
 }
 
+#ifndef VKICK_VERSION
+#error "VKICK_VERSION is set by common/CMakeLists.txt"
+#endif
+
+// Words of `text` in lines of at most `width` characters, each prefixed by `indent`.
+std::string Wrap(absl::string_view text, size_t width, absl::string_view indent) {
+  std::string out, line;
+  for (absl::string_view w : absl::StrSplit(text, absl::ByAnyChar(" \n"), absl::SkipEmpty())) {
+    if (!line.empty() && indent.size() + line.size() + 1 + w.size() > width) {
+      absl::StrAppend(&out, indent, line, "\n");
+      line.clear();
+    }
+    absl::StrAppend(&line, line.empty() ? "" : " ", w);
+  }
+  if (!line.empty()) absl::StrAppend(&out, indent, line, "\n");
+  return out;
+}
+
+// --help: the usage message, then the binary's own flags in the layout
+// help2man makes a man page of (the pages in share/man/man1 are generated from
+// it): the flag alone on an indented line, its help and default on the lines
+// below, indented further. --helpfull keeps Abseil's own listing.
+void PrintHelp(std::ostream& out, const FlagsSpec& spec) {
+  std::vector<const absl::CommandLineFlag*> flags;
+  for (const auto& [name, f] : absl::GetAllFlags()) {
+    // Filename() is already normalised by ConfigureUsage: the binary's name.
+    const std::string file = f->Filename();
+    if (file == spec.binary || absl::StrContains(file, spec.flags_source)) flags.push_back(f);
+  }
+  std::sort(flags.begin(), flags.end(), [](auto* a, auto* b) { return a->Name() < b->Name(); });
+  out << spec.binary << ": " << absl::ProgramUsageMessage() << "\n\nFlags:\n";
+  for (const absl::CommandLineFlag* f : flags) {
+    const bool is_bool = f->IsOfType<bool>();
+    out << "  --" << f->Name() << (is_bool ? "" : "=VALUE") << "\n";
+    std::string def = f->DefaultValue();
+    if (f->IsOfType<std::string>()) def = absl::StrCat("\"", def, "\"");
+    out << Wrap(absl::StrCat(f->Help(), " Default: ", def, "."), 78, "      ");
+  }
+}
+
 // --help (and --helpshort) is a successful run: exit 0 with the binary's
 // own flags (Abseil 20220623 exits 1, which the binaries reserve for
 // failures). --helpfull and the others keep Abseil's handling.
@@ -120,9 +161,14 @@ void HelpIfAsked(const std::vector<std::string>& args, const FlagsSpec& spec) {
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "--") return;
+    // --version: one line, "NAME VERSION" (help2man makes the man pages from
+    // --help and --version; the version is debian/changelog's, via CMake).
+    if (a == "--version" || a == "-version") {
+      std::cout << spec.binary << " " << VKICK_VERSION << "\n";
+      std::exit(0);
+    }
     if (a == "--help" || a == "-help" || a == "--helpshort" || a == "-helpshort") {
-      absl::flags_internal::FlagsHelp(std::cout, spec.binary, absl::flags_internal::HelpFormat::kHumanReadable,
-                                      absl::ProgramUsageMessage());
+      PrintHelp(std::cout, spec);
       std::exit(0);
     }
   }

@@ -28,7 +28,8 @@ struct FlagsSpec {
   std::vector<std::string> repeatable = {};  // flag names (with underscores) that may be repeated
 };
 
-// Sets up --help, normalises names, parses and returns what is left.
+// Sets up --help and --version ("NAME VERSION", one line), normalises names,
+// parses and returns what is left.
 // --help prints the binary's flags and exits 0; an unknown flag or a bad
 // value is reported and exits 2 (every binary: 1 means its work failed).
 CommandLine ParseFlags(int argc, char** argv, const FlagsSpec& spec);

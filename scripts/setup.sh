@@ -2,6 +2,7 @@
 # One-shot set-up for a fresh Debian 12 machine: installs every package vkick
 # needs, fetches the guest kernel package, and builds everything into build/.
 # Idempotent: safe to run again. Needs root (apt-get).
+# VKICK_BUILD_DEBS=1 also builds the Debian packages into build/debs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,9 @@ PACKAGES=(
   python3 socat curl jq iproute2 procps
   # deploy/ checks (tests/deploy): YAML lint, Kubernetes API models for the manifests
   yamllint python3-yaml python3-kubernetes
+  # Debian packages of vkick (debian/, scripts/build-debs.sh, tests/package):
+  # build, check, and a clean Debian root to install them into
+  debhelper dh-dkms dpkg-dev devscripts fakeroot help2man lintian rsync mmdebstrap man-db
 )
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -60,3 +64,9 @@ log "building (cmake, Release) into build/"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j"$(nproc)"
 log "done: binaries in build/bin/"
+
+# Opt-in: the Debian packages too (scripts/build-debs.sh, into build/debs/).
+if [[ ${VKICK_BUILD_DEBS:-0} == 1 ]]; then
+  log "building the Debian packages (VKICK_BUILD_DEBS=1)"
+  scripts/build-debs.sh --lintian
+fi

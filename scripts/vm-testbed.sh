@@ -7,7 +7,7 @@
 #   scripts/vm-testbed.sh [--accel tcg|kvm] [--build-dir DIR] [--run "CMD"]
 #                         [--run-file FILE] [--qmp PATH] [--keep] [--paused]
 #                         [--tmpdir DIR] [--queues N] [--smp N] [--timeout S]
-#                         [--shell] [--append ARGS]
+#                         [--shell] [--append ARGS] [--initrd-add CPIO_GZ]
 #
 #   --accel     tcg (default: what runs a 64-bit guest everywhere) or kvm (a real
 #               VMX/SVM host: -enable-kvm -cpu host)
@@ -30,13 +30,15 @@
 #   --shell     serial console on this terminal, shell in the guest after the run
 #   --append    more kernel command line for the guest, e.g. 'vkick.kmod=1'
 #               (tests/vm/guest-init.sh lists the vkick.* options)
+#   --initrd-add  a gzip'ed newc cpio archive appended to the initramfs (files
+#               added to the guest, e.g. an unpacked .deb: tests/package)
 #
 # Exit status: the guest run script's status (=== VKICK-RUN END rc=N ===), 1 when
 # the guest failed to set up or QEMU died, 124 on timeout. Processes started here
 # (qemu-storage-daemon, QEMU, the log follower) are stopped by PID on exit.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
-accel=tcg build=$src/build run='' qmp='' keep=0 paused=0 tmp='' queues=2 smp=1 timeout=900 shell=0 extra_append=''
+accel=tcg build=$src/build run='' qmp='' keep=0 paused=0 tmp='' queues=2 smp=1 timeout=900 shell=0 extra_append='' initrd_add=''
 log() { printf '[vm-testbed] %s\n' "$*" >&2; }
 die() { printf '[vm-testbed] ERROR: %s\n' "$*" >&2; exit 1; }
 while (($#)); do
@@ -64,7 +66,9 @@ while (($#)); do
     --shell) shell=1; shift ;;
     --append) extra_append=$2; shift 2 ;;
     --append=*) extra_append=${1#*=}; shift ;;
-    -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
+    --initrd-add) initrd_add=$2; shift 2 ;;
+    --initrd-add=*) initrd_add=${1#*=}; shift ;;
+    -h | --help) sed -n '2,37p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -140,13 +144,18 @@ done
 
 append="console=ttyS0 quiet panic=-1 vkick.pci=0000:00:04.0 vkick.hugepages=64"
 initrd=$guest/initramfs.cpio.gz
+if [[ -n $initrd_add ]]; then
+  [[ -f $initrd_add ]] || die "--initrd-add: $initrd_add does not exist"
+  cat "$initrd" "$initrd_add" > "$tmp/initrd-added.img"
+  initrd=$tmp/initrd-added.img
+fi
 if [[ -n $run ]]; then
   # The run script travels as a second cpio archive appended to the initramfs
   # (the kernel unpacks concatenated archives): no command-line length limit.
   mkdir -p "$tmp/runfs/etc"
   printf '%s\n' "$run" > "$tmp/runfs/etc/vkick-run.sh"
   (cd "$tmp/runfs" && echo etc/vkick-run.sh | cpio -o -H newc --quiet) | gzip -1 > "$tmp/run.cpio.gz"
-  cat "$guest/initramfs.cpio.gz" "$tmp/run.cpio.gz" > "$tmp/initrd.img"
+  cat "$initrd" "$tmp/run.cpio.gz" > "$tmp/initrd.img"
   initrd=$tmp/initrd.img
 fi
 ((shell)) && append+=" vkick.shell=1"

@@ -110,7 +110,7 @@ class TestbedVm:
     ctl (QmpClient on qmp-ctl.sock), vmdir, qemu_pid, t_cont."""
 
     def __init__(self, tb, bdir, script, keys, vkickd_extra=(), append=None, smp=None,
-                 timeout=300):
+                 timeout=300, testbed_extra=()):
         self.tb = tb
         self.vmdir = tb.path("vm")
         qmp = tb.path("qmp-vkickd.sock")
@@ -121,6 +121,7 @@ class TestbedVm:
             argv += ["--append", append]
         if smp:
             argv += ["--smp", str(smp)]
+        argv += list(testbed_extra)
         self.proc = tb.spawn("vm-testbed", argv)
         pidfile = os.path.join(self.vmdir, "qemu.pid")
         self.serial_path = os.path.join(self.vmdir, "serial.log")
