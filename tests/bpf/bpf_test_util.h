@@ -49,6 +49,21 @@ inline HostProbesOptions NothingAttached() {
   return o;
 }
 
+// Runs the notify program's SEC("syscall") twin `times` times, as `tgid`
+// writing `val` to `addr`.
+inline void RunIo(HostProbes& p, uint32_t tgid, NotifyTarget::Space space, uint64_t addr, uint64_t val,
+                  int times) {
+  vkick_test_io_ctx ctx{};
+  ctx.tgid = tgid;
+  ctx.space = static_cast<uint32_t>(space);
+  ctx.addr = addr;
+  ctx.val = val;
+  for (int i = 0; i < times; ++i) {
+    absl::Status s = p.TestRunIo(ctx);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+}
+
 }  // namespace vkick::testing
 
 // In a TEST body: creates `var` or skips / fails.

@@ -71,24 +71,13 @@ using testing::kFakeTgid1;
 using testing::kFakeTgid2;
 using testing::kFakeTgid3;
 using testing::NothingAttached;
+using testing::RunIo;
 using Space = NotifyTarget::Space;
 
 void RunExit(HostProbes& p, uint32_t tgid, uint32_t vcpu, uint32_t isa, uint32_t reason,
              int times) {
   for (int i = 0; i < times; ++i) {
     ASSERT_TRUE(p.TestRunExit({tgid, vcpu, isa, reason}).ok());
-  }
-}
-
-void RunIo(HostProbes& p, uint32_t tgid, Space space, uint64_t addr, uint64_t val, int times) {
-  vkick_test_io_ctx ctx{};
-  ctx.tgid = tgid;
-  ctx.space = static_cast<uint32_t>(space);
-  ctx.addr = addr;
-  ctx.val = val;
-  for (int i = 0; i < times; ++i) {
-    absl::Status s = p.TestRunIo(ctx);
-    ASSERT_TRUE(s.ok()) << s;
   }
 }
 

@@ -34,6 +34,7 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 using testing::kFakeTgid2;
+using testing::RunIo;
 using Space = NotifyTarget::Space;
 
 // A pin dir of its own under /sys/fs/bpf, removed at the end.
@@ -127,15 +128,6 @@ HostProbesOptions Pinned(const std::string& dir, KvmTracepoints kvm,
   o.capacity = capacity;
   o.pin_dir = dir;
   return o;
-}
-
-void RunIo(HostProbes& p, uint32_t tgid, Space space, uint64_t addr, uint64_t val, int times) {
-  vkick_test_io_ctx ctx{};
-  ctx.tgid = tgid;
-  ctx.space = static_cast<uint32_t>(space);
-  ctx.addr = addr;
-  ctx.val = val;
-  for (int i = 0; i < times; ++i) ASSERT_TRUE(p.TestRunIo(ctx).ok());
 }
 
 uint64_t ExitsOf(HostProbes& p, uint32_t vm_id) {
