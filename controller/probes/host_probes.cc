@@ -459,19 +459,19 @@ absl::Status HostProbes::Relearn() {
   }
   for (uint32_t vm : frontend_vms) max_id = std::max(max_id, vm);
   if (s = ForgetFrontends(frontends, frontend_vms); !s.ok()) return s;
-  size_t gone = 0;
+  std::map<uint32_t, uint32_t> gone;
   for (auto it = adopted.vm_of_pid.begin(); it != adopted.vm_of_pid.end();) {
     if (kill(static_cast<pid_t>(it->first), 0) == 0 || errno != ESRCH) {
       ++it;
       continue;
     }
-    if (s = UntrackProcess(it->first, it->second); !s.ok()) return s;
+    gone.insert(*it);
     it = adopted.vm_of_pid.erase(it);
-    ++gone;
   }
+  if (s = UntrackProcesses(gone); !s.ok()) return s;
   adopted.next_vm_id = max_id + 1;
   adopted_ = std::move(adopted);
-  absl::StrAppend(&pin_state_, ": ", adopted_.vm_of_pid.size(), " VM processes to adopt, ", gone,
+  absl::StrAppend(&pin_state_, ": ", adopted_.vm_of_pid.size(), " VM processes to adopt, ", gone.size(),
                   " gone since (dropped)", frontends.empty() ? "" : ", frontends forgotten");
   return absl::OkStatus();
 }
@@ -489,13 +489,8 @@ absl::Status HostProbes::ForgetFrontends(const std::set<uint32_t>& tgids,
   status.Update(ForEachKey<vkick_path_key>(pfd, "vhost_paths", [&](const vkick_path_key& k) {
     bpf_map_delete_elem(pfd, &k);
   }));
-  for (uint32_t vm : vms) DropVmCounters(vm, &status);
-  for (bpf_map* map : {skel_->maps.kick_fds, skel_->maps.vhost_sock}) {
-    const int mfd = bpf_map__fd(map);
-    status.Update(ForEachKey<vkick_sock_key>(mfd, bpf_map__name(map), [&](const vkick_sock_key& k) {
-      if (tgids.contains(k.tgid)) bpf_map_delete_elem(mfd, &k);
-    }));
-  }
+  DropVmCounters(vms, &status);
+  DropSockets(tgids, &status);
   return status;
 }
 
@@ -573,39 +568,56 @@ absl::Status HostProbes::TrackProcess(uint32_t tgid, uint32_t vm_id) {
 }
 
 absl::Status HostProbes::UntrackProcess(uint32_t tgid, uint32_t vm_id) {
-  // Stop counting first, then drop what was counted.
-  if (absl::Status s = SetVmmBit(tgid, false); !s.ok()) return s;
-  int fd = bpf_map__fd(skel_->maps.tracked);
-  if (bpf_map_delete_elem(fd, &tgid) != 0 && errno != ENOENT) {
-    return ProbeErrnoStatus(errno, absl::StrCat("untracking pid ", tgid));
+  return UntrackProcesses({{tgid, vm_id}});
+}
+
+absl::Status HostProbes::UntrackProcesses(const std::map<uint32_t, uint32_t>& vm_of_tgid) {
+  if (vm_of_tgid.empty()) return absl::OkStatus();
+  absl::Status status;
+  std::set<uint32_t> tgids, vm_ids;
+  for (const auto& [tgid, vm_id] : vm_of_tgid) {
+    // Stop counting first, then drop what was counted.
+    if (absl::Status s = SetVmmBit(tgid, false); !s.ok()) return s;
+    int fd = bpf_map__fd(skel_->maps.tracked);
+    if (bpf_map_delete_elem(fd, &tgid) != 0 && errno != ENOENT) {
+      return ProbeErrnoStatus(errno, absl::StrCat("untracking pid ", tgid));
+    }
+    status.Update(notify_->Untrack(tgid));
+    status.Update(notify_->Drop(vm_id));  // its own keys and slots, known: no walk
+    if (bpf_map_delete_elem(bpf_map__fd(skel_->maps.frontends), &tgid) != 0 && errno != ENOENT) {
+      status.Update(ProbeErrnoStatus(errno, absl::StrCat("dropping frontend pid ", tgid)));
+    }
+    tgids.insert(tgid);
+    vm_ids.insert(vm_id);
   }
-  absl::Status status = notify_->Untrack(tgid);
-  DropVmCounters(vm_id, &status);
-  status.Update(notify_->Drop(vm_id));  // its own keys and slots, known: no walk
-  for (bpf_map* map : {skel_->maps.kick_fds, skel_->maps.vhost_sock}) {
-    const int mfd = bpf_map__fd(map);
-    status.Update(ForEachKey<vkick_sock_key>(mfd, bpf_map__name(map), [&](const vkick_sock_key& k) {
-      if (k.tgid == tgid) bpf_map_delete_elem(mfd, &k);
-    }));
-  }
-  if (bpf_map_delete_elem(bpf_map__fd(skel_->maps.frontends), &tgid) != 0 && errno != ENOENT) {
-    status.Update(ProbeErrnoStatus(errno, absl::StrCat("dropping frontend pid ", tgid)));
-  }
+  DropVmCounters(vm_ids, &status);
+  DropSockets(tgids, &status);
   return status;
 }
 
-void HostProbes::DropVmCounters(uint32_t vm_id, absl::Status* status) {
+void HostProbes::DropVmCounters(const std::set<uint32_t>& vm_ids, absl::Status* status) {
+  if (vm_ids.empty()) return;
   auto drop = [&](auto key_type, bpf_map* map) {
     using Key = decltype(key_type);
     const int mfd = bpf_map__fd(map);
     status->Update(ForEachKey<Key>(mfd, bpf_map__name(map), [&](const Key& k) {
-      if (k.vm_id == vm_id) bpf_map_delete_elem(mfd, &k);
+      if (vm_ids.contains(k.vm_id)) bpf_map_delete_elem(mfd, &k);
     }));
   };
   drop(vkick_exit_key{}, skel_->maps.exit_counts);
   drop(vkick_queue_key{}, skel_->maps.notify_counts);
   drop(vkick_unmatched_key{}, skel_->maps.unmatched_counts);
   drop(vkick_irq_key{}, skel_->maps.irq_counts);
+}
+
+void HostProbes::DropSockets(const std::set<uint32_t>& tgids, absl::Status* status) {
+  if (tgids.empty()) return;
+  for (bpf_map* map : {skel_->maps.kick_fds, skel_->maps.vhost_sock}) {
+    const int mfd = bpf_map__fd(map);
+    status->Update(ForEachKey<vkick_sock_key>(mfd, bpf_map__name(map), [&](const vkick_sock_key& k) {
+      if (tgids.contains(k.tgid)) bpf_map_delete_elem(mfd, &k);
+    }));
+  }
 }
 
 absl::Status HostProbes::SetNotifyTargets(uint32_t vm_id, absl::Span<const NotifyTarget> targets) {

@@ -161,9 +161,14 @@ class HostProbes final : public ProbeBackend {
   // Frontends are not adopted (their vm_id is the --vhost-user pseudo-VM's,
   // given anew at each start): their tracking and counts are dropped.
   absl::Status ForgetFrontends(const std::set<uint32_t>& tgids, const std::set<uint32_t>& vms);
-  // Deletes the VM's keys of the counter hashes (exits, notify_counts,
-  // unmatched, interrupts); errors added to *status.
-  void DropVmCounters(uint32_t vm_id, absl::Status* status);
+  // UntrackProcess for many processes ({tgid -> vm_id}), each hash walked
+  // once for all of them (a walk of a full counter map is tens of ms).
+  absl::Status UntrackProcesses(const std::map<uint32_t, uint32_t>& vm_of_tgid);
+  // Deletes the VMs' keys of the counter hashes (exits, notify_counts,
+  // unmatched, interrupts): one walk each; errors added to *status.
+  void DropVmCounters(const std::set<uint32_t>& vm_ids, absl::Status* status);
+  // Deletes the processes' keys of kick_fds and vhost_sock: one walk each.
+  void DropSockets(const std::set<uint32_t>& tgids, absl::Status* status);
   static absl::StatusOr<std::unique_ptr<HostProbes>> LoadAnyFlavour(const Options& options);
   absl::Status ReadErrors(ProbeErrors* errors);
   absl::Status TestRun(int prog_fd, const void* ctx, size_t size, absl::string_view what);
